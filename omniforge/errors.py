@@ -1,0 +1,34 @@
+"""Typed errors. Every message says what to do next."""
+
+
+class OmniforgeError(Exception):
+    """Base class: the CLI prints the message on one line and exits non-zero."""
+
+
+class ConfigError(OmniforgeError, ValueError):
+    """A flag, option or config value is wrong."""
+
+
+class StorageError(OmniforgeError):
+    """A URI cannot be read or written."""
+
+
+class WeightsError(OmniforgeError):
+    """Teacher weights cannot be found or loaded."""
+
+
+class CorpusError(OmniforgeError):
+    """The input corpus cannot be read or planned."""
+
+
+class SampleError(Exception):
+    """One sample cannot be labeled; the job records it as failed with this type and message.
+
+    `error_type` is a short snake_case reason used to count failures (e.g. "decode_error",
+    "too_many_pixels", "missing_caption", "teacher_error").
+    """
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message

@@ -1,0 +1,172 @@
+"""The `omniforge` command line. Every command maps to a Python function of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from omniforge.errors import OmniforgeError
+
+DEFAULT_MODALITIES = "rgb,caption,canny_edge,color_palette,clip,dinov2,dinov2_global"
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "wds", "parquet"],
+                   help="corpus format (default: detected from the input)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--image-column", help="parquet: column with image bytes")
+    p.add_argument("--path-column", help="parquet: column with image paths")
+    p.add_argument("--caption-column", help="parquet: column with captions")
+    p.add_argument("--key-column", help="parquet: column with sample keys")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local cluster)")
+
+
+def _plan_config(args: argparse.Namespace, output: str):
+    from omniforge.pipeline import PlanConfig
+
+    return PlanConfig(input=args.input, output=output, shard_size=args.shard_size, format=args.format,
+                      image_column=args.image_column, caption_column=args.caption_column,
+                      key_column=args.key_column, path_column=args.path_column)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from omniforge.pipeline import plan
+
+    table = plan(_plan_config(args, args.output), ray_address=args.ray_address)
+    n_shards = max(table.column("shard").to_pylist(), default=-1) + 1
+    print(f"planned {table.num_rows} samples in {n_shards} shards -> {args.output}/manifest/corpus.parquet")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from omniforge.pipeline import LabelConfig, label, parse_options, parse_weights, plan
+
+    if args.input:
+        plan(_plan_config(args, args.output), ray_address=args.ray_address)
+    cfg = LabelConfig(output=args.output, modalities=_csv(args.modalities), weights=parse_weights(args.weights),
+                      options=parse_options(args.option), storage_size=args.storage_size,
+                      max_pixels=args.max_pixels, batch_size=args.batch_size, shard_size=args.shard_size,
+                      format=args.format, actors_per_teacher=args.actors_per_teacher,
+                      cpus_per_actor=args.cpus_per_actor, device=args.device, progress=not args.no_progress)
+    summary = label(cfg, ray_address=args.ray_address)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from omniforge.pipeline import verify
+
+    report = verify(args.root, list(_csv(args.modalities)) if args.modalities else None, decode=not args.no_decode)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from omniforge.pipeline import show
+
+    out = show(args.root, args.key, args.out, list(_csv(args.modalities)) if args.modalities else None)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from omniforge.labelers import get_labeler_class, list_labelers
+    from omniforge.modalities import MODALITIES
+
+    print(f"{'labeler':<15} {'kind':<9} modalities")
+    for name in list_labelers():
+        cls = get_labeler_class(name)
+        print(f"{name:<15} {'learned' if cls.learned else 'classical':<9} {', '.join(cls.modalities)}")
+    labelable = {m for n in list_labelers() for m in get_labeler_class(n).modalities}
+    print(f"\n{'modality':<17} {'file':<10} {'tokens':<24} format")
+    for m in MODALITIES.values():
+        mark = "" if m.name in labelable else "  (no labeler yet)"
+        print(f"{m.name:<17} <key>.{m.ext:<4} {m.token_modality + f' ({m.num_tokens})':<24} {m.description}{mark}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from omniforge.jobs.demo import demo
+
+    return demo(args.out, ray_address=args.ray_address, weights=args.weights)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniforge", description="Pseudo-label image corpora for 4M-21-style "
+                                     "any-to-any models, on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="stable keys and the shard plan (manifest/corpus.parquet)")
+    p.add_argument("--input", required=True, help="corpus: folder, webdataset tar(s) or parquet; local or s3://")
+    p.add_argument("--output", required=True, help="corpus root for every output (local or s3://)")
+    _add_corpus_args(p)
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("label", help="run teachers and write aligned label shards")
+    p.add_argument("--input", help="corpus to plan first (not needed when --output is planned already)")
+    p.add_argument("--output", required=True, help="corpus root (local or s3://)")
+    p.add_argument("--modalities", default=DEFAULT_MODALITIES, help=f"comma list (default {DEFAULT_MODALITIES})")
+    p.add_argument("--weights", default="tiny", help="tiny | pretrained, plus TEACHER=tiny|pretrained|/path/to/checkpoint "
+                   "overrides, comma separated (default tiny: random weights)")
+    p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
+                   help="teacher option, e.g. clip.pretrained_tag=laion2b_s34b_b88k (repeatable)")
+    p.add_argument("--storage-size", type=int, default=512, help="shorter side of stored images (default 512)")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="pixel limit against decompression bombs")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
+    p.add_argument("--actors-per-teacher", type=int, default=None, help="actor pool size per learned teacher "
+                   "(default: the cluster's GPUs shared across teachers, else 1)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per teacher actor")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_corpus_args(p)
+    p.set_defaults(fn=cmd_label)
+
+    p = sub.add_parser("verify", help="check that every sample is accounted for; exit 1 on any problem")
+    p.add_argument("root")
+    p.add_argument("--modalities", help="comma list (default: every modality found)")
+    p.add_argument("--no-decode", action="store_true", help="skip decoding every member (faster)")
+    p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("show", help="draw every modality of one sample into a PNG")
+    p.add_argument("root")
+    p.add_argument("--key", required=True)
+    p.add_argument("--out", required=True, help="PNG file to write (local or s3://)")
+    p.add_argument("--modalities", help="comma list (default: every modality found)")
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("list", help="registered labelers and modalities with their formats")
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("demo", help="label a small corpus of real photos end to end, verify it, draw a preview")
+    p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
+    p.add_argument("--weights", default="tiny", help="tiny (random weights, offline) or pretrained (needs the hub)")
+    p.add_argument("--ray-address", default=None)
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.fn(args)
+    except OmniforgeError as e:
+        print(f"omniforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"omniforge {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

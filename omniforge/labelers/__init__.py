@@ -1,0 +1,25 @@
+"""Teachers: one module per labeler, registered by name.
+
+Public API: `register_labeler`, `create_labeler`, `list_labelers`, `labeler_for_modality`, `Labeler`,
+`Sample`.
+"""
+
+from omniforge.labelers._registry import (
+    ENTRY_POINT_GROUP,
+    create_labeler,
+    get_labeler_class,
+    labeler_for_modality,
+    list_labelers,
+    register_labeler,
+)
+from omniforge.labelers.base import PRETRAINED, TINY, Labeler, Sample
+
+# Built-in labelers register themselves on import. Heavy dependencies are imported lazily inside them.
+from omniforge.labelers import classical as _classical  # noqa: E402,F401
+from omniforge.labelers import clip as _clip  # noqa: E402,F401
+from omniforge.labelers import dinov2 as _dinov2  # noqa: E402,F401
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "PRETRAINED", "TINY", "Labeler", "Sample", "create_labeler", "get_labeler_class",
+    "labeler_for_modality", "list_labelers", "register_labeler",
+]

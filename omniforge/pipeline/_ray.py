@@ -1,0 +1,44 @@
+"""Connecting to Ray: an existing cluster (--ray-address / RAY_ADDRESS) or an in-process local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from omniforge.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Logical CPUs for a local cluster: teacher actors each hold a CPU for the whole job, so a 2-core laptop
+# still needs room for decode and write tasks beside them. Torch threads are sized per actor.
+MIN_LOCAL_CPUS = 4
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Initialize Ray once per process: `address` (or RAY_ADDRESS) when given, else a local cluster."""
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **kwargs)
+    except ConnectionError as e:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address}: {e}; check --ray-address / RAY_ADDRESS "
+                          f"or leave both unset to start a local cluster") from None
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # omniforge draws one progress bar for the whole job
+    ctx.execution_options.preserve_order = False
+    ctx.execution_options.verbose_progress = False
+
+
+def cluster_gpus() -> float:
+    import ray
+    import ray.data
+
+    return float(ray.cluster_resources().get("GPU", 0))

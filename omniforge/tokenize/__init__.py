@@ -1,0 +1,1 @@
+"""Tokenizers and the pre-tokenization job (issue 4). Nothing public yet."""
