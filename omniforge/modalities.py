@@ -88,6 +88,15 @@ MODALITIES: dict[str, ModalityInfo] = {
 }
 
 
+def register_modality(info: ModalityInfo) -> ModalityInfo:
+    """Add a modality defined outside omniforge (a teacher plugin). Re-registering the same info is a no-op."""
+    existing = MODALITIES.get(info.name)
+    if existing is not None and existing != info:
+        raise ValueError(f"modality {info.name!r} is already registered with a different definition")
+    MODALITIES[info.name] = info
+    return info
+
+
 def get_modality(name: str) -> ModalityInfo:
     try:
         return MODALITIES[name]

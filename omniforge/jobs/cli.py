@@ -47,14 +47,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_label(args: argparse.Namespace) -> int:
     from omniforge.pipeline import LabelConfig, label, parse_options, parse_weights, plan
+    from omniforge.pipeline.label import resolve_teachers
 
-    if args.input:
-        plan(_plan_config(args, args.output), ray_address=args.ray_address)
     cfg = LabelConfig(output=args.output, modalities=_csv(args.modalities), weights=parse_weights(args.weights),
                       options=parse_options(args.option), storage_size=args.storage_size,
                       max_pixels=args.max_pixels, batch_size=args.batch_size, shard_size=args.shard_size,
                       format=args.format, actors_per_teacher=args.actors_per_teacher,
                       cpus_per_actor=args.cpus_per_actor, device=args.device, progress=not args.no_progress)
+    resolve_teachers(cfg.modalities, cfg.weights, cfg.options)  # bad names fail before any scanning
+    if args.input:
+        plan(_plan_config(args, args.output), ray_address=args.ray_address)
     summary = label(cfg, ray_address=args.ray_address)
     print("\n".join(summary.lines()))
     return 0

@@ -7,6 +7,7 @@ from typing import Any
 
 from omniforge.errors import ConfigError
 from omniforge.labelers.base import Labeler
+from omniforge.modalities import MODALITIES, register_modality
 
 ENTRY_POINT_GROUP = "omniforge.labelers"
 
@@ -19,6 +20,12 @@ def register_labeler(cls: type[Labeler]) -> type[Labeler]:
     for attr in ("name", "modalities"):
         if not getattr(cls, attr, None):
             raise TypeError(f"labeler {cls.__qualname__} must set the class attribute {attr!r}")
+    for info in getattr(cls, "new_modalities", ()):
+        register_modality(info)
+    for m in cls.modalities:
+        if m not in MODALITIES:
+            raise TypeError(f"labeler {cls.__qualname__} writes {m!r}, which is not a known modality: declare it in "
+                            f"the class attribute new_modalities = (ModalityInfo(...),)")
     existing = _LABELERS.get(cls.name)
     if existing is not None and existing is not cls:
         raise ValueError(f"labeler name {cls.name!r} is registered twice ({existing.__module__}, {cls.__module__})")

@@ -45,6 +45,7 @@ class Labeler:
       learned     True when it runs a neural network: the pipeline gives it an actor pool (and a GPU when
                   there is one); False for cheap CPU work that runs in plain tasks
       version     bump when the output for the same weights and options changes
+      new_modalities  ModalityInfo entries for modalities omniforge does not know yet (plugins)
     and implement `label`.
     """
 
@@ -53,6 +54,7 @@ class Labeler:
     learned: ClassVar[bool] = False
     version: ClassVar[str] = "1"
     requires: ClassVar[tuple[str, ...]] = ()
+    new_modalities: ClassVar[tuple[Any, ...]] = ()
 
     def __init__(self, *, weights: str = TINY, device: str = "cpu", modalities: tuple[str, ...] | None = None,
                  **options: Any):

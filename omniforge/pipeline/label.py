@@ -180,6 +180,11 @@ class LabelSummary:
 
 # --------------------------------------------------------------------------------------- stage functions
 
+def _col(modality: str) -> str:
+    """Column of a modality's encoded label in pipeline batches (apart from the sample's own columns)."""
+    return f"label:{modality}"
+
+
 def _row_modalities(todo: str) -> list[str]:
     return todo.split(",") if todo else []
 
@@ -187,13 +192,15 @@ def _row_modalities(todo: str) -> list[str]:
 def _label_columns(labeler: Labeler, samples: list[Sample]) -> dict[str, list]:
     """Run a labeler, isolate failures to samples, encode and validate outputs.
 
-    Returns, per wanted modality m: m (bytes or None), m__etype, m__emsg (None when ok), m__sec.
+    Returns, per wanted modality m with column c = _col(m): c (bytes or None), c__etype, c__emsg (None
+    when ok), c__sec.
     """
     n = len(samples)
     cols: dict[str, list] = {}
     for m in labeler.wanted:
-        cols[m], cols[f"{m}__etype"], cols[f"{m}__emsg"] = [None] * n, [None] * n, [None] * n
-        cols[f"{m}__sec"] = [0.0] * n
+        c = _col(m)
+        cols[c], cols[f"{c}__etype"], cols[f"{c}__emsg"] = [None] * n, [None] * n, [None] * n
+        cols[f"{c}__sec"] = [0.0] * n
     if not n:
         return cols
     t0 = time.perf_counter()
@@ -213,17 +220,18 @@ def _label_columns(labeler: Labeler, samples: list[Sample]) -> dict[str, list]:
             secs.append(time.perf_counter() - t1)
     for i, res in enumerate(results):
         for m in labeler.wanted:
-            cols[f"{m}__sec"][i] = float(secs[i])
+            c = _col(m)
+            cols[f"{c}__sec"][i] = float(secs[i])
             try:
                 if isinstance(res, SampleError):
                     raise res
                 if m not in res:
                     raise SampleError("teacher_error", f"{labeler.name} returned no {m!r} output")
-                cols[m][i] = _encode_checked(m, res[m])
+                cols[c][i] = _encode_checked(m, res[m])
             except SampleError as e:
-                cols[f"{m}__etype"][i], cols[f"{m}__emsg"][i] = e.error_type, e.message[:500]
+                cols[f"{c}__etype"][i], cols[f"{c}__emsg"][i] = e.error_type, e.message[:500]
             except Exception as e:  # noqa: BLE001 - an unencodable output fails that sample, recorded
-                cols[f"{m}__etype"][i], cols[f"{m}__emsg"][i] = "bad_output", f"{type(e).__name__}: {e}"[:500]
+                cols[f"{c}__etype"][i], cols[f"{c}__emsg"][i] = "bad_output", f"{type(e).__name__}: {e}"[:500]
     return cols
 
 
@@ -264,8 +272,8 @@ def _append_label_columns(batch: pa.Table, wanted: tuple[str, ...], idx: list[in
                                   ("__emsg", pa.string(), None), ("__sec", pa.float32(), 0.0)):
             full = [fill] * n
             for j, i in enumerate(idx):
-                full[i] = cols[m + suffix][j]
-            batch = batch.append_column(m + suffix, pa.array(full, type=typ))
+                full[i] = cols[_col(m) + suffix][j]
+            batch = batch.append_column(_col(m) + suffix, pa.array(full, type=typ))
     return batch
 
 
@@ -335,7 +343,8 @@ def _write_stage(batch: pa.Table, *, root: str, run_id: str, fingerprints: dict[
             if r["decode_etype"] is not None:
                 etype, emsg, data, sec = r["decode_etype"], r["decode_emsg"], None, 0.0
             else:
-                data, etype, emsg, sec = r.get(m), r.get(f"{m}__etype"), r.get(f"{m}__emsg"), r.get(f"{m}__sec", 0.0)
+                c = _col(m)
+                data, etype, emsg, sec = r.get(c), r.get(f"{c}__etype"), r.get(f"{c}__emsg"), r.get(f"{c}__sec", 0.0)
                 if data is None and etype is None:
                     etype, emsg = "internal_error", f"no output and no error recorded for {m}"
             if data is not None:

@@ -119,7 +119,8 @@ def _scan(unit_dict: dict) -> list[dict]:
     """Ray task: read every image of one scan unit once, hash it and read its size from the header."""
     from PIL import Image
 
-    unit = corpus.ScanUnit(**unit_dict)
+    unit = corpus.ScanUnit(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                              for k, v in unit_dict.items()})
     rows = []
     for rec in corpus.scan_unit(unit):
         width = height = None
@@ -128,7 +129,7 @@ def _scan(unit_dict: dict) -> list[dict]:
                 width, height = img.size
         except Exception:  # noqa: BLE001 - unreadable images are planned too; the label job records why
             pass
-        row = {k: v for k, v in asdict(rec).items() if k != "data"}
+        row = {k: v for k, v in asdict(rec).items() if k not in ("data", "error")}
         row.update(sha256=hashlib.sha256(rec.data).hexdigest(), width=width, height=height)
         rows.append(row)
     return rows

@@ -1,0 +1,100 @@
+"""CLIP ViT-B/16 (open_clip): projected last-layer patch features of crop 0."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omniforge.errors import ConfigError
+from omniforge.labelers._registry import register_labeler
+from omniforge.labelers._torch_utils import TorchLabeler, require
+from omniforge.labelers.base import TINY
+
+ARCH = "ViT-B-16"
+DEFAULT_TAG = "openai"
+# weights="tiny": the same open_clip CLIP class at a very small size. embed_dim stays 512 so the output keeps
+# the (14, 14, 512) contract; image and patch size stay 224 / 16 so the grid stays 14 x 14.
+TINY_CFG = dict(
+    embed_dim=512,
+    vision_cfg=dict(image_size=224, patch_size=16, width=64, layers=2, head_width=32),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=1, layers=1),
+)
+
+
+def _check_tag(tag: Any) -> str:
+    if not isinstance(tag, str) or not tag:
+        raise ConfigError(f"clip: pretrained_tag must be an open_clip {ARCH} tag such as {DEFAULT_TAG!r}, got {tag!r}")
+    return tag
+
+
+@register_labeler
+class ClipLabeler(TorchLabeler):
+    """clip: CLIP ViT-B/16 projected last-layer patch features, as 4M-21's CLIP teacher.
+
+    Output: clip, (14, 14, 512) float16: the 196 patch tokens of the last layer after `ln_post`, multiplied
+    by the visual projection `proj` (the map open_clip applies to the pooled token), in row-major patch order.
+    Input: crop 0, open_clip's own eval preprocess (shorter side resized to 224 bicubic, centre crop 224,
+    CLIP normalization).
+
+    Weights: "pretrained" downloads open_clip's `ViT-B-16` / `pretrained_tag` (default "openai"); a path
+    loads a local open_clip checkpoint (`open_clip_pytorch_model.bin`, `.safetensors`, or a training
+    checkpoint with "state_dict") through open_clip's own loader; "tiny" builds the same CLIP class with a
+    2-layer, width-64 vision tower and random weights seeded identically in every process.
+
+    Option `pretrained_tag` names the open_clip release; for a local file it says which release the file is
+    (its activation: the OpenAI and DFN/MetaCLIP releases use QuickGELU, which a state dict cannot record,
+    and its preprocessing), so it is part of the fingerprint for every weights kind.
+    """
+
+    name = "clip"
+    modalities = ("clip",)
+    learned = True
+    checkpoint_format = "open_clip_pytorch_model.bin"
+
+    def __init__(self, *, pretrained_tag: str = DEFAULT_TAG, **kwargs: Any):
+        self.pretrained_tag = _check_tag(pretrained_tag)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def identity(cls, *, weights: str = TINY, pretrained_tag: str = DEFAULT_TAG, **options: Any) -> dict[str, Any]:
+        return super().identity(weights=weights, pretrained_tag=_check_tag(pretrained_tag), **options)
+
+    # -- building ------------------------------------------------------------------------------------------
+
+    def _tag_cfg(self) -> dict[str, Any]:
+        open_clip = require("open_clip", "open_clip_torch>=2.26")
+        cfg = open_clip.get_pretrained_cfg(ARCH, self.pretrained_tag)
+        if not cfg:
+            raise ConfigError(f"clip: unknown pretrained_tag {self.pretrained_tag!r}; open_clip {ARCH} tags: "
+                              f"{', '.join(open_clip.list_pretrained_tags_by_model(ARCH))}")
+        return cfg
+
+    def _create(self, pretrained: str | None, **kwargs: Any) -> tuple[Any, Callable]:
+        open_clip = require("open_clip", "open_clip_torch>=2.26")
+        cfg = self._tag_cfg()
+        # open_clip 3.x no longer switches to QuickGELU for the "openai" tag by itself (it only warns), and a
+        # local file has no tag at all: take the activation from the release's pretrained config.
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            ARCH, pretrained=pretrained, force_quick_gelu=bool(cfg.get("quick_gelu", False)), weights_only=True,
+            image_mean=cfg.get("mean"), image_std=cfg.get("std"), image_interpolation=cfg.get("interpolation"),
+            image_resize_mode=cfg.get("resize_mode"), **kwargs)
+        visual = model.visual  # the text tower is not needed
+        visual.output_tokens = True
+        return visual, preprocess
+
+    def build_pretrained(self) -> tuple[Any, Callable]:
+        self._tag_cfg()  # an unknown tag is a ConfigError, not a hub error
+        return self._create(self.pretrained_tag)
+
+    def build_from_file(self, path: str) -> tuple[Any, Callable]:
+        return self._create(path)
+
+    def build_tiny(self) -> tuple[Any, Callable]:
+        return self._create(None, **TINY_CFG)
+
+    # -- features ------------------------------------------------------------------------------------------
+
+    def forward(self, x: Any) -> dict[str, Any]:
+        _, tokens = self.model(x)  # (B, 196, width): last layer, after ln_post, class token removed
+        feats = tokens @ self.model.proj  # (B, 196, 512)
+        grid_h, grid_w = self.model.grid_size
+        return {"clip": feats.reshape(feats.shape[0], grid_h, grid_w, feats.shape[-1])}  # (B, 14, 14, 512)
