@@ -33,7 +33,8 @@ def demo(out: str, *, ray_address: str | None = None, weights: str = "tiny") -> 
     print("\n".join(report.lines()))
     manifest = load_manifest(root)
     keys = manifest.column("key").to_pylist()
-    preview_key = "astronaut" if "astronaut" in keys else keys[0]
+    uris = manifest.column("source_uri").to_pylist()
+    preview_key = next((k for k, u in zip(keys, uris) if u.endswith("astronaut.jpg")), keys[0])
     preview = show(root, preview_key, str(out_dir / "preview.png"))
     print(f"demo: {len(keys)} samples, preview of {preview_key!r} -> {preview}")
     print(f"demo: done in {time.time() - t0:.0f}s; labels under {root}")

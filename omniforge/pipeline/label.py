@@ -37,7 +37,7 @@ from omniforge import codecs
 from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers import Labeler, Sample, labeler_for_modality, get_labeler_class
 from omniforge.labelers.base import TINY
-from omniforge.modalities import MODALITIES
+from omniforge.modalities import MODALITIES, ModalityInfo
 from omniforge.pipeline import corpus, shards, storage
 from omniforge.pipeline._progress import Progress
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
@@ -96,6 +96,7 @@ class Teacher:
     options: Mapping[str, Any]
     fingerprint: str
     identity: Mapping[str, Any]
+    infos: Mapping[str, ModalityInfo]  # resolved on the driver: plugin modalities are unknown to workers
 
     def build(self, device: str = "cpu") -> Labeler:
         return self.cls(weights=self.weights, device=device, modalities=self.modalities, **self.options)
@@ -120,7 +121,7 @@ def resolve_teachers(modalities: tuple[str, ...], weights: Mapping[str, str],
         opts = dict(options.get(name, {}))
         teachers.append(Teacher(name=name, cls=cls, modalities=tuple(mods), weights=w, options=opts,
                                 fingerprint=cls.fingerprint(weights=w, **opts),
-                                identity=cls.identity(weights=w, **opts)))
+                                identity=cls.identity(weights=w, **opts), infos={m: MODALITIES[m] for m in mods}))
     return teachers
 
 
@@ -189,7 +190,7 @@ def _row_modalities(todo: str) -> list[str]:
     return todo.split(",") if todo else []
 
 
-def _label_columns(labeler: Labeler, samples: list[Sample]) -> dict[str, list]:
+def _label_columns(labeler: Labeler, samples: list[Sample], infos: Mapping[str, ModalityInfo]) -> dict[str, list]:
     """Run a labeler, isolate failures to samples, encode and validate outputs.
 
     Returns, per wanted modality m with column c = _col(m): c (bytes or None), c__etype, c__emsg (None
@@ -227,7 +228,7 @@ def _label_columns(labeler: Labeler, samples: list[Sample]) -> dict[str, list]:
                     raise res
                 if m not in res:
                     raise SampleError("teacher_error", f"{labeler.name} returned no {m!r} output")
-                cols[c][i] = _encode_checked(m, res[m])
+                cols[c][i] = _encode_checked(infos[m], res[m])
             except SampleError as e:
                 cols[f"{c}__etype"][i], cols[f"{c}__emsg"][i] = e.error_type, e.message[:500]
             except Exception as e:  # noqa: BLE001 - an unencodable output fails that sample, recorded
@@ -235,14 +236,14 @@ def _label_columns(labeler: Labeler, samples: list[Sample]) -> dict[str, list]:
     return cols
 
 
-def _encode_checked(modality: str, value: Any) -> bytes:
-    info = MODALITIES[modality]
+def _encode_checked(info: ModalityInfo, value: Any) -> bytes:
+    """Encode one label, refusing arrays of the wrong shape and non-finite values."""
     if info.ext == "npy":
         arr = np.asarray(value)
         if info.shape is not None and arr.shape != info.shape:
-            raise SampleError("bad_output", f"{modality} has shape {arr.shape}, expected {info.shape}")
+            raise SampleError("bad_output", f"{info.name} has shape {arr.shape}, expected {info.shape}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise SampleError("bad_output", f"{modality} has NaN or infinite values")
+            raise SampleError("bad_output", f"{info.name} has NaN or infinite values")
     return codecs.encode(info.ext, value)
 
 
@@ -308,7 +309,7 @@ def _decode_stage(batch: pa.Table, *, storage_size: int, max_pixels: int, classi
         if labeler is None:
             labeler = _CLASSICAL_CACHE[cache_key] = teacher.build()
         idx, samples = _samples_for(out, teacher.modalities)
-        out = _append_label_columns(out, teacher.modalities, idx, _label_columns(labeler, samples))
+        out = _append_label_columns(out, teacher.modalities, idx, _label_columns(labeler, samples, teacher.infos))
     return out
 
 
@@ -324,10 +325,12 @@ class _TeacherStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         idx, samples = _samples_for(batch, self.teacher.modalities)
-        return _append_label_columns(batch, self.teacher.modalities, idx, _label_columns(self.labeler, samples))
+        cols = _label_columns(self.labeler, samples, self.teacher.infos)
+        return _append_label_columns(batch, self.teacher.modalities, idx, cols)
 
 
-def _write_stage(batch: pa.Table, *, root: str, run_id: str, fingerprints: dict[str, str]) -> pa.Table:
+def _write_stage(batch: pa.Table, *, root: str, run_id: str, fingerprints: dict[str, str],
+                 exts: dict[str, str]) -> pa.Table:
     """Write one key-sorted part tar per (modality, shard) in this batch; return summary rows only."""
     rows = batch.drop_columns(["image"]).to_pylist()
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -337,7 +340,7 @@ def _write_stage(batch: pa.Table, *, root: str, run_id: str, fingerprints: dict[
     summary = {"modality": [_BATCH_ROW], "shard": [-1], "part": [None], "status": [None], "n": [len(rows)]}
     for (m, shard), group in sorted(groups.items()):
         group.sort(key=lambda r: r["key"])
-        ext, fp = MODALITIES[m].ext, fingerprints[m]
+        ext, fp = exts[m], fingerprints[m]
         members, status = [], []
         for r in group:
             if r["decode_etype"] is not None:
@@ -489,7 +492,8 @@ def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teach
                             compute=ray.data.ActorPoolStrategy(size=n_actors),
                             num_gpus=1 if device == "cuda" else 0, num_cpus=cfg.cpus_per_actor)
     ds = ds.map_batches(_write_stage, batch_size=cfg.batch_size, batch_format="pyarrow",
-                        fn_kwargs=dict(root=root, run_id=run_id, fingerprints=fingerprints))
+                        fn_kwargs=dict(root=root, run_id=run_id, fingerprints=fingerprints,
+                                       exts={m: t.infos[m].ext for t in teachers for m in t.modalities}))
 
     finalize = ray.remote(num_cpus=0.5, max_retries=3)(_finalize)
     todo_pairs = set()

@@ -117,6 +117,9 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
 
 
 def verify(root: str, modalities: list[str] | None = None, *, decode: bool = True, workers: int = 8) -> VerifyReport:
+    from omniforge.labelers import list_labelers
+
+    list_labelers()  # registers the modalities of installed teacher plugins
     manifest = load_manifest(root)
     keys_by_shard: dict[int, list[str]] = defaultdict(list)
     for key, shard in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
