@@ -22,7 +22,10 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    quiet = logging.getLogger("omniforge").getEffectiveLevel() > logging.INFO
+    # Ray Data logs every dataset execution at INFO; omniforge prints its own progress and summary.
+    logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.INFO)
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=True)
     try:
         if address:
             ray.init(address=address, **kwargs)
