@@ -25,7 +25,10 @@ def ensure_ray(address: str | None = None) -> None:
     quiet = logging.getLogger("omniforge").getEffectiveLevel() > logging.INFO
     # Ray Data logs every dataset execution at INFO; omniforge prints its own progress and summary.
     logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.INFO)
-    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR if quiet else logging.INFO, log_to_driver=True)
+    # Worker output (tracebacks of failed samples are recorded in _status anyway) stays in Ray's session
+    # logs unless omniforge runs with --verbose.
+    kwargs = dict(include_dashboard=False, logging_level=logging.ERROR if quiet else logging.INFO,
+                  log_to_driver=not quiet)
     try:
         if address:
             ray.init(address=address, **kwargs)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
+import re
 import sys
 import time
 import uuid
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from omniforge import codecs
-from omniforge.errors import ConfigError, SampleError
+from omniforge import codecs, errors
+from omniforge.errors import ConfigError, OmniforgeError, SampleError
 from omniforge.labelers import Labeler, Sample, labeler_for_modality, get_labeler_class
 from omniforge.labelers.base import TINY
 from omniforge.modalities import MODALITIES, ModalityInfo
@@ -414,11 +414,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     """Label the corpus planned at `cfg.output` (planning it from `cfg.input` first when needed)."""
     t_start = time.time()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options)
-    for t in teachers:  # load nothing yet, but fail fast on a missing checkpoint file
-        if t.cls.learned and t.weights not in ("tiny", "pretrained") and not os.path.isfile(t.weights):
-            raise ConfigError(f"checkpoint {t.weights} for {t.name} not found: pass an existing file with "
-                              f"--weights {t.name}=PATH, or --weights tiny to run offline")
+    teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options)  # a missing checkpoint fails here
     root = cfg.output
     if cfg.input is not None:
         manifest = plan(PlanConfig(input=cfg.input, output=root, shard_size=cfg.shard_size, format=cfg.format),
@@ -426,8 +422,6 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     else:
         manifest = load_manifest(root)
     ensure_ray(ray_address)
-    import ray
-
     fingerprints = {m: t.fingerprint for t in teachers for m in t.modalities}
     shard_col = manifest.column("shard").to_pylist()
     shard_sizes = Counter(shard_col)
@@ -452,7 +446,13 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     if pending.num_rows:
         storage.delete_tree(storage.join(root, shards.TMP_DIR))  # orphans of killed runs
         storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
-        _run_pipeline(cfg, root, run_id, teachers, pending, shard_sizes, fingerprints, summary, ray)
+        try:
+            _run_pipeline(cfg, root, run_id, teachers, pending, shard_sizes, fingerprints, summary)
+        except Exception as e:
+            user_error = _user_error(e)
+            if user_error is None:
+                raise
+            raise user_error from None  # one line for the CLI; Ray's worker trace is in its logs
         storage.delete_tree(storage.join(root, shards.TMP_DIR, run_id))
     summary.seconds = time.time() - t_start
     record.update(end=_dt.datetime.now(_dt.timezone.utc).isoformat(), seconds=summary.seconds,
@@ -468,8 +468,32 @@ def _config_for_record(cfg: LabelConfig) -> dict:
     return out
 
 
+def _user_error(exc: BaseException) -> OmniforgeError | None:
+    """The omniforge error (a bad checkpoint, unreadable storage...) behind an exception raised in Ray."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OmniforgeError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    # An actor whose constructor raised (e.g. a teacher loading a bad checkpoint) reaches the driver as
+    # an ActorDiedError that keeps only the text of the original exception.
+    found = re.findall(r"omniforge\.errors\.(\w+Error): ([^\n]+)", str(exc))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, OmniforgeError):
+            return cls(message)
+    return None
+
+
 def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teacher], pending: pa.Table,
-                  shard_sizes: Counter, fingerprints: dict[str, str], summary: LabelSummary, ray: Any) -> None:
+                  shard_sizes: Counter, fingerprints: dict[str, str], summary: LabelSummary) -> None:
+    import ray
     import ray.data
 
     gpus = cluster_gpus()

@@ -228,3 +228,17 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert "telepathy" in capsys.readouterr().err
     with pytest.raises(Exception):
         parse_weights("clip=")
+
+
+def test_an_unloadable_checkpoint_is_a_one_line_error_not_random_weights(tmp_path, ray_address, capsys):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo_bytes("chelsea", 64))
+    ckpt = tmp_path / "open_clip_pytorch_model.bin"
+    ckpt.write_bytes(b"this is not a checkpoint")
+    code = cli_main(["label", "--input", str(folder), "--output", str(tmp_path / "out"), "--modalities", "rgb,clip",
+                     "--weights", f"tiny,clip={ckpt}", "--no-progress", "--ray-address", ray_address])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2, err
+    assert err.startswith("omniforge label: error: ") and str(ckpt) in err and "--weights tiny" in err
+    assert not (tmp_path / "out" / "clip").exists()
