@@ -56,7 +56,7 @@ def cmd_label(args: argparse.Namespace) -> int:
                       cpus_per_actor=args.cpus_per_actor, device=args.device, progress=not args.no_progress)
     resolve_teachers(cfg.modalities, cfg.weights, cfg.options)  # bad names fail before any scanning
     if args.input:
-        plan(_plan_config(args, args.output), ray_address=args.ray_address)
+        plan(_plan_config(args, args.output), ray_address=args.ray_address, progress_bar=not args.no_progress)
     summary = label(cfg, ray_address=args.ray_address)
     print("\n".join(summary.lines()))
     return 0

@@ -6,7 +6,7 @@ import sys
 
 
 class Progress:
-    def __init__(self, *, total: int, unit: str = "it", desc: str = "label", enabled: bool = True):
+    def __init__(self, *, total: int | None, unit: str = "it", desc: str = "label", enabled: bool = True):
         self._bar = None
         if enabled:
             from tqdm import tqdm

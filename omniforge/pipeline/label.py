@@ -418,7 +418,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     root = cfg.output
     if cfg.input is not None:
         manifest = plan(PlanConfig(input=cfg.input, output=root, shard_size=cfg.shard_size, format=cfg.format),
-                        ray_address=ray_address)
+                        ray_address=ray_address, progress_bar=cfg.progress)
     else:
         manifest = load_manifest(root)
     ensure_ray(ray_address)

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from omniforge.errors import ConfigError, CorpusError
 from omniforge.pipeline import corpus, shards, storage
+from omniforge.pipeline._progress import Progress
 from omniforge.pipeline._ray import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _scan(unit_dict: dict) -> list[dict]:
     return rows
 
 
-def plan(cfg: PlanConfig, *, ray_address: str | None = None) -> pa.Table:
+def plan(cfg: PlanConfig, *, ray_address: str | None = None, progress_bar: bool = True) -> pa.Table:
     """Scan the corpus and write `manifest/corpus.parquet`, or return the existing plan of this output.
 
     Re-planning an output root is refused when it was planned from another input: keys and shard numbers
@@ -159,7 +160,12 @@ def plan(cfg: PlanConfig, *, ray_address: str | None = None) -> pa.Table:
 
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(1, len(units)))
     ds = ds.flat_map(_scan)
-    records = list(ds.iter_rows())
+    progress = Progress(total=None, unit="img", desc="plan", enabled=progress_bar)
+    records = []
+    for row in ds.iter_rows():
+        records.append(row)
+        progress.update(1)
+    progress.close()
     if not records:
         raise CorpusError(f"no images found in {cfg.input}: check the --input URI and --format")
     records.sort(key=lambda r: r["uri"])
