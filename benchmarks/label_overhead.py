@@ -88,7 +88,8 @@ def main() -> None:
                           batch_size=args.batch_size, device=device, cpus_per_actor=float(threads), progress=False)
         t0 = time.perf_counter()
         summary = label(cfg)
-        job = summary.processed / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        job = summary.processed / elapsed
         assert summary.labeled["clip"] == args.images, summary.lines()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -97,6 +98,8 @@ def main() -> None:
     print(f"bare model loop : {bare:8.2f} images/s")
     print(f"full label job  : {job:8.2f} images/s (read, decode, label, encode, write, commit; incl. actor start)")
     print(f"ratio job/bare  : {job / bare:8.3f}  (goal on a GPU >= 0.9)")
+    print(f"first batch     : {summary.startup_seconds:8.1f} s after the pipeline started (worker start, weights load,"
+          f" first batches in flight)")
 
 
 

@@ -166,11 +166,12 @@ class LabelSummary:
     failed: dict[str, dict[str, int]] = field(default_factory=dict)  # per modality: reason -> count
     skipped_shards: dict[str, int] = field(default_factory=dict)  # per modality, done before this run
     skipped_samples: dict[str, int] = field(default_factory=dict)
+    startup_seconds: float = 0.0  # pipeline start to the first written batch (workers start, weights load)
 
     def lines(self) -> list[str]:
         rate = self.processed / self.seconds if self.seconds > 0 else 0.0
-        out = [f"labeled {self.processed} samples in {self.seconds:.1f}s ({rate:.2f} samples/s), "
-               f"{self.samples} in the plan -> {self.output}"]
+        out = [f"labeled {self.processed} samples in {self.seconds:.1f}s ({rate:.2f} samples/s; first batch after "
+               f"{self.startup_seconds:.1f}s), {self.samples} in the plan -> {self.output}"]
         for m in self.labeled:
             fails = self.failed.get(m, {})
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(fails.items())) or "none"
@@ -415,7 +416,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     t_start = time.time()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options)  # a missing checkpoint fails here
-    root = cfg.output
+    root = storage.normalize(cfg.output)  # listed URIs are normalized: compare like with like
     if cfg.input is not None:
         manifest = plan(PlanConfig(input=cfg.input, output=root, shard_size=cfg.shard_size, format=cfg.format),
                         ray_address=ray_address, progress_bar=cfg.progress)
@@ -529,9 +530,12 @@ def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teach
     statuses: dict[tuple[str, int], list[dict]] = defaultdict(list)
     inflight: list = []
     progress = Progress(total=pending.num_rows, unit="img", enabled=cfg.progress)
+    t_start = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
             if row["modality"] == _BATCH_ROW:
+                if not summary.processed:
+                    summary.startup_seconds = time.time() - t_start
                 summary.processed += row["n"]
                 progress.update(row["n"])
                 continue

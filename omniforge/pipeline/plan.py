@@ -142,7 +142,7 @@ def plan(cfg: PlanConfig, *, ray_address: str | None = None, progress_bar: bool 
     Re-planning an output root is refused when it was planned from another input: keys and shard numbers
     are a contract with every modality already written there.
     """
-    uri = shards.manifest_uri(cfg.output)
+    uri = shards.manifest_uri(storage.normalize(cfg.output))
     if storage.exists(uri):
         table = shards.read_parquet(uri)
         meta = _plan_meta(table)
@@ -180,7 +180,7 @@ def plan(cfg: PlanConfig, *, ray_address: str | None = None, progress_bar: bool 
             "format": r["format"], "path": r["path"], "offset": r["offset"], "size": r["size"], "row": r["row"],
             "column": r.get("column"),
         })
-    meta = {"input": cfg.input, "format": units[0].format, "shard_size": cfg.shard_size,
+    meta = {"input": storage.normalize(cfg.input), "format": units[0].format, "shard_size": cfg.shard_size,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "num_samples": len(rows)}
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
         {"omniforge.plan": json.dumps(meta)})
@@ -196,7 +196,7 @@ def _plan_meta(table: pa.Table) -> dict:
 
 
 def load_manifest(root: str) -> pa.Table:
-    uri = shards.manifest_uri(root)
+    uri = shards.manifest_uri(storage.normalize(root))
     if not storage.exists(uri):
         raise ConfigError(f"{root} has no plan ({shards.MANIFEST}): run `omniforge plan --input URI --output {root}` "
                           f"or pass --input to `omniforge label`")

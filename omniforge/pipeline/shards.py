@@ -99,7 +99,7 @@ def write_status(uri: str, rows: list[dict[str, Any]]) -> None:
 
 
 def read_status(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    return read_parquet(uri)
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:
@@ -109,4 +109,6 @@ def write_parquet(uri: str, table: pa.Table) -> None:
 
 
 def read_parquet(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    # An Arrow buffer, not a Python BytesIO: reading through a Python file object leaves Arrow I/O threads
+    # that abort the interpreter at exit (apache/arrow#34314).
+    return pq.read_table(pa.BufferReader(storage.read_bytes(uri)))

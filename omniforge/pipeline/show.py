@@ -16,6 +16,7 @@ from omniforge.pipeline.verify import discover_modalities
 
 def load_sample(root: str, key: str, modalities: list[str] | None = None) -> tuple[dict, dict[str, str]]:
     """Decoded labels of one key, and failure reasons of the modalities where it failed."""
+    root = storage.normalize(root)
     manifest = load_manifest(root)
     rows = manifest.filter(pc.equal(manifest["key"], key))
     if rows.num_rows == 0:

@@ -60,7 +60,7 @@ class VerifyReport:
 def discover_modalities(root: str) -> list[str]:
     """Modalities with at least one committed or attempted shard under `root`."""
     found = set()
-    prefix = storage.join(root, shards.STATUS_DIR)
+    prefix = storage.join(storage.normalize(root), shards.STATUS_DIR)
     for uri, _ in storage.list_files(prefix):
         rel = uri[len(prefix):].strip("/")
         if "/" in rel:
@@ -120,6 +120,7 @@ def verify(root: str, modalities: list[str] | None = None, *, decode: bool = Tru
     from omniforge.labelers import list_labelers
 
     list_labelers()  # registers the modalities of installed teacher plugins
+    root = storage.normalize(root)
     manifest = load_manifest(root)
     keys_by_shard: dict[int, list[str]] = defaultdict(list)
     for key, shard in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):

@@ -120,14 +120,18 @@ def test_verify_passes_and_run_record_is_written(labeled):
     assert not storage.list_files(storage.join(root, shards.TMP_DIR))
 
 
-def test_rerun_skips_done_work_and_rewrites_nothing(labeled, ray_address):
+def test_rerun_skips_done_work_and_rewrites_nothing(labeled, ray_address, monkeypatch, capsys):
     root, expected, _ = labeled
     tars = sorted(Path(root).glob("*/shard-*.tar"))
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tars}
-    summary = label(LabelConfig(output=root, modalities=ALL, progress=False), ray_address=ray_address)
+    monkeypatch.chdir(Path(root).parent)  # a relative --output names the same root
+    relative = Path(root).name
+    summary = label(LabelConfig(output=relative, modalities=ALL, progress=False), ray_address=ray_address)
     assert summary.processed == 0
     assert summary.skipped_samples == {m: len(expected) for m in ALL}
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tars} == before
+    assert cli_main(["verify", relative, "--no-decode"]) == 0
+    assert set(verify(relative).modalities) == set(ALL)
 
 
 def test_changed_options_relabel_only_that_teacher(labeled, ray_address, tmp_path):
@@ -242,3 +246,17 @@ def test_an_unloadable_checkpoint_is_a_one_line_error_not_random_weights(tmp_pat
     assert code == 2, err
     assert err.startswith("omniforge label: error: ") and str(ckpt) in err and "--weights tiny" in err
     assert not (tmp_path / "out" / "clip").exists()
+
+
+def test_plan_of_a_planned_root_returns_it_and_exits_cleanly(labeled, bad_corpus, tmp_path):
+    folder, expected = bad_corpus
+    root, _, _ = labeled
+    cmd = [sys.executable, "-m", "omniforge.jobs.cli", "plan", "--input", str(folder), "--output", root]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a clean interpreter exit, not an Arrow abort
+    assert f"planned {len(expected)} samples" in proc.stdout
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.jpg").write_bytes(photo_bytes("coffee", 32))
+    proc = subprocess.run(cmd[:5] + [str(other)] + cmd[6:], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "use a new --output" in proc.stderr
