@@ -170,8 +170,9 @@ class LabelSummary:
 
     def lines(self) -> list[str]:
         rate = self.processed / self.seconds if self.seconds > 0 else 0.0
-        out = [f"labeled {self.processed} samples in {self.seconds:.1f}s ({rate:.2f} samples/s; first batch after "
-               f"{self.startup_seconds:.1f}s), {self.samples} in the plan -> {self.output}"]
+        first = f"; first batch after {self.startup_seconds:.1f}s" if self.processed else ""
+        out = [f"labeled {self.processed} samples in {self.seconds:.1f}s ({rate:.2f} samples/s{first}), "
+               f"{self.samples} in the plan -> {self.output}"]
         for m in self.labeled:
             fails = self.failed.get(m, {})
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(fails.items())) or "none"
