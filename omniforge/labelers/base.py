@@ -28,12 +28,18 @@ class Sample:
 
     image: (H, W, 3) uint8 RGB, EXIF orientation applied, shorter side at most the storage size.
     caption: the corpus alt-text, or None when the corpus has none for this sample.
+    inputs: for derived labelers, the decoded labels of this sample named in the labeler's `requires`
+        (always present: a sample whose required input failed never reaches the labeler) and in its
+        `optional_inputs` (present only when that modality was labeled for this sample), decoded as
+        `omniforge.codecs.decode` does: JSON as dicts/lists, PNG/JPEG as numpy arrays (P-mode PNG as
+        a PIL image), npy as arrays, text as str.
     """
 
     key: str
     image: np.ndarray
     caption: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 class Labeler:
@@ -46,6 +52,11 @@ class Labeler:
                   there is one); False for cheap CPU work that runs in plain tasks
       version     bump when the output for the same weights and options changes
       new_modalities  ModalityInfo entries for modalities omniforge does not know yet (plugins)
+      requires    modalities this labeler derives from (e.g. sam_edge from sam_instance): the job runs it
+                  after them, or reads them from the shards of an earlier job, and hands them over in
+                  `Sample.inputs`; a sample whose required input failed is recorded as failed
+                  ("missing_input") without calling the labeler
+      optional_inputs  modalities used when they exist for a sample (e.g. metadata from det)
     and implement `label`.
     """
 
@@ -54,6 +65,7 @@ class Labeler:
     learned: ClassVar[bool] = False
     version: ClassVar[str] = "1"
     requires: ClassVar[tuple[str, ...]] = ()
+    optional_inputs: ClassVar[tuple[str, ...]] = ()
     new_modalities: ClassVar[tuple[Any, ...]] = ()
 
     def __init__(self, *, weights: str = TINY, device: str = "cpu", modalities: tuple[str, ...] | None = None,
