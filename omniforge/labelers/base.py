@@ -94,7 +94,11 @@ class Labeler:
 
     @classmethod
     def fingerprint(cls, *, weights: str = TINY, **options: Any) -> str:
-        blob = json.dumps(cls.identity(weights=weights, **options), sort_keys=True, default=str)
+        return Labeler.fingerprint_of(cls.identity(weights=weights, **options))
+
+    @staticmethod
+    def fingerprint_of(identity: dict[str, Any]) -> str:
+        blob = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

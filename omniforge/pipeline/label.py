@@ -4,7 +4,8 @@ The dataflow, one streaming Ray Data pipeline:
 
     pending manifest rows (only the (shard, modality) pairs not already done with these weights)
       -> decode tasks: fetch bytes, decode each image once, run the cheap classical labelers
-      -> one actor pool per learned teacher (a GPU each when the cluster has them)
+      -> one actor pool per learned teacher (a GPU each when the cluster has them), and task stages for
+         cheap derived labelers, in run order (a derived labeler after the teachers it reads)
       -> write tasks: one key-sorted part tar per (modality, shard) per batch, under _tmp/<run-id>/
       -> driver: when every sample of a (modality, shard) is accounted for, a finalize task merges its
          parts into <modality>/shard-NNNNNN.tar (atomic) and then writes _status/<modality>/... (the
@@ -18,6 +19,7 @@ and redoes the rest.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import re
@@ -97,13 +99,22 @@ class Teacher:
     fingerprint: str
     identity: Mapping[str, Any]
     infos: Mapping[str, ModalityInfo]  # resolved on the driver: plugin modalities are unknown to workers
+    requires: tuple[str, ...] = ()  # derived labelers: inputs that must exist for a sample
+    optional: tuple[str, ...] = ()  # inputs used when they exist
+    input_infos: Mapping[str, ModalityInfo] = field(default_factory=dict)
 
     def build(self, device: str = "cpu") -> Labeler:
         return self.cls(weights=self.weights, device=device, modalities=self.modalities, **self.options)
 
 
 def resolve_teachers(modalities: tuple[str, ...], weights: Mapping[str, str],
-                     options: Mapping[str, Mapping[str, Any]]) -> list[Teacher]:
+                     options: Mapping[str, Mapping[str, Any]], *, root: str | None = None) -> list[Teacher]:
+    """The job's teachers in run order (a derived labeler after what it reads), with fingerprints.
+
+    A derived labeler's fingerprint covers the fingerprints of its inputs: relabeling sam_instance with
+    other weights makes sam_edge stale too. Inputs not produced by this job are read from `root`, where
+    they must have been labeled before.
+    """
     by_name: dict[str, list[str]] = {}
     for m in modalities:
         cls = labeler_for_modality(m)
@@ -114,15 +125,54 @@ def resolve_teachers(modalities: tuple[str, ...], weights: Mapping[str, str],
             if name not in by_name:
                 raise ConfigError(f"--weights/--option name teacher {name!r}, which this job does not run "
                                   f"(teachers: {', '.join(by_name)})")
+    produced: dict[str, str] = {}  # modality -> fingerprint of the job's teacher writing it
     teachers = []
-    for name, mods in by_name.items():
-        cls = get_labeler_class(name)
+    for name in _run_order(by_name, set(modalities)):
+        cls, mods = get_labeler_class(name), by_name[name]
         w = weights.get(name, weights.get("*", TINY))
         opts = dict(options.get(name, {}))
+        identity = dict(cls.identity(weights=w, **opts))
+        input_fps = {}
+        for m in (*cls.requires, *cls.optional_inputs):
+            fps = {produced[m]} if m in produced else (_committed_fingerprints(root, m) if root else set())
+            if fps:
+                input_fps[m] = ",".join(sorted(fps))
+            elif m in cls.requires and root is not None:
+                raise ConfigError(f"{name} derives from {m}, which is neither in --modalities nor labeled in {root}: "
+                                  f"add {m} to --modalities")
+        if input_fps:
+            identity["inputs"] = input_fps
+        fingerprint = Labeler.fingerprint_of(identity)
+        produced.update({m: fingerprint for m in mods})
         teachers.append(Teacher(name=name, cls=cls, modalities=tuple(mods), weights=w, options=opts,
-                                fingerprint=cls.fingerprint(weights=w, **opts),
-                                identity=cls.identity(weights=w, **opts), infos={m: MODALITIES[m] for m in mods}))
+                                fingerprint=fingerprint, identity=identity, infos={m: MODALITIES[m] for m in mods},
+                                requires=tuple(cls.requires), optional=tuple(cls.optional_inputs),
+                                input_infos={m: MODALITIES[m] for m in (*cls.requires, *cls.optional_inputs)}))
     return teachers
+
+
+def _run_order(by_name: Mapping[str, list[str]], job_modalities: set[str]) -> list[str]:
+    """Teacher names in an order where every derived labeler runs after the job's teachers it reads."""
+    producer = {m: name for name, mods in by_name.items() for m in mods}
+    deps = {name: {producer[m] for m in (*get_labeler_class(name).requires, *get_labeler_class(name).optional_inputs)
+                   if m in job_modalities and producer[m] != name} for name in by_name}
+    order: list[str] = []
+    while deps:
+        ready = [n for n in by_name if n in deps and not deps[n] - set(order)]
+        if not ready:
+            raise ConfigError(f"labelers depend on each other in a cycle: {sorted(deps)}")
+        for n in ready:
+            order.append(n)
+            del deps[n]
+    return order
+
+
+def _committed_fingerprints(root: str, modality: str) -> set[str]:
+    """Fingerprints of the committed shards of a modality under root (empty when none)."""
+    uris = [u for u, _ in storage.list_files(storage.join(root, shards.STATUS_DIR, modality), (".parquet",))]
+    with ThreadPoolExecutor(16) as pool:
+        tables = pool.map(shards.read_status, uris)
+        return {fp for t in tables for fp in t.column("fingerprint").to_pylist()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -249,42 +299,106 @@ def _encode_checked(info: ModalityInfo, value: Any) -> bytes:
     return codecs.encode(info.ext, value)
 
 
-def _samples_for(batch: pa.Table, wanted: tuple[str, ...]) -> tuple[list[int], list[Sample]]:
-    """Rows of a decoded batch that need any of `wanted` and have an image, as Samples (zero-copy)."""
-    idx, samples = [], []
+def _samples_for(batch: pa.Table, teacher: Teacher, root: str) -> tuple[list[int], list[Sample], dict[int, SampleError]]:
+    """Rows of a decoded batch that need this teacher and have an image, as Samples (zero-copy images).
+
+    Derived teachers get their inputs: from this batch when this job labeled them for the row, else from
+    the committed shards under `root`. Rows missing a required input come back as failures instead.
+    """
+    idx, samples, missing = [], [], {}
     keys = batch.column("key").to_pylist()
+    shard_ids = batch.column("shard").to_pylist()
     todos = batch.column("todo").to_pylist()
     images = batch.column("image")
     heights = batch.column("height").to_pylist()
     widths = batch.column("width").to_pylist()
     captions = batch.column("caption").to_pylist()
+    meta_cols = [c for c in ("orig_width", "orig_height") if c in batch.column_names]
+    metas = batch.select(meta_cols).to_pylist() if meta_cols else [{}] * batch.num_rows
     for i in range(batch.num_rows):
-        if not images[i].is_valid or not set(wanted) & set(_row_modalities(todos[i])):
+        row_todo = set(_row_modalities(todos[i]))
+        if not images[i].is_valid or not row_todo & set(teacher.modalities):
             continue
-        buf = images[i].as_buffer()
-        image = np.frombuffer(buf, dtype=np.uint8).reshape(heights[i], widths[i], 3)
+        inputs = _inputs_for(batch, i, keys[i], shard_ids[i], row_todo, teacher, root)
+        if isinstance(inputs, SampleError):
+            missing[i] = inputs
+            continue
+        image = np.frombuffer(images[i].as_buffer(), dtype=np.uint8).reshape(heights[i], widths[i], 3)
         idx.append(i)
-        samples.append(Sample(key=keys[i], image=image, caption=captions[i]))
-    return idx, samples
+        samples.append(Sample(key=keys[i], image=image, caption=captions[i], meta=metas[i], inputs=inputs))
+    return idx, samples, missing
 
 
-def _append_label_columns(batch: pa.Table, wanted: tuple[str, ...], idx: list[int], cols: dict[str, list]) -> pa.Table:
+def _inputs_for(batch: pa.Table, i: int, key: str, shard: int, row_todo: set[str], teacher: Teacher,
+                root: str) -> dict[str, Any] | SampleError:
+    inputs: dict[str, Any] = {}
+    for m in (*teacher.requires, *teacher.optional):
+        if m in row_todo:  # labeled earlier in this pipeline (run order puts its teacher first)
+            data = batch.column(_col(m))[i].as_py()
+            reason = batch.column(_col(m) + "__etype")[i].as_py() or batch.column("decode_etype")[i].as_py()
+        else:
+            data, reason = _committed_member(root, m, shard, key)
+        if data is None:
+            if m in teacher.requires:
+                return SampleError("missing_input", f"{teacher.name} needs {m}, which failed or is missing "
+                                                    f"for this sample ({reason})")
+            continue
+        inputs[m] = codecs.decode(teacher.input_infos[m].ext, data)
+    return inputs
+
+
+@functools.lru_cache(maxsize=8)
+def _committed_shard(root: str, modality: str, shard: int) -> tuple[dict[str, bytes], dict[str, str]]:
+    """A committed (modality, shard): members by key, and failure reasons by key (cached per worker:
+    batches arrive in key order, so a shard is read once per worker, not once per batch)."""
+    if not storage.exists(shards.status_uri(root, modality, shard)):
+        return {}, {}
+    status = shards.read_status(shards.status_uri(root, modality, shard)).to_pylist()
+    members = {shards.member_key(n): d for n, d in shards.iter_tar(shards.tar_uri(root, modality, shard))}
+    return members, {r["key"]: f"{r['error_type']}: {r['error_message']}" for r in status if not r["ok"]}
+
+
+def _committed_member(root: str, modality: str, shard: int, key: str) -> tuple[bytes | None, str | None]:
+    members, failures = _committed_shard(root, modality, shard)
+    if key in members:
+        return members[key], None
+    return None, failures.get(key, f"{modality} is not labeled for shard {shard}")
+
+
+def _append_label_columns(batch: pa.Table, teacher: Teacher, idx: list[int], cols: dict[str, list],
+                          missing: dict[int, SampleError]) -> pa.Table:
     n = batch.num_rows
-    for m in wanted:
+    for m in teacher.modalities:
         for suffix, typ, fill in (("", pa.binary(), None), ("__etype", pa.string(), None),
                                   ("__emsg", pa.string(), None), ("__sec", pa.float32(), 0.0)):
             full = [fill] * n
             for j, i in enumerate(idx):
                 full[i] = cols[_col(m) + suffix][j]
+            for i, err in missing.items():
+                full[i] = {"__etype": err.error_type, "__emsg": err.message}.get(suffix, fill)
             batch = batch.append_column(_col(m) + suffix, pa.array(full, type=typ))
     return batch
 
 
-_CLASSICAL_CACHE: dict[str, Labeler] = {}
+def _run_teacher(batch: pa.Table, teacher: Teacher, labeler: Labeler, root: str) -> pa.Table:
+    idx, samples, missing = _samples_for(batch, teacher, root)
+    cols = _label_columns(labeler, samples, teacher.infos)
+    return _append_label_columns(batch, teacher, idx, cols, missing)
 
 
-def _decode_stage(batch: pa.Table, *, storage_size: int, max_pixels: int, classical: list[Teacher]) -> pa.Table:
-    """Fetch and decode each image once; run the classical labelers on the decoded batch."""
+_TASK_LABELERS: dict[str, Labeler] = {}  # per worker process: built once, reused by every batch
+
+
+def _task_labeler(teacher: Teacher) -> Labeler:
+    key = f"{teacher.name}:{teacher.fingerprint}:{teacher.modalities}"
+    if key not in _TASK_LABELERS:
+        _TASK_LABELERS[key] = teacher.build()
+    return _TASK_LABELERS[key]
+
+
+def _decode_stage(batch: pa.Table, *, storage_size: int, max_pixels: int, teachers: list[Teacher],
+                  root: str) -> pa.Table:
+    """Fetch and decode each image once; run the first group of task-run (classical) labelers."""
     records = batch.select(["format", "path", "offset", "size", "row", "column"]).to_pylist()
     fetched = corpus.read_images(records)
     images, heights, widths, etypes, emsgs = [], [], [], [], []
@@ -303,32 +417,31 @@ def _decode_stage(batch: pa.Table, *, storage_size: int, max_pixels: int, classi
         emsgs.append(emsg)
     out = batch.select(["key", "shard", "todo", "caption"]).append_column("image", pa.array(images, pa.binary()))
     out = out.append_column("height", pa.array(heights, pa.int32())).append_column("width", pa.array(widths, pa.int32()))
+    out = out.append_column("orig_width", batch.column("width")).append_column("orig_height", batch.column("height"))
     out = out.append_column("decode_etype", pa.array(etypes, pa.string()))
     out = out.append_column("decode_emsg", pa.array(emsgs, pa.string()))
-    for teacher in classical:
-        cache_key = f"{teacher.name}:{teacher.fingerprint}:{teacher.modalities}"
-        labeler = _CLASSICAL_CACHE.get(cache_key)
-        if labeler is None:
-            labeler = _CLASSICAL_CACHE[cache_key] = teacher.build()
-        idx, samples = _samples_for(out, teacher.modalities)
-        out = _append_label_columns(out, teacher.modalities, idx, _label_columns(labeler, samples, teacher.infos))
-    return out
+    return _task_stage(out, teachers=teachers, root=root)
+
+
+def _task_stage(batch: pa.Table, *, teachers: list[Teacher], root: str) -> pa.Table:
+    """Cheap labelers (no model) in plain tasks, in run order."""
+    for teacher in teachers:
+        batch = _run_teacher(batch, teacher, _task_labeler(teacher), root)
+    return batch
 
 
 class _TeacherStage:
     """Ray Data actor: holds one learned teacher (weights loaded once) and labels batches."""
 
-    def __init__(self, teacher: Teacher, device: str, num_threads: int):
+    def __init__(self, teacher: Teacher, device: str, num_threads: int, root: str):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.teacher = teacher
+        self.teacher, self.root = teacher, root
         self.labeler = teacher.build(device=device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        idx, samples = _samples_for(batch, self.teacher.modalities)
-        cols = _label_columns(self.labeler, samples, self.teacher.infos)
-        return _append_label_columns(batch, self.teacher.modalities, idx, cols)
+        return _run_teacher(batch, self.teacher, self.labeler, self.root)
 
 
 def _write_stage(batch: pa.Table, *, root: str, run_id: str, fingerprints: dict[str, str],
@@ -416,8 +529,8 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     """Label the corpus planned at `cfg.output` (planning it from `cfg.input` first when needed)."""
     t_start = time.time()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options)  # a missing checkpoint fails here
     root = storage.normalize(cfg.output)  # listed URIs are normalized: compare like with like
+    teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options, root=root)  # bad checkpoints fail here
     if cfg.input is not None:
         manifest = plan(PlanConfig(input=cfg.input, output=root, shard_size=cfg.shard_size, format=cfg.format),
                         ray_address=ray_address, progress_bar=cfg.progress)
@@ -502,18 +615,32 @@ def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teach
     device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)) else "cpu"
     if device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda but the Ray cluster has no GPUs: use --device cpu or auto")
-    learned = [t for t in teachers if t.cls.learned]
-    classical = [t for t in teachers if not t.cls.learned]
-    n_actors = cfg.actors_per_teacher or (max(1, int(gpus // max(1, len(learned)))) if device == "cuda" else 1)
+    n_learned = sum(t.cls.learned for t in teachers)
+    n_actors = cfg.actors_per_teacher or (max(1, int(gpus // max(1, n_learned))) if device == "cuda" else 1)
 
+    # Run order -> stages: consecutive cheap labelers share one task stage (the first fused with decode),
+    # each learned teacher gets its own actor pool.
+    stages: list[list[Teacher] | Teacher] = [[]]
+    for t in teachers:
+        if t.cls.learned:
+            stages.append(t)
+        elif isinstance(stages[-1], list):
+            stages[-1].append(t)
+        else:
+            stages.append([t])
     chunk = max(cfg.batch_size, 1)
     blocks = [pending.slice(i, chunk) for i in range(0, pending.num_rows, chunk)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(_decode_stage, batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                        fn_kwargs=dict(storage_size=cfg.storage_size, max_pixels=cfg.max_pixels, classical=classical))
-    for t in learned:
+                        fn_kwargs=dict(storage_size=cfg.storage_size, max_pixels=cfg.max_pixels, teachers=stages[0],
+                                       root=root))
+    for stage in stages[1:]:
+        if isinstance(stage, list):
+            ds = ds.map_batches(_task_stage, batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
+                                fn_kwargs=dict(teachers=stage, root=root))
+            continue
         ds = ds.map_batches(_TeacherStage, batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                            fn_constructor_kwargs=dict(teacher=t, device=device,
+                            fn_constructor_kwargs=dict(teacher=stage, device=device, root=root,
                                                        num_threads=int(max(1, cfg.cpus_per_actor))),
                             compute=ray.data.ActorPoolStrategy(size=n_actors),
                             num_gpus=1 if device == "cuda" else 0, num_cpus=cfg.cpus_per_actor)
