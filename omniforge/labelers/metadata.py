@@ -1,0 +1,140 @@
+"""metadata: the 4M-21 image metadata that can be computed from the modalities of a job.
+
+A derived labeler: it reads whatever of caption, det, human_poses, sam_instance, semseg_coco and normal
+exist for a sample (from the same job or from shards written earlier) and never invents a field whose
+source did not run. Fields that need their own models in 4M-21 (occlusion, watermark and aesthetic
+scores) are not written.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from omniforge.labelers._registry import register_labeler
+from omniforge.labelers.base import Labeler, Sample
+from omniforge.errors import SampleError
+
+# COCO panoptic (133 classes, Mask2Former / Detectron2 order): ids 0..79 are "things" (countable
+# objects), 80..132 are "stuff".
+NUM_THING_CLASSES = 80
+# Stuff classes a person can walk on: the walkability score counts their pixels.
+WALKABLE_CLASSES = frozenset({
+    "road", "pavement-merged", "floor-wood", "floor-other-merged", "grass-merged", "dirt-merged", "sand",
+    "gravel", "playingfield", "railroad", "rug-merged", "snow", "stairs", "platform", "bridge",
+})
+
+
+def _panoptic_names() -> list[str] | None:
+    try:
+        from omniforge.labelers._coco_panoptic import COCO_PANOPTIC_CLASSES
+    except ImportError:  # the semseg teacher's class table is not installed: walkability is not computed
+        return None
+    return list(COCO_PANOPTIC_CLASSES)
+
+
+@register_labeler
+class MetadataLabeler(Labeler):
+    """metadata: a JSON object of the 4M-21 metadata fields computable from this job's modalities.
+
+    Always (from the decoded rgb image and the manifest):
+      original_width, original_height  size of the source image as stored in the corpus (pixels)
+      colorfulness      Hasler & Suesstrunk (2003) M = sqrt(sd_rg^2 + sd_yb^2) + 0.3 sqrt(mu_rg^2 + mu_yb^2),
+                        rg = R - G, yb = (R + G) / 2 - B, on 0..255 values
+      brightness        mean Rec.601 luma, 0..1
+      contrast          RMS contrast: standard deviation of the Rec.601 luma, 0..1
+      saturation        mean HSV saturation (OpenCV), 0..1
+      entropy           Shannon entropy of the 8-bit luma histogram, bits (0..8)
+    From caption (when present): caption_n_chars, caption_n_words, caption_n_sentences (runs of text
+      ended by . ! ? or the end).
+    From human_poses: n_humans (crowdedness), the number of detected people.
+    From sam_instance: n_sam_masks (SAM clutter), the number of SAM instances.
+    From det: n_coco_instances (COCO clutter) and n_coco_classes (COCO instance diversity), the number of
+      detections and of distinct classes among them.
+    From semseg_coco (pixels labeled 255 = none are left out of every fraction):
+      walkability       fraction of labeled pixels whose class is walkable (WALKABLE_CLASSES)
+      objectness        fraction of labeled pixels that belong to a "thing" class (ids 0..79)
+      semantic_diversity  number of distinct classes present
+    From normal: geometric_complexity, the circular variance of the unit surface normals,
+      1 - |mean(n)|, 0 (one plane) .. 1 (normals spread in every direction).
+    """
+
+    name = "metadata"
+    modalities = ("metadata",)
+    optional_inputs = ("human_poses", "sam_instance", "det", "semseg_coco", "normal")
+
+    def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
+        return [{"metadata": self.label_one(s)} for s in samples]
+
+    def label_one(self, sample: Sample) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        h, w = sample.image.shape[:2]
+        out["original_width"] = int(sample.meta.get("orig_width") or w)
+        out["original_height"] = int(sample.meta.get("orig_height") or h)
+        out.update(image_statistics(sample.image))
+        if sample.caption:
+            out.update(caption_statistics(sample.caption))
+        inputs = sample.inputs
+        if "human_poses" in inputs:
+            out["n_humans"] = len(inputs["human_poses"].get("instances", []))
+        if "sam_instance" in inputs:
+            out["n_sam_masks"] = len(inputs["sam_instance"].get("instances", []))
+        if "det" in inputs:
+            instances = inputs["det"].get("instances", [])
+            out["n_coco_instances"] = len(instances)
+            out["n_coco_classes"] = len({i["class_name"] for i in instances})
+        if "semseg_coco" in inputs:
+            out.update(semseg_statistics(np.asarray(inputs["semseg_coco"]), _panoptic_names()))
+        if "normal" in inputs:
+            out["geometric_complexity"] = geometric_complexity(np.asarray(inputs["normal"]))
+        return out
+
+
+def image_statistics(image: np.ndarray) -> dict[str, float]:
+    import cv2
+    from skimage.measure import shannon_entropy
+
+    rgb = image.astype(np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    colorfulness = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    luma = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    saturation = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1]
+    return {
+        "colorfulness": round(float(colorfulness), 4),
+        "brightness": round(float(luma.mean() / 255.0), 4),
+        "contrast": round(float(luma.std() / 255.0), 4),
+        "saturation": round(float(saturation.mean() / 255.0), 4),
+        "entropy": round(float(shannon_entropy(luma)), 4),
+    }
+
+
+def caption_statistics(caption: str) -> dict[str, int]:
+    text = caption.strip()
+    sentences = [s for s in re.split(r"[.!?]+", text) if s.strip()]
+    return {"caption_n_chars": len(text), "caption_n_words": len(text.split()), "caption_n_sentences": len(sentences)}
+
+
+def semseg_statistics(classes: np.ndarray, names: list[str] | None) -> dict[str, float | int]:
+    labeled = classes[classes != 255]
+    if labeled.size == 0:
+        return {"semantic_diversity": 0}
+    out: dict[str, float | int] = {
+        "objectness": round(float((labeled < NUM_THING_CLASSES).mean()), 4),
+        "semantic_diversity": int(len(np.unique(labeled))),
+    }
+    if names is not None:
+        walkable = np.array([n in WALKABLE_CLASSES for n in names] + [False] * (256 - len(names)))
+        out["walkability"] = round(float(walkable[labeled].mean()), 4)
+    return out
+
+
+def geometric_complexity(normal_rgb: np.ndarray) -> float:
+    n = normal_rgb.reshape(-1, 3).astype(np.float64) / 255.0 * 2.0 - 1.0
+    norms = np.linalg.norm(n, axis=1, keepdims=True)
+    n = n[norms[:, 0] > 1e-6] / norms[norms[:, 0] > 1e-6]
+    if len(n) == 0:
+        return 0.0
+    return round(float(1.0 - np.linalg.norm(n.mean(axis=0))), 4)
