@@ -22,7 +22,8 @@ def _samples():
 def _with_inputs(cls, samples):
     """Give derived labelers what the pipeline would: their inputs from the tiny teachers that write them,
     encoded and decoded as in the shards. Samples whose required input failed are left out, as in a job."""
-    for m in (*cls.requires, *cls.optional_inputs):
+    labelable = {m for n in list_labelers() for m in get_labeler_class(n).modalities}
+    for m in (*cls.requires, *[m for m in cls.optional_inputs if m in labelable]):
         producer = labeler_for_modality(m)
         results = create_labeler(producer.name, weights="tiny", modalities=(m,)).label(samples)
         for sample, res in zip(samples, results):
