@@ -10,6 +10,7 @@ torch and the teacher packages are imported lazily so `import omniforge.labelers
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 from typing import Any, Callable, ClassVar, Iterator
@@ -17,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
-from omniforge.labelers.base import PRETRAINED, TINY, Labeler, Sample
+from omniforge.labelers.base import PRETRAINED, TINY, Labeler, Sample, file_sha256, is_checkpoint_path
 from omniforge.modalities import get_modality
 
 TINY_SEED = 0  # every actor building weights="tiny" gets the same random weights
@@ -49,6 +50,19 @@ def check_image(sample: Sample) -> SampleError | None:
         desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
         return SampleError("bad_image", f"expected an (H, W, 3) uint8 RGB image, got {desc}")
     return None
+
+
+def dir_sha256(path: str) -> str:
+    """Content hash of a checkpoint folder (a transformers `save_pretrained` folder): every regular file's
+    relative path and sha256, so replacing any file in it invalidates what was labeled with it."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            if os.path.isfile(full):
+                h.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode())
+    return h.hexdigest()
 
 
 def short_error(e: BaseException, limit: int = 300) -> str:
@@ -83,6 +97,8 @@ class TorchLabeler(Labeler):
 
     learned = True
     checkpoint_format: ClassVar[str] = "checkpoint"
+    # True: a local checkpoint is a folder (a transformers `save_pretrained` folder), not a single file
+    checkpoint_is_dir: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -95,6 +111,14 @@ class TorchLabeler(Labeler):
         self.torch_device = torch.device(self.device)
         model, self.transform = self._load()
         self.model = model.eval().requires_grad_(False).to(self.torch_device)
+
+    @classmethod
+    def identity(cls, *, weights: str = TINY, **options: Any) -> dict[str, Any]:
+        """As `Labeler.identity`; a checkpoint folder (`checkpoint_is_dir`) is identified by its content hash."""
+        path = os.path.abspath(os.path.expanduser(weights)) if is_checkpoint_path(weights) else ""
+        if cls.checkpoint_is_dir and os.path.isdir(path):
+            return {**super().identity(weights=TINY, **options), "weights": f"dir-sha256:{dir_sha256(path)}"}
+        return super().identity(weights=weights, **options)
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -126,7 +150,7 @@ class TorchLabeler(Labeler):
                 raise WeightsError(f"{self.name}: could not load the pretrained weights from the hub "
                                    f"({short_error(e)}); on an offline machine {offline_hint}") from e
         path = os.path.abspath(os.path.expanduser(self.weights))
-        if not os.path.isfile(path):
+        if not (os.path.isdir(path) if self.checkpoint_is_dir else os.path.isfile(path)):
             raise WeightsError(f"{self.name}: checkpoint {self.weights} not found; {offline_hint}")
         try:
             return self.build_from_file(path)
@@ -170,4 +194,5 @@ class TorchLabeler(Labeler):
         return out  # type: ignore[return-value]
 
 
-__all__ = ["TINY_SEED", "TorchLabeler", "autocast_for", "check_image", "require", "seeded", "short_error", "to_pil"]
+__all__ = ["TINY_SEED", "TorchLabeler", "autocast_for", "check_image", "dir_sha256", "require", "seeded", "short_error",
+           "to_pil"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from omniforge.errors import ConfigError
+from omniforge.labelers._open_clip import OpenClipLabeler
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers._torch_utils import TorchLabeler, require
 from omniforge.labelers.base import TINY
 
 ARCH = "ViT-B-16"
@@ -27,7 +27,7 @@ def _check_tag(tag: Any) -> str:
 
 
 @register_labeler
-class ClipLabeler(TorchLabeler):
+class ClipLabeler(OpenClipLabeler):
     """clip: CLIP ViT-B/16 projected last-layer patch features, as 4M-21's CLIP teacher.
 
     Output: clip, (14, 14, 512) float16: the 196 patch tokens of the last layer after `ln_post`, multiplied
@@ -48,9 +48,10 @@ class ClipLabeler(TorchLabeler):
     name = "clip"
     modalities = ("clip",)
     learned = True
-    checkpoint_format = "open_clip_pytorch_model.bin"
+    tiny_cfg = TINY_CFG
 
     def __init__(self, *, pretrained_tag: str = DEFAULT_TAG, **kwargs: Any):
+        self.model_name = ARCH
         self.pretrained_tag = _check_tag(pretrained_tag)
         super().__init__(**kwargs)
 
@@ -58,43 +59,8 @@ class ClipLabeler(TorchLabeler):
     def identity(cls, *, weights: str = TINY, pretrained_tag: str = DEFAULT_TAG, **options: Any) -> dict[str, Any]:
         return super().identity(weights=weights, pretrained_tag=_check_tag(pretrained_tag), **options)
 
-    # -- building ------------------------------------------------------------------------------------------
-
-    def _tag_cfg(self) -> dict[str, Any]:
-        open_clip = require("open_clip", "open_clip_torch>=2.26")
-        cfg = open_clip.get_pretrained_cfg(ARCH, self.pretrained_tag)
-        if not cfg:
-            raise ConfigError(f"clip: unknown pretrained_tag {self.pretrained_tag!r}; open_clip {ARCH} tags: "
-                              f"{', '.join(open_clip.list_pretrained_tags_by_model(ARCH))}")
-        return cfg
-
-    def _create(self, pretrained: str | None, **kwargs: Any) -> tuple[Any, Callable]:
-        open_clip = require("open_clip", "open_clip_torch>=2.26")
-        cfg = self._tag_cfg()
-        # open_clip 3.x no longer switches to QuickGELU for the "openai" tag by itself (it only warns), and a
-        # local file has no tag at all: take the activation from the release's pretrained config.
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            ARCH, pretrained=pretrained, force_quick_gelu=bool(cfg.get("quick_gelu", False)), weights_only=True,
-            image_mean=cfg.get("mean"), image_std=cfg.get("std"), image_interpolation=cfg.get("interpolation"),
-            image_resize_mode=cfg.get("resize_mode"), **kwargs)
-        visual = model.visual  # the text tower is not needed
-        visual.output_tokens = True
-        return visual, preprocess
-
-    def build_pretrained(self) -> tuple[Any, Callable]:
-        self._tag_cfg()  # an unknown tag is a ConfigError, not a hub error
-        return self._create(self.pretrained_tag)
-
-    def build_from_file(self, path: str) -> tuple[Any, Callable]:
-        return self._create(path)
-
-    def build_tiny(self) -> tuple[Any, Callable]:
-        return self._create(None, **TINY_CFG)
-
     # -- features ------------------------------------------------------------------------------------------
 
     def forward(self, x: Any) -> dict[str, Any]:
-        _, tokens = self.model(x)  # (B, 196, width): last layer, after ln_post, class token removed
-        feats = tokens @ self.model.proj  # (B, 196, 512)
-        grid_h, grid_w = self.model.grid_size
-        return {"clip": feats.reshape(feats.shape[0], grid_h, grid_w, feats.shape[-1])}  # (B, 14, 14, 512)
+        _, tokens = self.encode(x)  # (B, 14, 14, width): last layer, after ln_post, class token removed
+        return {"clip": tokens @ self.model.proj}  # (B, 14, 14, 512)

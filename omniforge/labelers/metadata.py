@@ -13,26 +13,16 @@ from typing import Any
 
 import numpy as np
 
+from omniforge.labelers._coco_panoptic import COCO_PANOPTIC_CLASSES, COCO_PANOPTIC_STUFF_IDS
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers.base import Labeler, Sample
 from omniforge.errors import SampleError
 
-# COCO panoptic (133 classes, Mask2Former / Detectron2 order): ids 0..79 are "things" (countable
-# objects), 80..132 are "stuff".
-NUM_THING_CLASSES = 80
 # Stuff classes a person can walk on: the walkability score counts their pixels.
 WALKABLE_CLASSES = frozenset({
     "road", "pavement-merged", "floor-wood", "floor-other-merged", "grass-merged", "dirt-merged", "sand",
     "gravel", "playingfield", "railroad", "rug-merged", "snow", "stairs", "platform", "bridge",
 })
-
-
-def _panoptic_names() -> list[str] | None:
-    try:
-        from omniforge.labelers._coco_panoptic import COCO_PANOPTIC_CLASSES
-    except ImportError:  # the semseg teacher's class table is not installed: walkability is not computed
-        return None
-    return list(COCO_PANOPTIC_CLASSES)
 
 
 @register_labeler
@@ -55,7 +45,7 @@ class MetadataLabeler(Labeler):
       detections and of distinct classes among them.
     From semseg_coco (pixels labeled 255 = none are left out of every fraction):
       walkability       fraction of labeled pixels whose class is walkable (WALKABLE_CLASSES)
-      objectness        fraction of labeled pixels that belong to a "thing" class (ids 0..79)
+      objectness        fraction of labeled pixels that belong to a "thing" (countable) class
       semantic_diversity  number of distinct classes present
     From normal: geometric_complexity, the circular variance of the unit surface normals,
       1 - |mean(n)|, 0 (one plane) .. 1 (normals spread in every direction).
@@ -86,7 +76,7 @@ class MetadataLabeler(Labeler):
             out["n_coco_instances"] = len(instances)
             out["n_coco_classes"] = len({i["class_name"] for i in instances})
         if "semseg_coco" in inputs:
-            out.update(semseg_statistics(np.asarray(inputs["semseg_coco"]), _panoptic_names()))
+            out.update(semseg_statistics(np.asarray(inputs["semseg_coco"])))
         if "normal" in inputs:
             out["geometric_complexity"] = geometric_complexity(np.asarray(inputs["normal"]))
         return out
@@ -117,18 +107,19 @@ def caption_statistics(caption: str) -> dict[str, int]:
     return {"caption_n_chars": len(text), "caption_n_words": len(text.split()), "caption_n_sentences": len(sentences)}
 
 
-def semseg_statistics(classes: np.ndarray, names: list[str] | None) -> dict[str, float | int]:
+def semseg_statistics(classes: np.ndarray, names: tuple[str, ...] = COCO_PANOPTIC_CLASSES) -> dict[str, float | int]:
     labeled = classes[classes != 255]
     if labeled.size == 0:
         return {"semantic_diversity": 0}
-    out: dict[str, float | int] = {
-        "objectness": round(float((labeled < NUM_THING_CLASSES).mean()), 4),
+    is_thing = np.zeros(256, bool)
+    is_thing[[i for i in range(len(names)) if i not in COCO_PANOPTIC_STUFF_IDS]] = True
+    walkable = np.zeros(256, bool)
+    walkable[[i for i, n in enumerate(names) if n in WALKABLE_CLASSES]] = True
+    return {
+        "walkability": round(float(walkable[labeled].mean()), 4),
+        "objectness": round(float(is_thing[labeled].mean()), 4),
         "semantic_diversity": int(len(np.unique(labeled))),
     }
-    if names is not None:
-        walkable = np.array([n in WALKABLE_CLASSES for n in names] + [False] * (256 - len(names)))
-        out["walkability"] = round(float(walkable[labeled].mean()), 4)
-    return out
 
 
 def geometric_complexity(normal_rgb: np.ndarray) -> float:

@@ -22,12 +22,12 @@ def test_image_statistics_on_known_images():
 def test_caption_semseg_and_normal_statistics():
     assert caption_statistics("Two cats. On a mat!") == {"caption_n_chars": len("Two cats. On a mat!"), "caption_n_words": 5,
                                                         "caption_n_sentences": 2}
+    from omniforge.labelers._coco_panoptic import COCO_PANOPTIC_CLASSES
+
     classes = np.full((4, 4), 255, np.uint8)
-    classes[:2] = 0  # person (a thing)
-    classes[2] = 100  # a stuff class
-    names = [f"c{i}" for i in range(133)]
-    names[100] = "road"
-    stats = semseg_statistics(classes, names)
+    classes[:2] = COCO_PANOPTIC_CLASSES.index("person")  # a thing
+    classes[2] = COCO_PANOPTIC_CLASSES.index("road")  # walkable stuff
+    stats = semseg_statistics(classes)
     assert stats == {"objectness": round(8 / 12, 4), "semantic_diversity": 2, "walkability": round(4 / 12, 4)}
     flat = np.zeros((4, 4, 3), np.uint8)
     flat[..., 2] = 255  # every normal (0, 0, 1) -> one plane
