@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from omniforge.jobs.cli import DEFAULT_MODALITIES
 from omniforge.jobs.demo_corpus import build_demo_corpus
 
 
 def demo(out: str, *, ray_address: str | None = None, weights: str = "tiny") -> int:
-    from omniforge.labelers import labeler_for_modality
+    from omniforge.labelers import get_labeler_class, labeler_for_modality, list_labelers
     from omniforge.pipeline import LabelConfig, label, parse_weights, show, verify
     from omniforge.pipeline.plan import load_manifest
 
@@ -18,7 +17,8 @@ def demo(out: str, *, ray_address: str | None = None, weights: str = "tiny") -> 
     out_dir = Path(out).resolve()
     corpus = build_demo_corpus(out_dir / "corpus")
     root = str(out_dir / "labels")
-    modalities = tuple(DEFAULT_MODALITIES.split(","))
+    # every registered teacher: the classical ones for real, the learned ones at their tiny size
+    modalities = tuple(m for name in list_labelers() for m in get_labeler_class(name).modalities)
     learned = sorted({labeler_for_modality(m).name for m in modalities if labeler_for_modality(m).learned})
     if weights == "tiny":
         print(f"demo: learned teachers ({', '.join(learned)}) run with RANDOM weights (--weights tiny): their "

@@ -18,6 +18,12 @@ from omniforge.labelers.base import PRETRAINED, TINY, Labeler, Sample
 from omniforge.labelers import classical as _classical  # noqa: E402,F401
 from omniforge.labelers import clip as _clip  # noqa: E402,F401
 from omniforge.labelers import dinov2 as _dinov2  # noqa: E402,F401
+from omniforge.labelers import sam as _sam  # noqa: E402,F401
+from omniforge.labelers import depth_normal as _depth_normal  # noqa: E402,F401
+from omniforge.labelers import detection as _detection  # noqa: E402,F401
+from omniforge.labelers import semseg as _semseg  # noqa: E402,F401
+from omniforge.labelers import imagebind as _imagebind  # noqa: E402,F401
+from omniforge.labelers import metadata as _metadata  # noqa: E402,F401
 
 __all__ = [
     "ENTRY_POINT_GROUP", "PRETRAINED", "TINY", "Labeler", "Sample", "create_labeler", "get_labeler_class",
