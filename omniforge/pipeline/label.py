@@ -226,7 +226,7 @@ class LabelSummary:
         for m in self.labeled:
             fails = self.failed.get(m, {})
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(fails.items())) or "none"
-            out.append(f"  {m:<14} labeled {self.labeled[m]:>6}  failed {sum(fails.values()):>5} ({reasons})"
+            out.append(f"  {m:<16} labeled {self.labeled[m]:>6}  failed {sum(fails.values()):>5} ({reasons})"
                        f"  skipped as done {self.skipped_samples.get(m, 0)}")
         return out
 
@@ -606,6 +606,25 @@ def _user_error(exc: BaseException) -> OmniforgeError | None:
     return None
 
 
+def _actor_resources(cpus_per_actor: float, n_actors: int, device: str, gpus: float) -> tuple[float, float]:
+    """CPUs and GPUs per teacher actor such that every actor pool fits in the cluster at once.
+
+    Streaming needs every stage running: an actor pool that cannot be placed stalls the whole pipeline.
+    With more teacher actors than GPUs, teachers share GPUs (fractional num_gpus); on CPU-only clusters the
+    actors share the CPUs, keeping one free for the decode and write tasks.
+    """
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    fit_cpus = max(0.05, (cpus - 1) / max(1, n_actors))
+    actor_cpus = min(cpus_per_actor, fit_cpus)
+    actor_gpus = min(1.0, gpus / max(1, n_actors)) if device == "cuda" else 0.0
+    if actor_cpus < cpus_per_actor or (device == "cuda" and actor_gpus < 1):
+        log.warning("%d teacher actors share %.0f CPUs and %.0f GPUs: %.2f CPUs and %.2f GPUs each", n_actors, cpus,
+                    gpus, actor_cpus, actor_gpus)
+    return actor_cpus, actor_gpus
+
+
 def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teacher], pending: pa.Table,
                   shard_sizes: Counter, fingerprints: dict[str, str], summary: LabelSummary) -> None:
     import ray
@@ -617,6 +636,7 @@ def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teach
         raise ConfigError("--device cuda but the Ray cluster has no GPUs: use --device cpu or auto")
     n_learned = sum(t.cls.learned for t in teachers)
     n_actors = cfg.actors_per_teacher or (max(1, int(gpus // max(1, n_learned))) if device == "cuda" else 1)
+    actor_cpus, actor_gpus = _actor_resources(cfg.cpus_per_actor, n_learned * n_actors, device, gpus)
 
     # Run order -> stages: consecutive cheap labelers share one task stage (the first fused with decode),
     # each learned teacher gets its own actor pool.
@@ -641,9 +661,9 @@ def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teach
             continue
         ds = ds.map_batches(_TeacherStage, batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
                             fn_constructor_kwargs=dict(teacher=stage, device=device, root=root,
-                                                       num_threads=int(max(1, cfg.cpus_per_actor))),
+                                                       num_threads=max(1, int(actor_cpus))),
                             compute=ray.data.ActorPoolStrategy(size=n_actors),
-                            num_gpus=1 if device == "cuda" else 0, num_cpus=cfg.cpus_per_actor)
+                            num_gpus=actor_gpus, num_cpus=actor_cpus)
     ds = ds.map_batches(_write_stage, batch_size=cfg.batch_size, batch_format="pyarrow",
                         fn_kwargs=dict(root=root, run_id=run_id, fingerprints=fingerprints,
                                        exts={m: t.infos[m].ext for t in teachers for m in t.modalities}))

@@ -48,7 +48,7 @@ class VerifyReport:
                f"{len(self.modalities)} modalities: {'OK' if self.ok else f'{len(self.problems)} PROBLEMS'}"]
         for m, r in sorted(self.modalities.items()):
             fps = ", ".join(self.modalities[m].fingerprints) or "-"
-            out.append(f"  {m:<14} labeled {r.labeled:>6}  failed {r.failed:>5}  missing shards {r.missing_shards:>4}"
+            out.append(f"  {m:<16} labeled {r.labeled:>6}  failed {r.failed:>5}  missing shards {r.missing_shards:>4}"
                        f"  fingerprint {fps}")
         for p in self.problems[:MAX_LISTED]:
             out.append(f"  problem: {p}")
