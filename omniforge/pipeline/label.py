@@ -569,6 +569,8 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
                 raise
             raise user_error from None  # one line for the CLI; Ray's worker trace is in its logs
         storage.delete_tree(storage.join(root, shards.TMP_DIR, run_id))
+        if not storage.list_files(storage.join(root, shards.TMP_DIR)):
+            storage.delete_tree(storage.join(root, shards.TMP_DIR))
     summary.seconds = time.time() - t_start
     record.update(end=_dt.datetime.now(_dt.timezone.utc).isoformat(), seconds=summary.seconds,
                   counts={"samples": summary.samples, "processed": summary.processed, "labeled": summary.labeled,
