@@ -163,12 +163,13 @@ class TorchLabeler(Labeler):
 
     # -- labeling ------------------------------------------------------------------------------------------
 
-    def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
-        """Preprocess each sample with the package's eval transform (crop 0: the largest centred square at
-        the teacher's input size), run one batched forward, return float16 features per sample."""
-        import torch
+    def preprocess(self, samples: list[Sample]) -> tuple[list[Any], list[Any], list[int]]:
+        """Apply the package's eval transform to every valid image.
 
-        out: list[dict[str, Any] | SampleError | None] = [None] * len(samples)
+        Returns (out, batch, rows): `out` has one slot per sample, holding the SampleError of an invalid
+        image and None elsewhere; `batch` holds the transformed tensors of the samples at indices `rows`.
+        """
+        out: list[Any] = [None] * len(samples)
         batch, rows = [], []
         for i, sample in enumerate(samples):
             err = check_image(sample)
@@ -177,6 +178,14 @@ class TorchLabeler(Labeler):
                 continue
             batch.append(self.transform(to_pil(sample.image)))
             rows.append(i)
+        return out, batch, rows
+
+    def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
+        """Preprocess each sample with the package's eval transform (crop 0: the largest centred square at
+        the teacher's input size), run one batched forward, return float16 features per sample."""
+        import torch
+
+        out, batch, rows = self.preprocess(samples)
         if batch:
             x = torch.stack(batch).to(self.torch_device)  # (B, 3, S, S)
             with torch.inference_mode(), autocast_for(self.torch_device):

@@ -113,15 +113,7 @@ class _OmnidataMixin:
         import torch
         import torch.nn.functional as F
 
-        out: list[Any] = [None] * len(samples)
-        batch, rows = [], []
-        for i, sample in enumerate(samples):
-            err = check_image(sample)
-            if err is not None:
-                out[i] = err
-                continue
-            batch.append(self.transform(to_pil(sample.image)))  # type: ignore[attr-defined]
-            rows.append(i)
+        out, batch, rows = self.preprocess(samples)
         if not batch:
             return out
         x = torch.stack(batch).to(self.torch_device)  # type: ignore[attr-defined]  # (B, 3, 384, 384)
