@@ -512,6 +512,15 @@ def _done_pairs(root: str, teachers: list[Teacher], shard_ids: list[int]) -> dic
     return done
 
 
+def _delete_partial_writes(root: str, modalities: tuple[str, ...]) -> None:
+    """Remove the temporary files of writes a killed run left half done (they never count as committed)."""
+    for m in modalities:
+        for folder in (storage.join(root, m), storage.join(root, shards.STATUS_DIR, m)):
+            for uri, _ in storage.list_files(folder):
+                if storage.is_partial_write(uri):
+                    storage.delete(uri)
+
+
 def _package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -558,6 +567,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
                                                                       "modalities": list(t.modalities),
                                                                       "identity": t.identity} for t in teachers},
               "start": _dt.datetime.now(_dt.timezone.utc).isoformat(), "end": None}
+    _delete_partial_writes(root, cfg.modalities)
     if pending.num_rows:
         storage.delete_tree(storage.join(root, shards.TMP_DIR))  # orphans of killed runs
         storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())

@@ -382,6 +382,12 @@ def _transfer_config() -> Any:
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE)
 
 
+def is_partial_write(uri: str) -> bool:
+    """Whether `uri` is the temporary file of a local atomic write that never finished (its process died)."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return not is_s3(uri) and name.startswith(".") and name.endswith(".tmp")
+
+
 @contextlib.contextmanager
 def atomic_writer(uri: str) -> Iterator[BinaryIO]:
     """Yield a temporary local file (opened "wb"); on clean exit, move it into place at `uri` atomically.

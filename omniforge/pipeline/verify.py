@@ -159,7 +159,10 @@ def _check_extra_shards(root: str, modalities: list[str], planned: set[int], rep
     for m in modalities:
         for uri, _ in storage.list_files(storage.join(root, m)):
             name = uri.rsplit("/", 1)[-1]
-            if not name.startswith("shard-") or not name.endswith(".tar"):
+            if storage.is_partial_write(uri):
+                report.problems.append(f"{m}: {name} is left from an interrupted write: re-run `omniforge label` "
+                                       f"for {m} to remove it")
+            elif not name.startswith("shard-") or not name.endswith(".tar"):
                 report.problems.append(f"{m}: unexpected file {name}")
             elif int(name[6:-4]) not in planned:
                 report.problems.append(f"{m}: {name} is not in the plan")

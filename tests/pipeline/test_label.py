@@ -212,6 +212,11 @@ def test_driver_killed_mid_job_then_rerun_completes_exactly_once(tmp_path, ray_a
     committed = len(list(status_dir.glob("*.parquet")))
     assert 3 <= committed < 20, committed
 
+    # what a write killed half way leaves: the local temporary file of an atomic write
+    leftover = root / "rgb" / ".shard-000000.tar.0123456789ab.tmp"
+    leftover.write_bytes(b"half a tar")
+    assert any("interrupted write" in p for p in verify(str(root)).problems)
+
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "skipped as done" in rerun.stdout
@@ -220,6 +225,7 @@ def test_driver_killed_mid_job_then_rerun_completes_exactly_once(tmp_path, ray_a
         assert len(members) == len(statuses) == 40
         assert all(r["ok"] for r in statuses.values())
     assert verify(str(root)).ok
+    assert not leftover.exists()
     assert Counter(p.parent.name for p in root.glob("*/shard-*.tar")) == {"rgb": 20, "canny_edge": 20, "clip": 20}
 
 
