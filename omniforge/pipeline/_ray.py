@@ -24,7 +24,8 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = logging.getLogger("omniforge").getEffectiveLevel() > logging.INFO
     # Ray Data logs every dataset execution at INFO; omniforge prints its own progress and summary.
-    logging.getLogger("ray.data").setLevel(logging.ERROR if quiet else logging.INFO)
+    # Errors reach the caller as exceptions (the CLI prints one line), so Ray Data's own copy stays quiet.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL if quiet else logging.INFO)
     # Worker output (tracebacks of failed samples are recorded in _status anyway) stays in Ray's session
     # logs unless omniforge runs with --verbose.
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR if quiet else logging.INFO,

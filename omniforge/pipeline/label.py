@@ -131,6 +131,8 @@ def resolve_teachers(modalities: tuple[str, ...], weights: Mapping[str, str],
         cls, mods = get_labeler_class(name), by_name[name]
         w = weights.get(name, weights.get("*", TINY))
         opts = dict(options.get(name, {}))
+        if not cls.learned:
+            cls(weights=w, modalities=tuple(mods), **opts)  # cheap: bad options fail here, before any work
         identity = dict(cls.identity(weights=w, **opts))
         input_fps = {}
         for m in (*cls.requires, *cls.optional_inputs):

@@ -236,6 +236,9 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert cli_main(["label", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
                      "--modalities", "rgb,telepathy"]) == 2
     assert "telepathy" in capsys.readouterr().err
+    assert cli_main(["label", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--modalities", "canny_edge",
+                     "--option", "canny_edge.low=900"]) == 2
+    assert "low <= high" in capsys.readouterr().err and not (tmp_path / "o").exists()  # refused before any work
     with pytest.raises(Exception):
         parse_weights("clip=")
 
