@@ -173,8 +173,11 @@ def _committed_fingerprints(root: str, modality: str) -> set[str]:
     """Fingerprints of the committed shards of a modality under root (empty when none)."""
     uris = [u for u, _ in storage.list_files(storage.join(root, shards.STATUS_DIR, modality), (".parquet",))]
     with ThreadPoolExecutor(16) as pool:
-        tables = pool.map(shards.read_status, uris)
-        return {fp for t in tables for fp in t.column("fingerprint").to_pylist()}
+        return set().union(*pool.map(_status_fingerprints, uris))
+
+
+def _status_fingerprints(status_uri: str) -> set[str]:
+    return set(shards.read_status(status_uri).column("fingerprint").to_pylist())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,7 +219,6 @@ class LabelSummary:
     processed: int  # samples that went through the pipeline in this run
     labeled: dict[str, int] = field(default_factory=dict)  # per modality
     failed: dict[str, dict[str, int]] = field(default_factory=dict)  # per modality: reason -> count
-    skipped_shards: dict[str, int] = field(default_factory=dict)  # per modality, done before this run
     skipped_samples: dict[str, int] = field(default_factory=dict)
     startup_seconds: float = 0.0  # pipeline start to the first written batch (workers start, weights load)
 
@@ -503,8 +505,7 @@ def _done_pairs(root: str, teachers: list[Teacher], shard_ids: list[int]) -> dic
         m, s, fp = check
         if not storage.exists(shards.tar_uri(root, m, s)):
             return False
-        fps = set(shards.read_status(shards.status_uri(root, m, s)).column("fingerprint").to_pylist())
-        return fps == {fp}
+        return _status_fingerprints(shards.status_uri(root, m, s)) == {fp}
 
     done: dict[str, set[int]] = defaultdict(set)
     with ThreadPoolExecutor(16) as pool:
@@ -555,7 +556,6 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     todo_by_shard = {s: [m for m in cfg.modalities if s not in done.get(m, set())] for s in shard_sizes}
     summary = LabelSummary(run_id=run_id, output=root, seconds=0.0, samples=manifest.num_rows, processed=0)
     for m in cfg.modalities:
-        summary.skipped_shards[m] = len(done.get(m, ()))
         summary.skipped_samples[m] = sum(shard_sizes[s] for s in done.get(m, ()))
         summary.labeled[m] = 0
 

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-_IMAGE_EXTS: frozenset[str] | None = None
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -67,15 +66,6 @@ class PlanConfig:
             raise ConfigError(f"--format must be one of auto, folder, wds, parquet; got {self.format!r}")
 
 
-def _image_exts() -> frozenset[str]:
-    global _IMAGE_EXTS
-    if _IMAGE_EXTS is None:
-        from PIL import Image
-
-        _IMAGE_EXTS = frozenset(ext.lower() for ext in Image.registered_extensions())
-    return _IMAGE_EXTS
-
-
 def _short_hash(text: str, n: int = 8) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:n]
 
@@ -89,7 +79,7 @@ def candidate_key(name: str, sha256: str) -> str:
     """
     stem = name.strip("/")
     base, dot, ext = stem.rpartition(".")
-    if dot and "/" not in ext and f".{ext.lower()}" in _image_exts():
+    if dot and "/" not in ext and f".{ext.lower()}" in corpus.image_extensions():
         stem = base
     if not stem:
         return f"sha256-{sha256[:20]}"
