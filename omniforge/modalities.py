@@ -15,7 +15,7 @@ class ModalityInfo:
     name: str  # folder name under the corpus root, and the modality name on the CLI
     ext: str  # extension of the single member per key in the label shard: "<key>.<ext>"
     description: str  # the raw format, as stored in the label shard
-    token_modality: str  # folder of the token shards (tok_<name>@224) or the sequence modality name
+    token_modality: str  # folder of the token shards: tok_<name>@224 (images), tok_<name> (globals, sequences)
     num_tokens: int  # tokens per sample (the maximum, for sequences)
     vocab_size: int | None  # tokenizer vocabulary; None for text modalities (shared WordPiece vocab)
     tokenizer: str  # "vqvae" | "memcodes" | "wordpiece"
@@ -33,7 +33,7 @@ MODALITIES: dict[str, ModalityInfo] = {
             name="rgb", ext="jpg", tokenizer=_IMAGE, token_modality="tok_rgb@224", num_tokens=196,
             vocab_size=16384, description="JPEG, EXIF-rotated RGB, shorter side at most the storage size (512)"),
         ModalityInfo(
-            name="caption", ext="txt", tokenizer=_TEXT, token_modality="caption", num_tokens=256,
+            name="caption", ext="txt", tokenizer=_TEXT, token_modality="tok_caption", num_tokens=256,
             vocab_size=None, description="UTF-8 text, the corpus alt-text"),
         ModalityInfo(
             name="depth", ext="png", tokenizer=_IMAGE, token_modality="tok_depth@224", num_tokens=196,
@@ -45,13 +45,13 @@ MODALITIES: dict[str, ModalityInfo] = {
             name="semseg_coco", ext="png", tokenizer=_IMAGE, token_modality="tok_semseg@224", num_tokens=196,
             vocab_size=4096, description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none"),
         ModalityInfo(
-            name="det", ext="json", tokenizer=_TEXT, token_modality="det", num_tokens=256, vocab_size=None,
+            name="det", ext="json", tokenizer=_TEXT, token_modality="tok_det", num_tokens=256, vocab_size=None,
             description='JSON {"instances": [{"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name", "score"}]}'),
         ModalityInfo(
-            name="human_poses", ext="json", tokenizer=_TEXT, token_modality="human_poses", num_tokens=275,
+            name="human_poses", ext="json", tokenizer=_TEXT, token_modality="tok_human_poses", num_tokens=275,
             vocab_size=None, description="JSON per person: bbox, keypoints, optional SMPL parameters"),
         ModalityInfo(
-            name="sam_instance", ext="json", tokenizer=_TEXT, token_modality="sam_instance", num_tokens=290,
+            name="sam_instance", ext="json", tokenizer=_TEXT, token_modality="tok_sam_instance", num_tokens=290,
             vocab_size=None, description="JSON COCO RLE masks, XYXY boxes and scores"),
         ModalityInfo(
             name="sam_edge", ext="png", tokenizer=_IMAGE, token_modality="tok_sam_edge@224", num_tokens=196,
@@ -79,10 +79,10 @@ MODALITIES: dict[str, ModalityInfo] = {
             num_tokens=16, vocab_size=8192, shape=(1024,),
             description="npy float16 (1024,), ImageBind-H/14 global embedding"),
         ModalityInfo(
-            name="color_palette", ext="json", tokenizer=_TEXT, token_modality="color_palette", num_tokens=23,
+            name="color_palette", ext="json", tokenizer=_TEXT, token_modality="tok_color_palette", num_tokens=23,
             vocab_size=None, description="JSON list of 1..7 [R, G, B] colours, largest cluster first"),
         ModalityInfo(
-            name="metadata", ext="json", tokenizer=_TEXT, token_modality="metadata", num_tokens=40,
+            name="metadata", ext="json", tokenizer=_TEXT, token_modality="tok_metadata", num_tokens=40,
             vocab_size=None, description="JSON object of the 4M-21 metadata fields"),
     ]
 }

@@ -124,7 +124,11 @@ def _draw_panel(ax: Axes, name: str, paint: Callable[[Axes], str]) -> None:
 
 
 def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable[[Axes], str]:
-    """Choose how to draw one modality from its name first, then from the value's type and shape."""
+    """Choose how to draw one modality from its name first, then from the value's type and shape.
+
+    A panel name may carry a note after a space ("depth (decoded from tok_depth@224)"): the first word picks
+    the drawing."""
+    name = name.split(" ", 1)[0]
     if isinstance(value, Image.Image):
         if value.mode == "P" or name.startswith("semseg"):
             return lambda ax: _draw_semseg(ax, np.asarray(value))

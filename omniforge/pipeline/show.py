@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pyarrow.compute as pc
 
 from omniforge import codecs
@@ -46,10 +47,39 @@ def load_sample(root: str, key: str, modalities: list[str] | None = None) -> tup
     return values, failures
 
 
-def show(root: str, key: str, out: str, modalities: list[str] | None = None) -> str:
+def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
+    """Crop 0 of every token modality among `values`, decoded back with its tokenizer: image-like and global
+    modalities as label arrays (drawn like the label, to compare), sequences as their text."""
+    import torch
+
+    from omniforge.tokenize import job, models, text
+
+    out: dict[str, object] = {}
+    text_tok = None
+    for m in job.TOKENIZABLE:
+        folder = job.token_folder(m)
+        if folder not in values:
+            continue
+        ids = np.asarray(values[folder])[0]
+        note = f"{m} (decoded from {folder}, crop 0)"
+        if m in job.SEQUENCES:
+            if text_tok is None:
+                text_tok = text.TextTokenizer.from_file(storage.join(tokenizers, job.TEXT_TOKENIZER, "tokenizer.json"))
+            out[note] = text_tok.decode(ids.tolist())
+            continue
+        model = models.load_tokenizer(storage.join(tokenizers, m))
+        with torch.inference_mode():
+            recon = model.decode(torch.from_numpy(ids.astype(np.int64))[None])
+        out[note] = models.restore(m, recon)[0]
+    return out
+
+
+def show(root: str, key: str, out: str, modalities: list[str] | None = None, *, tokenizers: str | None = None) -> str:
     from omniforge.pipeline._render import render_sample
 
     values, failures = load_sample(root, key, modalities)
+    if tokenizers:
+        values.update(decode_tokens(values, tokenizers))
     image = render_sample(key, values, failures=failures)
     buf = io.BytesIO()
     image.save(buf, format="PNG")

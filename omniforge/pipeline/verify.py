@@ -68,13 +68,32 @@ def discover_modalities(root: str) -> list[str]:
     return sorted(found)
 
 
+def _token_folders() -> dict[str, tuple[int, np.dtype]]:
+    """Token folders (and crop_settings) -> (values per crop, dtype) of their `(n_crops, N)` arrays."""
+    out = {m.token_modality: (m.num_tokens, np.dtype(np.int16)) for m in MODALITIES.values()}
+    out["crop_settings"] = (5, np.dtype(np.int32))
+    return out
+
+
+def _command(modality: str) -> str:
+    return "tokenize" if modality in _token_folders() else "label"
+
+
+def _check_array(value: object, spec: tuple[int, np.dtype]) -> str | None:
+    n, dtype = spec
+    arr = np.asarray(value)
+    if arr.dtype != dtype or arr.ndim != 2 or arr.shape[1] != n or arr.shape[0] < 1:
+        return f"is {arr.dtype} {arr.shape}, expected {dtype} (n_crops, {n})"
+    return None
+
+
 def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: bool) -> tuple[int, int, str | None, list[str]]:
     """Returns (labeled, failed, fingerprint, problems) for one (modality, shard)."""
     where = f"{modality}/{shards.shard_name(shard)}"
     status_uri, tar_uri = shards.status_uri(root, modality, shard), shards.tar_uri(root, modality, shard)
     if not storage.exists(status_uri):
         state = "an uncommitted tar (no status)" if storage.exists(tar_uri) else "no status"
-        return 0, 0, None, [f"{where}: {state}: re-run `omniforge label` for {modality}"]
+        return 0, 0, None, [f"{where}: {state}: re-run `omniforge {_command(modality)}` for {modality}"]
     problems = []
     status = shards.read_status(status_uri).to_pylist()
     status_keys = [r["key"] for r in status]
@@ -93,7 +112,8 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
     ok_keys = [r["key"] for r in status if r["ok"]]
     if not storage.exists(tar_uri):
         return len(ok_keys), len(status) - len(ok_keys), next(iter(fps), None), problems + [f"{where}: status without tar"]
-    ext = MODALITIES[modality].ext if modality in MODALITIES else None
+    token_spec = _token_folders().get(modality)
+    ext = "npy" if token_spec else (MODALITIES[modality].ext if modality in MODALITIES else None)
     shape = MODALITIES[modality].shape if modality in MODALITIES else None
     tar_keys = []
     for name, data in shards.iter_tar(tar_uri):
@@ -107,6 +127,9 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
                 value = codecs.decode(ext, data)
                 if shape is not None and np.shape(value) != shape:
                     problems.append(f"{where}: {name} has shape {np.shape(value)}, expected {shape}")
+                bad = _check_array(value, token_spec) if token_spec else None
+                if bad:
+                    problems.append(f"{where}: {name} {bad}")
             except Exception as e:  # noqa: BLE001 - any decode failure is a finding, not a crash
                 problems.append(f"{where}: {name} does not decode: {type(e).__name__}: {e}")
     if any(a >= b for a, b in zip(tar_keys, tar_keys[1:])):
@@ -152,7 +175,27 @@ def verify(root: str, modalities: list[str] | None = None, *, decode: bool = Tru
             report.problems.append(f"{m}: shards labeled with {len(r.fingerprints)} different teacher fingerprints "
                                    f"({dict(r.fingerprints)}): re-run `omniforge label` to relabel stale shards")
     _check_extra_shards(root, modalities, set(keys_by_shard), report)
+    _check_token_alignment(root, modalities, sorted(keys_by_shard), report)
     return report
+
+
+def _check_token_alignment(root: str, modalities: list[str], shard_ids: list[int], report: VerifyReport) -> None:
+    """Token folders (and crop_settings) of a shard must hold the same keys: ml-4m's loader zips them by key."""
+    folders = [m for m in modalities if m in _token_folders()]
+    if len(folders) < 2:
+        return
+    for s in shard_ids:
+        key_sets = {}
+        for m in folders:
+            uri = shards.status_uri(root, m, s)
+            if storage.exists(uri):
+                status = shards.read_status(uri)
+                key_sets[m] = frozenset(k for k, ok in zip(status.column("key").to_pylist(),
+                                                           status.column("ok").to_pylist()) if ok)
+        if len(set(key_sets.values())) > 1:
+            sizes = ", ".join(f"{m} {len(k)}" for m, k in sorted(key_sets.items()))
+            report.problems.append(f"{shards.shard_name(s)}: token folders hold different keys ({sizes}): re-run "
+                                   f"`omniforge tokenize` with every modality the trainer reads")
 
 
 def _check_extra_shards(root: str, modalities: list[str], planned: set[int], report: VerifyReport) -> None:
@@ -160,8 +203,8 @@ def _check_extra_shards(root: str, modalities: list[str], planned: set[int], rep
         for uri, _ in storage.list_files(storage.join(root, m)):
             name = uri.rsplit("/", 1)[-1]
             if storage.is_partial_write(uri):
-                report.problems.append(f"{m}: {name} is left from an interrupted write: re-run `omniforge label` "
-                                       f"for {m} to remove it")
+                report.problems.append(f"{m}: {name} is left from an interrupted write: re-run "
+                                       f"`omniforge {_command(m)}` for {m} to remove it")
             elif not name.startswith("shard-") or not name.endswith(".tar"):
                 report.problems.append(f"{m}: unexpected file {name}")
             elif int(name[6:-4]) not in planned:

@@ -1,0 +1,536 @@
+"""`omniforge tokenize`: turn label shards into 4M token shards, the same crops for every modality.
+
+One Ray Data job over the shards of the plan. A shard is the unit of work and of commit: a worker (an
+actor holding the tokenizers, and the feature teachers when there are several crops) streams the shard's
+label tars in key order, crops every modality of a sample with that sample's crop settings, tokenizes,
+and writes
+
+    crop_settings/shard-NNNNNN.tar     <key>.npy int32 (n_crops, 5): top, left, h, w, hflip
+    tok_<modality>@224/shard-NNNNNN.tar <key>.npy int16 (n_crops, N)   (image-like and global modalities)
+    tok_<modality>/shard-NNNNNN.tar     <key>.npy int16 (n_crops, L)   (sequences: WordPiece ids, [EOS], [PAD])
+
+each atomically, then their `_status` tables (the commit markers). Every output folder of a shard holds
+exactly the same keys: those for which every requested modality was labeled and tokenized. Every other key
+is in each status table with ok=false and the reason, so ml-4m's loader (which needs identical keys across
+folders) and `omniforge verify` both hold.
+
+Crops: crop 0 is the centred square; crops 1.. are random resized crops with flips, seeded per key. Dense
+labels are cropped here; boxes, keypoints and SAM masks are transformed with the same crop. Feature maps
+cannot be cropped after the fact: crop 0 reuses the label job's features (computed on that same centred
+square) and crops 1.. run the same teacher, with the same weights, on the cropped image.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from omniforge import codecs
+from omniforge.errors import ConfigError, OmniforgeError, SampleError
+from omniforge.modalities import MODALITIES
+from omniforge.pipeline import shards, storage
+from omniforge.pipeline._progress import Progress
+from omniforge.pipeline._ray import cluster_gpus, ensure_ray
+from omniforge.pipeline.plan import load_manifest
+from omniforge.tokenize.crops import CropConfig
+
+log = logging.getLogger(__name__)
+
+CROP_SETTINGS = "crop_settings"
+VERSION = 1  # bump when the token format or the crop/serialization rules change: re-runs redo everything
+
+# How each label modality is cropped before its tokenizer (crops.crop_dense modes).
+DENSE_MODES = {"rgb": "bicubic", "depth": "bilinear", "normal": "normal", "canny_edge": "bilinear",
+               "sam_edge": "bilinear", "semseg_coco": "nearest"}
+FEATURE_MAPS = ("clip", "dinov2", "imagebind")
+GLOBALS = ("dinov2_global", "imagebind_global")
+SEQUENCES = ("caption", "det", "human_poses", "sam_instance", "color_palette", "metadata")
+TOKENIZABLE = tuple(DENSE_MODES) + FEATURE_MAPS + GLOBALS + SEQUENCES
+TEXT_TOKENIZER = "text"
+SAM_MASK_TOKENIZER = "sam_mask"
+
+
+def token_folder(modality: str) -> str:
+    return MODALITIES[modality].token_modality
+
+
+def tokenizer_names(modality: str) -> tuple[str, ...]:
+    """The tokenizers (subfolders of --tokenizers) a modality needs."""
+    if modality == "sam_instance":
+        return TEXT_TOKENIZER, SAM_MASK_TOKENIZER
+    if modality in SEQUENCES:
+        return (TEXT_TOKENIZER,)
+    return (modality,)
+
+
+def _tokenizer_file(directory: str, name: str) -> str:
+    return storage.join(directory, name, "tokenizer.json" if name == TEXT_TOKENIZER else "model.safetensors")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    input: str  # label root
+    tokenizers: str  # folder holding one subfolder per tokenizer (`omniforge tokenizer train --out`)
+    modalities: tuple[str, ...]
+    output: str | None = None  # token root; default: beside the labels, where ml-4m's loader expects them
+    crops: CropConfig = field(default_factory=CropConfig)
+    weights: dict[str, str] = field(default_factory=lambda: {"*": "tiny"})  # feature teachers for crops 1..
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 32
+    actors: int | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ConfigError("--modalities is empty: name the label modalities to tokenize, e.g. depth,normal,caption")
+        unknown = [m for m in self.modalities if m not in TOKENIZABLE]
+        if unknown:
+            raise ConfigError(f"cannot tokenize {', '.join(unknown)}: tokenizable modalities are {', '.join(TOKENIZABLE)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class TokenizeSummary:
+    run_id: str
+    output: str
+    seconds: float
+    samples: int
+    written: int = 0  # samples with every requested modality, in every token shard
+    left_out: Counter = field(default_factory=Counter)  # reason -> samples
+    skipped: int = 0  # samples of shards already done
+    tokens: Counter = field(default_factory=Counter)  # token folder -> tokens written
+
+    def lines(self) -> list[str]:
+        out = [f"tokenize {self.run_id}: {self.samples} samples: {self.written} tokenized with every modality, "
+               f"{sum(self.left_out.values())} left out, {self.skipped} skipped as already done, "
+               f"{self.seconds:.1f}s"]
+        for reason, n in self.left_out.most_common():
+            out.append(f"  left out {n:>6}  {reason}")
+        for folder, n in sorted(self.tokens.items()):
+            out.append(f"  {folder:<24} {n:>10} tokens")
+        out.append(f"  outputs: {self.output}")
+        return out
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(directory: str, name: str) -> str:
+    """Content hash of a trained tokenizer (its weights or vocabulary and its config)."""
+    files = [_tokenizer_file(directory, name)]
+    if name != TEXT_TOKENIZER:
+        files.append(storage.join(directory, name, "config.json"))
+    h = hashlib.sha256()
+    for f in files:
+        if not storage.exists(f):
+            hint = "caption" if name == TEXT_TOKENIZER else ("sam_instance" if name == SAM_MASK_TOKENIZER else name)
+            raise ConfigError(f"no {name} tokenizer in {directory} ({f} is missing): train it with `omniforge "
+                              f"tokenizer train --data LABELS --modality {hint} --out {directory}`")
+        h.update(storage.read_bytes(f))
+    return h.hexdigest()[:16]
+
+
+def _label_fingerprints(root: str, modality: str, shard: int) -> list[str]:
+    uri = shards.status_uri(root, modality, shard)
+    if not storage.exists(uri):
+        return []
+    return sorted(set(shards.read_status(uri).column("fingerprint").to_pylist()))
+
+
+# --------------------------------------------------------------------------------------------- the work
+
+@dataclass(frozen=True, kw_only=True)
+class ShardSpec:
+    """Everything a worker needs for the job, resolved on the driver (small, picklable)."""
+
+    input: str
+    output: str
+    modalities: tuple[str, ...]
+    tokenizers: str
+    crops: CropConfig
+    batch_size: int
+    teachers: tuple = ()  # omniforge.pipeline.label.Teacher for feature modalities (crops 1..)
+
+
+class _TarCursor:
+    """Members of a key-sorted tar, fetched by increasing key in one streaming pass."""
+
+    def __init__(self, uri: str):
+        self._it: Iterator[tuple[str, bytes]] = shards.iter_tar(uri)
+        self._head: tuple[str, bytes] | None = None
+
+    def get(self, key: str) -> tuple[str, bytes] | None:
+        while True:
+            if self._head is None:
+                self._head = next(self._it, None)
+                if self._head is None:
+                    return None
+            head_key = shards.member_key(self._head[0])
+            if head_key == key:
+                member, self._head = self._head, None
+                return member
+            if head_key > key:
+                return None
+            self._head = None
+
+
+class ShardTokenizer:
+    """Tokenizes whole shards: loads the tokenizers (and feature teachers) once, then `run(shard, keys)`."""
+
+    def __init__(self, spec: ShardSpec, device: str = "cpu", num_threads: int | None = None):
+        import torch
+
+        from omniforge.tokenize import models, text
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.spec, self.device = spec, device
+        needed = {n for m in spec.modalities for n in tokenizer_names(m)}
+        self.vq = {n: models.load_tokenizer(storage.join(spec.tokenizers, n), device=device)
+                   for n in sorted(needed - {TEXT_TOKENIZER})}
+        self.text = (text.TextTokenizer.from_file(_tokenizer_file(spec.tokenizers, TEXT_TOKENIZER))
+                     if TEXT_TOKENIZER in needed else None)
+        self.teachers = {}
+        for t in spec.teachers:
+            labeler = t.build(device=device)
+            for m in t.modalities:
+                self.teachers[m] = labeler
+
+    # -- per shard
+
+    def run(self, shard: int, keys: list[str], fingerprint: str) -> dict[str, Any]:
+        spec = self.spec
+        keys = sorted(keys)
+        inputs = ("rgb",) + tuple(m for m in spec.modalities if m != "rgb")
+        failures: dict[str, tuple[str, str]] = {}
+        for m in inputs:
+            uri = shards.status_uri(spec.input, m, shard)
+            status = {r["key"]: r for r in shards.read_status(uri).to_pylist()} if storage.exists(uri) else {}
+            for k in keys:
+                if k in failures:
+                    continue
+                row = status.get(k)
+                if row is None:
+                    failures[k] = ("not_labeled", f"{m} has no label for this sample: run `omniforge label` for {m}")
+                elif not row["ok"]:
+                    failures[k] = ("label_failed", f"{m}: {row['error_type']}: {row['error_message']}")
+        candidates = [k for k in keys if k not in failures]
+        cursors = {m: _TarCursor(shards.tar_uri(spec.input, m, shard)) for m in inputs} if candidates else {}
+        tokens: dict[str, dict[str, np.ndarray]] = {m: {} for m in spec.modalities}
+        crops: dict[str, np.ndarray] = {}
+        for start in range(0, len(candidates), spec.batch_size):
+            batch = candidates[start:start + spec.batch_size]
+            labels = self._read(batch, inputs, cursors, failures)
+            for k in batch:
+                if k not in failures:
+                    rgb = labels["rgb"][k]
+                    crops[k] = crop_settings_for(k, rgb.shape[0], rgb.shape[1], spec.crops)
+            for m in spec.modalities:
+                live = [k for k in batch if k not in failures]
+                if not live:
+                    break
+                for k, result in zip(live, self._tokenize(m, live, labels, crops)):
+                    if isinstance(result, SampleError):
+                        failures[k] = (result.error_type, f"{m}: {result}")
+                    else:
+                        tokens[m][k] = result
+        kept = [k for k in candidates if k not in failures]
+        self._commit(shard, keys, kept, failures, crops, tokens, fingerprint)
+        left_out = Counter(failures[k][0] for k in keys if k in failures)
+        return {"shard": shard, "samples": len(keys), "written": len(kept), "left_out": dict(left_out),
+                "tokens": {token_folder(m): int(sum(tokens[m][k].size for k in kept)) for m in spec.modalities}}
+
+    def _read(self, batch: list[str], inputs: tuple[str, ...], cursors: dict[str, _TarCursor],
+              failures: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
+        labels: dict[str, dict[str, Any]] = {m: {} for m in inputs}
+        for k in batch:
+            for m in inputs:
+                member = cursors[m].get(k)
+                if k in failures:
+                    continue  # keep the cursors in step, nothing more to do for this key
+                if member is None:
+                    failures[k] = ("missing_member", f"{m}: status says labeled but the tar has no member for it")
+                    continue
+                try:
+                    value = codecs.decode(member[0].split(".", 1)[1], member[1])
+                    labels[m][k] = np.asarray(value) if m == "semseg_coco" else value
+                except Exception as e:  # noqa: BLE001 - a corrupt member fails its sample, not the shard
+                    failures[k] = ("corrupt_label", f"{m}: {type(e).__name__}: {e}")
+        return labels
+
+    def _tokenize(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray | SampleError]:
+        try:
+            if m in DENSE_MODES:
+                return self._dense(m, keys, labels, crops)
+            if m in FEATURE_MAPS or m in GLOBALS:
+                return self._features(m, keys, labels, crops)
+            return [self._sequence(m, k, labels, crops[k]) for k in keys]
+        except SampleError as e:
+            if len(keys) == 1:
+                return [e]
+            # one bad sample in a batch: retry one by one so only the culprit fails
+            return [self._tokenize(m, [k], labels, crops)[0] for k in keys]
+
+    def _encode(self, name: str, arrays: list[np.ndarray], n_crops: int) -> list[np.ndarray]:
+        import torch
+
+        from omniforge.tokenize import models
+
+        model = self.vq[name]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(arrays), 64):
+                x = models.prepare(name, arrays[i:i + 64]).to(self.device)
+                out.append(model.encode(x).cpu().numpy())
+        ids = np.concatenate(out).astype(np.int16)
+        return [ids[i:i + n_crops] for i in range(0, len(ids), n_crops)]
+
+    def _dense(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray]:
+        from omniforge.tokenize.crops import crop_dense
+
+        size = self.spec.crops.size
+        arrays = [crop_dense(np.asarray(labels[m][k]), c, size, mode=DENSE_MODES[m]) for k in keys for c in crops[k]]
+        return self._encode(m, arrays, self.spec.crops.n_crops)
+
+    def _features(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray | SampleError]:
+        from omniforge.labelers import Sample
+        from omniforge.tokenize.crops import crop_image
+
+        arrays: list[np.ndarray] = []
+        size = self.spec.crops.size
+        for k in keys:
+            arrays.append(np.asarray(labels[m][k]))
+            extra = crops[k][1:]
+            if len(extra):
+                samples = [Sample(key=k, image=crop_image(labels["rgb"][k], c, size)) for c in extra]
+                for r in self.teachers[m].label(samples):
+                    if isinstance(r, SampleError):
+                        raise r
+                    arrays.append(np.asarray(r[m]))
+        return self._encode(m, arrays, self.spec.crops.n_crops)
+
+    def _sequence(self, m: str, key: str, labels: dict, crops_k: np.ndarray) -> np.ndarray | SampleError:
+        from omniforge.tokenize import crops as C
+        from omniforge.tokenize import text as T
+
+        value = labels[m][key]
+        h, w = labels["rgb"][key].shape[:2]
+        max_tokens = T.MAX_TOKENS[m]
+        rows = []
+        try:
+            for i, c in enumerate(crops_k):
+                if m == "caption":
+                    units = [str(value)]
+                elif m == "color_palette":
+                    units = T.palette_units(value)
+                elif m == "metadata":
+                    units = T.metadata_units(value)
+                elif m == "det":
+                    units = T.det_units(C.crop_det(value, c, h, w))
+                elif m == "human_poses":
+                    units = T.pose_units(C.crop_poses(value, c, h, w))
+                else:  # sam_instance
+                    units = self._sam_units(key, i, C.crop_sam(value, c, h, w, size=self.spec.crops.size))
+                rows.append(self.text.encode_units(units, max_tokens))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            return SampleError("bad_label", f"{m}: cannot serialize: {type(e).__name__}: {e}")
+        return np.stack(rows).astype(np.int16)
+
+    def _sam_units(self, key: str, crop_index: int, instances: list) -> list[str]:
+        from omniforge.tokenize import text as T
+
+        toks = self._encode(SAM_MASK_TOKENIZER, [i.mask for i in instances], 1) if instances else []
+        seed = int.from_bytes(hashlib.sha256(f"{self.spec.crops.seed}/{key}/{crop_index}".encode()).digest()[:8], "little")
+        points = T.sam_query_points(np.random.default_rng(seed), size=self.spec.crops.size)
+        return T.sam_units(points, [(i.bbox, t[0].tolist(), i.full) for i, t in zip(instances, toks)])
+
+    def _commit(self, shard: int, keys: list[str], kept: list[str], failures: dict, crops: dict, tokens: dict,
+                fingerprint: str) -> None:
+        out = self.spec.output
+        folders = [(CROP_SETTINGS, crops)] + [(token_folder(m), tokens[m]) for m in self.spec.modalities]
+        for folder, values in folders:
+            shards.write_tar(shards.tar_uri(out, folder, shard),
+                             ((f"{k}.npy", codecs.encode("npy", values[k])) for k in kept))
+        kept_set = set(kept)
+        for folder, _ in folders:  # status tables last: the commit markers
+            rows = [{"key": k, "ok": k in kept_set, "error_type": None if k in kept_set else failures[k][0],
+                     "error_message": None if k in kept_set else failures[k][1], "fingerprint": fingerprint,
+                     "seconds": 0.0} for k in keys]
+            shards.write_status(shards.status_uri(out, folder, shard), rows)
+
+
+def crop_settings_for(key: str, height: int, width: int, cfg: CropConfig) -> np.ndarray:
+    from omniforge.tokenize.crops import crop_settings
+
+    return crop_settings(key, height, width, cfg)
+
+
+class _ShardStage:
+    """Ray Data actor: one ShardTokenizer per actor, one shard per call."""
+
+    def __init__(self, spec: ShardSpec, device: str, num_threads: int):
+        self.worker = ShardTokenizer(spec, device=device, num_threads=num_threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = [self.worker.run(int(s), list(k), str(fp))
+                   for s, k, fp in zip(batch["shard"], batch["keys"], batch["fingerprint"])]
+        return {"result": [json.dumps(r) for r in results]}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def _resolve_teachers(cfg: TokenizeConfig, root: str, shard_ids: list[int]) -> tuple:
+    """Feature teachers for crops 1.., checked against the fingerprint the label job recorded."""
+    wanted = tuple(m for m in cfg.modalities if m in FEATURE_MAPS + GLOBALS)
+    if cfg.crops.n_crops < 2 or not wanted:
+        return ()
+    from omniforge.pipeline.label import resolve_teachers
+
+    teachers = resolve_teachers(wanted, cfg.weights, cfg.options, root=root)
+    for t in teachers:
+        for m in t.modalities:
+            recorded = {fp for s in shard_ids for fp in _label_fingerprints(root, m, s)}
+            if recorded and recorded != {t.fingerprint}:
+                raise ConfigError(f"{m} labels were made with other teacher weights or options than --weights "
+                                  f"{cfg.weights.get(t.name, cfg.weights['*'])} gives (fingerprint {t.fingerprint} vs "
+                                  f"{', '.join(sorted(recorded))}): pass the --weights/--option of the label job so "
+                                  f"crops 1.. use the same teacher as crop 0")
+    return tuple(teachers)
+
+
+def _shard_fingerprint(cfg: TokenizeConfig, root: str, shard: int, tok_fps: dict[str, str],
+                       teachers: tuple) -> str:
+    return _hash({
+        "version": VERSION,
+        "modalities": sorted(cfg.modalities),
+        "tokenizers": tok_fps,
+        "crops": cfg.crops.to_dict(),
+        "labels": {m: _label_fingerprints(root, m, shard) for m in ("rgb", *cfg.modalities)},
+        "teachers": sorted(t.fingerprint for t in teachers),
+    })
+
+
+def _is_done(out: str, folders: list[str], shard: int, fingerprint: str) -> bool:
+    for folder in folders:
+        uri = shards.status_uri(out, folder, shard)
+        if not storage.exists(uri) or not storage.exists(shards.tar_uri(out, folder, shard)):
+            return False
+        if set(shards.read_status(uri).column("fingerprint").to_pylist()) != {fingerprint}:
+            return False
+    return True
+
+
+def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> TokenizeSummary:
+    """Tokenize the label shards under `cfg.input` into token shards under `cfg.output` (default: the same root)."""
+    t_start = time.time()
+    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    root = storage.normalize(cfg.input)
+    out = storage.normalize(cfg.output or cfg.input)
+    manifest = load_manifest(root)
+    if out != root and not storage.exists(shards.manifest_uri(out)):
+        storage.write_bytes(shards.manifest_uri(out), storage.read_bytes(shards.manifest_uri(root)))
+    keys_by_shard: dict[int, list[str]] = defaultdict(list)
+    for k, s in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
+        keys_by_shard[s].append(k)
+    shard_ids = sorted(keys_by_shard)
+    for m in ("rgb", *cfg.modalities):
+        if not storage.list_files(storage.join(root, shards.STATUS_DIR, m)):
+            raise ConfigError(f"no {m} labels under {root}: run `omniforge label --output {root} --modalities {m}` "
+                              f"first")
+    tokenizers_dir = storage.normalize(cfg.tokenizers)
+    tok_fps = {n: tokenizer_fingerprint(tokenizers_dir, n) for m in cfg.modalities for n in tokenizer_names(m)}
+    teachers = _resolve_teachers(cfg, root, shard_ids)
+    folders = [CROP_SETTINGS] + [token_folder(m) for m in cfg.modalities]
+    fps = {s: _shard_fingerprint(cfg, root, s, tok_fps, teachers) for s in shard_ids}
+    pending = [s for s in shard_ids if not _is_done(out, folders, s, fps[s])]
+    summary = TokenizeSummary(run_id=run_id, output=out, seconds=0.0, samples=manifest.num_rows)
+    summary.skipped = sum(len(keys_by_shard[s]) for s in shard_ids if s not in pending)
+    for folder in folders:  # writes a killed run left half done never count; remove them
+        for uri, _ in storage.list_files(storage.join(out, folder)):
+            if storage.is_partial_write(uri):
+                storage.delete(uri)
+    record_uri = storage.join(out, shards.RUNS_DIR, f"tokenize-{run_id}.json")
+    record = {"run_id": run_id, "command": sys.argv, "job": "tokenize",
+              "config": {"input": root, "output": out, "modalities": list(cfg.modalities), "tokenizers": tokenizers_dir,
+                         "crops": cfg.crops.to_dict(), "weights": dict(cfg.weights)},
+              "tokenizer_fingerprints": tok_fps, "start": _dt.datetime.now(_dt.timezone.utc).isoformat(), "end": None}
+    if pending:
+        storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+        spec = ShardSpec(input=root, output=out, modalities=tuple(cfg.modalities), tokenizers=tokenizers_dir,
+                         crops=cfg.crops, batch_size=cfg.batch_size, teachers=teachers)
+        try:
+            _run(cfg, spec, pending, keys_by_shard, fps, summary, ray_address)
+        except Exception as e:
+            from omniforge.pipeline.label import _user_error
+
+            user_error = _user_error(e)
+            if user_error is None:
+                raise
+            raise user_error from None
+    summary.seconds = time.time() - t_start
+    record.update(end=_dt.datetime.now(_dt.timezone.utc).isoformat(), seconds=summary.seconds,
+                  counts={"samples": summary.samples, "written": summary.written, "left_out": dict(summary.left_out),
+                          "skipped": summary.skipped, "tokens": dict(summary.tokens)})
+    if pending:
+        storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+    return summary
+
+
+def _run(cfg: TokenizeConfig, spec: ShardSpec, pending: list[int], keys_by_shard: dict[int, list[str]],
+         fps: dict[int, str], summary: TokenizeSummary, ray_address: str | None) -> None:
+    import ray
+    import ray.data
+
+    ensure_ray(ray_address)
+    gpus = cluster_gpus()
+    device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)) else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise ConfigError("--device cuda but the Ray cluster has no GPUs: use --device cpu or auto")
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    n_actors = cfg.actors or (int(gpus) if device == "cuda" else max(1, int(cpus) // 2))
+    n_actors = max(1, min(n_actors, len(pending)))
+    actor_cpus = max(0.5, min(2.0, (cpus - 0.5) / n_actors))
+    items = [{"shard": s, "keys": keys_by_shard[s], "fingerprint": fps[s]} for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_ShardStage, batch_size=1, batch_format="numpy",
+                        fn_constructor_kwargs=dict(spec=spec, device=device, num_threads=max(1, int(actor_cpus))),
+                        compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=actor_cpus,
+                        num_gpus=1 if device == "cuda" else 0)
+    progress = Progress(total=sum(len(keys_by_shard[s]) for s in pending), unit="img", desc="tokenize",
+                        enabled=cfg.progress)
+    for row in ds.iter_rows():
+        r = json.loads(row["result"])
+        summary.written += r["written"]
+        summary.left_out.update(r["left_out"])
+        summary.tokens.update(r["tokens"])
+        progress.update(r["samples"])
+    progress.close()
+
+
+def parse_crops(n: int, *, seed: int = 0, size: int = 224) -> CropConfig:
+    try:
+        return CropConfig(n_crops=n, seed=seed, size=size)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--crops: {e}") from None
+
+
+__all__ = ["TokenizeConfig", "TokenizeSummary", "ShardTokenizer", "tokenize", "TOKENIZABLE", "token_folder",
+           "CROP_SETTINGS", "OmniforgeError"]

@@ -1,0 +1,158 @@
+"""`omniforge tokenize` end to end on labels written by a real label job, read back and re-derived.
+
+The expected tokens are recomputed here, sample by sample, from the label shards with the public building
+blocks (crop settings, crops, tokenizers, serializers): the job must have applied crop i of a sample to
+every modality of that sample, and written exactly the keys for which every modality succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omniforge import codecs
+from omniforge.errors import ConfigError
+from omniforge.jobs.cli import main as cli_main
+from omniforge.jobs.demo_corpus import build_demo_corpus
+from omniforge.labelers import Sample, create_labeler
+from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, shards, verify
+from omniforge.tokenize import crops as C
+from omniforge.tokenize import models, text
+from omniforge.tokenize.job import TokenizeConfig, tokenize
+
+LABELED = ("rgb", "caption", "depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global",
+           "color_palette", "metadata")
+TOKENIZED = ("depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global", "caption", "color_palette",
+             "metadata")
+OPTIONS = {"det": {"threshold": 0.0, "max_detections": 8},
+           "sam_instance": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
+CROPS = C.CropConfig(n_crops=3, seed=7)
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory, ray_address) -> str:
+    tmp = tmp_path_factory.mktemp("tokjob")
+    corpus = build_demo_corpus(tmp / "corpus", n_images=6)  # 6 photos and the truncated JPEG
+    root = str(tmp / "labels")
+    summary = label(LabelConfig(input=str(corpus), output=root, modalities=LABELED, weights=parse_weights("tiny"),
+                                options=OPTIONS, shard_size=3, batch_size=4, progress=False),
+                    ray_address=ray_address)
+    assert summary.labeled["det"] >= 5
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, labels) -> str:
+    out = tmp_path_factory.mktemp("tokenizers")
+    torch.manual_seed(0)
+    for name in ("depth", "semseg_coco", "clip", "dinov2_global", "sam_mask"):
+        models.save_tokenizer(models.build_tokenizer(models.default_config(name, "tiny")), str(out / name))
+    captions = [codecs.decode("txt", data) for s in range(3)
+                for _, data in shards.iter_tar(shards.tar_uri(labels, "caption", s))]
+    (out / "text").mkdir()
+    text.train_wordpiece(captions, vocab_size=2000).save(str(out / "text" / "tokenizer.json"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tokenized(labels, tokenizer_dir, ray_address):
+    cfg = TokenizeConfig(input=labels, tokenizers=tokenizer_dir, modalities=TOKENIZED, crops=CROPS,
+                         options=OPTIONS, progress=False)
+    return cfg, tokenize(cfg, ray_address=ray_address)
+
+
+def _members(root: str, folder: str, shard: int) -> dict[str, object]:
+    return {shards.member_key(n): codecs.decode(n.split(".", 1)[1], d)
+            for n, d in shards.iter_tar(shards.tar_uri(root, folder, shard))}
+
+
+def test_token_shards_verify_and_hold_the_same_keys(labels, tokenized):
+    cfg, summary = tokenized
+    assert summary.written == 6 and summary.left_out == {"label_failed": 1}  # the truncated JPEG
+    report = verify(labels)
+    assert report.ok, report.lines()
+    folders = ["crop_settings", "tok_depth@224", "tok_semseg@224", "tok_det", "tok_sam_instance", "tok_clip@224",
+               "tok_dinov2_global", "tok_caption", "tok_color_palette", "tok_metadata"]
+    assert set(folders) <= set(report.modalities)
+    for s in range(3):
+        key_lists = {f: list(_members(labels, f, s)) for f in folders}
+        assert len({tuple(v) for v in key_lists.values()}) == 1, key_lists  # same keys, same order
+    failed = [r for s in range(3) for r in shards.read_status(shards.status_uri(labels, "tok_depth@224", s)).to_pylist()
+              if not r["ok"]]
+    assert len(failed) == 1 and failed[0]["error_type"] == "label_failed" and "rgb" in failed[0]["error_message"]
+
+
+def test_every_modality_gets_the_same_crop(labels, tokenizer_dir, tokenized):
+    cfg, _ = tokenized
+    tok = text.TextTokenizer.from_file(str(Path(tokenizer_dir) / "text" / "tokenizer.json"))
+    depth_tok = models.load_tokenizer(str(Path(tokenizer_dir) / "depth"))
+    clip_tok = models.load_tokenizer(str(Path(tokenizer_dir) / "clip"))
+    clip_teacher = create_labeler("clip", weights="tiny")
+    checked_boxes = 0
+    for s in range(2):
+        rgb, depth, det = (_members(labels, m, s) for m in ("rgb", "depth", "det"))
+        clip = _members(labels, "clip", s)
+        crops = _members(labels, "crop_settings", s)
+        tok_depth, tok_det, tok_clip = (_members(labels, f, s) for f in ("tok_depth@224", "tok_det", "tok_clip@224"))
+        for key, cs in crops.items():
+            h, w = rgb[key].shape[:2]
+            assert cs.dtype == np.int32 and cs.shape == (3, 5)
+            np.testing.assert_array_equal(cs, C.crop_settings(key, h, w, CROPS))
+            assert tok_depth[key].dtype == np.int16 and tok_depth[key].shape == (3, 196)
+            for i, crop in enumerate(cs):
+                x = models.prepare("depth", [C.crop_dense(depth[key], crop, 224, mode="bilinear")])
+                np.testing.assert_array_equal(tok_depth[key][i], depth_tok.encode(x)[0].numpy())
+                boxes = text.det_units(C.crop_det(det[key], crop, h, w))
+                assert tok.decode(tok_det[key][i].tolist()) == tok.decode(tok.encode_units(boxes, 256).tolist())
+                checked_boxes += len(boxes)
+            # crop 0 reuses the label job's features; crops 1.. run the same teacher on the cropped image
+            feats = [clip[key]] + [clip_teacher.label([Sample(key=key, image=C.crop_image(rgb[key], c, 224))])[0]["clip"]
+                                   for c in cs[1:]]
+            expected = clip_tok.encode(models.prepare("clip", feats)).numpy()
+            np.testing.assert_array_equal(tok_clip[key], expected)
+    assert checked_boxes > 0  # the det comparison saw real boxes
+
+
+def test_rerun_skips_and_a_new_tokenizer_redoes(labels, tokenizer_dir, tokenized, ray_address, tmp_path):
+    cfg, first = tokenized
+    again = tokenize(cfg, ray_address=ray_address)
+    assert again.skipped == 7 and again.written == 0
+    # a retrained (different) depth tokenizer makes every shard stale
+    other = tmp_path / "tokenizers"
+    for p in Path(tokenizer_dir).iterdir():
+        (other / p.name).mkdir(parents=True)
+        for f in p.iterdir():
+            (other / p.name / f.name).write_bytes(f.read_bytes())
+    torch.manual_seed(1)
+    models.save_tokenizer(models.build_tokenizer(models.default_config("depth", "tiny")), str(other / "depth"))
+    out = tmp_path / "tokens"
+    cfg2 = TokenizeConfig(input=labels, output=str(out), tokenizers=str(other), modalities=("depth", "caption"),
+                          crops=C.CropConfig(n_crops=1), progress=False)
+    summary = tokenize(cfg2, ray_address=ray_address)
+    assert summary.written == 6 and summary.skipped == 0
+    assert verify(str(out)).ok  # a separate token root gets the manifest and verifies on its own
+    digest = hashlib.sha256((out / "tok_depth@224" / "shard-000000.tar").read_bytes()).hexdigest()
+    assert tokenize(cfg2, ray_address=ray_address).skipped == 7
+    assert hashlib.sha256((out / "tok_depth@224" / "shard-000000.tar").read_bytes()).hexdigest() == digest
+
+
+def test_missing_tokenizer_or_labels_fail_with_one_line(labels, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="tokenizer train"):
+        tokenize(TokenizeConfig(input=labels, tokenizers=str(tmp_path), modalities=("depth",), progress=False))
+    with pytest.raises(ConfigError, match="no normal labels"):
+        tokenize(TokenizeConfig(input=labels, tokenizers=str(tmp_path), modalities=("normal",), progress=False))
+    code = cli_main(["tokenize", "--input", labels, "--tokenizers", str(tmp_path), "--modalities", "rgbx"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot tokenize rgbx" in err[0]
+
+
+def test_features_need_the_label_jobs_teacher(labels, tokenizer_dir):
+    # crops 1.. must run the teacher that made crop 0: other options give another fingerprint
+    cfg = TokenizeConfig(input=labels, tokenizers=tokenizer_dir, modalities=("clip",), crops=CROPS,
+                         options={"clip": {"pretrained_tag": "laion2b_s34b_b88k"}}, progress=False)
+    with pytest.raises(ConfigError, match="same teacher"):
+        tokenize(cfg)
