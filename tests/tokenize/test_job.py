@@ -54,7 +54,7 @@ def tokenizer_dir(tmp_path_factory, labels) -> str:
     captions = [codecs.decode("txt", data) for s in range(3)
                 for _, data in shards.iter_tar(shards.tar_uri(labels, "caption", s))]
     (out / "text").mkdir()
-    text.train_wordpiece(captions, vocab_size=2000).save(str(out / "text" / "tokenizer.json"))
+    text.train_wordpiece(captions, vocab_size=6000).save(str(out / "text" / "tokenizer.json"))
     return str(out)
 
 

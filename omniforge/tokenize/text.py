@@ -1,0 +1,569 @@
+"""The WordPiece text tokenizer and the 4M-21 text forms of the sequence modalities.
+
+Sequence modalities (caption, det, human_poses, sam_instance, color_palette, metadata) are written as text
+and tokenized by one shared WordPiece vocabulary, exactly as 4M-21 does, so token streams are
+interchangeable with ml-4m's:
+
+- the vocabulary starts with [PAD] [UNK] [SOS] [EOS] (ids 0..3), the sentinels [S_0]..[S_199] used by span
+  masking, the value tokens v0=0..v0=999, v1=0..v1=999, v2=..., v3=... and the 80 COCO class names, all
+  kept whole (single-word added tokens);
+- every serializer returns a list of *units*: whole elements (one box, one person, one query point, one
+  metadata chunk) that must never be split. ``" ".join(units)`` is the 4M-21 string;
+  `TextTokenizer.encode_units` packs whole units into the fixed token budget of the modality.
+
+The serializers are pure and deterministic (4M-21 shuffles some orders at training time; the trainer does
+that, not the stored shards). Each has a parser that reads the string (or the tokenizer's decoded,
+lower-cased string) back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from omniforge.errors import ConfigError, SampleError, WeightsError
+from omniforge.labelers._coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
+from omniforge.modalities import MODALITIES
+
+PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
+NUM_SENTINELS = 200
+COORD_BINS = 1000  # value tokens v0=0 .. v0=999 (and v1, v2, v3)
+NUM_VALUE_TYPES = 4  # v0, v1, v2, v3
+
+# The token budget of every text modality (the maximum sequence length, EOS included), from the registry.
+MAX_TOKENS: dict[str, int] = {name: m.num_tokens for name, m in MODALITIES.items() if m.tokenizer == "wordpiece"}
+
+# Plain words the serializers write; training feeds them so each is one token of the vocabulary.
+SERIALIZER_WORDS: tuple[str, ...] = ("human", "point", "polygon", "none")
+_WORD_WEIGHT = 1000  # how many times each serializer word is fed to the trainer
+
+# SAM instance mask tokens: ids 0..1023 written as v0=<t> (t < 512) or v1=<t - 512>, as 4M-21.
+SAM_MASK_VOCAB = 1024
+_SAM_HALF = 512
+
+_INT16_MAX = np.iinfo(np.int16).max
+
+
+def _sentinel(i: int) -> str:
+    return f"[S_{i}]"
+
+
+def _value(kind: int, v: int) -> str:
+    return f"v{kind}={v}"
+
+
+def _special_tokens() -> list[Any]:
+    """The tokens every vocabulary starts with, in id order (as 4M-21's unified WordPiece tokenizer)."""
+    from tokenizers import AddedToken
+
+    tokens: list[Any] = [PAD, UNK, SOS, EOS]
+    tokens += [AddedToken(_sentinel(i), single_word=True, normalized=False) for i in range(NUM_SENTINELS)]
+    tokens += [AddedToken(_value(k, v), single_word=True, normalized=False)
+               for k in range(NUM_VALUE_TYPES) for v in range(COORD_BINS)]
+    # 4M-21 lists the COCO classes alphabetically (fourm/utils/tokenizer/object_classes.json, "coco").
+    tokens += [AddedToken(c, single_word=True, normalized=True) for c in sorted(COCO_DETECTION_CLASSES)]
+    return tokens
+
+
+NUM_SPECIAL_TOKENS = 4 + NUM_SENTINELS + NUM_VALUE_TYPES * COORD_BINS + len(COCO_DETECTION_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def train_wordpiece(texts: Iterable[str], *, vocab_size: int = 30_000, min_frequency: int = 0) -> TextTokenizer:
+    """Train a 4M-21 WordPiece tokenizer (HF `tokenizers`) on `texts` (captions, usually).
+
+    BertNormalizer (lower-cases), BertPreTokenizer, WordPiece decoder; the special tokens come first, in
+    this order: [PAD] [UNK] [SOS] [EOS], [S_0]..[S_199], v0=0..v0=999, v1=.., v2=.., v3=.. (kept verbatim,
+    not normalized), then the 80 COCO class names (normalized, so "Dog" finds "dog"). The serializers'
+    plain words (SERIALIZER_WORDS) are fed to the trainer so each is a whole token. `vocab_size` is an upper
+    bound: a small corpus gives a smaller vocabulary, always with every special token.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, trainers
+    from tokenizers.models import WordPiece
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    if not isinstance(vocab_size, int) or not NUM_SPECIAL_TOKENS < vocab_size <= _INT16_MAX + 1:
+        raise ConfigError(f"vocab_size={vocab_size!r}: must be an integer above {NUM_SPECIAL_TOKENS} (the special, "
+                          f"sentinel, value and class tokens) and at most {_INT16_MAX + 1} (ids are stored as int16)")
+    if not isinstance(min_frequency, int) or min_frequency < 0:
+        raise ConfigError(f"min_frequency={min_frequency!r}: must be a non-negative integer")
+
+    tok = Tokenizer(WordPiece(unk_token=UNK))
+    tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+    tok.pre_tokenizer = BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        continuing_subword_prefix="##", special_tokens=_special_tokens())
+
+    def corpus() -> Iterator[str]:
+        for text in texts:
+            if not isinstance(text, str):
+                raise ConfigError(f"train_wordpiece: texts must be strings, got {type(text).__name__}")
+            yield text
+        for word in SERIALIZER_WORDS:
+            yield " ".join([word] * _WORD_WEIGHT)
+
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    # A vocabulary too small to hold a serializer word whole still gets it as one (added) token.
+    missing = [w for w in SERIALIZER_WORDS if len(tok.encode(w, add_special_tokens=False).ids) != 1]
+    if missing:
+        tok.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in missing])
+    return TextTokenizer(tok)
+
+
+class TextTokenizer:
+    """A trained WordPiece tokenizer with the 4M-21 special tokens ([PAD]=0, [UNK]=1, [SOS]=2, [EOS]=3)."""
+
+    def __init__(self, tokenizer: Any, *, source: str = "tokenizer"):
+        ids = [tokenizer.token_to_id(t) for t in (PAD, UNK, SOS, EOS)]
+        if ids != [0, 1, 2, 3]:
+            raise WeightsError(f"{source}: not a 4M-style text tokenizer ([PAD] [UNK] [SOS] [EOS] must be ids 0..3, "
+                               f"found {ids}); train one with `omniforge tokenizer train`")
+        if tokenizer.get_vocab_size(with_added_tokens=True) > _INT16_MAX + 1:
+            raise WeightsError(f"{source}: vocabulary of {tokenizer.get_vocab_size()} tokens does not fit the int16 "
+                               f"token shards (at most {_INT16_MAX + 1})")
+        self._tok = tokenizer
+        self.pad_id, self.unk_id, self.sos_id, self.eos_id = ids
+        sentinels = []
+        for i in range(NUM_SENTINELS):
+            sid = tokenizer.token_to_id(_sentinel(i))
+            if sid is None:
+                break
+            sentinels.append(sid)
+        self.sentinel_ids: list[int] = sentinels
+
+    @classmethod
+    def from_file(cls, path: str) -> TextTokenizer:
+        """Load a `tokenizer.json` (HF `tokenizers` format, e.g. one written by `save`)."""
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for missing and malformed files alike
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise WeightsError(f"text tokenizer {path} cannot be loaded ({reason}): pass a tokenizer.json written "
+                               f"by `omniforge tokenizer train` (TextTokenizer.save)") from None
+        return cls(tok, source=str(path))
+
+    def save(self, path: str) -> None:
+        self._tok.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_units(self, units: Sequence[str], max_tokens: int) -> np.ndarray:
+        """Pack `units` into exactly `max_tokens` ids: int16 (max_tokens,).
+
+        Whole units are taken in order while they fit in `max_tokens - 1` tokens (packing stops at the first
+        unit that does not fit), then [EOS], then [PAD] up to `max_tokens`. A first unit that alone is longer
+        than the budget is cut at `max_tokens - 1` tokens: that is the caption case (a caption is one unit),
+        and 4M-21's own truncation of an over-long sequence.
+        """
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens!r}: must be a positive integer")
+        budget = max_tokens - 1
+        ids: list[int] = []
+        units = [str(u) for u in units]
+        encoded = self._tok.encode_batch(units, add_special_tokens=False) if units else []
+        for i, enc in enumerate(encoded):
+            unit = enc.ids
+            if len(ids) + len(unit) <= budget:
+                ids.extend(unit)
+            else:
+                if i == 0:
+                    ids = unit[:budget]
+                break
+        out = np.full(max_tokens, self.pad_id, dtype=np.int16)
+        out[: len(ids)] = ids
+        out[len(ids)] = self.eos_id
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`, up to the first [EOS]; [PAD] and [SOS] are skipped, every other token kept
+        (value tokens, class names and sentinels come back verbatim, words lower-cased)."""
+        kept: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.sos_id):
+                kept.append(i)
+        return self._tok.decode(kept, skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _bin(v: float, bins: int) -> int:
+    """A coordinate in 0..1 (clipped) -> 0..bins-1, rounded as 4M-21 does (Python's round)."""
+    return round(min(max(float(v), 0.0), 1.0) * (bins - 1))
+
+
+def _parse_value(word: str) -> tuple[int, int] | None:
+    """"v2=17" -> (2, 17); anything else -> None."""
+    if len(word) < 4 or word[0] != "v" or word[2] != "=" or not word[1].isdigit():
+        return None
+    try:
+        return int(word[1]), int(word[3:])
+    except ValueError:
+        return None
+
+
+def _bad(modality: str, message: str) -> SampleError:
+    return SampleError("bad_label", f"{modality}: {message}")
+
+
+def _check_bins(bins: int) -> None:
+    if not isinstance(bins, int) or not 2 <= bins <= COORD_BINS:
+        raise ConfigError(f"bins={bins!r}: must be an integer in 2..{COORD_BINS} (the value tokens v0=0..v0=999)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# det
+
+
+_DET_ORDERS = {
+    # 4M-21's DetectionTransform orders as (sort key of (box, name, score), descending); "random" is left to
+    # the trainer (stored shards are deterministic).
+    "dist_to_orig": (lambda b: b[0][0] ** 2 + b[0][1] ** 2, False),
+    "area": (lambda b: (b[0][2] - b[0][0]) * (b[0][3] - b[0][1]), True),
+    "score": (lambda b: b[2], True),
+}
+
+
+def det_units(instances: list[dict], *, order: str = "dist_to_orig", bins: int = 1000,
+              min_score: float = 0.0) -> list[str]:
+    """det instances -> one unit per box, "v0=<xmin> v1=<ymin> v2=<xmax> v3=<ymax> <class_name>".
+
+    `instances` are det's {"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name", "score"}; coordinates
+    are clipped to 0..1 and scaled to round(c * (bins - 1)). Order as 4M-21's DetectionTransform:
+    "dist_to_orig" (default, ascending xmin^2 + ymin^2), "area" or "score" (descending); ties keep the
+    input order. Instances with score < `min_score` are dropped (det's labeler already thresholds; 4M-21's
+    transform used 0.6 on its own detector).
+    """
+    if order not in _DET_ORDERS:
+        raise ConfigError(f"order={order!r}: must be one of {', '.join(_DET_ORDERS)}")
+    _check_bins(bins)
+    boxes = []
+    for inst in instances:
+        try:
+            box = [float(c) for c in inst["boxes"]]
+            name, score = str(inst["class_name"]), float(inst.get("score", 1.0))
+        except (KeyError, TypeError, ValueError) as e:
+            raise _bad("det", f"malformed instance {inst!r} ({e})") from None
+        if len(box) != 4 or not all(math.isfinite(c) for c in box) or not name.strip():
+            raise _bad("det", f"malformed instance {inst!r}: need 4 finite box coordinates and a class name")
+        if score >= min_score:
+            boxes.append((box, name, score))
+    key, descending = _DET_ORDERS[order]
+    boxes = sorted(boxes, key=key, reverse=descending)  # stable, also when reversed
+    return [" ".join([*(_value(k, _bin(c, bins)) for k, c in enumerate(box)), name]) for box, name, _ in boxes]
+
+
+def parse_det(text: str, bins: int = 1000) -> list[dict]:
+    """A det string -> [{"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name"}]; incomplete boxes are
+    skipped (e.g. a sequence cut by the token budget or a malformed model output)."""
+    _check_bins(bins)
+    out: list[dict] = []
+    words = text.split()
+    i = 0
+    while i < len(words):
+        vals = [_parse_value(w) for w in words[i:i + 4]]
+        if len(vals) == 4 and all(v is not None and v[0] == k for k, v in enumerate(vals)):
+            j = i + 4
+            name = []
+            while j < len(words) and _parse_value(words[j]) is None:
+                name.append(words[j])
+                j += 1
+            if name:
+                out.append({"boxes": [v[1] / (bins - 1) for v in vals], "class_name": " ".join(name)})
+            i = j
+        else:
+            i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# color_palette
+
+
+def palette_units(colors: list[list[int]]) -> list[str]:
+    """color_palette -> one unit "v1=<n> v0=R v0=G v0=B ..." (n colours, each channel 0..255), as 4M-21."""
+    if not isinstance(colors, (list, tuple)) or not 1 <= len(colors) <= 7:
+        raise _bad("color_palette", f"need a list of 1..7 RGB colours, got {colors!r}")
+    words = [_value(1, len(colors))]
+    for color in colors:
+        try:
+            rgb = [round(float(c)) for c in color]
+        except (TypeError, ValueError):
+            rgb = []
+        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            raise _bad("color_palette", f"colour {color!r} is not [R, G, B] in 0..255")
+        words += [_value(0, c) for c in rgb]
+    return [" ".join(words)]
+
+
+def parse_palette(text: str) -> list[list[int]]:
+    """A color_palette string -> [[R, G, B], ...]; the count v1=<n> limits the colours read when present."""
+    values = [v for v in map(_parse_value, text.split()) if v is not None]
+    count = next((v for k, v in values if k == 1), None)
+    channels = [v for k, v in values if k == 0]
+    colors = [channels[i:i + 3] for i in range(0, len(channels) - 2, 3)]
+    return colors if count is None else colors[:count]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metadata
+
+# 4M-21's metadata field ids (MetadataTransform.metadata_id_map): written as v1=<id>.
+METADATA_FIELD_IDS: dict[str, int] = {name: i for i, name in enumerate([
+    "original_width", "original_height", "caption_n_chars", "caption_n_words", "caption_n_sentences",
+    "n_humans", "n_sam_instances", "n_coco_instances", "coco_instance_diversity", "colorfulness", "brightness",
+    "contrast", "saturation", "entropy", "walkability", "objectness", "semantic_diversity",
+    "geometric_complexity", "occlusion_score", "watermark_score", "aesthetic_score",
+])}
+_IMAGE_DIM_FIELDS = {"original_width", "original_height"}
+_IMAGE_DIM_BIN = 32
+_INT_FIELDS = {"caption_n_chars", "caption_n_words", "caption_n_sentences", "n_humans", "n_sam_instances",
+               "n_coco_instances", "coco_instance_diversity", "semantic_diversity"}
+_MANUAL_BINS = {"watermark_score": (0.5,), "aesthetic_score": (4.5, 5.5)}
+_MIN_MAX_BINS = {  # (vmin, vmax, number of bins)
+    "colorfulness": (0, 150, 50), "brightness": (0, 255, 50), "contrast": (0, 127, 50),
+    "saturation": (0, 255, 50), "entropy": (0, 10, 50), "walkability": (0, 1, 50), "objectness": (0, 1, 50),
+    "geometric_complexity": (0, 0.75, 50), "occlusion_score": (0, 0.25, 50),
+}
+# omniforge metadata field -> (4M-21 field, factor to 4M-21's units)
+_FROM_OMNIFORGE = {
+    "n_sam_masks": ("n_sam_instances", 1.0),
+    "n_coco_classes": ("coco_instance_diversity", 1.0),
+    "brightness": ("brightness", 255.0),
+    "contrast": ("contrast", 255.0),
+    "saturation": ("saturation", 255.0),
+}
+
+
+def _metadata_bin(field: str, value: float) -> int:
+    vmax = COORD_BINS - 1
+    if field in _IMAGE_DIM_FIELDS:
+        return max(0, min(int(value) // _IMAGE_DIM_BIN, vmax))
+    if field in _INT_FIELDS:
+        return max(0, min(int(round(value)), vmax))
+    if field in _MANUAL_BINS:
+        return sum(1 for edge in _MANUAL_BINS[field] if value >= edge)
+    lo, hi, bins = _MIN_MAX_BINS[field]
+    return int((max(lo, min(value, hi)) - lo) / (hi - lo) * (bins - 1))
+
+
+def metadata_units(metadata: dict) -> list[str]:
+    """metadata -> 4M-21 chunks "v1=<field id> v0=<bin>", one unit per field, in field-id order.
+
+    omniforge's fields are first put in 4M-21's names and units:
+      n_sam_masks -> n_sam_instances; n_coco_classes -> coco_instance_diversity;
+      brightness, contrast, saturation (0..1) -> x 255 (4M-21's 0..255 luma mean, luma standard deviation,
+      HSV saturation); every other field keeps its name and value (4M-21 names are accepted as they are).
+    Then 4M-21's MetadataTransform rules, field ids in METADATA_FIELD_IDS:
+      original_width/height: pixels // 32; caption_n_*, n_humans, n_sam_instances, n_coco_instances,
+      coco_instance_diversity, semantic_diversity: the integer, clamped to 0..999; watermark_score: bin 0
+      below 0.5, else 1; aesthetic_score: 0 below 4.5, 1 below 5.5, else 2; every other field: clipped to
+      (vmin, vmax) and int((v - vmin) / (vmax - vmin) * (bins - 1)) with (vmin, vmax, bins) =
+      colorfulness (0, 150, 50), brightness (0, 255, 50), contrast (0, 127, 50), saturation (0, 255, 50),
+      entropy (0, 10, 50), walkability and objectness (0, 1, 50), geometric_complexity (0, 0.75, 50),
+      occlusion_score (0, 0.25, 50).
+    Unknown fields and missing or non-finite values are skipped. 4M-21 shuffles the chunks when training;
+    the trainer does it, so the stored order is fixed.
+    """
+    fields: dict[str, float] = {}
+    for name, value in metadata.items():
+        target, factor = _FROM_OMNIFORGE.get(name, (name, 1.0))
+        if target not in METADATA_FIELD_IDS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            continue
+        fields[target] = value * factor
+    ordered = sorted(fields, key=METADATA_FIELD_IDS.__getitem__)
+    return [f"{_value(1, METADATA_FIELD_IDS[f])} {_value(0, _metadata_bin(f, fields[f]))}" for f in ordered]
+
+
+def parse_metadata(text: str) -> dict[str, int]:
+    """A metadata string -> {4M-21 field name: bin}; unknown field ids and unpaired values are skipped."""
+    names = {i: n for n, i in METADATA_FIELD_IDS.items()}
+    values = [_parse_value(w) for w in text.split()]
+    out: dict[str, int] = {}
+    for a, b in zip(values, values[1:]):
+        if a is not None and b is not None and a[0] == 1 and b[0] == 0 and a[1] in names:
+            out[names[a[1]]] = b[1]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# human_poses
+
+POSE_TOKENS_PER_PERSON = 1 + 4 + 2 * len(COCO_KEYPOINTS)  # 39, as a 4M-21 person (human, box, SMPL groups)
+
+
+def pose_units(label: dict, *, bins: int = 1000) -> list[str]:
+    """human_poses -> one unit per person (39 tokens), or ["none"] when there is nobody (as 4M-21).
+
+    A person is "human v0=<xmin> v1=<ymin> v2=<xmax> v3=<ymax>" (bbox in 0..1 scaled as det) then the 17
+    COCO keypoints in COCO order (COCO_KEYPOINTS; the label's `keypoint_names` say where each is), each
+    "v0=<x> v1=<y>" scaled to 0..bins-1 when visible (score > 0) and "v2=0 v3=0" when not (or missing).
+    omniforge has no SMPL parameters, so the keypoints take the place of 4M-21's SMPL token groups, with
+    the same budget per person. People keep the label's order (highest score first).
+    """
+    _check_bins(bins)
+    names = list(label.get("keypoint_names") or COCO_KEYPOINTS)
+    index = {n: i for i, n in enumerate(names)}
+    units = []
+    for inst in label.get("instances", []):
+        try:
+            box = [float(c) for c in inst["bbox"]]
+            kps = [[float(c) for c in kp] for kp in inst.get("keypoints", [])]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _bad("human_poses", f"malformed instance ({e})") from None
+        if len(box) != 4 or any(len(kp) != 3 for kp in kps):
+            raise _bad("human_poses", "a person needs a bbox [xmin, ymin, xmax, ymax] and [x, y, score] keypoints")
+        words = ["human", *(_value(k, _bin(c, bins)) for k, c in enumerate(box))]
+        for name in COCO_KEYPOINTS:
+            i = index.get(name)
+            kp = kps[i] if i is not None and i < len(kps) else None
+            if kp is not None and math.isfinite(kp[2]) and kp[2] > 0:
+                words += [_value(0, _bin(kp[0], bins)), _value(1, _bin(kp[1], bins))]
+            else:
+                words += [_value(2, 0), _value(3, 0)]
+        units.append(" ".join(words))
+    return units or ["none"]
+
+
+def parse_poses(text: str, bins: int = 1000) -> list[dict]:
+    """A human_poses string -> [{"bbox": [xmin, ymin, xmax, ymax] in 0..1, "keypoints": [[x, y, visible]
+    x 17]}] (visible 1 or 0; an invisible keypoint is [0.0, 0.0, 0]). "none" and incomplete people give
+    nothing."""
+    _check_bins(bins)
+    words = text.split()
+    out = []
+    n = POSE_TOKENS_PER_PERSON
+    for i, w in enumerate(words):
+        if w != "human" or i + n > len(words):
+            continue
+        vals = [_parse_value(x) for x in words[i + 1:i + n]]
+        if any(v is None for v in vals) or [v[0] for v in vals[:4]] != [0, 1, 2, 3]:
+            continue
+        kps = []
+        for a, b in zip(vals[4::2], vals[5::2]):
+            if (a[0], b[0]) == (0, 1):
+                kps.append([a[1] / (bins - 1), b[1] / (bins - 1), 1])
+            elif (a[0], b[0]) == (2, 3):
+                kps.append([0.0, 0.0, 0])
+            else:
+                break
+        if len(kps) == len(COCO_KEYPOINTS):
+            out.append({"bbox": [v[1] / (bins - 1) for v in vals[:4]], "keypoints": kps})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sam_instance
+
+
+def sam_query_points(rng: np.random.Generator, size: int = 224, n: int = 7) -> list[tuple[int, int]]:
+    """4M-21's "random" query points: `n` points (x, y) in 0..size-1 (y drawn first, then x, as 4M-21)."""
+    y = rng.integers(0, size, n)
+    x = rng.integers(0, size, n)
+    return [(int(a), int(b)) for a, b in zip(x, y)]
+
+
+def _sam_token(t: int) -> str:
+    return _value(0, t) if t < _SAM_HALF else _value(1, t - _SAM_HALF)
+
+
+def sam_units(points: Sequence[tuple[int, int]],
+              instances: Sequence[tuple[Sequence[int], Sequence[int], np.ndarray]]) -> list[str]:
+    """sam_instance in 4M-21's form: one unit per query point (x, y).
+
+    A unit is "point v0=<y> v1=<x>" (4M-21 writes the row first) followed, for every instance whose mask
+    contains the point, by "polygon v0=<xmin> v1=<ymin> v2=<xmax> v3=<ymax>" and its mask tokens, each
+    "v0=<t>" when t < 512 else "v1=<t - 512>"; or by "none" when no instance contains it.
+    `instances` are (bbox XYXY in pixels of the crop, mask token ids in 0..1023 (16 of them), boolean mask
+    (size, size) in the crop). Instances of a point are ordered by mask area, largest first, ties in input
+    order; a repeated query point is written once (4M-21 keys points by their coordinates).
+    """
+    prepared = []
+    for idx, (bbox, tokens, mask) in enumerate(instances):
+        mask = np.asarray(mask, dtype=bool)
+        tokens = [int(t) for t in tokens]
+        box = [int(round(float(c))) for c in bbox]
+        if mask.ndim != 2 or len(box) != 4:
+            raise _bad("sam_instance", f"instance {idx}: need an XYXY bbox and a 2-D mask")
+        if not all(0 <= t < SAM_MASK_VOCAB for t in tokens):
+            raise _bad("sam_instance", f"instance {idx}: mask tokens must be in 0..{SAM_MASK_VOCAB - 1}")
+        box = [min(max(c, 0), COORD_BINS - 1) for c in box]
+        head = " ".join(["polygon", *(_value(k, c) for k, c in enumerate(box))])
+        text = " ".join([head, *map(_sam_token, tokens)])
+        prepared.append((-int(mask.sum()), idx, mask, text))
+    prepared.sort(key=lambda p: (p[0], p[1]))
+
+    units, seen = [], set()
+    for x, y in points:
+        x, y = int(x), int(y)
+        if (x, y) in seen:
+            continue
+        seen.add((x, y))
+        words = ["point", _value(0, y), _value(1, x)]
+        hits = [text for _, _, mask, text in prepared
+                if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x]]
+        words += hits or ["none"]
+        units.append(" ".join(words))
+    return units
+
+
+def parse_sam(text: str) -> list[dict]:
+    """A sam_instance string -> [{"point": (x, y), "instances": [{"bbox": (xmin, ymin, xmax, ymax),
+    "tokens": [mask token ids]}]}]; malformed points and polygons are skipped."""
+    words = text.split()
+    out: list[dict] = []
+    i = 0
+    while i < len(words):
+        if words[i] == "point":
+            yx = [_parse_value(w) for w in words[i + 1:i + 3]]
+            if len(yx) == 2 and yx[0] is not None and yx[1] is not None and (yx[0][0], yx[1][0]) == (0, 1):
+                out.append({"point": (yx[1][1], yx[0][1]), "instances": []})
+                i += 3
+                continue
+        elif words[i] == "polygon" and out:
+            box = [_parse_value(w) for w in words[i + 1:i + 5]]
+            if len(box) == 4 and all(v is not None and v[0] == k for k, v in enumerate(box)):
+                j = i + 5
+                tokens = []
+                while j < len(words) and (v := _parse_value(words[j])) is not None and v[0] in (0, 1):
+                    tokens.append(v[1] if v[0] == 0 else v[1] + _SAM_HALF)
+                    j += 1
+                out[-1]["instances"].append({"bbox": tuple(v[1] for v in box), "tokens": tokens})
+                i = j
+                continue
+        i += 1
+    return out
+
+
+__all__ = [
+    "COORD_BINS", "EOS", "MAX_TOKENS", "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS", "PAD",
+    "POSE_TOKENS_PER_PERSON", "SERIALIZER_WORDS", "SOS", "TextTokenizer", "UNK", "det_units", "metadata_units",
+    "palette_units", "parse_det", "parse_metadata", "parse_palette", "parse_poses", "parse_sam", "pose_units",
+    "sam_query_points", "sam_units", "train_wordpiece",
+]
