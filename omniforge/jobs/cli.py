@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from omniforge.errors import OmniforgeError
+from omniforge.tokenize._cli import add_cli as add_tokenizer_cli
 
 DEFAULT_MODALITIES = "rgb,caption,canny_edge,color_palette,clip,dinov2,dinov2_global"
 
@@ -62,6 +63,20 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from omniforge.pipeline import parse_options, parse_weights
+    from omniforge.tokenize.job import TokenizeConfig, parse_crops, tokenize
+
+    cfg = TokenizeConfig(input=args.input, output=args.output, tokenizers=args.tokenizers,
+                         modalities=_csv(args.modalities), crops=parse_crops(args.crops, seed=args.seed),
+                         weights=parse_weights(args.weights), options=parse_options(args.option),
+                         batch_size=args.batch_size, actors=args.actors, device=args.device,
+                         progress=not args.no_progress)
+    summary = tokenize(cfg, ray_address=args.ray_address)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from omniforge.pipeline import verify
 
@@ -73,7 +88,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from omniforge.pipeline import show
 
-    out = show(args.root, args.key, args.out, list(_csv(args.modalities)) if args.modalities else None)
+    out = show(args.root, args.key, args.out, list(_csv(args.modalities)) if args.modalities else None,
+               tokenizers=args.tokenizers)
     print(f"wrote {out}")
     return 0
 
@@ -131,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     p.set_defaults(fn=cmd_label)
 
+    p = sub.add_parser("tokenize", help="crop and tokenize label shards into 4M token shards")
+    p.add_argument("--input", required=True, help="label root (local or s3://)")
+    p.add_argument("--output", default=None, help="token root (default: the label root, beside the labels)")
+    p.add_argument("--modalities", required=True, help="comma list of label modalities, e.g. depth,normal,caption,det")
+    p.add_argument("--tokenizers", required=True, help="folder of trained tokenizers (`omniforge tokenizer train --out`)")
+    p.add_argument("--crops", type=int, default=1, help="crops per sample: crop 0 centred, the others random (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
+    p.add_argument("--weights", default="tiny", help="feature teachers for crops 1.. (as `omniforge label --weights`; "
+                   "must match the label job)")
+    p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
+                   help="feature teacher option, as for `omniforge label` (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per tokenizer batch (default 32)")
+    p.add_argument("--actors", type=int, default=None, help="shard workers (default: one per GPU, else CPUs / 2)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_tokenize)
+
+    add_tokenizer_cli(sub)
+
     p = sub.add_parser("verify", help="check that every sample is accounted for; exit 1 on any problem")
     p.add_argument("root")
     p.add_argument("--modalities", help="comma list (default: every modality found)")
@@ -142,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True)
     p.add_argument("--out", required=True, help="PNG file to write (local or s3://)")
     p.add_argument("--modalities", help="comma list (default: every modality found)")
+    p.add_argument("--tokenizers", default=None, help="folder of trained tokenizers: also draw each token "
+                   "modality decoded back (a reconstruction beside its label)")
     p.set_defaults(fn=cmd_show)
 
     p = sub.add_parser("list", help="registered labelers and modalities with their formats")

@@ -402,9 +402,14 @@ def _resolve_teachers(cfg: TokenizeConfig, root: str, shard_ids: list[int]) -> t
     wanted = tuple(m for m in cfg.modalities if m in FEATURE_MAPS + GLOBALS)
     if cfg.crops.n_crops < 2 or not wanted:
         return ()
+    from omniforge.labelers import labeler_for_modality
     from omniforge.pipeline.label import resolve_teachers
 
-    teachers = resolve_teachers(wanted, cfg.weights, cfg.options, root=root)
+    # the label job's --weights/--option may name other teachers too: keep those of the feature teachers
+    names = {labeler_for_modality(m).name for m in wanted}
+    weights = {k: v for k, v in cfg.weights.items() if k == "*" or k in names}
+    options = {k: v for k, v in cfg.options.items() if k in names}
+    teachers = resolve_teachers(wanted, weights, options, root=root)
     for t in teachers:
         for m in t.modalities:
             recorded = {fp for s in shard_ids for fp in _label_fingerprints(root, m, s)}

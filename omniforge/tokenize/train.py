@@ -787,29 +787,6 @@ def _train_text(cfg: TrainConfig) -> TrainResult:
 # Command line
 
 
-def add_cli(subparsers: Any) -> None:
-    """Register `omniforge tokenizer train ...` on the top-level subparsers."""
-    p = subparsers.add_parser("tokenizer", help="train tokenizers on label shards")
-    sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
-    t = sub.add_parser("train", help="train one tokenizer on label shards and report its reconstruction quality")
-    t.add_argument("--data", required=True, help="label root holding <modality>/shard-*.tar (local or s3://)")
-    t.add_argument("--modality", required=True, help="label modality to train on: depth, rgb, clip, dinov2_global, "
-                   "semseg_coco, ..., sam_instance (the sam_mask tokenizer) or caption (the text tokenizer)")
-    t.add_argument("--out", required=True, help="tokenizers directory: the tokenizer lands in OUT/<name>/")
-    t.add_argument("--config", default="tiny", choices=["tiny", "base"], help="model size (default tiny)")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine)")
-    t.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
-    t.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
-    t.add_argument("--vocab-size", type=int, default=30000, help="text tokenizer vocabulary (caption only)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(fn=cmd_tokenizer_train)
-
-
 def cmd_tokenizer_train(args: Any) -> int:
     cfg = TrainConfig(data=args.data, modality=args.modality, out=args.out, size=args.config, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, max_samples=args.max_samples,
@@ -842,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     from omniforge.errors import OmniforgeError
 
     parser = argparse.ArgumentParser(prog="omniforge")
+    from omniforge.tokenize._cli import add_cli
+
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["tokenizer", "train", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -16,7 +16,8 @@ from omniforge.errors import ConfigError
 from omniforge.pipeline import shards
 from omniforge.tokenize.crops import CropConfig
 from omniforge.tokenize.models import load_tokenizer
-from omniforge.tokenize.train import TrainConfig, add_cli, lr_at, train_tokenizer
+from omniforge.tokenize._cli import add_cli
+from omniforge.tokenize.train import TrainConfig, lr_at, train_tokenizer
 
 N_SAMPLES = 12
 PER_SHARD = 6

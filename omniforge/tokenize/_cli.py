@@ -1,0 +1,35 @@
+"""Argument parsing for `omniforge tokenizer ...`, kept free of heavy imports (torch loads only to run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `omniforge tokenizer train ...` on the top-level subparsers."""
+    p = subparsers.add_parser("tokenizer", help="train tokenizers on label shards")
+    sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train one tokenizer on label shards and report its reconstruction quality")
+    t.add_argument("--data", required=True, help="label root holding <modality>/shard-*.tar (local or s3://)")
+    t.add_argument("--modality", required=True, help="label modality to train on: depth, rgb, clip, dinov2_global, "
+                   "semseg_coco, ..., sam_instance (the sam_mask tokenizer) or caption (the text tokenizer)")
+    t.add_argument("--out", required=True, help="tokenizers directory: the tokenizer lands in OUT/<name>/")
+    t.add_argument("--config", default="tiny", choices=["tiny", "base"], help="model size (default tiny)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine)")
+    t.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
+    t.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
+    t.add_argument("--vocab-size", type=int, default=30000, help="text tokenizer vocabulary (caption only)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_cmd_train)
+
+
+
+def _cmd_train(args: Any) -> int:
+    from omniforge.tokenize.train import cmd_tokenizer_train
+
+    return cmd_tokenizer_train(args)
