@@ -73,6 +73,7 @@ _PATCH = 16
 TOKENIZER_NAMES: tuple[str, ...] = tuple(_KIND)
 
 # dead-code threshold as 4M computes it: (tokens per batch / codebook size) / coefficient
+_TINY_DEAD_CODE_THRESHOLD = 2.0
 _DEAD_CODE_COEF = 32.0
 _REFERENCE_BATCH = {"tiny": 8, "base": 64}
 
@@ -179,7 +180,12 @@ def default_config(name: str, size: str = "tiny") -> TokenizerConfig:
         raise ConfigError(f"tokenizer {name!r} would make {num_tokens} tokens, the registry says "
                           f"{get_modality(name).num_tokens}")
     codebook_size = 128 if tiny else base_codebook
+    # ml-4m's rule for real runs (expected hits per code per batch / 32). Tiny runs are a few dozen steps:
+    # at that threshold their codebook sits on a handful of codes for hundreds of steps before restarts
+    # rescue it, so they restart codes that average under 2 hits per batch from the start.
     threshold = _REFERENCE_BATCH[size] * num_tokens / codebook_size / _DEAD_CODE_COEF
+    if tiny:
+        threshold = max(_TINY_DEAD_CODE_THRESHOLD, threshold)
     return TokenizerConfig(
         name=name, kind=kind, in_channels=in_channels, image_size=image_size, patch_size=patch_size,
         codebook_size=codebook_size, latent_dim=32,

@@ -280,6 +280,7 @@ class LabelStream(IterableDataset):
         by_shard = len(self.shards) >= n_readers
         mine = self.shards[reader::n_readers] if by_shard else self.shards
         buffer: list[np.ndarray] = []
+        capacity = self.shuffle_buffer
         for cycle in range(1 << 62):
             crop_seed = self.inputs.crop.seed + 100_003 * self.epoch + cycle
             # every reader walks the shards in the same order, so that "every n-th sample" partitions them
@@ -294,7 +295,7 @@ class LabelStream(IterableDataset):
                         continue
                     for arr in self.inputs.arrays(key, value, 1, crop_seed):
                         produced += 1
-                        if len(buffer) < self.shuffle_buffer:
+                        if len(buffer) < capacity:
                             buffer.append(arr)
                             continue
                         j = int(rng.integers(len(buffer)))
@@ -302,6 +303,9 @@ class LabelStream(IterableDataset):
                         yield arr
             if produced == 0:  # nothing for this reader at all: end instead of spinning
                 break
+            # a corpus smaller than the buffer: one pass fills it with every sample, so start emitting
+            # rather than decoding the same labels again and again to fill it
+            capacity = min(capacity, max(1, len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
 
