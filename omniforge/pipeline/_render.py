@@ -105,8 +105,13 @@ def _minmax_columns(x: np.ndarray) -> np.ndarray:
 
 
 def _ordered(names: list[str]) -> list[str]:
-    known = [n for n in _ORDER if n in names]
-    return known + [n for n in names if n not in _ORDER]
+    """Modalities in a fixed order; a panel annotating one ("depth (decoded ...)") right after it."""
+    plain = [n for n in names if " " not in n]
+    out: list[str] = []
+    for n in [n for n in _ORDER if n in plain] + [n for n in plain if n not in _ORDER]:
+        out.append(n)
+        out += [a for a in names if " " in a and a.split(" ", 1)[0] == n]
+    return out + [n for n in names if n not in out]
 
 
 def _draw_panel(ax: Axes, name: str, paint: Callable[[Axes], str]) -> None:
@@ -149,6 +154,8 @@ def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable
 
 
 def _array_painter(name: str, arr: np.ndarray) -> Callable[[Axes], str]:
+    if name.startswith("tok_") and arr.ndim == 2 and arr.dtype.kind == "i":
+        return lambda ax: _draw_tokens(ax, arr, image="@" in name)
     if name in _GRAY_MODALITIES and arr.ndim == 2:
         return lambda ax: _draw_gray(ax, arr)
     if name == "depth" and arr.ndim == 2:
@@ -216,6 +223,18 @@ def _draw_vector(ax: Axes, vec: np.ndarray) -> str:
     ax.set_xlim(0, max(data.size - 1, 1))
     ax.set_box_aspect(0.6)
     return f"{_shape_desc(vec)}, L2 {np.linalg.norm(data):.3g}"
+
+
+def _draw_tokens(ax: Axes, ids: np.ndarray, *, image: bool) -> str:
+    """Token ids of crop 0: a grid for image tokens (one colour per id), the first ids for sequences."""
+    first = ids[0]
+    side = int(round(np.sqrt(first.size)))
+    if image and side * side == first.size:
+        ax.imshow(first.reshape(side, side), cmap="tab20", interpolation="nearest")
+        return f"{ids.shape[0]} crops x {first.size} tokens, {len(np.unique(first))} distinct (crop 0)"
+    used = first[first != 0]
+    _text(ax, " ".join(str(int(t)) for t in used[:120]))
+    return f"{ids.shape[0]} crops x {first.size}, {used.size} used (crop 0)"
 
 
 def _draw_generic(ax: Axes, arr: np.ndarray) -> str:

@@ -78,8 +78,10 @@ def show(root: str, key: str, out: str, modalities: list[str] | None = None, *, 
     from omniforge.pipeline._render import render_sample
 
     values, failures = load_sample(root, key, modalities)
-    if tokenizers:
-        values.update(decode_tokens(values, tokenizers))
+    if tokenizers:  # labels beside what their tokens decode to, instead of raw token ids
+        decoded = decode_tokens(values, tokenizers)
+        values = {m: v for m, v in values.items() if not m.startswith("tok_") and m != "crop_settings"}
+        values.update(decoded)
     image = render_sample(key, values, failures=failures)
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -256,7 +256,8 @@ class ShardTokenizer:
         self._commit(shard, keys, kept, failures, crops, tokens, fingerprint)
         left_out = Counter(failures[k][0] for k in keys if k in failures)
         return {"shard": shard, "samples": len(keys), "written": len(kept), "left_out": dict(left_out),
-                "tokens": {token_folder(m): int(sum(tokens[m][k].size for k in kept)) for m in spec.modalities}}
+                "tokens": {token_folder(m): int(sum(_count_tokens(m, tokens[m][k]) for k in kept))
+                           for m in spec.modalities}}
 
     def _read(self, batch: list[str], inputs: tuple[str, ...], cursors: dict[str, _TarCursor],
               failures: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
@@ -375,6 +376,11 @@ class ShardTokenizer:
                      "error_message": None if k in kept_set else failures[k][1], "fingerprint": fingerprint,
                      "seconds": 0.0} for k in keys]
             shards.write_status(shards.status_uri(out, folder, shard), rows)
+
+
+def _count_tokens(modality: str, ids: np.ndarray) -> int:
+    """Tokens of one sample, all crops; sequences without their [PAD] (id 0) tail."""
+    return int(np.count_nonzero(ids)) if modality in SEQUENCES else int(ids.size)
 
 
 def crop_settings_for(key: str, height: int, width: int, cfg: CropConfig) -> np.ndarray:

@@ -149,11 +149,13 @@ class TrainResult:
     seconds: float  # wall time of this call
 
 
-def train_tokenizer(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Train the tokenizer `cfg` names on the label shards under `cfg.data`; see the module docstring."""
+def train_tokenizer(cfg: TrainConfig, *, progress: bool = True, verbose: bool = True) -> TrainResult:
+    """Train the tokenizer `cfg` names on the label shards under `cfg.data`; see the module docstring.
+
+    `verbose=False` leaves out the per-epoch lines (they still go to history.jsonl)."""
     if cfg.modality == CAPTION_MODALITY:
-        return _train_text(cfg)
-    return _Trainer(cfg, progress=progress).run()
+        return _train_text(cfg, verbose=verbose)
+    return _Trainer(cfg, progress=progress, verbose=verbose).run()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,9 +401,10 @@ def lr_at(step: int, *, total: int, warmup: int, peak: float, final_ratio: float
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, *, progress: bool):
+    def __init__(self, cfg: TrainConfig, *, progress: bool, verbose: bool = True):
         self.cfg = cfg
         self.progress = progress
+        self.verbose = verbose
 
     def run(self) -> TrainResult:
         from omniforge.tokenize import models
@@ -446,7 +449,8 @@ class _Trainer:
                          len(holdout_keys), steps_per_epoch)
                 if not history:
                     history.append({"epoch": 0, "step": 0, **self._evaluate(model, holdout, mcfg)})
-                    _print_epoch(history[-1], cfg.epochs)
+                    if self.verbose:
+                        _print_epoch(history[-1], cfg.epochs)
 
             stream = LabelStream(train_shards, self.inputs, exclude=holdout_keys, rank=dist_info.rank,
                                  world_size=dist_info.world_size, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
@@ -497,7 +501,8 @@ class _Trainer:
                         history.append(entry)
                         _save_checkpoint(directory, model, optimizer, epoch=epoch + 1, step=step, history=history,
                                          cfg=cfg)
-                        _print_epoch(entry, cfg.epochs)
+                        if self.verbose:
+                            _print_epoch(entry, cfg.epochs)
                     _barrier(dist_info)
             finally:
                 bar.close()
@@ -757,7 +762,7 @@ def _show(ax: Any, arr: np.ndarray, mcfg: Any, reference: np.ndarray) -> None:
 # Text
 
 
-def _train_text(cfg: TrainConfig) -> TrainResult:
+def _train_text(cfg: TrainConfig, *, verbose: bool = True) -> TrainResult:
     from tokenizers import Tokenizer
 
     from omniforge.tokenize.text import train_wordpiece
@@ -782,8 +787,9 @@ def _train_text(cfg: TrainConfig) -> TrainResult:
     entry = {"vocab_size": hf.get_vocab_size(), "captions": len(texts), "mean_tokens": n_tokens / len(texts),
              "unk_rate": n_unk / max(1, n_tokens)}
     _write_text(os.path.join(directory, HISTORY), json.dumps(entry) + "\n")
-    print(f"text tokenizer: vocab {entry['vocab_size']}, {entry['captions']} captions, "
-          f"{entry['mean_tokens']:.1f} tokens per caption, [UNK] rate {entry['unk_rate']:.2%}", flush=True)
+    if verbose:
+        print(f"text tokenizer: vocab {entry['vocab_size']}, {entry['captions']} captions, "
+              f"{entry['mean_tokens']:.1f} tokens per caption, [UNK] rate {entry['unk_rate']:.2%}", flush=True)
     return TrainResult(directory=directory, epochs=0, steps=0, history=[entry], seconds=time.perf_counter() - t0)
 
 
