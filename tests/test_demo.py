@@ -21,3 +21,13 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
         assert (report.modalities[m].labeled, report.modalities[m].failed) == (12, 1), m
     with Image.open(tmp_path / "preview.png") as img:
         assert img.width > 800 and img.height > 800
+    # then tiny tokenizers and token shards of every tokenizable modality, with 2 crops
+    from omniforge.tokenize.job import TOKENIZABLE, token_folder
+
+    for m in TOKENIZABLE:
+        folder = token_folder(m)
+        assert (report.modalities[folder].labeled, report.modalities[folder].failed) == (12, 1), folder
+    assert (report.modalities["crop_settings"].labeled, report.modalities["crop_settings"].failed) == (12, 1)
+    assert "12 tokenized with every modality, 1 left out" in out
+    with Image.open(tmp_path / "reconstruction.png") as img:
+        assert img.width > 800 and img.height > 800
