@@ -70,7 +70,8 @@ def discover_modalities(root: str) -> list[str]:
 
 def _token_folders() -> dict[str, tuple[int, np.dtype]]:
     """Token folders (and crop_settings) -> (values per crop, dtype) of their `(n_crops, N)` arrays."""
-    out = {m.token_modality: (m.num_tokens, np.dtype(np.int16)) for m in MODALITIES.values()}
+    out = {m.token_modality: (m.num_tokens, np.dtype(np.int16)) for m in MODALITIES.values()
+           if m.token_modality.startswith("tok_") and m.token_modality != m.name}
     out["crop_settings"] = (5, np.dtype(np.int32))
     return out
 
