@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 
 from omniforge import codecs
-from omniforge.errors import ConfigError, OmniforgeError, SampleError
+from omniforge.errors import ConfigError, SampleError
 from omniforge.modalities import MODALITIES
 from omniforge.pipeline import shards, storage
 from omniforge.pipeline._progress import Progress
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.pipeline.plan import load_manifest
-from omniforge.tokenize.crops import CropConfig
+from omniforge.tokenize.crops import CropConfig, crop_settings
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class ShardTokenizer:
             for k in batch:
                 if k not in failures:
                     rgb = labels["rgb"][k]
-                    crops[k] = crop_settings_for(k, rgb.shape[0], rgb.shape[1], spec.crops)
+                    crops[k] = crop_settings(k, rgb.shape[0], rgb.shape[1], spec.crops)
             for m in spec.modalities:
                 live = [k for k in batch if k not in failures]
                 if not live:
@@ -381,12 +381,6 @@ class ShardTokenizer:
 def _count_tokens(modality: str, ids: np.ndarray) -> int:
     """Tokens of one sample, all crops; sequences without their [PAD] (id 0) tail."""
     return int(np.count_nonzero(ids)) if modality in SEQUENCES else int(ids.size)
-
-
-def crop_settings_for(key: str, height: int, width: int, cfg: CropConfig) -> np.ndarray:
-    from omniforge.tokenize.crops import crop_settings
-
-    return crop_settings(key, height, width, cfg)
 
 
 class _ShardStage:
@@ -544,4 +538,4 @@ def parse_crops(n: int, *, seed: int = 0, size: int = 224) -> CropConfig:
 
 
 __all__ = ["TokenizeConfig", "TokenizeSummary", "ShardTokenizer", "tokenize", "TOKENIZABLE", "token_folder",
-           "CROP_SETTINGS", "OmniforgeError"]
+           "tokenizer_names", "CROP_SETTINGS"]
