@@ -51,7 +51,7 @@ def _bare_rate(root: str, tokenizers: Path, crops, device: str, threads: int, ba
     from omniforge.pipeline import shards, storage
     from omniforge.tokenize import models
     from omniforge.tokenize.crops import crop_dense, crop_settings
-    from omniforge.tokenize.job import DENSE_MODES
+    from omniforge.pipeline.tokenize_job import DENSE_MODES
 
     torch.set_num_threads(threads)
     inputs = {}
@@ -98,7 +98,7 @@ def main() -> None:
     import torch
 
     from omniforge.tokenize.crops import CropConfig
-    from omniforge.tokenize.job import TokenizeConfig, tokenize
+    from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenize
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     tmp = Path(tempfile.mkdtemp(prefix="omniforge-bench-tok-"))

@@ -22,7 +22,7 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     with Image.open(tmp_path / "preview.png") as img:
         assert img.width > 800 and img.height > 800
     # then tiny tokenizers and token shards of every tokenizable modality, with 2 crops
-    from omniforge.tokenize.job import TOKENIZABLE, token_folder
+    from omniforge.pipeline.tokenize_job import TOKENIZABLE, token_folder
 
     for m in TOKENIZABLE:
         folder = token_folder(m)

@@ -65,7 +65,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from omniforge.pipeline import parse_options, parse_weights
-    from omniforge.tokenize.job import TokenizeConfig, parse_crops, tokenize
+    from omniforge.pipeline.tokenize_job import TokenizeConfig, parse_crops, tokenize
 
     cfg = TokenizeConfig(input=args.input, output=args.output, tokenizers=args.tokenizers,
                          modalities=_csv(args.modalities), crops=parse_crops(args.crops, seed=args.seed),

@@ -48,9 +48,9 @@ def _tokenize(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str
               ray_address: str | None) -> bool:
     """Train a tiny tokenizer per tokenizable modality on the demo labels, then tokenize them with 2 crops."""
     from omniforge.pipeline import show, verify
+    from omniforge.pipeline.tokenize_job import (SAM_MASK_TOKENIZER, TEXT_TOKENIZER, TOKENIZABLE, TokenizeConfig,
+                                                 tokenize, tokenizer_names)
     from omniforge.tokenize.crops import CropConfig
-    from omniforge.tokenize.job import SAM_MASK_TOKENIZER, TEXT_TOKENIZER, TOKENIZABLE, TokenizeConfig, tokenize, \
-        tokenizer_names
     from omniforge.tokenize.train import TrainConfig, summary, train_tokenizer
 
     wanted = tuple(m for m in TOKENIZABLE if m in modalities)

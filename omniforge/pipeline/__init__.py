@@ -1,14 +1,15 @@
 """Ray orchestration, storage, shards and manifests.
 
-Public API: `plan`, `label`, `verify`, `show` and their configs. Storage URIs are local paths or s3://.
+Public API: `plan`, `label`, `tokenize`, `verify`, `show` and their configs. Storage URIs are local paths or s3://.
 """
 
 from omniforge.pipeline.label import LabelConfig, LabelSummary, label, parse_options, parse_weights
 from omniforge.pipeline.plan import PlanConfig, load_manifest, plan
 from omniforge.pipeline.show import load_sample, show
+from omniforge.pipeline.tokenize_job import TokenizeConfig, TokenizeSummary, tokenize
 from omniforge.pipeline.verify import VerifyReport, verify
 
 __all__ = [
     "LabelConfig", "LabelSummary", "PlanConfig", "VerifyReport", "label", "load_manifest", "load_sample",
-    "parse_options", "parse_weights", "plan", "show", "verify",
+    "parse_options", "parse_weights", "plan", "show", "TokenizeConfig", "TokenizeSummary", "tokenize", "verify",
 ]

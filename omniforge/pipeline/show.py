@@ -52,7 +52,8 @@ def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
     modalities as label arrays (drawn like the label, to compare), sequences as their text."""
     import torch
 
-    from omniforge.tokenize import job, models, text
+    from omniforge.pipeline import tokenize_job as job
+    from omniforge.tokenize import models, text
 
     out: dict[str, object] = {}
     text_tok = None

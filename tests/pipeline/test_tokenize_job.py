@@ -22,7 +22,7 @@ from omniforge.labelers import Sample, create_labeler
 from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, shards, verify
 from omniforge.tokenize import crops as C
 from omniforge.tokenize import models, text
-from omniforge.tokenize.job import TokenizeConfig, tokenize
+from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenize
 
 LABELED = ("rgb", "caption", "depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global",
            "color_palette", "metadata")
