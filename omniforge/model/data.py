@@ -1,0 +1,392 @@
+"""The trainer's loader: token shards -> masked, collated batches, with an exact resume.
+
+Reads ``ROOT/<folder>/shard-NNNNNN.tar`` (members ``<key>.npy``, int16 (n_crops, N), sorted by key) for
+every requested token folder. A shard counts for a folder once its ``_status`` table exists (the commit
+marker); the shards read are the union over folders. One stream of samples per (rank, DataLoader worker):
+
+- epoch e permutes the shard list with ``(seed, e)`` (the same on every rank); stream g of G = world_size x
+  workers takes every G-th shard of that order (so at least G shards are needed);
+- within a shard the folders are merged by key, streaming: a key missing from a folder gives None for that
+  folder (the masker masks it entirely); the sample is kept;
+- samples are shuffled in blocks of ``shuffle_buffer`` (read a block, permute it, yield it), blocks running
+  across shard boundaries within an epoch;
+- each sample gets its own generator, seeded by (seed, epoch, shard, index in shard): it picks the crop
+  index (one for all folders of the sample) and drives the masker, so a sample's masking does not depend
+  on the rank or worker layout;
+- a stream cuts its samples into batches of ``batch_size``; endless (``epochs=None``) streams run into the
+  next epoch, finite ones end with a last, possibly smaller, batch.
+
+Exact resume: a stream's position is (epoch, start of the current block as shard index + offset, samples
+of the block already yielded); nothing else is random. ``state_dict()`` gives every stream's position after
+the last batch handed out; a loader built with the same config, rank and world size and given that state
+re-reads the current block (and the start of the shard it begins in) and yields exactly the batches the
+uninterrupted loader would have. With several workers the DataLoader takes batches from the workers in turn, so the state also holds how
+many batches were handed out, and the resumed loader starts at the worker whose turn it was: exact for
+endless loaders; a finite loader whose workers run out at different times is exact with one worker.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from omniforge.errors import ConfigError, CorpusError
+from omniforge.model.masking import Masker, collate
+from omniforge.pipeline import shards as _shards
+from omniforge.pipeline import storage
+
+STATE_VERSION = 1
+_SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
+_BRACES_RE = re.compile(r"^\{(\d+)\.\.(\d+)\}$")
+# Seed-sequence domains, so the draws of different purposes never coincide.
+_SHARD_ORDER, _BLOCK, _SAMPLE = 0, 1, 2
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str  # corpus root (local path or s3://)
+    folders: tuple[str, ...]  # token folders, e.g. ("tok_rgb@224", "tok_caption")
+    batch_size: int
+    shards: str | None = None  # "{000000..000099}", "3", "0,2,5"; None: every shard committed in some folder
+    shuffle_buffer: int = 1000  # samples per shuffled block; 1: no shuffling within shards
+    seed: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank
+    epochs: int | None = None  # None: endless; n: stop after n passes
+    keys: bool = False  # add "__key__" (list of keys) and "__crop__" (int64 (B,)) to every batch
+
+    def __post_init__(self) -> None:
+        self.folders = tuple(self.folders)
+        if not self.folders:
+            raise ConfigError("DataConfig.folders is empty: name the token folders to train on, e.g. tok_rgb@224")
+        if len(set(self.folders)) != len(self.folders):
+            raise ConfigError(f"DataConfig.folders repeats a folder: {self.folders}")
+        if self.batch_size < 1:
+            raise ConfigError(f"DataConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"DataConfig.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.num_workers < 0:
+            raise ConfigError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"DataConfig.epochs must be >= 1 or None (endless), got {self.epochs}")
+        if self.seed < 0:
+            raise ConfigError(f"DataConfig.seed must be >= 0, got {self.seed}")
+
+
+def parse_shards(spec: str) -> list[int]:
+    """"{000000..000099}" | "7" | "0,2,5" -> shard numbers."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        m = _BRACES_RE.match(part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ConfigError(f"shards {spec!r}: range {part} ends before it starts")
+            out.extend(range(lo, hi + 1))
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            raise ConfigError(f"shards {spec!r}: write a range like {{000000..000099}} or numbers like 0,2,5")
+    return sorted(set(out))
+
+
+def committed_shards(root: str, folder: str) -> set[int]:
+    """Shards of a folder whose status table exists (the commit marker of the tar)."""
+    status_dir = storage.join(root, _shards.STATUS_DIR, folder)
+    found = set()
+    for uri, _size in storage.list_files(status_dir, (".parquet",)):
+        m = _SHARD_RE.search(uri)
+        if m:
+            found.add(int(m.group(1)))
+    return found
+
+
+@dataclass(frozen=True)
+class _Record:
+    shard: int
+    index: int  # position of the key in the shard's merged key order
+    key: str
+    members: dict[str, bytes | None]  # folder -> npy bytes, None when the folder lacks the key
+
+
+def _stream_state(epoch: int = 0, shard_pos: int = 0, offset: int = 0, yielded: int = 0) -> dict[str, int]:
+    return {"epoch": epoch, "shard_pos": shard_pos, "offset": offset, "yielded": yielded}
+
+
+class TokenShardDataset(IterableDataset):
+    """Masked, collated batches from token shards (see the module docstring for order and resume).
+
+    Iterated directly (or by a DataLoader with ``num_workers=0``) it keeps its own position:
+    ``state_dict()`` / ``load_state_dict()``. With worker processes use :func:`make_loader`, whose loader
+    keeps the position of every worker.
+    """
+
+    def __init__(self, cfg: DataConfig, masker: Masker, *, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.masker = masker
+        if (rank is None) != (world_size is None):
+            raise ConfigError("give both rank and world_size, or neither (then torch.distributed decides)")
+        if rank is None:
+            initialized = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
+        missing = [f for f in cfg.folders if f not in masker.specs]
+        extra = [f for f in masker.specs if f not in cfg.folders]
+        if missing or extra:
+            raise ConfigError(f"the masker's folders {list(masker.specs)} differ from DataConfig.folders "
+                              f"{list(cfg.folders)}: build the masker with specs_for(cfg.folders, ...)")
+        self.shards = self._find_shards()
+        self.num_streams = world_size * max(1, cfg.num_workers)
+        if len(self.shards) < self.num_streams:
+            raise ConfigError(f"{len(self.shards)} shards cannot feed {world_size} ranks x "
+                              f"{max(1, cfg.num_workers)} workers: use fewer workers, or more (smaller) shards")
+        # Position of each local stream (worker), and the worker whose turn comes first (see make_loader).
+        self._states: dict[int, dict[str, int]] = {w: _stream_state() for w in range(max(1, cfg.num_workers))}
+        self._first_worker = 0
+
+    # ---- discovery and reading
+
+    def _find_shards(self) -> list[int]:
+        committed = {f: committed_shards(self.cfg.root, f) for f in self.cfg.folders}
+        self._committed = committed
+        found = set().union(*committed.values())
+        if self.cfg.shards is None:
+            if not found:
+                raise CorpusError(f"no committed token shards under {self.cfg.root} for {list(self.cfg.folders)}: "
+                                  "run `omniforge tokenize` first (a shard counts once its _status table exists)")
+            return sorted(found)
+        wanted = parse_shards(self.cfg.shards)
+        absent = [s for s in wanted if s not in found]
+        if absent:
+            raise CorpusError(f"shards {absent[:10]}{' ...' if len(absent) > 10 else ''} are committed in none of "
+                              f"{list(self.cfg.folders)} under {self.cfg.root}: tokenize them or narrow --shards")
+        return wanted
+
+    def _read_shard(self, shard: int) -> Iterator[_Record]:
+        """The samples of one shard: its folders merged by key (every tar is sorted by key)."""
+        folders = [f for f in self.cfg.folders if shard in self._committed[f]]
+        iters = {f: _keyed(_shards.tar_uri(self.cfg.root, f, shard)) for f in folders}
+        heads: dict[str, tuple[str, bytes] | None] = {f: next(it, None) for f, it in iters.items()}
+        index = 0
+        while True:
+            live = [h[0] for h in heads.values() if h is not None]
+            if not live:
+                return
+            key = min(live)
+            members: dict[str, bytes | None] = dict.fromkeys(self.cfg.folders)
+            for f, head in heads.items():
+                if head is not None and head[0] == key:
+                    members[f] = head[1]
+                    heads[f] = next(iters[f], None)
+            yield _Record(shard, index, key, members)
+            index += 1
+
+    def _epoch_shards(self, epoch: int, stream: int) -> list[int]:
+        order = np.random.default_rng([self.cfg.seed, _SHARD_ORDER, epoch]).permutation(len(self.shards))
+        return [self.shards[i] for i in order[stream::self.num_streams]]
+
+    def _read_from(self, shard_list: list[int], shard_pos: int, offset: int) -> Iterator[tuple[int, int, _Record]]:
+        """Records from (shard_pos, offset) on, each with the position right after it."""
+        for pos in range(shard_pos, len(shard_list)):
+            skip = offset if pos == shard_pos else 0
+            for i, rec in enumerate(self._read_shard(shard_list[pos])):
+                if i >= skip:
+                    yield pos, i + 1, rec
+
+    # ---- samples
+
+    def _sample(self, rec: _Record, epoch: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.cfg.seed, _SAMPLE, epoch, rec.shard, rec.index])
+        arrays = {f: _decode(b, self.cfg.root, f, rec) for f, b in rec.members.items() if b is not None}
+        n_crops = min(a.shape[0] for a in arrays.values())
+        for f, a in arrays.items():
+            expected = self.masker.specs[f].num_tokens
+            if a.shape[1] != expected:
+                raise CorpusError(f"{_shards.tar_uri(self.cfg.root, f, rec.shard)}: {rec.key}.npy has "
+                                  f"{a.shape[1]} tokens per crop, the {f} spec expects {expected}: "
+                                  "re-tokenize the shard or fix the spec")
+        crop = int(rng.integers(n_crops))
+        sample = {f: (arrays[f][crop] if f in arrays else None) for f in self.cfg.folders}
+        return {"key": rec.key, "crop": crop, "masked": self.masker(sample, rng)}
+
+    def _stream(self, stream: int, state: Mapping[str, int]) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
+        """(sample, stream position after it), forever or for cfg.epochs epochs."""
+        epoch, shard_pos, offset, yielded = (int(state[k]) for k in ("epoch", "shard_pos", "offset", "yielded"))
+        while self.cfg.epochs is None or epoch < self.cfg.epochs:
+            shard_list = self._epoch_shards(epoch, stream)
+            reader = self._read_from(shard_list, shard_pos, offset)
+            produced = False
+            while True:
+                block = [r for _, r in zip(range(self.cfg.shuffle_buffer), reader)]
+                if not block:
+                    break
+                produced = True
+                end_pos, end_off = block[-1][0], block[-1][1]
+                rng = np.random.default_rng([self.cfg.seed, _BLOCK, epoch, stream, self.num_streams,
+                                             shard_pos, offset])
+                order = rng.permutation(len(block)) if self.cfg.shuffle_buffer > 1 else np.arange(len(block))
+                for j in range(yielded, len(block)):
+                    sample = self._sample(block[order[j]][2], epoch)
+                    if j + 1 < len(block):
+                        after = _stream_state(epoch, shard_pos, offset, j + 1)
+                    else:
+                        after = _stream_state(epoch, end_pos, end_off, 0)
+                    yield sample, after
+                shard_pos, offset, yielded = end_pos, end_off, 0
+            if not produced and shard_pos == 0 and offset == 0:
+                raise CorpusError(f"shards {shard_list} of {self.cfg.root} hold no samples for "
+                                  f"{list(self.cfg.folders)}: check the tokenize run")
+            epoch, shard_pos, offset, yielded = epoch + 1, 0, 0, 0
+
+    def _batches(self, worker: int, num_workers: int) -> Iterator[tuple[dict[str, Any], int, dict[str, int]]]:
+        """(batch, worker, worker position after the batch) of one local worker."""
+        stream = self.rank * num_workers + worker
+        rows: list[dict[str, Any]] = []
+        state = self._states[worker]
+        for sample, after in self._stream(stream, state):
+            rows.append(sample)
+            state = after
+            if len(rows) == self.cfg.batch_size:
+                yield self._collate(rows), worker, state
+                rows = []
+        if rows:
+            yield self._collate(rows), worker, state
+
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = collate([r["masked"] for r in rows])
+        if self.cfg.keys:
+            batch["__key__"] = [r["key"] for r in rows]
+            batch["__crop__"] = torch.tensor([r["crop"] for r in rows], dtype=torch.int64)
+        return batch
+
+    def _local_worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        num_workers = max(1, self.cfg.num_workers)
+        if info is None:
+            if self.cfg.num_workers > 1:
+                raise ConfigError("this dataset was configured for worker processes: iterate it through "
+                                  "make_loader(...), or set DataConfig.num_workers to 0")
+            return 0, num_workers
+        if info.num_workers != num_workers:
+            raise ConfigError(f"DataLoader has {info.num_workers} workers but DataConfig.num_workers is "
+                              f"{self.cfg.num_workers}: use make_loader(...)")
+        return (info.id + self._first_worker) % num_workers, num_workers
+
+    def iter_with_state(self) -> Iterator[tuple[dict[str, Any], int, dict[str, int]]]:
+        """(batch, local worker, its position after the batch): what make_loader's workers send."""
+        worker, num_workers = self._local_worker()
+        yield from self._batches(worker, num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch, worker, state in self.iter_with_state():
+            self._states[worker] = state
+            yield batch
+
+    # ---- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "seed": self.cfg.seed, "folders": list(self.cfg.folders),
+                "shards": list(self.shards), "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.cfg.num_workers, "first_worker": self._first_worker,
+                "workers": {str(w): dict(s) for w, s in self._states.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for field_ in ("seed", "folders", "shards", "rank", "world_size", "num_workers"):
+            if state[field_] != mine[field_]:
+                raise ConfigError(f"cannot resume: the saved data state has {field_}={state[field_]!r}, this "
+                                  f"loader has {mine[field_]!r}; resume with the same data config and layout")
+        self._states = {int(w): _stream_state(**s) for w, s in state["workers"].items()}
+        self._first_worker = int(state["first_worker"])
+
+
+def _keyed(uri: str) -> Iterator[tuple[str, bytes]]:
+    """(key, bytes) of a token tar, checking the key order the merge relies on."""
+    prev: str | None = None
+    for name, data in _shards.iter_tar(uri):
+        key = _shards.member_key(name)
+        if prev is not None and key <= prev:
+            raise CorpusError(f"{uri}: member {name!r} comes after key {prev!r} (keys must be unique and sorted): "
+                              "re-run `omniforge tokenize` for this shard; `omniforge verify` checks the order")
+        prev = key
+        yield key, data
+
+
+def _decode(data: bytes, root: str, folder: str, rec: _Record) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        raise CorpusError(f"{_shards.tar_uri(root, folder, rec.shard)}: {rec.key}.npy is not a readable .npy "
+                          f"({e}): re-run `omniforge tokenize` for this shard") from None
+    if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise CorpusError(f"{_shards.tar_uri(root, folder, rec.shard)}: {rec.key}.npy is {arr.dtype} {arr.shape}, "
+                          "expected integer token ids (n_crops, N)")
+    return arr
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class TokenLoader:
+    """Batches of a rank, through a DataLoader, with the position of every worker (make_loader's result).
+
+    Iterating continues from the current position (the start, or a loaded state); ``state_dict()`` is the
+    position after the last batch handed out. Save it per rank.
+    """
+
+    def __init__(self, dataset: TokenShardDataset):
+        self.dataset = dataset
+        self._batches = 0  # batches handed out since the start of the stream (across resumes)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = self.dataset
+        num_workers = max(1, ds.cfg.num_workers)
+        ds._first_worker = self._batches % num_workers
+        loader = DataLoader(_WithState(ds), batch_size=None, collate_fn=_identity,
+                            num_workers=ds.cfg.num_workers)
+        for batch, worker, state in loader:
+            ds._states[worker] = state
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.dataset.state_dict()
+        state["first_worker"] = self._batches % max(1, self.dataset.cfg.num_workers)
+        state["batches"] = self._batches
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
+        self._batches = int(state["batches"])
+
+
+class _WithState(IterableDataset):
+    def __init__(self, dataset: TokenShardDataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], int, dict[str, int]]]:
+        return self.dataset.iter_with_state()
+
+
+def make_loader(cfg: DataConfig, masker: Masker, *, rank: int | None = None,
+                world_size: int | None = None) -> TokenLoader:
+    """The batches of one rank (rank/world_size: explicit, or from torch.distributed when both are None)."""
+    return TokenLoader(TokenShardDataset(cfg, masker, rank=rank, world_size=world_size))
+
+
+__all__ = ["DataConfig", "TokenLoader", "TokenShardDataset", "committed_shards", "make_loader", "parse_shards"]

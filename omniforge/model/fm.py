@@ -1,0 +1,312 @@
+"""The 4M-21-style multimodal encoder-decoder (the network only; masking and training live elsewhere).
+
+A batch is ``dict[folder, dict[str, Tensor]]`` in the shared format (see ``omniforge/model/specs.py``):
+``"tensor"`` int64 (B, L) token ids, ``"input_mask"`` bool (B, L) True = not given to the encoder,
+``"target_mask"`` bool (B, L) True = not a target, ``"decoder_attention_mask"`` int (B, L).
+
+- Encoder: every modality's visible tokens (input_mask False) are embedded (per-modality token table +
+  fixed sin-cos position + learned modality embedding), gathered per sample into one padded
+  (B, N_in) sequence with a padding mask, and run through pre-norm transformer blocks.
+- Decoder: one query per target position (target_mask False): a learned mask token (images, globals,
+  and the first target of a sequence) or the previous target token of the same sequence (teacher
+  forcing), plus position and modality embeddings. Self-attention stays inside one modality:
+  bidirectional for image and global modalities, causal over a sequence modality's targets (the
+  attention pattern comes from the spec's kind; ``decoder_attention_mask`` is not read). Every block
+  also cross-attends to the encoder output.
+- Per-modality linear heads give logits; the loss is the cross-entropy averaged over each modality's
+  target tokens, then over the modalities that have at least one target in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omniforge.errors import ConfigError
+from omniforge.model._layers import DecoderBlock, EncoderBlock, layer_norm, sincos_1d, sincos_2d
+from omniforge.model.specs import ModalitySpec
+
+Batch = dict[str, dict[str, Tensor]]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    dim: int  # width of every token
+    encoder_depth: int
+    decoder_depth: int
+    heads: int  # attention heads; dim must be a multiple of heads
+    mlp_ratio: float = 4.0  # MLP hidden width / dim (SwiGLU uses 2/3 of it per matrix)
+    swiglu: bool = False  # gated SiLU MLP instead of GELU
+    bias: bool = True  # False = the "no-bias" variant: no bias in linear layers or LayerNorms
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "encoder_depth", "decoder_depth", "heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"ModelConfig.{name}={value!r}: must be a positive integer")
+        if self.dim % self.heads:
+            raise ConfigError(f"ModelConfig.dim={self.dim} is not a multiple of heads={self.heads}: "
+                              "pick heads that divide dim")
+        if (self.dim // self.heads) % 2 or self.dim % 4:
+            raise ConfigError(f"ModelConfig.dim={self.dim}: must be a multiple of 4 (2-D sin-cos positions) "
+                              "with an even width per head")
+        if not self.mlp_ratio > 0:
+            raise ConfigError(f"ModelConfig.mlp_ratio={self.mlp_ratio!r}: must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ModelConfig.dropout={self.dropout!r}: must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"ModelConfig: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(dim=64, encoder_depth=2, decoder_depth=2, heads=2),
+    "B": ModelConfig(dim=768, encoder_depth=12, decoder_depth=12, heads=12),
+    "L": ModelConfig(dim=1024, encoder_depth=24, decoder_depth=24, heads=16),
+    "XL": ModelConfig(dim=2048, encoder_depth=24, decoder_depth=24, heads=32),
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    """A copy of the named config (edit it with ``dataclasses.replace``)."""
+    try:
+        return replace(MODEL_CONFIGS[name])
+    except KeyError:
+        raise ConfigError(f"unknown model config {name!r}; valid names: {', '.join(MODEL_CONFIGS)}") from None
+
+
+class Encoded(NamedTuple):
+    context: Tensor  # (B, N_in, D) encoder output as the decoder reads it
+    padding: Tensor  # (B, N_in) bool, True = padding slot (no token)
+
+
+class _Gathered(NamedTuple):
+    index: Tensor  # (B, N) int64 positions in the modality's row, ascending; padding slots hold 0
+    valid: Tensor  # (B, N) bool, False = padding slot
+    ids: Tensor  # (B, N) int64 token ids at those positions (0 at padding)
+
+
+def _gather(tensor: Tensor, excluded: Tensor) -> _Gathered:
+    """Positions where ``excluded`` is False, in ascending order, left-aligned and padded per sample."""
+    counts = (~excluded).sum(dim=1)  # (B,)
+    n = int(counts.max()) if counts.numel() else 0
+    order = torch.sort(excluded.to(torch.uint8), dim=1, stable=True).indices[:, :n]  # (B, N)
+    valid = torch.arange(n, device=tensor.device)[None, :] < counts[:, None]  # (B, N)
+    index = order.masked_fill(~valid, 0)
+    ids = torch.gather(tensor, 1, index).masked_fill(~valid, 0)
+    return _Gathered(index, valid, ids)
+
+
+class FourM(nn.Module):
+    """4M-style any-to-any model over the token folders in ``specs``."""
+
+    def __init__(self, config: ModelConfig, specs: dict[str, ModalitySpec]):
+        super().__init__()
+        if not specs:
+            raise ConfigError("FourM needs at least one modality spec")
+        for name, spec in specs.items():
+            if name != spec.name:
+                raise ConfigError(f"specs key {name!r} differs from its spec name {spec.name!r}")
+            if "." in name:
+                raise ConfigError(f"modality folder {name!r} contains '.', which cannot name a submodule")
+        self.config = config
+        self.specs = dict(specs)
+        dim = config.dim
+        hidden = int(dim * config.mlp_ratio)
+        block = dict(swiglu=config.swiglu, bias=config.bias, dropout=config.dropout)
+
+        self.encoder_tokens = nn.ModuleDict({m: nn.Embedding(s.vocab_size, dim) for m, s in specs.items()})
+        # Image and global decoder queries are mask tokens; only sequences embed (previous) target tokens.
+        self.decoder_tokens = nn.ModuleDict(
+            {m: nn.Embedding(s.vocab_size, dim) for m, s in specs.items() if s.kind == "sequence"})
+        self.modality_embeddings = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim)) for m in specs})
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        for m, s in specs.items():
+            table = sincos_2d(s.grid, dim) if s.kind == "image" else sincos_1d(s.seq_len, dim)
+            self.register_buffer(self._pos_name(m), table, persistent=False)  # (L, D)
+
+        self.encoder = nn.ModuleList(EncoderBlock(dim, config.heads, hidden, **block)
+                                     for _ in range(config.encoder_depth))
+        self.encoder_norm = layer_norm(dim, config.bias)
+        self.context_proj = nn.Linear(dim, dim, bias=config.bias)
+        self.decoder = nn.ModuleList(DecoderBlock(dim, config.heads, hidden, **block)
+                                     for _ in range(config.decoder_depth))
+        self.decoder_norm = layer_norm(dim, config.bias)
+        self.heads = nn.ModuleDict({m: nn.Linear(dim, s.vocab_size, bias=False) for m, s in specs.items()})
+        self._init_weights()
+
+    @staticmethod
+    def _pos_name(modality: str) -> str:
+        return "pos_" + modality.replace("@", "_at_")
+
+    def _pos(self, modality: str) -> Tensor:
+        return getattr(self, self._pos_name(modality))
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for p in self.modality_embeddings.values():
+            nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- input checks -------------------------------------------------------------------------------
+
+    def _modalities(self, batch: Batch) -> list[str]:
+        if not batch:
+            raise ValueError("empty batch: it needs at least one modality")
+        unknown = [m for m in batch if m not in self.specs]
+        if unknown:
+            raise ValueError(f"batch has modalities {unknown} that the model was not built with; "
+                             f"known: {list(self.specs)}")
+        for m, d in batch.items():
+            expected = self.specs[m].seq_len
+            for key in ("tensor", "input_mask", "target_mask"):
+                if key not in d:
+                    raise ValueError(f"batch[{m!r}] has no {key!r}")
+                if d[key].ndim != 2 or d[key].shape[1] != expected:
+                    raise ValueError(f"batch[{m!r}][{key!r}] has shape {tuple(d[key].shape)}, "
+                                     f"expected (B, {expected})")
+        return list(batch)
+
+    # ---- encoder ------------------------------------------------------------------------------------
+
+    def encode(self, batch: Batch) -> Encoded:
+        """Run the encoder on the visible tokens (input_mask False) of every modality.
+
+        Returns ``Encoded(context (B, N_in, D), padding (B, N_in) bool)``. ``context`` is the encoder
+        output as the decoder reads it: normalised, projected, and with each token's position and modality
+        embedding added back (as 4M does). ``padding`` is True at slots holding no token, which attention
+        skips; a sample with no visible token at all keeps one zero slot (padding False) to attend to.
+        """
+        tokens, embs, valids = [], [], []
+        for m in self._modalities(batch):
+            d = batch[m]
+            g = _gather(d["tensor"].long(), d["input_mask"].bool())
+            if g.ids.shape[1] == 0:
+                continue
+            emb = self._pos(m)[g.index] + self.modality_embeddings[m]  # (B, N_m, D)
+            tokens.append(self.encoder_tokens[m](g.ids))
+            embs.append(emb)
+            valids.append(g.valid)
+        if not tokens:  # nothing visible anywhere: one empty slot per sample keeps attention well defined
+            b = next(iter(batch.values()))["tensor"].shape[0]
+            zeros = self.mask_token.new_zeros(b, 1, self.config.dim)
+            tokens, embs = [zeros], [zeros]
+            valids = [torch.zeros(b, 1, dtype=torch.bool, device=zeros.device)]
+        x = torch.cat(tokens, dim=1)  # (B, sum N_m, D)
+        emb = torch.cat(embs, dim=1)
+        valid = torch.cat(valids, dim=1)  # (B, sum N_m)
+        if len(tokens) > 1:  # left-align each sample's tokens across modalities, drop all-padding columns
+            n = max(int(valid.sum(dim=1).max()), 1)
+            order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # (B, N_in)
+            x = torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))
+            emb = torch.gather(emb, 1, order[..., None].expand(-1, -1, emb.shape[-1]))
+            valid = torch.gather(valid, 1, order)
+        valid_f = valid[..., None].to(x.dtype)
+        x = (x + emb) * valid_f  # (B, N_in, D)
+        # A sample with no visible token attends to its first (empty) slot instead of to nothing.
+        keys = valid.clone()
+        keys[:, 0] |= ~valid.any(dim=1)
+        key_mask = keys[:, None, None, :]  # (B, 1, 1, N_in)
+        for blk in self.encoder:
+            x = blk(x, key_mask)
+        context = (self.context_proj(self.encoder_norm(x)) + emb) * valid_f  # (B, N_in, D)
+        return Encoded(context, ~keys)
+
+    # ---- decoder ------------------------------------------------------------------------------------
+
+    def _decode(self, batch: Batch, encoded: Encoded | None) -> dict[str, tuple[Tensor, _Gathered]]:
+        """Decoder outputs (B, N_m, D) and gathered target positions for each modality with targets."""
+        if encoded is None:
+            encoded = self.encode(batch)
+        queries, targets, mod_ids, causal = [], {}, [], []
+        for i, m in enumerate(self._modalities(batch)):
+            d = batch[m]
+            g = _gather(d["tensor"].long(), d["target_mask"].bool())
+            n = g.ids.shape[1]
+            if n == 0:
+                continue
+            spec = self.specs[m]
+            q = self.mask_token.expand(*g.ids.shape, -1)  # (B, N_m, D)
+            if spec.kind == "sequence":  # teacher forcing: position t reads the target token before it
+                prev = self.decoder_tokens[m](F.pad(g.ids[:, :-1], (1, 0)))  # (B, N_m, D)
+                first = torch.arange(n, device=prev.device)[None, :, None] == 0
+                q = torch.where(first, q, prev)
+            q = q + self._pos(m)[g.index] + self.modality_embeddings[m]
+            queries.append(q)
+            targets[m] = g
+            mod_ids.append(torch.where(g.valid, i, -1))  # (B, N_m); padding slots form their own group
+            causal.append(torch.full((n,), spec.kind == "sequence", device=q.device))
+        if not queries:
+            return {}
+        y = torch.cat(queries, dim=1)  # (B, M, D)
+        mod = torch.cat(mod_ids, dim=1)  # (B, M)
+        is_causal = torch.cat(causal)  # (M,)
+        m_total = y.shape[1]
+        ar = torch.arange(m_total, device=y.device)
+        later = ar[None, :] > ar[:, None]  # (M, M): key after query
+        same = mod[:, :, None] == mod[:, None, :]  # (B, M, M)
+        self_mask = same & ~(later & is_causal[:, None])[None]
+        self_mask = (self_mask | torch.eye(m_total, dtype=torch.bool, device=y.device))[:, None]  # (B, 1, M, M)
+        cross_mask = (~encoded.padding)[:, None, None, :]  # (B, 1, 1, N_in)
+        for blk in self.decoder:
+            y = blk(y, encoded.context, self_mask, cross_mask)
+        y = self.decoder_norm(y)
+        out, start = {}, 0
+        for m, g in targets.items():
+            n = g.ids.shape[1]
+            out[m] = (y[:, start:start + n], g)
+            start += n
+        return out
+
+    def decoder_logits(self, batch: Batch, encoded: Encoded | None = None, *,
+                       scatter: bool = False) -> dict[str, Tensor]:
+        """Logits at the target positions (target_mask False) of each modality that has any.
+
+        By default each value is (B, N_m, V_m): row n is the sample's n-th target position in ascending
+        order (rows past a sample's own target count are padding and meaningless). With ``scatter=True``
+        it is (B, L, V_m), logits at their positions in the batch row and zeros elsewhere. Pass the
+        result of ``encode(batch)`` as ``encoded`` to reuse it across decoding steps.
+        """
+        out = {}
+        for m, (y, g) in self._decode(batch, encoded).items():
+            logits = self.heads[m](y)  # (B, N_m, V_m)
+            if scatter:  # padding slots go to an extra column L, dropped afterwards
+                seq_len = self.specs[m].seq_len
+                index = g.index.masked_fill(~g.valid, seq_len)[..., None].expand_as(logits)
+                full = logits.new_zeros(logits.shape[0], seq_len + 1, logits.shape[-1])
+                logits = full.scatter(1, index, logits)[:, :seq_len]  # (B, L, V_m)
+            out[m] = logits
+        return out
+
+    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(total loss, per-modality losses): cross-entropy averaged over each modality's target tokens,
+        then the plain mean over modalities with at least one target in the batch."""
+        losses = {}
+        for m, (y, g) in self._decode(batch, None).items():
+            logits = self.heads[m](y[g.valid])  # (T_m, V_m), only real targets
+            losses[m] = F.cross_entropy(logits.float(), g.ids[g.valid])
+        if not losses:  # no targets at all: a zero that still backpropagates
+            return self.mask_token.sum() * 0.0, losses
+        return torch.stack(list(losses.values())).mean(), losses
