@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from omniforge.errors import OmniforgeError
+from omniforge.model._cli import add_sample_cli, add_train_cli
 from omniforge.tokenize._cli import add_cli as add_tokenizer_cli
 
 DEFAULT_MODALITIES = "rgb,caption,canny_edge,color_palette,clip,dinov2,dinov2_global"
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tokenize)
 
     add_tokenizer_cli(sub)
+    add_train_cli(sub)
+    add_sample_cli(sub)
 
     p = sub.add_parser("verify", help="check that every sample is accounted for; exit 1 on any problem")
     p.add_argument("root")

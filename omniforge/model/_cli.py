@@ -1,0 +1,87 @@
+"""Argument parsing for `omniforge train` and `omniforge sample`, free of heavy imports (torch loads to run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEDULES = ("cosine", "linear")
+DTYPES = ("auto", "bf16", "fp32")
+STRATEGIES = ("ddp", "fsdp")
+ORDERS = ("maskgit", "random")
+
+
+TRAIN_FLAGS: dict[str, dict[str, Any]] = {
+    "data": dict(help="token root holding tok_* folders (local or s3://)"),
+    "modalities": dict(help="comma-separated token folders, e.g. tok_rgb@224,tok_depth@224,tok_caption"),
+    "out": dict(help="run directory (checkpoints, log.jsonl, loss.png); an existing run resumes"),
+    "tokenizers": dict(help="tokenizers directory holding text/tokenizer.json (for sequence modalities)"),
+    "model": dict(help="model size: tiny | B | L | XL"),
+    "masking": dict(help="masking YAML (ml-4m alphas mixture or MaskingConfig fields); default: uniform"),
+    "input_tokens": dict(type=int, help="encoder tokens per sample"),
+    "target_tokens": dict(type=int, help="decoder target tokens per sample"),
+    "steps": dict(type=int), "batch_size": dict(type=int, help="samples per batch per rank"),
+    "grad_accum": dict(type=int, help="batches per optimizer step"),
+    "lr": dict(type=float, help="peak learning rate (linear warm-up, then cosine to --final-lr)"),
+    "warmup_steps": dict(type=int), "final_lr": dict(type=float), "weight_decay": dict(type=float),
+    "grad_clip": dict(type=float, help="max gradient norm (0: no clipping)"),
+    "seed": dict(type=int), "device": dict(help="auto | cpu | cuda | cuda:N"),
+    "dtype": dict(choices=DTYPES), "strategy": dict(choices=STRATEGIES, help="under torchrun: ddp | fsdp"),
+    "log_every": dict(type=int), "save_every": dict(type=int, help="checkpoint period in steps"),
+    "num_workers": dict(type=int, help="data loader workers per rank"), "shuffle_buffer": dict(type=int),
+}
+
+
+def add_train_cli(subparsers: Any) -> None:
+    """Register ``omniforge train`` on the top-level subparsers."""
+    p = subparsers.add_parser("train", help="train the 4M-21-style model on token shards (torchrun for DDP/FSDP)")
+    p.add_argument("--config", default=None, metavar="NAME|FILE",
+                   help="a model size (tiny, B, L, XL) or a YAML file of train settings (these flags' names, "
+                        "with underscores); flags given on the command line override it")
+    for name, kw in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+                   help="do not write TensorBoard scalars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_cmd_train)
+
+
+def _cmd_train(args: Any) -> int:
+    from omniforge.model.train import cmd_train
+
+    return cmd_train(args)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_sample_cli(subparsers: Any) -> None:
+    """Register `omniforge sample ...` on the top-level subparsers."""
+    p = subparsers.add_parser("sample", help="generate modalities of one sample from a trained 4M checkpoint")
+    p.add_argument("--checkpoint", required=True, help="training run directory (uses `latest`) or a "
+                   "checkpoint-<step> directory")
+    p.add_argument("--input", required=True, help="corpus root holding the token shards (local or s3://)")
+    p.add_argument("--key", required=True, help="sample key (crop 0 of its token shards is used)")
+    p.add_argument("--from", dest="sources", required=True, type=_csv,
+                   help="comma-separated input token folders, e.g. tok_rgb@224")
+    p.add_argument("--to", dest="targets", required=True, type=_csv,
+                   help="comma-separated token folders to generate, in order (chained), e.g. tok_depth@224,tok_caption")
+    p.add_argument("--tokenizers", default=None, help="tokenizers directory: also write decoded outputs "
+                   "(images as PNG or .npy, sequences as .txt)")
+    p.add_argument("--out", required=True, help="output directory: OUT/<key>/<folder>.npy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=8, help="MaskGIT / ROAR rounds for image-like targets")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    p.add_argument("--order", default="maskgit", choices=ORDERS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(fn=_sample_cli)
+
+
+def _sample_cli(args: Any) -> int:
+    from omniforge.model.sample import sample_cli
+
+    return sample_cli(args)

@@ -1,0 +1,325 @@
+"""Any-to-any generation on a tiny random FourM: valid ids, greedy = argmax, EOS, chaining, schedules,
+and checkpoint loading from a directory the test writes in the trainer's layout."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from omniforge.errors import ConfigError, WeightsError
+from omniforge.model.fm import FourM, ModelConfig
+from omniforge.model.sample import SampleConfig, add_cli, filter_logits, generate, load_checkpoint, token_schedule
+from omniforge.model.specs import ModalitySpec
+from omniforge.pipeline import shards
+
+IMG, SEQ, GLB = "tok_rgb@224", "tok_caption", "tok_dinov2_global"
+SPECS = {
+    IMG: ModalitySpec(name=IMG, kind="image", num_tokens=16, vocab_size=32, grid=4),
+    SEQ: ModalitySpec(name=SEQ, kind="sequence", num_tokens=7, vocab_size=100),
+    GLB: ModalitySpec(name=GLB, kind="global", num_tokens=16, vocab_size=24),
+}
+PAD, EOS = 0, 3
+SENTINELS = list(range(4, 14))
+TEXT = dict(sentinel_ids=SENTINELS, eos_id=EOS, pad_id=PAD)
+GREEDY = SampleConfig(temperature=0.0, steps=1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> FourM:
+    torch.manual_seed(0)
+    return FourM(ModelConfig(dim=32, encoder_depth=1, decoder_depth=1, heads=2), SPECS).eval()
+
+
+def _image(spec: ModalitySpec, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, spec.vocab_size, spec.num_tokens)
+
+
+CAPTION = np.array([20, 21, 22, 23, EOS])
+
+
+class _Spy:
+    """Wraps model.decoder_logits and records the target row of every call (optionally edits logits)."""
+
+    def __init__(self, model: FourM, monkeypatch, edit=None):
+        self.calls: list[tuple[str, dict, dict]] = []
+        original = model.decoder_logits
+
+        def spy(batch, encoded=None, **kw):
+            out = original(batch, encoded, **kw)
+            (m,) = out
+            self.calls.append((m, {k: {f: t.clone() for f, t in r.items()} for k, r in batch.items()}, out))
+            return edit(m, out) if edit is not None else out
+
+        monkeypatch.setattr(model, "decoder_logits", spy)
+
+
+def _check_sequence(ids: np.ndarray) -> None:
+    assert 1 <= len(ids) <= SPECS[SEQ].num_tokens
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < SPECS[SEQ].vocab_size
+    assert EOS not in ids[:-1].tolist()
+    assert len(ids) == SPECS[SEQ].num_tokens or ids[-1] == EOS
+    assert not set(ids.tolist()) & {PAD, *SENTINELS}
+
+
+@pytest.mark.parametrize("order", ["maskgit", "random"])
+def test_generate_returns_valid_ids_for_every_target(model, order):
+    cfg = SampleConfig(steps=4, order=order, top_k=10, top_p=0.9, seed=3)
+    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
+    assert list(out) == [GLB, SEQ]
+    glb = out[GLB]
+    assert glb.shape == (16,) and glb.dtype == np.int64 and glb.min() >= 0 and glb.max() < 24
+    _check_sequence(out[SEQ])
+    out2 = generate(model, SPECS, {SEQ: CAPTION[:-1]}, [IMG], cfg, **TEXT)  # a caption without its EOS
+    assert out2[IMG].shape == (16,) and 0 <= out2[IMG].min() and out2[IMG].max() < 32
+    again = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
+    assert all(np.array_equal(out[m], again[m]) for m in out)  # same seed, same output
+
+
+def _input_row(spec: ModalitySpec, ids) -> dict[str, torch.Tensor]:
+    row = {"tensor": torch.zeros(1, spec.seq_len, dtype=torch.int64),
+           "input_mask": torch.ones(1, spec.seq_len, dtype=torch.bool),
+           "target_mask": torch.ones(1, spec.seq_len, dtype=torch.bool),
+           "decoder_attention_mask": torch.zeros(1, spec.seq_len, dtype=torch.int32)}
+    row["tensor"][0, :len(ids)] = torch.as_tensor(np.asarray(ids))
+    row["input_mask"][0, :len(ids)] = False
+    return row
+
+
+def test_greedy_single_step_is_argmax(model):
+    inputs = {SEQ: CAPTION}
+    target = _input_row(SPECS[IMG], [])
+    target["target_mask"][:] = False
+    with torch.no_grad():
+        logits = model.decoder_logits({SEQ: _input_row(SPECS[SEQ], CAPTION), IMG: target})[IMG][0]
+    expected = logits.argmax(dim=-1).numpy()
+    assert np.array_equal(generate(model, SPECS, inputs, [IMG], GREEDY, **TEXT)[IMG], expected)
+    top1 = SampleConfig(temperature=1.0, top_k=1, steps=1, seed=5)
+    assert np.array_equal(generate(model, SPECS, inputs, [IMG], top1, **TEXT)[IMG], expected)
+
+
+def test_greedy_sequence_is_argmax_decoding(model):
+    image = _image(SPECS[IMG])
+    out = generate(model, SPECS, {IMG: image}, [SEQ], GREEDY, **TEXT)[SEQ]
+    # independent greedy decoding: target row [S_1, t1, t2, ...] at position 0, banned [PAD] and sentinels
+    spec = SPECS[SEQ]
+    row = _input_row(spec, [])
+    row["tensor"][0, 0] = SENTINELS[1]
+    expected = []
+    with torch.no_grad():
+        for t in range(1, spec.num_tokens + 1):
+            row["target_mask"][0, :t + 1] = False
+            logits = model.decoder_logits({IMG: _input_row(SPECS[IMG], image), SEQ: row})[SEQ][0, t].clone()
+            logits[[PAD, *SENTINELS]] = float("-inf")
+            token = int(logits.argmax())
+            expected.append(token)
+            row["tensor"][0, t] = token
+            if token == EOS:
+                break
+    assert out.tolist() == expected
+    _check_sequence(out)
+
+
+def test_sequence_stops_at_eos(model, monkeypatch):
+    def eos_from_third(m, out):  # query t predicts token t; make token 3 an EOS
+        logits = out[m].clone()
+        logits[:, 3:, EOS] += 1e4
+        return {m: logits}
+
+    spy = _Spy(model, monkeypatch, eos_from_third)
+    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1), **TEXT)[SEQ]
+    assert len(out) == 3 and out[-1] == EOS and EOS not in out[:-1]
+    assert len(spy.calls) == 3  # no decoding after EOS
+
+
+def test_chained_generation_feeds_earlier_targets(model, monkeypatch):
+    inputs = {SEQ: CAPTION}
+    chained = generate(model, SPECS, inputs, [GLB, IMG], GREEDY, **TEXT)
+    direct = generate(model, SPECS, {**inputs, GLB: chained[GLB]}, [IMG], GREEDY, **TEXT)
+    assert np.array_equal(chained[IMG], direct[IMG])
+
+    spy = _Spy(model, monkeypatch)
+    generate(model, SPECS, inputs, [GLB, IMG], GREEDY, **TEXT)
+    img_calls = [batch for m, batch, _ in spy.calls if m == IMG]
+    assert img_calls
+    for batch in img_calls:  # the generated global code is a full input of the image's decoding
+        assert not batch[GLB]["input_mask"].any()
+        assert np.array_equal(batch[GLB]["tensor"][0].numpy(), chained[GLB])
+        assert batch[GLB]["target_mask"].all()
+
+    spy.calls.clear()  # a generated sequence is a fully visible input (ids up to EOS) of the next target
+    out = generate(model, SPECS, {IMG: chained[IMG]}, [SEQ, GLB], GREEDY, **TEXT)
+    glb_batch = next(batch for m, batch, _ in spy.calls if m == GLB)
+    visible = glb_batch[SEQ]["tensor"][0][~glb_batch[SEQ]["input_mask"][0]].tolist()
+    expected = out[SEQ].tolist() if out[SEQ][-1] == EOS else out[SEQ].tolist()[:-1] + [EOS]
+    assert visible == expected and glb_batch[SEQ]["target_mask"].all()
+
+
+def test_chained_target_already_given_is_an_error(model):
+    with pytest.raises(ConfigError, match="also given as inputs"):
+        generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [IMG], GREEDY, **TEXT)
+    with pytest.raises(ConfigError, match="not among"):
+        generate(model, SPECS, {IMG: _image(SPECS[IMG])}, ["tok_nope"], GREEDY, **TEXT)
+
+
+def test_maskgit_one_step_reveals_everything(model, monkeypatch):
+    spy = _Spy(model, monkeypatch)
+    out = generate(model, SPECS, {GLB: _image(SPECS[GLB])}, [IMG], SampleConfig(steps=1), **TEXT)[IMG]
+    assert out.shape == (16,)
+    assert len(spy.calls) == 1
+    _, batch, logits = spy.calls[0]
+    assert not batch[IMG]["target_mask"].any() and batch[IMG]["input_mask"].all()
+    assert logits[IMG].shape == (1, 16, 32)
+
+
+def test_token_schedule():
+    assert token_schedule(16, 4, "linear") == [4, 4, 4, 4]
+    cosine = token_schedule(16, 4, "cosine")
+    assert sum(cosine) == 16 and len(cosine) == 4 and min(cosine) >= 1
+    assert cosine == sorted(cosine) and cosine[0] < cosine[-1]  # few first, many last
+    assert token_schedule(3, 8, "cosine") == [1, 1, 1]  # capped at one token per round
+    assert token_schedule(16, 1, "cosine") == [16]
+    for n in (1, 5, 16, 196):
+        for steps in (1, 2, 7, 12):
+            for s in ("cosine", "linear"):
+                counts = token_schedule(n, steps, s)
+                assert sum(counts) == n and min(counts) >= 1 and len(counts) == min(n, steps)
+
+
+@pytest.mark.parametrize("order", ["maskgit", "random"])
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_revealed_tokens_follow_the_schedule(model, monkeypatch, order, schedule):
+    spy = _Spy(model, monkeypatch)
+    cfg = SampleConfig(steps=5, schedule=schedule, order=order, seed=2)
+    out = generate(model, SPECS, {SEQ: CAPTION}, [IMG], cfg, **TEXT)[IMG]
+    counts = token_schedule(16, 5, schedule)
+    assert len(spy.calls) == len(counts)
+    revealed = 0
+    for (_, batch, _), count in zip(spy.calls, counts):
+        row = batch[IMG]
+        known = ~row["input_mask"][0]
+        assert int(known.sum()) == revealed  # earlier rounds' tokens are inputs
+        assert not (known & ~row["target_mask"][0]).any()  # inputs and queries are disjoint
+        queries = int((~row["target_mask"][0]).sum())
+        assert queries == (16 - revealed if order == "maskgit" else count)
+        assert np.array_equal(row["tensor"][0][known].numpy(), out[known.numpy()])  # kept tokens stay
+        revealed += count
+    assert revealed == 16
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    probs = torch.tensor([[0.05, 0.6, 0.3, 0.05]]).log()
+    assert torch.isinf(filter_logits(probs, top_p=0.8)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_logits(probs, top_p=0.5)).tolist() == [[True, False, True, True]]
+    assert not torch.isinf(filter_logits(probs)).any()
+
+
+def test_sample_config_validation():
+    with pytest.raises(ConfigError, match="schedule"):
+        SampleConfig(schedule="exp")
+    with pytest.raises(ConfigError, match="order"):
+        SampleConfig(order="left")
+    with pytest.raises(ConfigError, match="steps"):
+        SampleConfig(steps=0)
+    with pytest.raises(ConfigError, match="top_p"):
+        SampleConfig(top_p=1.5)
+
+
+def _write_checkpoint(run: str, model: FourM, step: int) -> str:
+    from safetensors.torch import save_file
+
+    ckpt = os.path.join(run, f"checkpoint-{step}")
+    os.makedirs(ckpt)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(ckpt, "model.safetensors"))
+    config = {"model": model.config.to_dict(),
+              "specs": {m: {"name": s.name, "kind": s.kind, "num_tokens": s.num_tokens,
+                            "vocab_size": s.vocab_size, "grid": s.grid} for m, s in model.specs.items()},
+              "step": step}
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(run, "latest"), "w") as f:
+        json.dump({"step": step, "path": f"checkpoint-{step}"}, f)
+    return ckpt
+
+
+def test_load_checkpoint(model, tmp_path):
+    run = str(tmp_path / "run")
+    ckpt = _write_checkpoint(run, model, 7)
+    for path in (run, ckpt):
+        loaded, specs, config = load_checkpoint(path)
+        assert specs == SPECS and config["step"] == 7 and not loaded.training
+        assert loaded.config == model.config
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+    inputs = {SEQ: CAPTION}
+    assert np.array_equal(generate(loaded, specs, inputs, [IMG], GREEDY, **TEXT)[IMG],
+                          generate(model, SPECS, inputs, [IMG], GREEDY, **TEXT)[IMG])
+
+    with pytest.raises(WeightsError, match="latest"):
+        load_checkpoint(str(tmp_path))
+    os.remove(os.path.join(ckpt, "config.json"))
+    with pytest.raises(WeightsError, match="config.json"):
+        load_checkpoint(run)
+    other = FourM(ModelConfig(dim=32, encoder_depth=2, decoder_depth=1, heads=2), SPECS)
+    run2 = str(tmp_path / "run2")
+    ckpt2 = _write_checkpoint(run2, other, 1)
+    with open(os.path.join(ckpt2, "config.json")) as f:
+        config = json.load(f)
+    config["model"]["encoder_depth"] = 1
+    with open(os.path.join(ckpt2, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(WeightsError, match="do not match"):
+        load_checkpoint(run2)
+
+
+def test_sample_cli_writes_token_rows(model, tmp_path, capsys):
+    root = str(tmp_path / "corpus")
+    shards.write_parquet(shards.manifest_uri(root), pa.table({"key": ["a", "b"], "shard": [0, 0]}))
+    rows = {k: np.stack([_image(SPECS[IMG], seed), _image(SPECS[IMG], seed + 9)]).astype(np.int16)
+            for k, seed in (("a", 1), ("b", 2))}
+    shards.write_tar(shards.tar_uri(root, IMG, 0), [(f"{k}.npy", _npy(v)) for k, v in rows.items()])
+    run = str(tmp_path / "run")
+    _write_checkpoint(run, model, 2)
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    out = str(tmp_path / "out")
+    args = parser.parse_args(["sample", "--checkpoint", run, "--input", root, "--key", "b", "--from", IMG,
+                              "--to", f"{GLB},{SEQ}", "--out", out, "--temperature", "0", "--steps", "2"])
+    assert args.fn(args) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 2 and printed[0].startswith(GLB) and printed[1].startswith(SEQ)
+    glb = np.load(os.path.join(out, "b", f"{GLB}.npy"))
+    seq = np.load(os.path.join(out, "b", f"{SEQ}.npy"))
+    assert glb.shape == (1, 16) and glb.dtype == np.int16 and seq.shape == (1, 7) and seq.dtype == np.int16
+    expected = generate(model, SPECS, {IMG: rows["b"][0].astype(np.int64)}, [GLB, SEQ],
+                        SampleConfig(temperature=0.0, steps=2), sentinel_ids=list(range(4, 204)), eos_id=3)
+    assert np.array_equal(glb[0], expected[GLB])
+    assert seq[0, :len(expected[SEQ])].tolist() == expected[SEQ].tolist() and not seq[0, len(expected[SEQ]):].any()
+
+    args = parser.parse_args(["sample", "--checkpoint", run, "--input", root, "--key", "zz", "--from", IMG,
+                              "--to", GLB, "--out", out])
+    with pytest.raises(ConfigError, match="not in"):
+        args.fn(args)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()

@@ -1,0 +1,191 @@
+"""The trainer: learning, exact resume, checkpoints that reload, config errors, torchrun DDP."""
+
+import importlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from omniforge.errors import ConfigError
+from omniforge.model.train import TrainConfig, latest_checkpoint, load_model, main, train
+from omniforge.pipeline import shards
+from omniforge.tokenize.text import train_wordpiece
+
+DEPTH, CAP = "tok_depth@224", "tok_caption"
+N_SHARDS, N_KEYS, N_CROPS = 3, 8, 2
+CAPTIONS = ["a dog on a red sofa", "two cats under a table", "a man riding a bike", "a bowl of green apples"]
+
+
+def _npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(token root, tokenizers dir): every sample has the same depth tokens (position % 16) and one of a few
+    captions, so the targets are predictable."""
+    base = tmp_path_factory.mktemp("train")
+    root, toks = str(base / "tokens"), str(base / "tokenizers")
+    tok = train_wordpiece(CAPTIONS * 5, vocab_size=5000)
+    os.makedirs(os.path.join(toks, "text"))
+    tok.save(os.path.join(toks, "text", "tokenizer.json"))
+    depth = np.tile(np.arange(196) % 16, (N_CROPS, 1)).astype(np.int16)
+    for s in range(N_SHARDS):
+        keys = [f"s{s:03d}-k{k:03d}" for k in range(N_KEYS)]
+        for folder in (DEPTH, CAP):
+            members = []
+            for k, key in enumerate(keys):
+                if folder == DEPTH:
+                    arr = depth
+                else:
+                    arr = np.stack([tok.encode_units([CAPTIONS[k % 2]], 256)] * N_CROPS)
+                members.append((f"{key}.npy", _npy(arr)))
+            shards.write_tar(shards.tar_uri(root, folder, s), members)
+            shards.write_status(shards.status_uri(root, folder, s), [{"key": k, "ok": True} for k in keys])
+    return root, toks
+
+
+def _cfg(corpus, out, **kw):
+    root, toks = corpus
+    base = dict(data=root, modalities=(DEPTH, CAP), out=str(out), tokenizers=toks, input_tokens=24,
+                target_tokens=24, batch_size=4, lr=2e-3, warmup_steps=5, final_lr=1e-4, steps=6, save_every=3,
+                shuffle_buffer=8, tensorboard=False, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loss_falls(corpus, tmp_path):
+    torch.set_num_threads(1)
+    result = train(_cfg(corpus, tmp_path / "run", steps=150, save_every=1000), progress=False)
+    losses = [e["loss"] for e in result.losses]
+    assert len(losses) == 150 and result.steps == 150
+    start, end = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert end < 0.35 * start, (start, end)
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    entry = json.loads(lines[-1])
+    assert entry["step"] == 150 and set(entry) >= {"loss", "losses", "lr", "tokens_per_s", "grad_norm"}
+    assert set(entry["losses"]) <= {DEPTH, CAP} and entry["losses"]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("checkpoint-150")
+
+
+def test_exact_resume(corpus, tmp_path):
+    torch.set_num_threads(1)
+    full = train(_cfg(corpus, tmp_path / "full"), progress=False)
+    assert [e["step"] for e in full.losses] == [1, 2, 3, 4, 5, 6]
+
+    first = train(_cfg(corpus, tmp_path / "split", steps=3), progress=False)
+    # steps 1..3 are warm-up steps, whose learning rate does not depend on the total
+    assert [e["loss"] for e in first.losses] == [e["loss"] for e in full.losses[:3]]
+    resumed = train(_cfg(corpus, tmp_path / "split"), progress=False)
+    assert [e["step"] for e in resumed.losses] == [4, 5, 6]
+    for a, b in zip(resumed.losses, full.losses[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["losses"].keys() == b["losses"].keys()
+        for m in a["losses"]:
+            assert a["losses"][m] == pytest.approx(b["losses"][m], abs=1e-6)
+    # the whole log of the resumed run is the uninterrupted one
+    split_log = [json.loads(x)["loss"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert split_log == pytest.approx([e["loss"] for e in full.losses], abs=1e-6)
+    # so are the final weights
+    a, _ = load_model(str(tmp_path / "full"))
+    b, _ = load_model(str(tmp_path / "split"))
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6)
+
+    # a run killed after step 5 (checkpoint-3 is the latest) redoes steps 4..6 identically
+    (tmp_path / "full" / "latest").write_text(json.dumps({"step": 3, "path": "checkpoint-3"}))
+    again = train(_cfg(corpus, tmp_path / "full"), progress=False)
+    assert [e["loss"] for e in again.losses] == pytest.approx([e["loss"] for e in full.losses[3:]], abs=1e-6)
+    assert len((tmp_path / "full" / "log.jsonl").read_text().splitlines()) == 6
+
+
+def test_checkpoint_reloads(corpus, tmp_path):
+    torch.set_num_threads(1)
+    cfg = _cfg(corpus, tmp_path / "run", steps=2, save_every=2, tensorboard=True, log_every=1)
+    train(cfg, progress=True)
+    try:
+        importlib.import_module("torch.utils.tensorboard")
+    except ImportError:  # the trainer notes it and goes on
+        assert not (tmp_path / "run" / "tb").exists()
+    else:
+        assert os.listdir(tmp_path / "run" / "tb")
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "optimizer.safetensors",
+                                        "rng.safetensors", "trainer_state.json"]
+    assert json.loads((tmp_path / "run" / "latest").read_text()) == {"step": 2, "path": "checkpoint-2"}
+    model, config = load_model(str(ckpt))
+    assert set(config["specs"]) == {DEPTH, CAP}
+    assert config["specs"][DEPTH]["kind"] == "image" and config["specs"][CAP]["kind"] == "sequence"
+    assert config["model"]["dim"] == 64 and config["train"]["modalities"] == [DEPTH, CAP]
+    assert config["text_tokenizer"].endswith(os.path.join("text", "tokenizer.json"))
+
+    from safetensors.torch import load_file
+
+    from omniforge.model.fm import FourM, ModelConfig
+    from omniforge.model.specs import ModalitySpec
+
+    rebuilt = FourM(ModelConfig.from_dict(config["model"]),
+                    {m: ModalitySpec(**s) for m, s in config["specs"].items()}).eval()
+    rebuilt.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    L = config["specs"][DEPTH]["num_tokens"]
+    g = torch.Generator().manual_seed(0)
+    tensor = torch.randint(0, 16, (2, L), generator=g)
+    inp = torch.rand(2, L, generator=g) < 0.5
+    batch = {DEPTH: {"tensor": tensor, "input_mask": inp, "target_mask": ~inp,
+                     "decoder_attention_mask": torch.zeros(2, L, dtype=torch.int32)}}
+    with torch.no_grad():
+        la, lb = model.decoder_logits(batch)[DEPTH], rebuilt.decoder_logits(batch)[DEPTH]
+        assert torch.equal(la, lb)
+        assert float(model(batch)[0]) == float(rebuilt(batch)[0])
+
+
+def test_config_errors(corpus, tmp_path):
+    root, toks = corpus
+    with pytest.raises(ConfigError, match="omniforge tokenize"):
+        train(_cfg(corpus, tmp_path / "a", modalities=(DEPTH, "tok_normal@224")), progress=False)
+    with pytest.raises(ConfigError, match="--tokenizers"):
+        train(_cfg(corpus, tmp_path / "b", tokenizers=None), progress=False)
+    with pytest.raises(ConfigError, match="unknown model config"):
+        _cfg(corpus, tmp_path / "c", model="huge")
+    # the CLI turns them into one line and exit code 2
+    assert main(["--data", root, "--modalities", f"{DEPTH},tok_normal@224", "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 2
+
+
+def test_cli_runs(corpus, tmp_path, capsys):
+    torch.set_num_threads(1)
+    root, toks = corpus
+    rc = main(["--config", "tiny", "--data", root, "--modalities", DEPTH, "--out", str(tmp_path / "cli"),
+               "--steps", "2", "--grad-accum", "2", "--batch-size", "2",
+               "--input-tokens", "16", "--target-tokens", "16",
+               "--device", "cpu", "--no-tensorboard", "--no-progress"])
+    assert rc == 0
+    assert "trained tiny to step 2" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "checkpoint-2" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun(corpus, tmp_path, strategy):
+    root, toks = corpus
+    out = tmp_path / strategy
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "omniforge.model.train", "--data", root, "--modalities", f"{DEPTH},{CAP}", "--out", str(out),
+           "--tokenizers", toks, "--steps", "3", "--save-every", "2", "--batch-size", "2",
+           "--input-tokens", "16", "--target-tokens", "16", "--device", "cpu", "--no-tensorboard",
+           "--no-progress", "--strategy", strategy]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert latest_checkpoint(str(out)).endswith("checkpoint-3")
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data"]) == 2
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
