@@ -267,7 +267,28 @@ def build_specs(cfg: TrainConfig) -> tuple[dict[str, ModalitySpec], Any]:
         specs = specs_for(list(cfg.modalities), tok.vocab_size if tok is not None else 1)
     except KeyError as e:
         raise ConfigError(str(e).strip("'\"")) from None
-    return specs, tok
+    return _tokenizer_vocabularies(cfg, specs), tok
+
+
+def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) -> dict[str, ModalitySpec]:
+    """Image and global heads sized by the trained tokenizers' codebooks when --tokenizers has them (a tiny
+    tokenizer's 128 codes, not the registry's 8192), so that sampling can only produce decodable ids."""
+    if not cfg.tokenizers:
+        return specs
+    from dataclasses import replace
+
+    from omniforge.modalities import MODALITIES
+
+    by_folder = {m.token_modality: m.name for m in MODALITIES.values()}
+    out = dict(specs)
+    for folder, spec in specs.items():
+        path = os.path.join(cfg.tokenizers, by_folder.get(folder, ""), "config.json")
+        if spec.kind == "sequence" or not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            codebook = int(json.load(f)["config"]["codebook_size"])
+        out[folder] = replace(spec, vocab_size=codebook)
+    return out
 
 
 def _check_shards(cfg: TrainConfig) -> None:
