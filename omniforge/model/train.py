@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from omniforge._torch_run import (Dist, all_reduce_sum, barrier, resolve_device, setup_distributed, warmup_cosine,
+                                  write_text)
 from omniforge.errors import ConfigError
 from omniforge.model.data import DataConfig, committed_shards, make_loader
 from omniforge.model.fm import FourM, ModelConfig, model_config
@@ -147,53 +148,6 @@ class TrainResult:
 # Small helpers: schedule, distributed set-up, devices
 
 
-def lr_at(step: int, *, total: int, warmup: int, peak: float, final: float) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine from peak to final."""
-    if warmup > 0 and step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_type: str) -> _Dist:
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world <= 1:
-        return _Dist()
-    if dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, True)
-
-
-def _resolve_device(spec: str, local_rank: int, world: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {spec} requested but CUDA is not available; pass --device cpu")
-        if spec == "cuda":
-            spec = f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
-        device = torch.device(spec)
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
 def _autocast(device: torch.device, dtype: str):
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
     if use_bf16:
@@ -201,17 +155,7 @@ def _autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def _all_reduce_sum(values: list[float], device: torch.device, d: _Dist) -> list[float]:
-    if d.world_size <= 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _gather_objects(obj: Any, d: _Dist) -> list[Any]:
+def _gather_objects(obj: Any, d: Dist) -> list[Any]:
     if d.world_size <= 1:
         return [obj]
     import torch.distributed as dist
@@ -219,20 +163,6 @@ def _gather_objects(obj: Any, d: _Dist) -> list[Any]:
     out: list[Any] = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def _barrier(d: _Dist) -> None:
-    if d.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,7 +247,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def _wrap(model: nn.Module, cfg: TrainConfig, d: _Dist, device: torch.device) -> nn.Module:
+def _wrap(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch.device) -> nn.Module:
     """The module the loop calls: DDP or FSDP2 under torchrun, compiled when asked. ``model`` stays the
     plain module whose (FSDP: sharded) parameters the optimizer holds."""
     runner: nn.Module = model
@@ -388,7 +318,7 @@ def _save_checkpoint(run: _Run, step: int) -> None:
                                "json": _json_rng(rng["python"], rng["numpy"])}, d)
     data_all = _gather_objects(run.loader.state_dict(), d)
     if not d.main:
-        _barrier(d)
+        barrier(d)
         return
     name = f"checkpoint-{step}"
     directory = os.path.join(run.cfg.out, name)
@@ -411,10 +341,10 @@ def _save_checkpoint(run: _Run, step: int) -> None:
                          "peak": run.cfg.lr, "final": run.cfg.final_lr, "last_lr": run.last_lr},
             "optimizer": {"param_groups": optim_sd["param_groups"], "scalar_state": scalars},
             "data": data_all, "rng": [s["json"] for s in rng_all]}
-    _write_text(os.path.join(directory, STATE_FILE), json.dumps(meta))
-    _write_text(os.path.join(directory, CONFIG), json.dumps(run.config_json(), indent=1))
-    _write_text(os.path.join(run.cfg.out, LATEST), json.dumps({"step": step, "path": name}) + "\n")
-    _barrier(d)
+    write_text(os.path.join(directory, STATE_FILE), json.dumps(meta))
+    write_text(os.path.join(directory, CONFIG), json.dumps(run.config_json(), indent=1))
+    write_text(os.path.join(run.cfg.out, LATEST), json.dumps({"step": step, "path": name}) + "\n")
+    barrier(d)
 
 
 def latest_checkpoint(out: str) -> str | None:
@@ -523,7 +453,7 @@ class _TensorBoard:
 class _Run:
     """The state of one training run on one rank."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, d: _Dist):
+    def __init__(self, cfg: TrainConfig, device: torch.device, d: Dist):
         self.cfg, self.device, self.dist = cfg, device, d
         _check_shards(cfg)
         self.specs, self.text = build_specs(cfg)
@@ -550,7 +480,7 @@ class _Run:
 
     def lr(self, step: int) -> float:
         c = self.cfg
-        return lr_at(step, total=c.steps, warmup=c.warmup_steps, peak=c.lr, final=c.final_lr)
+        return warmup_cosine(step, total=c.steps, warmup=c.warmup_steps, peak=c.lr, final=c.final_lr)
 
     def step(self, step: int, batches) -> dict[str, Any]:
         """One optimizer step (0-based ``step``) over ``grad_accum`` batches; the log entry of step + 1."""
@@ -583,7 +513,7 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         # Average over micro-batches and ranks.
         names = list(self.specs)
-        sums = _all_reduce_sum([total / cfg.grad_accum, float(tokens)]
+        sums = all_reduce_sum([total / cfg.grad_accum, float(tokens)]
                                + [per[m][0] for m in names] + [per[m][1] for m in names], self.device, d)
         seconds = time.perf_counter() - t0
         n = len(names)
@@ -622,13 +552,12 @@ def _plot_loss(path: str, entries: list[dict[str, Any]]) -> None:
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train (or resume, when ``<out>/latest`` exists) up to ``cfg.steps`` optimizer steps."""
     t_start = time.perf_counter()
-    device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")),
-                             int(os.environ.get("WORLD_SIZE", "1")))
-    d = _setup_distributed(device.type)
+    device = resolve_device(cfg.device)
+    d = setup_distributed(device.type)
     try:
         if d.main:
             os.makedirs(cfg.out, exist_ok=True)
-        _barrier(d)
+        barrier(d)
         run = _Run(cfg, device, d)
         start = 0
         resume_from = latest_checkpoint(cfg.out)
@@ -655,7 +584,7 @@ def _run_loop(run: _Run, start: int, progress: bool) -> list[dict[str, Any]]:
     log_file = tb = bar = None
     if d.main:
         history = _read_log(log_path, start)  # drop lines of steps after the checkpoint
-        _write_text(log_path, "".join(json.dumps(e) + "\n" for e in history))
+        write_text(log_path, "".join(json.dumps(e) + "\n" for e in history))
         log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
         tb = _TensorBoard(os.path.join(cfg.out, "tb"), cfg.tensorboard)
         if progress:

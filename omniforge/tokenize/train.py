@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omniforge import codecs
+from omniforge._torch_run import all_reduce_sum, barrier, resolve_device, setup_distributed, warmup_cosine, write_text
 from omniforge.errors import ConfigError, CorpusError
 from omniforge.modalities import get_modality
 from omniforge.pipeline import shards, storage
@@ -322,61 +323,6 @@ def _collate(name: str, arrays: list[np.ndarray]) -> torch.Tensor:
 # Distributed set-up
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_kind: str) -> _Dist:
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    if dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
-
-
-def _resolve_device(spec: str, local_rank: int, world: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {spec} requested but CUDA is not available; pass --device cpu")
-        if spec == "cuda":
-            spec = f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
-        device = torch.device(spec)
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def _all_reduce_sum(values: list[float], device: torch.device, dist_info: _Dist) -> list[float]:
-    if dist_info.world_size <= 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _barrier(dist_info: _Dist) -> None:
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 
@@ -394,10 +340,7 @@ class _LossModule(torch.nn.Module):
 
 def lr_at(step: int, *, total: int, warmup: int, peak: float, final_ratio: float) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine to final_ratio * peak."""
-    if warmup > 0 and step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, total=total, warmup=warmup, peak=peak, final=peak * final_ratio)
 
 
 class _Trainer:
@@ -412,9 +355,8 @@ class _Trainer:
         cfg = self.cfg
         t_start = time.perf_counter()
         # the device first: NCCL wants each process bound to its GPU before the process group starts
-        self.device = device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")),
-                                               int(os.environ.get("WORLD_SIZE", "1")))
-        self.dist = dist_info = _setup_distributed(device.type)
+        self.device = device = resolve_device(cfg.device)
+        self.dist = dist_info = setup_distributed(device.type)
         try:
             self.amp = device.type == "cuda"
             mcfg = models.default_config(cfg.name, size=cfg.size)
@@ -491,7 +433,7 @@ class _Trainer:
                         bar.update(1)
                     del batches
                     seconds = time.perf_counter() - t0
-                    loss_total, seen_total = _all_reduce_sum([loss_sum, float(n_seen)], device, dist_info)
+                    loss_total, seen_total = all_reduce_sum([loss_sum, float(n_seen)], device, dist_info)
                     if dist_info.main:
                         entry = {"epoch": epoch + 1, "step": step,
                                  "loss": loss_total / (steps_per_epoch * dist_info.world_size),
@@ -503,7 +445,7 @@ class _Trainer:
                                          cfg=cfg)
                         if self.verbose:
                             _print_epoch(entry, cfg.epochs)
-                    _barrier(dist_info)
+                    barrier(dist_info)
             finally:
                 bar.close()
 
@@ -512,7 +454,7 @@ class _Trainer:
                 if mcfg.kind in _IMAGE_KINDS:
                     _plot_reconstruction(os.path.join(directory, "reconstruction.png"), model, holdout,
                                          holdout_arrays, mcfg, self.amp, device)
-            _barrier(dist_info)
+            barrier(dist_info)
             epochs_done = history[-1]["epoch"] if history else cfg.epochs
             return TrainResult(directory=directory, epochs=epochs_done, steps=step, history=history,
                                seconds=time.perf_counter() - t_start)
@@ -655,8 +597,8 @@ def _save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.op
     meta = {"format": _STATE_FORMAT, "name": cfg.name, "size": cfg.size, "epoch": epoch, "step": step,
             "param_groups": sd["param_groups"], "scalar_state": scalars, "history": history,
             "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("crop",)} | {"crop": asdict(cfg.crop)}}
-    _write_text(os.path.join(directory, HISTORY), "".join(json.dumps(h) + "\n" for h in history))
-    _write_text(os.path.join(directory, STATE_JSON), json.dumps(meta, indent=1))  # last: the commit marker
+    write_text(os.path.join(directory, HISTORY), "".join(json.dumps(h) + "\n" for h in history))
+    write_text(os.path.join(directory, STATE_JSON), json.dumps(meta, indent=1))  # last: the commit marker
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, meta: dict[str, Any], tensors_path: str) -> None:
@@ -676,13 +618,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, meta: dict[str, Any], tens
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -786,7 +721,7 @@ def _train_text(cfg: TrainConfig, *, verbose: bool = True) -> TrainResult:
     n_unk = sum(sum(1 for i in e.ids if i == unk) for e in encodings)
     entry = {"vocab_size": hf.get_vocab_size(), "captions": len(texts), "mean_tokens": n_tokens / len(texts),
              "unk_rate": n_unk / max(1, n_tokens)}
-    _write_text(os.path.join(directory, HISTORY), json.dumps(entry) + "\n")
+    write_text(os.path.join(directory, HISTORY), json.dumps(entry) + "\n")
     if verbose:
         print(f"text tokenizer: vocab {entry['vocab_size']}, {entry['captions']} captions, "
               f"{entry['mean_tokens']:.1f} tokens per caption, [UNK] rate {entry['unk_rate']:.2%}", flush=True)
