@@ -173,11 +173,7 @@ def _committed_fingerprints(root: str, modality: str) -> set[str]:
     """Fingerprints of the committed shards of a modality under root (empty when none)."""
     uris = [u for u, _ in storage.list_files(storage.join(root, shards.STATUS_DIR, modality), (".parquet",))]
     with ThreadPoolExecutor(16) as pool:
-        return set().union(*pool.map(_status_fingerprints, uris))
-
-
-def _status_fingerprints(status_uri: str) -> set[str]:
-    return set(shards.read_status(status_uri).column("fingerprint").to_pylist())
+        return set().union(*pool.map(shards.status_fingerprints, uris))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -505,7 +501,7 @@ def _done_pairs(root: str, teachers: list[Teacher], shard_ids: list[int]) -> dic
         m, s, fp = check
         if not storage.exists(shards.tar_uri(root, m, s)):
             return False
-        return _status_fingerprints(shards.status_uri(root, m, s)) == {fp}
+        return shards.status_fingerprints(shards.status_uri(root, m, s)) == {fp}
 
     done: dict[str, set[int]] = defaultdict(set)
     with ThreadPoolExecutor(16) as pool:

@@ -102,6 +102,11 @@ def read_status(uri: str) -> pa.Table:
     return read_parquet(uri)
 
 
+def status_fingerprints(uri: str) -> set[str]:
+    """The fingerprints a committed (modality, shard) was made with (one, when it is consistent)."""
+    return set(read_status(uri).column("fingerprint").to_pylist())
+
+
 def write_parquet(uri: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,11 +149,16 @@ def tokenizer_fingerprint(directory: str, name: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _label_fingerprints(root: str, modality: str, shard: int) -> list[str]:
-    uri = shards.status_uri(root, modality, shard)
-    if not storage.exists(uri):
-        return []
-    return sorted(set(shards.read_status(uri).column("fingerprint").to_pylist()))
+def _label_fingerprints(root: str, modalities: tuple[str, ...],
+                        shard_ids: list[int]) -> dict[tuple[str, int], list[str]]:
+    """(modality, shard) -> the label job's fingerprints, read once for the whole job (in parallel: S3)."""
+    def read(pair: tuple[str, int]) -> list[str]:
+        uri = shards.status_uri(root, *pair)
+        return sorted(shards.status_fingerprints(uri)) if storage.exists(uri) else []
+
+    pairs = [(m, s) for m in modalities for s in shard_ids]
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(pairs, pool.map(read, pairs)))
 
 
 # --------------------------------------------------------------------------------------------- the work
@@ -397,7 +403,7 @@ class _ShardStage:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def _resolve_teachers(cfg: TokenizeConfig, root: str, shard_ids: list[int]) -> tuple:
+def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str, int], list[str]]) -> tuple:
     """Feature teachers for crops 1.., checked against the fingerprint the label job recorded."""
     wanted = tuple(m for m in cfg.modalities if m in FEATURE_MAPS + GLOBALS)
     if cfg.crops.n_crops < 2 or not wanted:
@@ -412,7 +418,7 @@ def _resolve_teachers(cfg: TokenizeConfig, root: str, shard_ids: list[int]) -> t
     teachers = resolve_teachers(wanted, weights, options, root=root)
     for t in teachers:
         for m in t.modalities:
-            recorded = {fp for s in shard_ids for fp in _label_fingerprints(root, m, s)}
+            recorded = {fp for (mod, _), fps in label_fps.items() if mod == m for fp in fps}
             if recorded and recorded != {t.fingerprint}:
                 raise ConfigError(f"{m} labels were made with other teacher weights or options than --weights "
                                   f"{cfg.weights.get(t.name, cfg.weights['*'])} gives (fingerprint {t.fingerprint} vs "
@@ -421,14 +427,14 @@ def _resolve_teachers(cfg: TokenizeConfig, root: str, shard_ids: list[int]) -> t
     return tuple(teachers)
 
 
-def _shard_fingerprint(cfg: TokenizeConfig, root: str, shard: int, tok_fps: dict[str, str],
-                       teachers: tuple) -> str:
+def _shard_fingerprint(cfg: TokenizeConfig, shard: int, label_fps: dict[tuple[str, int], list[str]],
+                       tok_fps: dict[str, str], teachers: tuple) -> str:
     return _hash({
         "version": VERSION,
         "modalities": sorted(cfg.modalities),
         "tokenizers": tok_fps,
         "crops": cfg.crops.to_dict(),
-        "labels": {m: _label_fingerprints(root, m, shard) for m in ("rgb", *cfg.modalities)},
+        "labels": {m: label_fps[(m, shard)] for m in ("rgb", *cfg.modalities)},
         "teachers": sorted(t.fingerprint for t in teachers),
     })
 
@@ -438,7 +444,7 @@ def _is_done(out: str, folders: list[str], shard: int, fingerprint: str) -> bool
         uri = shards.status_uri(out, folder, shard)
         if not storage.exists(uri) or not storage.exists(shards.tar_uri(out, folder, shard)):
             return False
-        if set(shards.read_status(uri).column("fingerprint").to_pylist()) != {fingerprint}:
+        if shards.status_fingerprints(uri) != {fingerprint}:
             return False
     return True
 
@@ -462,10 +468,13 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
                               f"first")
     tokenizers_dir = storage.normalize(cfg.tokenizers)
     tok_fps = {n: tokenizer_fingerprint(tokenizers_dir, n) for m in cfg.modalities for n in tokenizer_names(m)}
-    teachers = _resolve_teachers(cfg, root, shard_ids)
+    label_fps = _label_fingerprints(root, ("rgb", *cfg.modalities), shard_ids)
+    teachers = _resolve_teachers(cfg, root, label_fps)
     folders = [CROP_SETTINGS] + [token_folder(m) for m in cfg.modalities]
-    fps = {s: _shard_fingerprint(cfg, root, s, tok_fps, teachers) for s in shard_ids}
-    pending = [s for s in shard_ids if not _is_done(out, folders, s, fps[s])]
+    fps = {s: _shard_fingerprint(cfg, s, label_fps, tok_fps, teachers) for s in shard_ids}
+    with ThreadPoolExecutor(16) as pool:
+        done = list(pool.map(lambda s: _is_done(out, folders, s, fps[s]), shard_ids))
+    pending = [s for s, d in zip(shard_ids, done) if not d]
     summary = TokenizeSummary(run_id=run_id, output=out, seconds=0.0, samples=manifest.num_rows)
     summary.skipped = sum(len(keys_by_shard[s]) for s in shard_ids if s not in pending)
     for folder in folders:  # writes a killed run left half done never count; remove them
