@@ -48,7 +48,7 @@ def _bare_rate(root: str, tokenizers: Path, crops, device: str, threads: int, ba
     import torch
 
     from omniforge import codecs
-    from omniforge.pipeline import shards, storage
+    from omniforge import shards, storage
     from omniforge.tokenize import models
     from omniforge.tokenize.crops import crop_dense, crop_settings
     from omniforge.pipeline.tokenize_job import DENSE_MODES

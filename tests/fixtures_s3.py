@@ -30,7 +30,7 @@ def s3_server() -> Iterator[str]:
     """Start moto's S3 server on 127.0.0.1 (a free port), export AWS_* variables, yield the endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    from omniforge.pipeline import storage
+    from omniforge import storage
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -61,7 +61,7 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(s3_server: str) -> Iterator[str]:
     """A fresh, uniquely named bucket on the test server, as ``s3://<bucket>``; emptied and removed after."""
-    from omniforge.pipeline import storage
+    from omniforge import storage
 
     bucket = f"omniforge-test-{uuid.uuid4().hex[:16]}"
     client = storage.s3_client()

@@ -8,7 +8,7 @@ import pytest
 from images import sample_photo
 from PIL import Image
 
-from omniforge.pipeline._render import pca_rgb, render_sample
+from omniforge._render import pca_rgb, render_sample
 
 
 def _sample() -> dict[str, object]:

@@ -13,7 +13,7 @@ DEMO_TOKENIZER_EPOCHS = 12
 def demo(out: str, *, ray_address: str | None = None, weights: str = "tiny") -> int:
     from omniforge.labelers import get_labeler_class, labeler_for_modality, list_labelers
     from omniforge.pipeline import LabelConfig, label, parse_weights, show, verify
-    from omniforge.pipeline.plan import load_manifest
+    from omniforge.shards import load_manifest
 
     t0 = time.time()
     out_dir = Path(out).resolve()

@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
-from omniforge.labelers._coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
+from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, require, to_pil
 from omniforge.labelers.base import TINY, Sample

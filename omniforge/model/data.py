@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omniforge.errors import ConfigError, CorpusError
 from omniforge.model.masking import Masker, collate
-from omniforge.pipeline import shards as _shards
-from omniforge.pipeline import storage
+from omniforge import shards as _shards
+from omniforge import storage
 
 STATE_VERSION = 1
 _SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")

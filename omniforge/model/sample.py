@@ -336,8 +336,8 @@ def _read_crop0(root: str, folder: str, key: str) -> np.ndarray:
     """Crop 0 of ``key`` in ROOT/<folder>'s token shard (found through the manifest)."""
     import pyarrow.compute as pc
 
-    from omniforge.pipeline import shards, storage
-    from omniforge.pipeline.plan import load_manifest
+    from omniforge import shards, storage
+    from omniforge.shards import load_manifest
 
     manifest = load_manifest(root)
     rows = manifest.filter(pc.equal(manifest["key"], key))

@@ -1,10 +1,11 @@
-"""Ray orchestration, storage, shards and manifests.
+"""Ray orchestration: the plan, label, tokenize, verify and show jobs (storage and shards live in omniforge.storage and omniforge.shards).
 
 Public API: `plan`, `label`, `tokenize`, `verify`, `show` and their configs. Storage URIs are local paths or s3://.
 """
 
 from omniforge.pipeline.label import LabelConfig, LabelSummary, label, parse_options, parse_weights
-from omniforge.pipeline.plan import PlanConfig, load_manifest, plan
+from omniforge.pipeline.plan import PlanConfig, plan
+from omniforge.shards import load_manifest
 from omniforge.pipeline.show import load_sample, show
 from omniforge.pipeline.tokenize_job import TokenizeConfig, TokenizeSummary, tokenize
 from omniforge.pipeline.verify import VerifyReport, verify

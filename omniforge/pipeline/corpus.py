@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omniforge.errors import CorpusError, StorageError
-from omniforge.pipeline import storage
+from omniforge import storage
 
 FORMATS = ("folder", "wds", "parquet")
 FOLDER_UNIT_SIZE = 256  # image files per folder ScanUnit

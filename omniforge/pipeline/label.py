@@ -40,11 +40,13 @@ from omniforge.errors import ConfigError, OmniforgeError, SampleError
 from omniforge.labelers import Labeler, Sample, labeler_for_modality, get_labeler_class
 from omniforge.labelers.base import TINY
 from omniforge.modalities import MODALITIES, ModalityInfo
-from omniforge.pipeline import corpus, shards, storage
-from omniforge.pipeline._progress import Progress
+from omniforge import shards, storage
+from omniforge.pipeline import corpus
+from omniforge._progress import Progress
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.pipeline.decode import decode_image
-from omniforge.pipeline.plan import PlanConfig, load_manifest, plan
+from omniforge.pipeline.plan import PlanConfig, plan
+from omniforge.shards import load_manifest
 
 log = logging.getLogger(__name__)
 

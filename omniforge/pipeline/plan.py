@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from omniforge.errors import ConfigError, CorpusError
-from omniforge.pipeline import corpus, shards, storage
-from omniforge.pipeline._progress import Progress
+from omniforge import shards, storage
+from omniforge.pipeline import corpus
+from omniforge._progress import Progress
 from omniforge.pipeline._ray import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -183,14 +184,6 @@ def plan(cfg: PlanConfig, *, ray_address: str | None = None, progress_bar: bool 
 def _plan_meta(table: pa.Table) -> dict:
     raw = (table.schema.metadata or {}).get(b"omniforge.plan")
     return json.loads(raw) if raw else {}
-
-
-def load_manifest(root: str) -> pa.Table:
-    uri = shards.manifest_uri(storage.normalize(root))
-    if not storage.exists(uri):
-        raise ConfigError(f"{root} has no plan ({shards.MANIFEST}): run `omniforge plan --input URI --output {root}` "
-                          f"or pass --input to `omniforge label`")
-    return shards.read_parquet(uri)
 
 
 def num_shards(manifest: pa.Table) -> int:

@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 from omniforge import codecs
 from omniforge.errors import ConfigError
 from omniforge.modalities import MODALITIES
-from omniforge.pipeline import shards, storage
-from omniforge.pipeline.plan import load_manifest
+from omniforge import shards, storage
+from omniforge.shards import load_manifest
 from omniforge.pipeline.verify import discover_modalities
 
 
@@ -76,7 +76,7 @@ def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
 
 
 def show(root: str, key: str, out: str, modalities: list[str] | None = None, *, tokenizers: str | None = None) -> str:
-    from omniforge.pipeline._render import render_sample
+    from omniforge._render import render_sample
 
     values, failures = load_sample(root, key, modalities)
     if tokenizers:  # labels beside what their tokens decode to, instead of raw token ids

@@ -40,10 +40,10 @@ import numpy as np
 from omniforge import codecs
 from omniforge.errors import ConfigError, SampleError
 from omniforge.modalities import MODALITIES
-from omniforge.pipeline import shards, storage
-from omniforge.pipeline._progress import Progress
+from omniforge import shards, storage
+from omniforge._progress import Progress
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
-from omniforge.pipeline.plan import load_manifest
+from omniforge.shards import load_manifest
 from omniforge.tokenize.crops import CropConfig, crop_settings
 
 log = logging.getLogger(__name__)

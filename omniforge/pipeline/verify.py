@@ -17,8 +17,8 @@ import numpy as np
 
 from omniforge import codecs
 from omniforge.modalities import MODALITIES
-from omniforge.pipeline import shards, storage
-from omniforge.pipeline.plan import load_manifest
+from omniforge import shards, storage
+from omniforge.shards import load_manifest
 
 MAX_LISTED = 20
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from omniforge.errors import ConfigError, SampleError
-from omniforge.labelers._coco import COCO_KEYPOINTS
+from omniforge.coco import COCO_KEYPOINTS
 
 # Bumped whenever crop_settings would draw different crops for the same config: part of the fingerprint.
 _ALGORITHM_VERSION = 1

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
-from omniforge.labelers._coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
+from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
 from omniforge.modalities import MODALITIES
 
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"

@@ -37,8 +37,8 @@ from omniforge import codecs
 from omniforge._torch_run import all_reduce_sum, barrier, resolve_device, setup_distributed, warmup_cosine, write_text
 from omniforge.errors import ConfigError, CorpusError
 from omniforge.modalities import get_modality
-from omniforge.pipeline import shards, storage
-from omniforge.pipeline._progress import Progress
+from omniforge import shards, storage
+from omniforge._progress import Progress
 from omniforge.tokenize.crops import CropConfig
 
 log = logging.getLogger(__name__)
@@ -651,7 +651,7 @@ def _plot_loss(path: str, history: list[dict[str, Any]], name: str) -> None:
 
 def _plot_reconstruction(path: str, model: torch.nn.Module, x: torch.Tensor, label_arrays: list[np.ndarray],
                          mcfg: Any, amp: bool, device: torch.device) -> None:
-    from omniforge.pipeline._render import pca_rgb
+    from omniforge._render import pca_rgb
     from omniforge.tokenize.models import restore
 
     x = x[:_PLOT_SAMPLES]

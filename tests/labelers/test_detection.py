@@ -14,7 +14,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from omniforge.errors import ConfigError, SampleError, WeightsError  # noqa: E402
 from omniforge.labelers import Sample, create_labeler, get_labeler_class  # noqa: E402
-from omniforge.labelers._coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS  # noqa: E402
+from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS  # noqa: E402
 from omniforge.labelers.detection import DetLabeler, HumanPosesLabeler  # noqa: E402
 from omniforge.modalities import MODALITIES  # noqa: E402
 from omniforge.pipeline.label import _encode_checked  # noqa: E402

@@ -11,7 +11,7 @@ from omniforge.errors import ConfigError
 from omniforge.model.data import DataConfig, TokenShardDataset, make_loader, parse_shards
 from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model.specs import ModalitySpec
-from omniforge.pipeline import shards
+from omniforge import shards
 
 EOS, PAD = 3, 0
 SENTINELS = list(range(10, 210))

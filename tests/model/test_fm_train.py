@@ -13,7 +13,7 @@ import torch
 
 from omniforge.errors import ConfigError
 from omniforge.model.train import TrainConfig, latest_checkpoint, load_model, main, train
-from omniforge.pipeline import shards
+from omniforge import shards
 from omniforge.tokenize.text import train_wordpiece
 
 DEPTH, CAP = "tok_depth@224", "tok_caption"

@@ -17,7 +17,7 @@ from omniforge.errors import ConfigError, WeightsError
 from omniforge.model.fm import FourM, ModelConfig
 from omniforge.model.sample import SampleConfig, add_cli, filter_logits, generate, load_checkpoint, token_schedule
 from omniforge.model.specs import ModalitySpec
-from omniforge.pipeline import shards
+from omniforge import shards
 
 IMG, SEQ, GLB = "tok_rgb@224", "tok_caption", "tok_dinov2_global"
 SPECS = {

@@ -15,7 +15,8 @@ from images import photo_bytes
 from PIL import Image
 
 from omniforge.errors import CorpusError
-from omniforge.pipeline import corpus, storage
+from omniforge import storage
+from omniforge.pipeline import corpus
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "camera")
 

@@ -12,7 +12,7 @@ from images import photo_bytes
 from omniforge import codecs
 from omniforge.errors import ConfigError
 from omniforge.pipeline import LabelConfig, label, verify
-from omniforge.pipeline import shards
+from omniforge import shards
 from ray import cloudpickle
 
 cloudpickle.register_pickle_by_value(derived_labeler)

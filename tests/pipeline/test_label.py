@@ -20,7 +20,7 @@ from images import BAD_CORPUS_MAX_PIXELS, photo_bytes, write_bad_corpus
 from omniforge import codecs
 from omniforge.jobs.cli import main as cli_main
 from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, show, verify
-from omniforge.pipeline import shards, storage
+from omniforge import shards, storage
 
 cloudpickle.register_pickle_by_value(failing_labeler)  # Ray workers cannot import tests/ modules
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from images import photo_bytes
 from omniforge.jobs.cli import main as cli_main
 from omniforge.pipeline import LabelConfig, label, load_manifest, verify
-from omniforge.pipeline import shards, storage
+from omniforge import shards, storage
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 

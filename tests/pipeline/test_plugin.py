@@ -13,7 +13,7 @@ import pytest
 
 from images import photo_bytes
 from omniforge import codecs
-from omniforge.pipeline import shards
+from omniforge import shards
 
 PLUGIN = Path(__file__).parents[1] / "fixtures" / "omniforge-example-plugin"
 

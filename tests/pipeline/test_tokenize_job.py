@@ -19,7 +19,8 @@ from omniforge.errors import ConfigError
 from omniforge.jobs.cli import main as cli_main
 from omniforge.jobs.demo_corpus import build_demo_corpus
 from omniforge.labelers import Sample, create_labeler
-from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, shards, verify
+from omniforge import shards
+from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, verify
 from omniforge.tokenize import crops as C
 from omniforge.tokenize import models, text
 from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenize

@@ -16,7 +16,7 @@ from images import photo_bytes
 from omniforge import codecs
 from omniforge.labelers import Sample, create_labeler
 from omniforge.pipeline import LabelConfig, label, verify
-from omniforge.pipeline import shards
+from omniforge import shards
 from omniforge.pipeline.decode import decode_image
 
 OPTIONS = {

@@ -15,7 +15,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from omniforge.errors import ConfigError, SampleError
-from omniforge.labelers._coco import COCO_KEYPOINTS
+from omniforge.coco import COCO_KEYPOINTS
 from omniforge.tokenize.crops import (
     CropConfig,
     crop_dense,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
-from omniforge.labelers._coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
+from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
 from omniforge.tokenize.text import (
     EOS, MAX_TOKENS, NUM_SENTINELS, NUM_SPECIAL_TOKENS, PAD, SOS, UNK, TextTokenizer, det_units, metadata_units,
     palette_units, parse_det, parse_metadata, parse_palette, parse_poses, parse_sam, pose_units,

@@ -13,7 +13,7 @@ import torch
 
 from omniforge import codecs
 from omniforge.errors import ConfigError
-from omniforge.pipeline import shards
+from omniforge import shards
 from omniforge.tokenize.crops import CropConfig
 from omniforge.tokenize.models import load_tokenizer
 from omniforge.tokenize._cli import add_cli

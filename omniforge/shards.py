@@ -16,7 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from omniforge.pipeline import storage
+from omniforge import storage
+from omniforge.errors import ConfigError
 
 MANIFEST = "manifest/corpus.parquet"
 RUNS_DIR = "manifest/runs"
@@ -118,3 +119,12 @@ def read_parquet(uri: str) -> pa.Table:
     # started, can abort the interpreter at exit (SIGABRT in their teardown, apache/arrow#34314), which
     # turned clean CLI exits into exit code 134 about one run in ten.
     return pq.read_table(pa.BufferReader(storage.read_bytes(uri)), use_threads=False)
+
+
+def load_manifest(root: str) -> pa.Table:
+    """The shard plan of a corpus root (``manifest/corpus.parquet``): key, shard, source, ...."""
+    uri = manifest_uri(storage.normalize(root))
+    if not storage.exists(uri):
+        raise ConfigError(f"{root} has no plan ({MANIFEST}): run `omniforge plan --input URI --output {root}` "
+                          f"or pass --input to `omniforge label`")
+    return read_parquet(uri)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from omniforge import codecs
-from omniforge.pipeline import shards, storage
+from omniforge import shards, storage
 
 
 def test_merge_orders_by_key_not_member_name(tmp_path):

@@ -1,4 +1,4 @@
-"""omniforge.pipeline.storage on the local filesystem and on a real S3-compatible server (moto)."""
+"""omniforge.storage on the local filesystem and on a real S3-compatible server (moto)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from omniforge.errors import StorageError
-from omniforge.pipeline import storage
+from omniforge import storage
 
 
 @pytest.fixture(params=["local", "s3"])
