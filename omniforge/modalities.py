@@ -20,6 +20,7 @@ class ModalityInfo:
     vocab_size: int | None  # tokenizer vocabulary; None for text modalities (shared WordPiece vocab)
     tokenizer: str  # "vqvae" | "memcodes" | "wordpiece"
     shape: tuple[int, ...] | None = None  # fixed array shape of .npy labels, None when variable
+    pixel_modality: str | None = None  # raw-pixel input folder the trainer reads (label + crop_settings)
 
 
 _IMAGE = "vqvae"
@@ -31,7 +32,8 @@ MODALITIES: dict[str, ModalityInfo] = {
     for m in [
         ModalityInfo(
             name="rgb", ext="jpg", tokenizer=_IMAGE, token_modality="tok_rgb@224", num_tokens=196,
-            vocab_size=16384, description="JPEG, EXIF-rotated RGB, shorter side at most the storage size (512)"),
+            vocab_size=16384, pixel_modality="rgb@224",
+            description="JPEG, EXIF-rotated RGB, shorter side at most the storage size (512)"),
         ModalityInfo(
             name="caption", ext="txt", tokenizer=_TEXT, token_modality="tok_caption", num_tokens=256,
             vocab_size=None, description="UTF-8 text, the corpus alt-text"),

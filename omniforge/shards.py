@@ -23,6 +23,7 @@ MANIFEST = "manifest/corpus.parquet"
 RUNS_DIR = "manifest/runs"
 STATUS_DIR = "_status"
 TMP_DIR = "_tmp"
+CROP_SETTINGS = "crop_settings"  # beside tok_* folders: int32 (n_crops, 5) (top, left, h, w, hflip) per key
 
 STATUS_SCHEMA = pa.schema([
     ("key", pa.string()),

@@ -12,7 +12,8 @@ ORDERS = ("maskgit", "random")
 
 TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "data": dict(help="token root holding tok_* folders (local or s3://)"),
-    "modalities": dict(help="comma-separated token folders, e.g. tok_rgb@224,tok_depth@224,tok_caption"),
+    "modalities": dict(help="comma-separated folders, e.g. rgb@224,tok_rgb@224,tok_depth@224,tok_caption (rgb@224: "
+                        "raw-pixel input, cropped from the rgb labels)"),
     "out": dict(help="run directory (checkpoints, log.jsonl, loss.png); an existing run resumes"),
     "tokenizers": dict(help="tokenizers directory holding text/tokenizer.json (for sequence modalities)"),
     "model": dict(help="model size: tiny | B | L | XL"),
@@ -64,12 +65,14 @@ def add_sample_cli(subparsers: Any) -> None:
     p.add_argument("--input", required=True, help="corpus root holding the token shards (local or s3://)")
     p.add_argument("--key", required=True, help="sample key (crop 0 of its token shards is used)")
     p.add_argument("--from", dest="sources", required=True, type=_csv,
-                   help="comma-separated input token folders, e.g. tok_rgb@224")
+                   help="comma-separated inputs: modality names (rgb: raw pixels when the model takes rgb@224, else its "
+                        "tokens) or folders, e.g. rgb or tok_rgb@224,tok_caption")
     p.add_argument("--to", dest="targets", required=True, type=_csv,
-                   help="comma-separated token folders to generate, in order (chained), e.g. tok_depth@224,tok_caption")
+                   help="comma-separated modalities or token folders to generate, in order (chained), e.g. "
+                        "depth,normal,caption")
     p.add_argument("--tokenizers", default=None, help="tokenizers directory: also write decoded outputs "
                    "(images as PNG or .npy, sequences as .txt)")
-    p.add_argument("--out", required=True, help="output directory: OUT/<key>/<folder>.npy")
+    p.add_argument("--out", required=True, help="output directory: OUT/<key>/<folder>.npy and OUT/<key>/sample.png")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.0)

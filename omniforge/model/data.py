@@ -1,8 +1,10 @@
 """The trainer's loader: token shards -> masked, collated batches, with an exact resume.
 
 Reads ``ROOT/<folder>/shard-NNNNNN.tar`` (members ``<key>.npy``, int16 (n_crops, N), sorted by key) for
-every requested token folder. A shard counts for a folder once its ``_status`` table exists (the commit
-marker); the shards read are the union over folders. One stream of samples per (rank, DataLoader worker):
+every requested token folder. A raw-pixel folder (``rgb@224``) is read from the ``rgb`` label tar joined
+by key with ``crop_settings``: the JPEG is cropped with the sample's crop (the crop its tokens were made
+from) to 224 x 224 and cut into uint8 patches. A shard counts for a folder once its ``_status`` table
+exists (the commit marker; for pixels, both tables); the shards read are the union over folders. One stream of samples per (rank, DataLoader worker):
 
 - epoch e permutes the shard list with ``(seed, e)`` (the same on every rank); stream g of G = world_size x
   workers takes every G-th shard of that order (so at least G shards are needed);
@@ -38,10 +40,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from omniforge.errors import ConfigError, CorpusError
-from omniforge.model.masking import Masker, collate
+from omniforge import codecs, storage
 from omniforge import shards as _shards
-from omniforge import storage
+from omniforge.errors import ConfigError, CorpusError, SampleError
+from omniforge.model.masking import Masker, collate
+from omniforge.model.specs import ModalitySpec, patchify, pixel_source
 
 STATE_VERSION = 1
 _SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
@@ -99,7 +102,11 @@ def parse_shards(spec: str) -> list[int]:
 
 
 def committed_shards(root: str, folder: str) -> set[int]:
-    """Shards of a folder whose status table exists (the commit marker of the tar)."""
+    """Shards of a folder whose status table exists (the commit marker of the tar); for a raw-pixel folder,
+    the shards committed in both its label folder and crop_settings."""
+    source = pixel_source(folder)
+    if source is not None:
+        return committed_shards(root, source) & committed_shards(root, _shards.CROP_SETTINGS)
     status_dir = storage.join(root, _shards.STATUS_DIR, folder)
     found = set()
     for uri, _size in storage.list_files(status_dir, (".parquet",)):
@@ -114,7 +121,8 @@ class _Record:
     shard: int
     index: int  # position of the key in the shard's merged key order
     key: str
-    members: dict[str, bytes | None]  # folder -> npy bytes, None when the folder lacks the key
+    # folder -> npy bytes (pixels: (jpg bytes, crop_settings npy bytes)), None when the folder lacks the key
+    members: dict[str, Any]
 
 
 def _stream_state(epoch: int = 0, shard_pos: int = 0, offset: int = 0, yielded: int = 0) -> dict[str, int]:
@@ -176,8 +184,8 @@ class TokenShardDataset(IterableDataset):
     def _read_shard(self, shard: int) -> Iterator[_Record]:
         """The samples of one shard: its folders merged by key (every tar is sorted by key)."""
         folders = [f for f in self.cfg.folders if shard in self._committed[f]]
-        iters = {f: _keyed(_shards.tar_uri(self.cfg.root, f, shard)) for f in folders}
-        heads: dict[str, tuple[str, bytes] | None] = {f: next(it, None) for f, it in iters.items()}
+        iters = {f: self._folder_members(f, shard) for f in folders}
+        heads: dict[str, tuple[str, Any] | None] = {f: next(it, None) for f, it in iters.items()}
         index = 0
         while True:
             live = [h[0] for h in heads.values() if h is not None]
@@ -191,6 +199,13 @@ class TokenShardDataset(IterableDataset):
                     heads[f] = next(iters[f], None)
             yield _Record(shard, index, key, members)
             index += 1
+
+    def _folder_members(self, folder: str, shard: int) -> Iterator[tuple[str, Any]]:
+        spec = self.masker.specs[folder]
+        if spec.kind != "pixels":
+            return _keyed(_shards.tar_uri(self.cfg.root, folder, shard))
+        return _joined(_keyed(_shards.tar_uri(self.cfg.root, spec.source, shard)),
+                       _keyed(_shards.tar_uri(self.cfg.root, _shards.CROP_SETTINGS, shard)))
 
     def _epoch_shards(self, epoch: int, stream: int) -> list[int]:
         order = np.random.default_rng([self.cfg.seed, _SHARD_ORDER, epoch]).permutation(len(self.shards))
@@ -208,16 +223,24 @@ class TokenShardDataset(IterableDataset):
 
     def _sample(self, rec: _Record, epoch: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.cfg.seed, _SAMPLE, epoch, rec.shard, rec.index])
-        arrays = {f: _decode(b, self.cfg.root, f, rec) for f, b in rec.members.items() if b is not None}
+        specs = self.masker.specs
+        present = {f: b for f, b in rec.members.items() if b is not None}
+        arrays = {f: _decode(b if specs[f].kind != "pixels" else b[1], self.cfg.root,
+                             f if specs[f].kind != "pixels" else _shards.CROP_SETTINGS, rec)
+                  for f, b in present.items()}
         n_crops = min(a.shape[0] for a in arrays.values())
         for f, a in arrays.items():
-            expected = self.masker.specs[f].num_tokens
+            if specs[f].kind == "pixels":
+                continue
+            expected = specs[f].num_tokens
             if a.shape[1] != expected:
                 raise CorpusError(f"{_shards.tar_uri(self.cfg.root, f, rec.shard)}: {rec.key}.npy has "
                                   f"{a.shape[1]} tokens per crop, the {f} spec expects {expected}: "
                                   "re-tokenize the shard or fix the spec")
         crop = int(rng.integers(n_crops))
         sample = {f: (arrays[f][crop] if f in arrays else None) for f in self.cfg.folders}
+        for f, (jpg, _) in ((f, b) for f, b in present.items() if specs[f].kind == "pixels"):
+            sample[f] = _pixels(jpg, arrays[f][crop], specs[f], self.cfg.root, rec)
         return {"key": rec.key, "crop": crop, "masked": self.masker(sample, rng)}
 
     def _stream(self, stream: int, state: Mapping[str, int]) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
@@ -335,6 +358,37 @@ def _decode(data: bytes, root: str, folder: str, rec: _Record) -> np.ndarray:
         raise CorpusError(f"{_shards.tar_uri(root, folder, rec.shard)}: {rec.key}.npy is {arr.dtype} {arr.shape}, "
                           "expected integer token ids (n_crops, N)")
     return arr
+
+
+def _joined(images: Iterator[tuple[str, bytes]], crops: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, Any]]:
+    """(key, (image bytes, crop settings bytes)) for the keys in both key-sorted streams: an image without
+    crop settings was not tokenized (its tokenize status says why) and is not a training sample."""
+    crop = next(crops, None)
+    for key, data in images:
+        while crop is not None and crop[0] < key:
+            crop = next(crops, None)
+        if crop is None:
+            return
+        if crop[0] == key:
+            yield key, (data, crop[1])
+
+
+def _pixels(jpg: bytes, crop: np.ndarray, spec: ModalitySpec, root: str, rec: _Record) -> np.ndarray:
+    """(num_tokens, patch_dim) uint8 patches of the label image cropped as the sample's tokens were."""
+    from omniforge.tokenize.crops import crop_image
+
+    uri = _shards.tar_uri(root, spec.source, rec.shard)
+    try:
+        image = np.asarray(codecs.decode("jpg", jpg))
+    except (OSError, ValueError) as e:
+        raise CorpusError(f"{uri}: {rec.key}.jpg cannot be decoded ({e}): re-run `omniforge label` for it") from None
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise CorpusError(f"{uri}: {rec.key}.jpg is {image.shape}, expected an (H, W, 3) RGB image")
+    try:
+        cropped = crop_image(image, crop, spec.grid * spec.patch)
+    except SampleError as e:
+        raise CorpusError(f"{uri}: {rec.key}: {e} (re-run `omniforge tokenize` for this shard)") from None
+    return patchify(cropped, spec.patch)
 
 
 def _identity(x: Any) -> Any:

@@ -4,8 +4,9 @@ A batch is ``dict[folder, dict[str, Tensor]]`` in the shared format (see ``omnif
 ``"tensor"`` int64 (B, L) token ids, ``"input_mask"`` bool (B, L) True = not given to the encoder,
 ``"target_mask"`` bool (B, L) True = not a target, ``"decoder_attention_mask"`` int (B, L).
 
-- Encoder: every modality's visible tokens (input_mask False) are embedded (per-modality token table +
-  fixed sin-cos position + learned modality embedding), gathered per sample into one padded
+- Encoder: every modality's visible tokens (input_mask False) are embedded (per-modality token table, or
+  for a pixel folder such as rgb@224 a linear patch embedding of ImageNet-normalised pixels; plus a
+  fixed sin-cos position and a learned modality embedding), gathered per sample into one padded
   (B, N_in) sequence with a padding mask, and run through pre-norm transformer blocks.
 - Decoder: one query per target position (target_mask False): a learned mask token (images, globals,
   and the first target of a sequence) or the previous target token of the same sequence (teacher
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from omniforge.errors import ConfigError
 from omniforge.model._layers import DecoderBlock, EncoderBlock, layer_norm, sincos_1d, sincos_2d
-from omniforge.model.specs import ModalitySpec
+from omniforge.model.specs import PIXEL_MEAN, PIXEL_STD, ModalitySpec
 
 Batch = dict[str, dict[str, Tensor]]
 
@@ -96,18 +97,41 @@ class Encoded(NamedTuple):
 class _Gathered(NamedTuple):
     index: Tensor  # (B, N) int64 positions in the modality's row, ascending; padding slots hold 0
     valid: Tensor  # (B, N) bool, False = padding slot
-    ids: Tensor  # (B, N) int64 token ids at those positions (0 at padding)
+    ids: Tensor  # (B, N) int64 token ids at those positions (0 at padding); pixels: (B, N, P) patches
 
 
 def _gather(tensor: Tensor, excluded: Tensor) -> _Gathered:
-    """Positions where ``excluded`` is False, in ascending order, left-aligned and padded per sample."""
+    """Positions where ``excluded`` is False, in ascending order, left-aligned and padded per sample.
+    ``tensor`` is (B, L) ids or (B, L, P) pixel patches."""
     counts = (~excluded).sum(dim=1)  # (B,)
     n = int(counts.max()) if counts.numel() else 0
     order = torch.sort(excluded.to(torch.uint8), dim=1, stable=True).indices[:, :n]  # (B, N)
     valid = torch.arange(n, device=tensor.device)[None, :] < counts[:, None]  # (B, N)
     index = order.masked_fill(~valid, 0)
+    if tensor.ndim == 3:
+        ids = torch.gather(tensor, 1, index[..., None].expand(-1, -1, tensor.shape[-1]))
+        return _Gathered(index, valid, ids.masked_fill(~valid[..., None], 0))
     ids = torch.gather(tensor, 1, index).masked_fill(~valid, 0)
     return _Gathered(index, valid, ids)
+
+
+class PatchEmbedding(nn.Module):
+    """Linear embedding of flattened uint8 pixel patches, normalised with ImageNet statistics first."""
+
+    def __init__(self, patch_dim: int, dim: int, bias: bool = True):
+        super().__init__()
+        if patch_dim % 3:
+            raise ConfigError(f"pixel patches hold 3 channels, got patch_dim={patch_dim}")
+        # Channel is the fastest axis of a flattened (row, col, channel) patch.
+        mean = torch.tensor(PIXEL_MEAN).repeat(patch_dim // 3) * 255.0
+        std = torch.tensor(PIXEL_STD).repeat(patch_dim // 3) * 255.0
+        self.register_buffer("mean", mean, persistent=False)  # (P,)
+        self.register_buffer("std", std, persistent=False)  # (P,)
+        self.proj = nn.Linear(patch_dim, dim, bias=bias)
+
+    def forward(self, patches: Tensor) -> Tensor:  # (B, N, P) uint8 -> (B, N, D)
+        x = (patches.to(self.proj.weight.dtype) - self.mean) / self.std
+        return self.proj(x)
 
 
 class FourM(nn.Module):
@@ -128,14 +152,16 @@ class FourM(nn.Module):
         hidden = int(dim * config.mlp_ratio)
         block = dict(swiglu=config.swiglu, bias=config.bias, dropout=config.dropout)
 
-        self.encoder_tokens = nn.ModuleDict({m: nn.Embedding(s.vocab_size, dim) for m, s in specs.items()})
+        self.encoder_tokens = nn.ModuleDict(
+            {m: PatchEmbedding(s.patch_dim, dim, config.bias) if s.kind == "pixels" else nn.Embedding(s.vocab_size, dim)
+             for m, s in specs.items()})
         # Image and global decoder queries are mask tokens; only sequences embed (previous) target tokens.
         self.decoder_tokens = nn.ModuleDict(
             {m: nn.Embedding(s.vocab_size, dim) for m, s in specs.items() if s.kind == "sequence"})
         self.modality_embeddings = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim)) for m in specs})
         self.mask_token = nn.Parameter(torch.zeros(dim))
         for m, s in specs.items():
-            table = sincos_2d(s.grid, dim) if s.kind == "image" else sincos_1d(s.seq_len, dim)
+            table = sincos_2d(s.grid, dim) if s.kind in ("image", "pixels") else sincos_1d(s.seq_len, dim)
             self.register_buffer(self._pos_name(m), table, persistent=False)  # (L, D)
 
         self.encoder = nn.ModuleList(EncoderBlock(dim, config.heads, hidden, **block)
@@ -145,7 +171,8 @@ class FourM(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(dim, config.heads, hidden, **block)
                                      for _ in range(config.decoder_depth))
         self.decoder_norm = layer_norm(dim, config.bias)
-        self.heads = nn.ModuleDict({m: nn.Linear(dim, s.vocab_size, bias=False) for m, s in specs.items()})
+        self.heads = nn.ModuleDict({m: nn.Linear(dim, s.vocab_size, bias=False) for m, s in specs.items()
+                                    if not s.input_only})
         self._init_weights()
 
     @staticmethod
@@ -180,13 +207,18 @@ class FourM(nn.Module):
             raise ValueError(f"batch has modalities {unknown} that the model was not built with; "
                              f"known: {list(self.specs)}")
         for m, d in batch.items():
-            expected = self.specs[m].seq_len
+            spec = self.specs[m]
+            expected = spec.seq_len
             for key in ("tensor", "input_mask", "target_mask"):
                 if key not in d:
                     raise ValueError(f"batch[{m!r}] has no {key!r}")
-                if d[key].ndim != 2 or d[key].shape[1] != expected:
+                pixels = key == "tensor" and spec.kind == "pixels"
+                shape = (expected, spec.patch_dim) if pixels else (expected,)
+                if tuple(d[key].shape[1:]) != shape:
                     raise ValueError(f"batch[{m!r}][{key!r}] has shape {tuple(d[key].shape)}, "
-                                     f"expected (B, {expected})")
+                                     f"expected (B, {', '.join(map(str, shape))})")
+            if spec.input_only and not bool(d["target_mask"].all()):
+                raise ValueError(f"{m} is input-only (raw pixels): its target_mask must be all True")
         return list(batch)
 
     # ---- encoder ------------------------------------------------------------------------------------
@@ -202,7 +234,8 @@ class FourM(nn.Module):
         tokens, embs, valids = [], [], []
         for m in self._modalities(batch):
             d = batch[m]
-            g = _gather(d["tensor"].long(), d["input_mask"].bool())
+            tensor = d["tensor"] if self.specs[m].kind == "pixels" else d["tensor"].long()
+            g = _gather(tensor, d["input_mask"].bool())
             if g.ids.shape[1] == 0:
                 continue
             emb = self._pos(m)[g.index] + self.modality_embeddings[m]  # (B, N_m, D)
@@ -243,11 +276,13 @@ class FourM(nn.Module):
         queries, targets, mod_ids, causal = [], {}, [], []
         for i, m in enumerate(self._modalities(batch)):
             d = batch[m]
+            spec = self.specs[m]
+            if spec.input_only:
+                continue
             g = _gather(d["tensor"].long(), d["target_mask"].bool())
             n = g.ids.shape[1]
             if n == 0:
                 continue
-            spec = self.specs[m]
             q = self.mask_token.expand(*g.ids.shape, -1)  # (B, N_m, D)
             if spec.kind == "sequence":  # teacher forcing: position t reads the target token before it
                 prev = self.decoder_tokens[m](F.pad(g.ids[:, :-1], (1, 0)))  # (B, N_m, D)

@@ -21,7 +21,8 @@ The output of one sample is the shared batch format of one row: folder -> {"tens
 "input_mask": bool (L,) (True = not an input), "target_mask": bool (L,) (True = not a target),
 "decoder_attention_mask": int32 (L,) (1 on a sequence's target positions, 0 elsewhere)}, with L the
 spec's ``seq_len``. A sequence row holds the span-masked input at [0, len) and the target from position
-``input_budget`` on; :func:`collate` stacks rows into (B, L) batches.
+``input_budget`` on; :func:`collate` stacks rows into (B, L) batches. A pixel folder's "tensor" is uint8
+(L, patch_dim) patches instead of ids; it is input-only (never a target, whatever the target alphas say).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ COLOR_PALETTE = MODALITIES["color_palette"].token_modality
 CHUNKS: dict[str, tuple[int, int]] = {METADATA: (2, 2), COLOR_PALETTE: (1, 3)}
 # ml-4m's 4M-21 mixture keeps a palette either whole or fully masked.
 DEFAULT_KEEP: dict[str, str] = {COLOR_PALETTE: "binary"}
+
+
+def _is_pixels(folder: str) -> bool:
+    return any(m.pixel_modality == folder for m in MODALITIES.values())
 
 
 def _folder_name(name: str) -> str:
@@ -119,7 +124,9 @@ class MaskingConfig:
     @classmethod
     def uniform(cls, folders: Sequence[str], *, alpha: float = 0.5, input_tokens: int = 128,
                 target_tokens: int = 128, input_only: Sequence[str] = ()) -> MaskingConfig:
-        """One component with the same alpha for every folder (input_only folders are never targets)."""
+        """One component with the same alpha for every folder (input_only folders, and pixel folders such
+        as rgb@224, are never targets)."""
+        input_only = (*input_only, *(f for f in folders if _is_pixels(f) and f not in input_only))
         return cls(alphas=[{f: alpha for f in folders}],
                    target_alphas=[{f: 0.0 if f in input_only else alpha for f in folders}],
                    weights=[1.0], input_tokens=input_tokens, target_tokens=target_tokens,
@@ -286,6 +293,7 @@ class Masker:
         unknown = [f for f in cfg.input_only if f not in self.specs]
         if unknown:
             raise ConfigError(f"MaskingConfig.input_only names {unknown}, not among the folders {self.folders}")
+        input_only = set(cfg.input_only) | {f for f, s in self.specs.items() if s.input_only}
         for spec in self.specs.values():
             if spec.kind == "sequence":
                 # At most ceil(n / 2) spans, sentinels 1..spans + 1 (sentinel 0 is left unused, as ml-4m).
@@ -294,7 +302,7 @@ class Masker:
                     raise ConfigError(f"{spec.name}: span masking {spec.num_tokens} tokens needs {needed} "
                                       f"sentinels, got {len(self.sentinel_ids)}")
         self._in_alpha = np.array([[c.get(f, 0.0) for f in self.folders] for c in cfg.alphas], dtype=np.float64)
-        target = [[0.0 if f in cfg.input_only else c.get(f, 0.0) for f in self.folders] for c in cfg.target_alphas]
+        target = [[0.0 if f in input_only else c.get(f, 0.0) for f in self.folders] for c in cfg.target_alphas]
         self._tgt_alpha = np.array(target, dtype=np.float64)
         w = np.ones(cfg.num_components) if cfg.weights is None else np.asarray(cfg.weights, dtype=np.float64)
         self._weights = w / w.sum()
@@ -328,7 +336,9 @@ class Masker:
 
     def _empty(self, spec: ModalitySpec) -> dict[str, torch.Tensor]:
         n = spec.seq_len
-        return {"tensor": torch.full((n,), self.pad_id, dtype=torch.int64),
+        tensor = (torch.zeros((n, spec.patch_dim), dtype=torch.uint8) if spec.kind == "pixels"
+                  else torch.full((n,), self.pad_id, dtype=torch.int64))
+        return {"tensor": tensor,
                 "input_mask": torch.ones(n, dtype=torch.bool), "target_mask": torch.ones(n, dtype=torch.bool),
                 "decoder_attention_mask": torch.zeros(n, dtype=torch.int32)}
 
@@ -340,7 +350,8 @@ class Masker:
         input_mask[order[:n_in]] = False
         target_mask = np.ones(n, dtype=bool)
         target_mask[order[n_in:n_in + n_tgt]] = False
-        return {"tensor": torch.as_tensor(tokens.astype(np.int64)), "input_mask": torch.from_numpy(input_mask),
+        tensor = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.uint8 if tokens.ndim == 2 else np.int64))
+        return {"tensor": tensor, "input_mask": torch.from_numpy(input_mask),
                 "target_mask": torch.from_numpy(target_mask),
                 "decoder_attention_mask": torch.zeros(n, dtype=torch.int32)}
 
@@ -389,8 +400,10 @@ class Masker:
                 seq_units[folder] = units
                 in_cap[i] = sum(len(u) for u in units)
             else:
-                if np.shape(row) != (spec.num_tokens,):
-                    raise ValueError(f"{folder}: expected ({spec.num_tokens},) token ids, got shape {np.shape(row)}")
+                shape = (spec.num_tokens, spec.patch_dim) if spec.kind == "pixels" else (spec.num_tokens,)
+                if np.shape(row) != shape:
+                    what = "uint8 patches" if spec.kind == "pixels" else "token ids"
+                    raise ValueError(f"{folder}: expected {shape} {what}, got shape {np.shape(row)}")
                 in_cap[i] = spec.num_tokens
 
         n_in = _dirichlet_split(self.cfg.input_tokens, np.where(present, self._in_alpha[comp], 0.0), in_cap, rng)

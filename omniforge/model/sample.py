@@ -33,10 +33,10 @@ from torch import Tensor
 
 from omniforge.errors import ConfigError, WeightsError
 from omniforge.model.fm import FourM, ModelConfig
-from omniforge.model.specs import ModalitySpec
-
 from omniforge.model._cli import ORDERS, SCHEDULES
 from omniforge.model._cli import add_sample_cli as add_cli  # noqa: F401 - tests and callers
+from omniforge.model.specs import ModalitySpec, patchify, resolve_folder, unpatchify
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 LATEST_FILE = "latest"
@@ -127,17 +127,19 @@ def _draw(logits: Tensor, cfg: SampleConfig, gen: torch.Generator) -> tuple[Tens
 def _row(spec: ModalitySpec, device: torch.device) -> Row:
     """An all-masked row of one modality (B = 1): no input, no target."""
     n = spec.seq_len
-    return {"tensor": torch.zeros(1, n, dtype=torch.int64, device=device),
+    tensor = (torch.zeros(1, n, spec.patch_dim, dtype=torch.uint8, device=device) if spec.kind == "pixels"
+              else torch.zeros(1, n, dtype=torch.int64, device=device))
+    return {"tensor": tensor,
             "input_mask": torch.ones(1, n, dtype=torch.bool, device=device),
             "target_mask": torch.ones(1, n, dtype=torch.bool, device=device),
             "decoder_attention_mask": torch.zeros(1, n, dtype=torch.int32, device=device)}
 
 
 def _input_row(spec: ModalitySpec, ids: np.ndarray, device: torch.device) -> Row:
-    """A fully visible input: image/global ids (N,), or a sequence's ids at [0, len)."""
+    """A fully visible input: image/global ids (N,), pixel patches (N, P), or a sequence's ids at [0, len)."""
     row = _row(spec, device)
     n = len(ids)
-    row["tensor"][0, :n] = torch.as_tensor(ids, dtype=torch.int64, device=device)
+    row["tensor"][0, :n] = torch.as_tensor(ids, dtype=row["tensor"].dtype, device=device)
     row["input_mask"][0, :n] = False
     return row
 
@@ -165,9 +167,18 @@ def _check_inputs(specs: Mapping[str, ModalitySpec], inputs: Mapping[str, np.nda
     given = [m for m in targets if m in inputs]
     if given:
         raise ConfigError(f"targets {given} are also given as inputs: drop them from one of the two")
+    input_only = [m for m in targets if specs[m].input_only]
+    if input_only:
+        raise ConfigError(f"{input_only} are input-only (raw pixels) and cannot be generated: "
+                          f"generate their token folders instead")
     for m, ids in inputs.items():
         spec = specs[m]
         arr = np.asarray(ids)
+        if spec.kind == "pixels":
+            if arr.shape != (spec.num_tokens, spec.patch_dim) or arr.dtype != np.uint8:
+                raise ConfigError(f"input {m}: expected uint8 patches ({spec.num_tokens}, {spec.patch_dim}), "
+                                  f"got {arr.dtype} {arr.shape}")
+            continue
         if spec.kind != "sequence" and arr.shape != (spec.num_tokens,):
             raise ConfigError(f"input {m}: expected ({spec.num_tokens},) token ids, got shape {arr.shape}")
         if arr.size and (arr.min() < 0 or arr.max() >= spec.vocab_size):
@@ -239,7 +250,7 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
     """Generate ``targets`` (in order, chained) for ONE sample from ``inputs``.
 
     ``inputs``: folder -> token ids (image/global: (num_tokens,); sequence: ids without padding, with or
-    without a final [EOS]). Returns folder -> int64 ids: image/global (num_tokens,) in [0, vocab_size);
+    without a final [EOS]; pixels: uint8 (num_tokens, patch_dim) patches). Returns folder -> int64 ids: image/global (num_tokens,) in [0, vocab_size);
     sequence: the generated ids up to and including [EOS] (at most ``num_tokens``; no [EOS] when that many
     were drawn without one). Each generated target is an input of the following ones.
     """
@@ -252,8 +263,9 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
     context: dict[str, Row] = {}
     for m, ids in inputs.items():
         spec = specs[m]
-        ids = _sequence_input(spec, ids, eos_id=eos_id, pad_id=pad_id) if spec.kind == "sequence" else ids
-        context[m] = _input_row(spec, np.asarray(ids, dtype=np.int64), device)
+        if spec.kind == "sequence":
+            ids = _sequence_input(spec, ids, eos_id=eos_id, pad_id=pad_id)
+        context[m] = _input_row(spec, np.asarray(ids, dtype=np.uint8 if spec.kind == "pixels" else np.int64), device)
     out: dict[str, np.ndarray] = {}
     try:
         for m in targets:
@@ -332,11 +344,9 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[FourM, dict[str, Mo
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-def _read_crop0(root: str, folder: str, key: str) -> np.ndarray:
-    """Crop 0 of ``key`` in ROOT/<folder>'s token shard (found through the manifest)."""
+def _shard_of(root: str, key: str) -> int:
     import pyarrow.compute as pc
 
-    from omniforge import shards, storage
     from omniforge.shards import load_manifest
 
     manifest = load_manifest(root)
@@ -344,14 +354,37 @@ def _read_crop0(root: str, folder: str, key: str) -> np.ndarray:
     if rows.num_rows == 0:
         raise ConfigError(f"key {key!r} is not in {root}'s manifest; keys look like "
                           f"{manifest.column('key').slice(0, 5).to_pylist()}")
-    shard = rows.column("shard")[0].as_py()
+    return int(rows.column("shard")[0].as_py())
+
+
+def _read_member(root: str, folder: str, shard: int, key: str, hint: str) -> bytes:
+    from omniforge import shards, storage
+
     uri = shards.tar_uri(root, folder, shard)
     if not storage.exists(uri):
-        raise ConfigError(f"{uri} does not exist: tokenize {folder} first (`omniforge tokenize`)")
+        raise ConfigError(f"{uri} does not exist: {hint}")
     for name, data in shards.iter_tar(uri):
         if shards.member_key(name) == key:
-            return np.load(io.BytesIO(data), allow_pickle=False)[0]
-    raise ConfigError(f"{key!r} has no {folder} tokens in {uri} (its tokenization failed or is missing)")
+            return data
+    raise ConfigError(f"{key!r} has no {folder} member in {uri} (its labeling or tokenization failed or is missing)")
+
+
+def read_input(root: str, spec: ModalitySpec, key: str) -> np.ndarray:
+    """Crop 0 of ``key`` as the trainer sees it: token ids (N,) from the token shard, or for a pixel folder the
+    label image cropped with crop 0 of its crop settings, as uint8 patches (N, patch_dim)."""
+    from omniforge import codecs, shards
+    from omniforge.tokenize.crops import crop_image
+
+    shard = _shard_of(root, key)
+    if spec.kind != "pixels":
+        data = _read_member(root, spec.name, shard, key, f"tokenize {spec.name} first (`omniforge tokenize`)")
+        return np.load(io.BytesIO(data), allow_pickle=False)[0].astype(np.int64)
+    crops = np.load(io.BytesIO(_read_member(root, shards.CROP_SETTINGS, shard, key,
+                                            "run `omniforge tokenize` first (it writes the crop settings)")),
+                    allow_pickle=False)
+    image = np.asarray(codecs.decode("jpg", _read_member(root, spec.source, shard, key,
+                                                         f"label {spec.source} first (`omniforge label`)")))
+    return patchify(crop_image(image, crops[0], spec.grid * spec.patch), spec.patch)
 
 
 def _text_ids(text_tok: Any) -> tuple[list[int], int, int]:
@@ -364,55 +397,85 @@ def _text_ids(text_tok: Any) -> tuple[list[int], int, int]:
     return list(range(4, 4 + text.NUM_SENTINELS)), 3, 0
 
 
-def _save_decoded(folder: str, ids: np.ndarray, spec: ModalitySpec, tokenizers: str, out_dir: str,
-                  text_tok: Any) -> str:
-    """Decode generated ids with the folder's tokenizer and write them; returns the file written."""
+def _modality_of(folder: str) -> str | None:
     from omniforge.modalities import MODALITIES
+
+    names = [name for name, info in MODALITIES.items() if folder in (info.token_modality, info.pixel_modality)]
+    return names[0] if names else None
+
+
+def decode_output(folder: str, ids: np.ndarray, spec: ModalitySpec, tokenizers: str, text_tok: Any) -> Any:
+    """Generated ids decoded with the folder's tokenizer: a label array (images, features) or text (sequences)."""
     from omniforge.tokenize import models
 
     if spec.kind == "sequence":
-        path = os.path.join(out_dir, f"{folder}.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text_tok.decode(ids.tolist()) + "\n")
-        return path
-    names = [name for name, info in MODALITIES.items() if info.token_modality == folder]
-    if not names:
+        return text_tok.decode(ids.tolist())
+    name = _modality_of(folder)
+    if name is None:
         raise ConfigError(f"{folder} is not a registered token folder: no tokenizer to decode it")
-    name = names[0]
     tok = models.load_tokenizer(os.path.join(tokenizers, name))
     with torch.inference_mode():
         recon = tok.decode(torch.from_numpy(ids.astype(np.int64))[None])
-    array = models.restore(name, recon)[0]
-    if array.dtype in (np.uint8, np.uint16) and (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
+    return models.restore(name, recon)[0]
+
+
+def _save_decoded(folder: str, value: Any, out_dir: str) -> str:
+    """Write a decoded output: text as .txt, an 8/16-bit image as .png, anything else as .npy."""
+    if isinstance(value, str):
+        path = os.path.join(out_dir, f"{folder}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(value + "\n")
+        return path
+    if value.dtype in (np.uint8, np.uint16) and (value.ndim == 2 or (value.ndim == 3 and value.shape[-1] == 3)):
         from PIL import Image
 
         path = os.path.join(out_dir, f"{folder}.png")
-        Image.fromarray(array).save(path)
+        Image.fromarray(value).save(path)
     else:
         path = os.path.join(out_dir, f"{folder}.decoded.npy")
-        np.save(path, array)
+        np.save(path, value)
     return path
 
 
+def _panel(folder: str, what: str) -> str:
+    """A panel title whose first word picks the drawing (the modality name when known)."""
+    name = _modality_of(folder) or folder
+    return f"{name} ({what} {folder})" if name != folder else f"{folder} ({what})"
+
+
 def sample_cli(args: Any) -> int:
-    """`omniforge sample`: generate --to from --from for one key and write OUT/<key>/<folder>.npy."""
+    """`omniforge sample`: generate --to from --from for one key; write OUT/<key>/<folder>.npy (plus decoded
+    outputs with --tokenizers) and OUT/<key>/sample.png, drawn by the renderer `omniforge show` uses."""
+    from omniforge._render import render_sample
     from omniforge.tokenize import text
 
     cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
                        schedule=args.schedule, order=args.order, seed=args.seed)
     model, specs, _ = load_checkpoint(args.checkpoint, device=args.device)
+    sources = [resolve_folder(m, specs) for m in args.sources]
+    targets = [resolve_folder(m, specs) for m in args.targets]
+    unknown = [m for m in [*sources, *targets] if m not in specs]
+    if unknown:
+        raise ConfigError(f"the checkpoint has no modalities {unknown}; it knows {list(specs)} "
+                          "(modality names such as rgb or depth are accepted too)")
     text_tok = None
-    if args.tokenizers and any(specs[m].kind == "sequence" for m in [*args.sources, *args.targets] if m in specs):
+    if args.tokenizers and any(specs[m].kind == "sequence" for m in [*sources, *targets]):
         text_tok = text.TextTokenizer.from_file(os.path.join(args.tokenizers, "text", "tokenizer.json"))
     sentinel_ids, eos_id, pad_id = _text_ids(text_tok)
-    unknown = [m for m in [*args.sources, *args.targets] if m not in specs]
-    if unknown:
-        raise ConfigError(f"the checkpoint has no modalities {unknown}; it knows {list(specs)}")
-    inputs = {m: _read_crop0(args.input, m, args.key).astype(np.int64) for m in args.sources}
-    generated = generate(model, specs, inputs, args.targets, cfg, sentinel_ids=sentinel_ids, eos_id=eos_id,
+    inputs = {m: read_input(args.input, specs[m], args.key) for m in sources}
+    generated = generate(model, specs, inputs, targets, cfg, sentinel_ids=sentinel_ids, eos_id=eos_id,
                          pad_id=pad_id)
     out_dir = os.path.join(args.out, args.key)
     os.makedirs(out_dir, exist_ok=True)
+    panels: dict[str, Any] = {}
+    for m, value in inputs.items():
+        spec = specs[m]
+        if spec.kind == "pixels":
+            panels[_panel(m, "input, crop 0 of")] = unpatchify(value, spec.patch)
+        elif args.tokenizers:
+            panels[_panel(m, "input, decoded from")] = decode_output(m, value, spec, args.tokenizers, text_tok)
+        else:
+            panels[f"{m} (input)"] = np.asarray(value)[None]
     for m, ids in generated.items():
         path = os.path.join(out_dir, f"{m}.npy")
         row = np.full(specs[m].num_tokens, pad_id, dtype=np.int16)  # (N,): a sequence is [PAD]-filled
@@ -420,10 +483,18 @@ def sample_cli(args: Any) -> int:
         np.save(path, row[None])  # (1, N) like the token shards
         line = f"{m}: {len(ids)} tokens -> {path}"
         if args.tokenizers:
-            line += f", decoded -> {_save_decoded(m, ids, specs[m], args.tokenizers, out_dir, text_tok)}"
+            value = decode_output(m, ids, specs[m], args.tokenizers, text_tok)
+            line += f", decoded -> {_save_decoded(m, value, out_dir)}"
+            panels[_panel(m, "generated, decoded from")] = value
+        else:
+            panels[f"{m} (generated)"] = row[None].astype(np.int64)
         print(line)
+    png = os.path.join(out_dir, "sample.png")
+    title = f"{args.key}: {', '.join(sources)} -> {', '.join(targets)}"
+    render_sample(args.key, panels, title=title).save(png)
+    print(f"{title}, drawn -> {png}")
     return 0
 
 
 __all__ = ["SampleConfig", "generate", "token_schedule", "filter_logits", "load_checkpoint", "resolve_checkpoint",
-           "add_cli", "sample_cli"]
+           "read_input", "decode_output", "add_cli", "sample_cli"]

@@ -1,13 +1,16 @@
-"""What the trainer needs to know about each token folder, derived from the modality registry.
+"""What the trainer needs to know about each modality folder, derived from the modality registry.
 
-A token folder is one of three kinds:
+A folder is one of four kinds:
 
 - ``"image"``: ``tok_<name>@224`` folders (VQ-VAE tokens on a square grid), masked as random subsets of
   positions with 2-D positions;
 - ``"global"``: Memcodes folders (a short fixed-length code, 16 tokens), masked like images but with 1-D
   positions;
 - ``"sequence"``: WordPiece folders (caption, det, metadata, ...), span-masked T5 style, sharing one
-  text vocabulary.
+  text vocabulary;
+- ``"pixels"``: raw-pixel input (``rgb@224``, ml-4m's name): the rgb label cropped with the sample's
+  ``crop_settings`` to 224 x 224 and cut into 16 x 16 patches, uint8 (196, 768) with each patch flattened
+  as (row, column, channel). Input-only: the encoder embeds patches linearly, nothing predicts them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from omniforge.modalities import MODALITIES, ModalityInfo
 
-Kind = Literal["image", "sequence", "global"]
-KINDS: tuple[str, ...] = ("image", "sequence", "global")
+Kind = Literal["image", "sequence", "global", "pixels"]
+KINDS: tuple[str, ...] = ("image", "sequence", "global", "pixels")
+PIXEL_SIZE = 224  # side of the square crop a pixel folder holds
+PIXEL_PATCH = 16  # side of one patch: 14 x 14 = 196 patches, like the image tokenizers' 196 tokens
+# ImageNet statistics, as ml-4m normalises rgb before the patch embedding.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,17 +37,26 @@ class ModalitySpec:
     name: str  # token folder, e.g. "tok_rgb@224", "tok_caption"
     kind: Kind
     num_tokens: int  # image/global: tokens per crop; sequence: the modality's max_tokens
-    vocab_size: int
-    grid: int = 0  # sqrt(num_tokens) for images, 0 otherwise
+    vocab_size: int  # 0 for pixels (nothing to predict)
+    grid: int = 0  # sqrt(num_tokens) for images and pixels, 0 otherwise
+    patch: int = 0  # pixels: side of one patch; 0 otherwise
+    source: str = ""  # pixels: the label folder the pixels come from ("rgb"); "" otherwise
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"ModalitySpec {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.num_tokens <= 0:
             raise ValueError(f"ModalitySpec {self.name!r}: num_tokens must be positive, got {self.num_tokens}")
-        if self.vocab_size <= 0:
+        if self.kind == "pixels":
+            if self.vocab_size != 0 or self.patch <= 0 or not self.source:
+                raise ValueError(f"ModalitySpec {self.name!r}: pixels need vocab_size 0, a positive patch and "
+                                 f"a source folder (got vocab_size={self.vocab_size}, patch={self.patch}, "
+                                 f"source={self.source!r})")
+        elif self.vocab_size <= 0:
             raise ValueError(f"ModalitySpec {self.name!r}: vocab_size must be positive, got {self.vocab_size}")
-        if self.kind == "image":
+        elif self.patch or self.source:
+            raise ValueError(f"ModalitySpec {self.name!r}: patch and source are for pixel folders only")
+        if self.kind in ("image", "pixels"):
             if self.grid * self.grid != self.num_tokens:
                 raise ValueError(
                     f"ModalitySpec {self.name!r}: an image needs grid * grid == num_tokens "
@@ -51,9 +70,47 @@ class ModalitySpec:
         (the span-masked input, then the sentinel-delimited target)."""
         return 2 * (self.num_tokens + 1) if self.kind == "sequence" else self.num_tokens
 
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened pixel patch (3 * patch * patch); 0 for token folders."""
+        return 3 * self.patch * self.patch
+
+    @property
+    def input_only(self) -> bool:
+        return self.kind == "pixels"
+
+
+def pixel_spec(info: ModalityInfo) -> ModalitySpec:
+    """The raw-pixel input spec of a registered modality with a ``pixel_modality`` (rgb -> rgb@224)."""
+    if info.pixel_modality is None:
+        raise ValueError(f"modality {info.name!r} has no raw-pixel input folder")
+    grid = PIXEL_SIZE // PIXEL_PATCH
+    return ModalitySpec(name=info.pixel_modality, kind="pixels", num_tokens=grid * grid, vocab_size=0, grid=grid,
+                        patch=PIXEL_PATCH, source=info.name)
+
+
+def patchify(image: np.ndarray, patch: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H/p * W/p, p * p * 3) uint8 patches in row-major order, each flattened (row, col, channel)."""
+    h, w, c = image.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch}")
+    x = image.reshape(h // patch, patch, w // patch, patch, c).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(x.reshape((h // patch) * (w // patch), patch * patch * c))
+
+
+def unpatchify(patches: np.ndarray, patch: int) -> np.ndarray:
+    """Inverse of :func:`patchify` for a square grid: (N, p * p * 3) -> (H, W, 3)."""
+    grid = math.isqrt(patches.shape[0])
+    x = patches.reshape(grid, grid, patch, patch, 3).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(x.reshape(grid * patch, grid * patch, 3))
+
 
 def _by_folder() -> dict[str, ModalityInfo]:
     return {m.token_modality: m for m in MODALITIES.values()}
+
+
+def _pixel_folders() -> dict[str, ModalityInfo]:
+    return {m.pixel_modality: m for m in MODALITIES.values() if m.pixel_modality}
 
 
 def spec_for_info(info: ModalityInfo, text_vocab_size: int) -> ModalitySpec:
@@ -79,11 +136,34 @@ def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpe
     """Specs of the given token folders (e.g. ``["tok_rgb@224", "tok_caption"]``), in the given order."""
     if text_vocab_size <= 0:
         raise ValueError(f"text_vocab_size must be positive, got {text_vocab_size}")
-    known = _by_folder()
+    known, pixels = _by_folder(), _pixel_folders()
     out: dict[str, ModalitySpec] = {}
     for folder in folders:
+        if folder in pixels:
+            out[folder] = pixel_spec(pixels[folder])
+            continue
         info = known.get(folder)
         if info is None:
-            raise KeyError(f"unknown token folder {folder!r}; known token folders: {', '.join(known)}")
+            raise KeyError(f"unknown folder {folder!r}; known token folders: {', '.join(known)}; raw-pixel input "
+                           f"folders: {', '.join(pixels)}")
         out[folder] = spec_for_info(info, text_vocab_size)
     return out
+
+
+def pixel_source(folder: str) -> str | None:
+    """The label folder a raw-pixel folder is read from (rgb@224 -> rgb); None for any other folder."""
+    info = _pixel_folders().get(folder)
+    return info.name if info is not None else None
+
+
+def resolve_folder(name: str, available: list[str] | dict[str, ModalitySpec]) -> str:
+    """A folder name or a modality name ("rgb", "depth", "caption") -> the folder among ``available``: a
+    modality's raw-pixel folder when available (rgb -> rgb@224), else its token folder (depth -> tok_depth@224)."""
+    if name in available:
+        return name
+    info = MODALITIES.get(name)
+    if info is not None:
+        for folder in (info.pixel_modality, info.token_modality):
+            if folder in available:
+                return folder
+    return name

@@ -213,7 +213,7 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
     out = dict(specs)
     for folder, spec in specs.items():
         path = os.path.join(cfg.tokenizers, by_folder.get(folder, ""), "config.json")
-        if spec.kind == "sequence" or not os.path.isfile(path):
+        if spec.kind in ("sequence", "pixels") or not os.path.isfile(path):
             continue
         with open(path, encoding="utf-8") as f:
             codebook = int(json.load(f)["config"]["codebook_size"])

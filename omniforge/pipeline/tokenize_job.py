@@ -48,7 +48,7 @@ from omniforge.tokenize.crops import CropConfig, crop_settings
 
 log = logging.getLogger(__name__)
 
-CROP_SETTINGS = "crop_settings"
+CROP_SETTINGS = shards.CROP_SETTINGS
 VERSION = 1  # bump when the token format or the crop/serialization rules change: re-runs redo everything
 
 # How each label modality is cropped before its tokenizer (crops.crop_dense modes).

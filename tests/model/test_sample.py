@@ -304,7 +304,8 @@ def test_sample_cli_writes_token_rows(model, tmp_path, capsys):
                               "--to", f"{GLB},{SEQ}", "--out", out, "--temperature", "0", "--steps", "2"])
     assert args.fn(args) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    assert len(printed) == 2 and printed[0].startswith(GLB) and printed[1].startswith(SEQ)
+    assert len(printed) == 3 and printed[0].startswith(GLB) and printed[1].startswith(SEQ)
+    assert printed[2].endswith("sample.png") and os.path.getsize(os.path.join(out, "b", "sample.png")) > 0
     glb = np.load(os.path.join(out, "b", f"{GLB}.npy"))
     seq = np.load(os.path.join(out, "b", f"{SEQ}.npy"))
     assert glb.shape == (1, 16) and glb.dtype == np.int16 and seq.shape == (1, 7) and seq.dtype == np.int16
