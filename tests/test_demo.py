@@ -31,3 +31,27 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     assert "12 tokenized with every modality, 1 left out" in out
     with Image.open(tmp_path / "reconstruction.png") as img:
         assert img.width > 800 and img.height > 800
+    # then a few tiny training steps on all of it (raw rgb pixels included) and one chained sample
+    import json
+
+    import numpy as np
+
+    from omniforge.jobs.demo import DEMO_TRAIN_STEPS
+    from omniforge.model.train import latest_checkpoint
+
+    checkpoint = latest_checkpoint(str(tmp_path / "train"))
+    assert checkpoint is not None and checkpoint.endswith(f"checkpoint-{DEMO_TRAIN_STEPS}")
+    with open(tmp_path / "train" / "log.jsonl", encoding="utf-8") as f:
+        log = [json.loads(line) for line in f]
+    assert [e["step"] for e in log] == list(range(1, DEMO_TRAIN_STEPS + 1))
+    assert all(np.isfinite(e["loss"]) for e in log) and np.mean([e["loss"] for e in log[-10:]]) < log[0]["loss"]
+    with open(f"{checkpoint}/config.json", encoding="utf-8") as f:
+        specs = json.load(f)["specs"]
+    assert specs["rgb@224"]["kind"] == "pixels" and len(specs) == 1 + len(TOKENIZABLE)
+    key_dir = next((tmp_path / "samples").iterdir())
+    depth = np.load(key_dir / "tok_depth@224.npy")
+    assert depth.shape == (1, 196) and 0 <= depth.min() and depth.max() < specs["tok_depth@224"]["vocab_size"]
+    assert (key_dir / "tok_depth@224.png").exists() and (key_dir / "tok_caption.txt").exists()
+    with Image.open(key_dir / "sample.png") as img:
+        assert img.width > 400
+    assert "rgb@224 -> tok_depth@224, tok_caption" in out

@@ -443,58 +443,70 @@ def _panel(folder: str, what: str) -> str:
     return f"{name} ({what} {folder})" if name != folder else f"{folder} ({what})"
 
 
-def sample_cli(args: Any) -> int:
-    """`omniforge sample`: generate --to from --from for one key; write OUT/<key>/<folder>.npy (plus decoded
-    outputs with --tokenizers) and OUT/<key>/sample.png, drawn by the renderer `omniforge show` uses."""
+def sample_key(checkpoint: str, root: str, key: str, sources: Sequence[str], targets: Sequence[str], out: str, *,
+               tokenizers: str | None = None, cfg: SampleConfig | None = None, device: str = "cpu") -> list[str]:
+    """Generate ``targets`` from ``sources`` (modality names or folders) for one key of a token root; write
+    OUT/<key>/<folder>.npy ((1, N) int16, like the token shards), decoded outputs with ``tokenizers``, and
+    OUT/<key>/sample.png drawn by the renderer `omniforge show` uses. Returns the lines to print."""
     from omniforge._render import render_sample
     from omniforge.tokenize import text
 
-    cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
-                       schedule=args.schedule, order=args.order, seed=args.seed)
-    model, specs, _ = load_checkpoint(args.checkpoint, device=args.device)
-    sources = [resolve_folder(m, specs) for m in args.sources]
-    targets = [resolve_folder(m, specs) for m in args.targets]
+    cfg = cfg or SampleConfig()
+    model, specs, _ = load_checkpoint(checkpoint, device=device)
+    sources = [resolve_folder(m, specs) for m in sources]
+    targets = [resolve_folder(m, specs) for m in targets]
     unknown = [m for m in [*sources, *targets] if m not in specs]
     if unknown:
         raise ConfigError(f"the checkpoint has no modalities {unknown}; it knows {list(specs)} "
                           "(modality names such as rgb or depth are accepted too)")
     text_tok = None
-    if args.tokenizers and any(specs[m].kind == "sequence" for m in [*sources, *targets]):
-        text_tok = text.TextTokenizer.from_file(os.path.join(args.tokenizers, "text", "tokenizer.json"))
+    if tokenizers and any(specs[m].kind == "sequence" for m in [*sources, *targets]):
+        text_tok = text.TextTokenizer.from_file(os.path.join(tokenizers, "text", "tokenizer.json"))
     sentinel_ids, eos_id, pad_id = _text_ids(text_tok)
-    inputs = {m: read_input(args.input, specs[m], args.key) for m in sources}
+    inputs = {m: read_input(root, specs[m], key) for m in sources}
     generated = generate(model, specs, inputs, targets, cfg, sentinel_ids=sentinel_ids, eos_id=eos_id,
                          pad_id=pad_id)
-    out_dir = os.path.join(args.out, args.key)
+    out_dir = os.path.join(out, key)
     os.makedirs(out_dir, exist_ok=True)
     panels: dict[str, Any] = {}
     for m, value in inputs.items():
         spec = specs[m]
         if spec.kind == "pixels":
             panels[_panel(m, "input, crop 0 of")] = unpatchify(value, spec.patch)
-        elif args.tokenizers:
-            panels[_panel(m, "input, decoded from")] = decode_output(m, value, spec, args.tokenizers, text_tok)
+        elif tokenizers:
+            panels[_panel(m, "input, decoded from")] = decode_output(m, value, spec, tokenizers, text_tok)
         else:
             panels[f"{m} (input)"] = np.asarray(value)[None]
+    lines = []
     for m, ids in generated.items():
         path = os.path.join(out_dir, f"{m}.npy")
         row = np.full(specs[m].num_tokens, pad_id, dtype=np.int16)  # (N,): a sequence is [PAD]-filled
         row[: len(ids)] = ids
         np.save(path, row[None])  # (1, N) like the token shards
         line = f"{m}: {len(ids)} tokens -> {path}"
-        if args.tokenizers:
-            value = decode_output(m, ids, specs[m], args.tokenizers, text_tok)
+        if tokenizers:
+            value = decode_output(m, ids, specs[m], tokenizers, text_tok)
             line += f", decoded -> {_save_decoded(m, value, out_dir)}"
             panels[_panel(m, "generated, decoded from")] = value
         else:
             panels[f"{m} (generated)"] = row[None].astype(np.int64)
-        print(line)
+        lines.append(line)
     png = os.path.join(out_dir, "sample.png")
-    title = f"{args.key}: {', '.join(sources)} -> {', '.join(targets)}"
-    render_sample(args.key, panels, title=title).save(png)
-    print(f"{title}, drawn -> {png}")
+    title = f"{key}: {', '.join(sources)} -> {', '.join(targets)}"
+    render_sample(key, panels, title=title).save(png)
+    lines.append(f"{title}, drawn -> {png}")
+    return lines
+
+
+def sample_cli(args: Any) -> int:
+    """`omniforge sample`: see :func:`sample_key`."""
+    cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
+                       schedule=args.schedule, order=args.order, seed=args.seed)
+    for line in sample_key(args.checkpoint, args.input, args.key, args.sources, args.targets, args.out,
+                           tokenizers=args.tokenizers, cfg=cfg, device=args.device):
+        print(line)
     return 0
 
 
 __all__ = ["SampleConfig", "generate", "token_schedule", "filter_logits", "load_checkpoint", "resolve_checkpoint",
-           "read_input", "decode_output", "add_cli", "sample_cli"]
+           "read_input", "decode_output", "sample_key", "add_cli", "sample_cli"]

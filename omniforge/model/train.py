@@ -655,13 +655,23 @@ def config_from_args(args: Any) -> TrainConfig:
     return TrainConfig.from_dict(settings)
 
 
+def summary(cfg: TrainConfig, result: TrainResult) -> str:
+    """One line: steps, time, loss from first to last step run here, throughput, and where the outputs are."""
+    if not result.losses:
+        return f"{cfg.out} is already at step {result.steps} (nothing to train; raise --steps to continue)"
+    first, last = result.losses[0], result.losses[-1]
+    window = result.losses[-min(10, len(result.losses)):]
+    tokens_s = sum(e["tokens_per_s"] for e in window) / len(window)
+    return (f"trained {cfg.model} steps {first['step']}..{last['step']} in {result.seconds:.0f} s: loss "
+            f"{first['loss']:.3f} -> {last['loss']:.3f}, {tokens_s:,.0f} tokens/s; checkpoint "
+            f"{latest_checkpoint(cfg.out)}, curve {os.path.join(cfg.out, 'loss.png')}")
+
+
 def cmd_train(args: Any) -> int:
     cfg = config_from_args(args)
     result = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
-        last = result.losses[-1]["loss"] if result.losses else float("nan")
-        print(f"trained {cfg.model} to step {result.steps} in {result.seconds:.0f} s, last loss {last:.4f} -> "
-              f"{os.path.join(cfg.out, LATEST)}")
+        print(summary(cfg, result))
     return 0
 
 

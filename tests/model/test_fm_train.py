@@ -168,8 +168,12 @@ def test_cli_runs(corpus, tmp_path, capsys):
                "--input-tokens", "16", "--target-tokens", "16",
                "--device", "cpu", "--no-tensorboard", "--no-progress"])
     assert rc == 0
-    assert "trained tiny to step 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trained tiny steps 1..2" in printed and str(tmp_path / "cli" / "checkpoint-2") in printed
     assert (tmp_path / "cli" / "checkpoint-2" / "model.safetensors").exists()
+    rc = main(["--config", "tiny", "--data", root, "--modalities", DEPTH, "--out", str(tmp_path / "cli"),
+               "--steps", "2", "--device", "cpu", "--no-tensorboard", "--no-progress"])
+    assert rc == 0 and "already at step 2" in capsys.readouterr().out
 
 
 @pytest.mark.slow
