@@ -182,8 +182,8 @@ def counted_flops(run, batch_cpu, train_mod) -> int:
 
 def batch_shapes(batch, specs) -> dict[str, float]:
     """Real and padded token counts of one batch, as the model computes them (fm.py: the encoder pads every
-    sample to the batch's longest input; the decoder concatenates per-modality blocks, each padded to that
-    modality's longest target count in the batch)."""
+    sample to the batch's longest input; the decoder packs each sample's targets across modalities and pads
+    to the batch's longest target count)."""
     b = next(iter(batch.values()))["input_mask"].shape[0]
     n_in = np.zeros(b, dtype=np.int64)
     n_pix_max = pix_real = 0
@@ -199,7 +199,7 @@ def batch_shapes(batch, specs) -> dict[str, float]:
             tg = (~d["target_mask"].bool()).sum(dim=1).numpy()
             if tg.max() > 0:
                 t_real[m] = tg
-    m_pad = sum(int(t.max()) for t in t_real.values())
+    m_pad = int(sum(t_real.values()).max()) if t_real else 0  # targets packed per sample across modalities
     return {"B": b, "N_in": max(int(n_in.max()), 1), "in_real": int(n_in.sum()), "n_in": n_in,
             "M": m_pad, "tgt_real": int(sum(int(t.sum()) for t in t_real.values())),
             "t_real": t_real, "n_pix": n_pix_max, "pix_real": pix_real}

@@ -10,7 +10,8 @@ A batch is ``dict[folder, dict[str, Tensor]]`` in the shared format (see ``omnif
   (B, N_in) sequence with a padding mask, and run through pre-norm transformer blocks.
 - Decoder: one query per target position (target_mask False): a learned mask token (images, globals,
   and the first target of a sequence) or the previous target token of the same sequence (teacher
-  forcing), plus position and modality embeddings. Self-attention stays inside one modality:
+  forcing), plus position and modality embeddings; each sample's queries are packed to the left across
+  modalities, so the decoder computes about one slot per real target, not one per modality's longest row. Self-attention stays inside one modality:
   bidirectional for image and global modalities, causal over a sequence modality's targets (the
   attention pattern comes from the spec's kind; ``decoder_attention_mask`` is not read). Every block
   also cross-attends to the encoder output.
@@ -295,19 +296,30 @@ class FourM(nn.Module):
             causal.append(torch.full((n,), spec.kind == "sequence", device=q.device))
         if not queries:
             return {}
-        y = torch.cat(queries, dim=1)  # (B, M, D)
-        mod = torch.cat(mod_ids, dim=1)  # (B, M)
-        is_causal = torch.cat(causal)  # (M,)
+        y = torch.cat(queries, dim=1)  # (B, M_all, D): one block per modality, each padded to its longest row
+        mod = torch.cat(mod_ids, dim=1)  # (B, M_all)
+        is_causal = torch.cat(causal)[None].expand_as(mod)  # (B, M_all)
+        order = None
+        if len(queries) > 1:  # pack each sample's targets to the left (modalities keep their inner order)
+            valid = mod >= 0
+            m = max(int(valid.sum(dim=1).max()), 1)
+            order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :m]  # (B, M)
+            y = torch.gather(y, 1, order[..., None].expand(-1, -1, y.shape[-1]))
+            mod = torch.gather(mod, 1, order)
+            is_causal = torch.gather(is_causal, 1, order)
         m_total = y.shape[1]
         ar = torch.arange(m_total, device=y.device)
-        later = ar[None, :] > ar[:, None]  # (M, M): key after query
+        later = (ar[None, :] > ar[:, None])[None]  # (1, M, M): key after query
         same = mod[:, :, None] == mod[:, None, :]  # (B, M, M)
-        self_mask = same & ~(later & is_causal[:, None])[None]
+        self_mask = same & ~(later & is_causal[:, :, None])
         self_mask = (self_mask | torch.eye(m_total, dtype=torch.bool, device=y.device))[:, None]  # (B, 1, M, M)
         cross_mask = (~encoded.padding)[:, None, None, :]  # (B, 1, 1, N_in)
         for blk in self.decoder:
             y = blk(y, encoded.context, self_mask, cross_mask)
         y = self.decoder_norm(y)
+        if order is not None:  # back to one block per modality (padding slots get zeros)
+            full = y.new_zeros(y.shape[0], sum(q.shape[1] for q in queries), y.shape[-1])
+            y = full.scatter(1, order[..., None].expand(-1, -1, y.shape[-1]), y)
         out, start = {}, 0
         for m, g in targets.items():
             n = g.ids.shape[1]
