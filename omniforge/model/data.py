@@ -64,6 +64,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     epochs: int | None = None  # None: endless; n: stop after n passes
     keys: bool = False  # add "__key__" (list of keys) and "__crop__" (int64 (B,)) to every batch
+    pin_memory: bool = False  # page-locked batches, so that host-to-GPU copies can overlap compute
 
     def __post_init__(self) -> None:
         self.folders = tuple(self.folders)
@@ -411,7 +412,7 @@ class TokenLoader:
         num_workers = max(1, ds.cfg.num_workers)
         ds._first_worker = self._batches % num_workers
         loader = DataLoader(_WithState(ds), batch_size=None, collate_fn=_identity,
-                            num_workers=ds.cfg.num_workers)
+                            num_workers=ds.cfg.num_workers, pin_memory=ds.cfg.pin_memory)
         for batch, worker, state in loader:
             ds._states[worker] = state
             self._batches += 1

@@ -462,7 +462,8 @@ class _Run:
         masker = Masker(self.masking, self.specs, sentinel_ids=text.sentinel_ids if text else [],
                         pad_id=text.pad_id if text else 0, eos_id=text.eos_id if text else 3)
         data_cfg = DataConfig(root=cfg.data, folders=cfg.modalities, batch_size=cfg.batch_size, seed=cfg.seed,
-                              num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer)
+                              num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+                              pin_memory=device.type == "cuda")
         self.loader = make_loader(data_cfg, masker, rank=d.rank, world_size=d.world_size)
         self.model_config = model_config(cfg.model)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run

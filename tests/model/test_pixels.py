@@ -190,6 +190,14 @@ def test_learns_tokens_from_pixels_and_samples_them(solid, tmp_path, capsys):
     accuracy = (generated == _solid(102).ravel()).mean()
     assert accuracy > 0.9, accuracy
     assert os.path.getsize(tmp_path / "samples" / "s1-k2" / "sample.png") > 0
+    # `omniforge show` draws a sample output directory too
+    from omniforge.pipeline.show import load_generated, show
+
+    values = load_generated(str(tmp_path / "samples" / "s1-k2"))
+    assert list(values) == [DEPTH] and np.array_equal(values[DEPTH][0], generated)
+    drawn = show(str(tmp_path / "samples"), "s1-k2", str(tmp_path / "drawn.png"))
+    with Image.open(drawn) as img:
+        assert img.width > 200
     assert "rgb@224" in capsys.readouterr().out
 
     args = parser.parse_args(["sample", "--checkpoint", out, "--input", corpus, "--key", "s1-k2", "--from", "depth",
