@@ -11,7 +11,8 @@ ORDERS = ("maskgit", "random")
 
 
 TRAIN_FLAGS: dict[str, dict[str, Any]] = {
-    "data": dict(help="token root holding tok_* folders (local or s3://)"),
+    "data": dict(help="token root holding tok_* folders (local or s3://); several, comma-separated, are mixed"),
+    "data_weights": dict(help="with several --data roots: the share of samples drawn from each, e.g. 0.8,0.2"),
     "modalities": dict(help="comma-separated folders, e.g. rgb@224,tok_rgb@224,tok_depth@224,tok_caption (rgb@224: "
                         "raw-pixel input, cropped from the rgb labels)"),
     "out": dict(help="run directory (checkpoints, log.jsonl, loss.png); an existing run resumes"),

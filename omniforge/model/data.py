@@ -46,16 +46,16 @@ from omniforge.errors import ConfigError, CorpusError, SampleError
 from omniforge.model.masking import Masker, collate
 from omniforge.model.specs import ModalitySpec, patchify, pixel_source
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 _SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
 _BRACES_RE = re.compile(r"^\{(\d+)\.\.(\d+)\}$")
 # Seed-sequence domains, so the draws of different purposes never coincide.
-_SHARD_ORDER, _BLOCK, _SAMPLE = 0, 1, 2
+_SHARD_ORDER, _BLOCK, _SAMPLE, _MIX = 0, 1, 2, 3
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    root: str  # corpus root (local path or s3://)
+    root: str | tuple[str, ...]  # corpus root (local path or s3://), or several roots mixed by ``weights``
     folders: tuple[str, ...]  # token folders, e.g. ("tok_rgb@224", "tok_caption")
     batch_size: int
     shards: str | None = None  # "{000000..000099}", "3", "0,2,5"; None: every shard committed in some folder
@@ -65,8 +65,22 @@ class DataConfig:
     epochs: int | None = None  # None: endless; n: stop after n passes
     keys: bool = False  # add "__key__" (list of keys) and "__crop__" (int64 (B,)) to every batch
     pin_memory: bool = False  # page-locked batches, so that host-to-GPU copies can overlap compute
+    weights: tuple[float, ...] | None = None  # with several roots: the share of samples drawn from each
 
     def __post_init__(self) -> None:
+        self.root = self.root if isinstance(self.root, str) else tuple(self.root)
+        if not self.roots or len(set(self.roots)) != len(self.roots):
+            raise ConfigError(f"DataConfig.root must name one or more distinct roots, got {self.root!r}")
+        if self.weights is not None:
+            self.weights = tuple(float(w) for w in self.weights)
+            if len(self.weights) != len(self.roots):
+                raise ConfigError(f"DataConfig.weights has {len(self.weights)} entries for {len(self.roots)} roots")
+            if any(not w > 0 for w in self.weights):
+                raise ConfigError(f"DataConfig.weights must all be > 0, got {self.weights}")
+        if len(self.roots) > 1 and self.epochs is not None:
+            raise ConfigError("several roots are mixed endlessly: leave DataConfig.epochs at None")
+        if len(self.roots) > 1 and self.shards is not None:
+            raise ConfigError("DataConfig.shards selects shards of one root: leave it at None with several roots")
         self.folders = tuple(self.folders)
         if not self.folders:
             raise ConfigError("DataConfig.folders is empty: name the token folders to train on, e.g. tok_rgb@224")
@@ -82,6 +96,17 @@ class DataConfig:
             raise ConfigError(f"DataConfig.epochs must be >= 1 or None (endless), got {self.epochs}")
         if self.seed < 0:
             raise ConfigError(f"DataConfig.seed must be >= 0, got {self.seed}")
+
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        return (self.root,) if isinstance(self.root, str) else self.root
+
+    @property
+    def mix(self) -> np.ndarray:
+        """Probability of drawing the next sample from each root (equal without weights)."""
+        w = np.ones(len(self.roots)) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+        return w / w.sum()
 
 
 def parse_shards(spec: str) -> list[int]:
@@ -119,6 +144,7 @@ def committed_shards(root: str, folder: str) -> set[int]:
 
 @dataclass(frozen=True)
 class _Record:
+    root: str
     shard: int
     index: int  # position of the key in the shard's merged key order
     key: str
@@ -128,6 +154,18 @@ class _Record:
 
 def _stream_state(epoch: int = 0, shard_pos: int = 0, offset: int = 0, yielded: int = 0) -> dict[str, int]:
     return {"epoch": epoch, "shard_pos": shard_pos, "offset": offset, "yielded": yielded}
+
+
+def _worker_state(n_roots: int) -> dict[str, Any]:
+    """A stream's position: one per root, and how many samples the mix has drawn."""
+    return {"drawn": 0, "roots": [_stream_state() for _ in range(n_roots)]}
+
+
+@dataclass(frozen=True)
+class _Source:
+    root: str
+    shards: list[int]  # committed shards read from this root
+    committed: dict[str, set[int]]  # folder -> its committed shards
 
 
 class TokenShardDataset(IterableDataset):
@@ -155,37 +193,43 @@ class TokenShardDataset(IterableDataset):
         if missing or extra:
             raise ConfigError(f"the masker's folders {list(masker.specs)} differ from DataConfig.folders "
                               f"{list(cfg.folders)}: build the masker with specs_for(cfg.folders, ...)")
-        self.shards = self._find_shards()
+        self.sources = [self._find_shards(root) for root in cfg.roots]
         self.num_streams = world_size * max(1, cfg.num_workers)
-        if len(self.shards) < self.num_streams:
-            raise ConfigError(f"{len(self.shards)} shards cannot feed {world_size} ranks x "
-                              f"{max(1, cfg.num_workers)} workers: use fewer workers, or more (smaller) shards")
+        for src in self.sources:
+            if len(src.shards) < self.num_streams:
+                raise ConfigError(f"{len(src.shards)} shards of {src.root} cannot feed {world_size} ranks x "
+                                  f"{max(1, cfg.num_workers)} workers: use fewer workers, or more (smaller) shards")
         # Position of each local stream (worker), and the worker whose turn comes first (see make_loader).
-        self._states: dict[int, dict[str, int]] = {w: _stream_state() for w in range(max(1, cfg.num_workers))}
+        self._states: dict[int, dict[str, Any]] = {w: _worker_state(len(self.sources))
+                                                   for w in range(max(1, cfg.num_workers))}
         self._first_worker = 0
+
+    @property
+    def shards(self) -> list[int]:
+        """The shards read (of the first root)."""
+        return self.sources[0].shards
 
     # ---- discovery and reading
 
-    def _find_shards(self) -> list[int]:
-        committed = {f: committed_shards(self.cfg.root, f) for f in self.cfg.folders}
-        self._committed = committed
+    def _find_shards(self, root: str) -> _Source:
+        committed = {f: committed_shards(root, f) for f in self.cfg.folders}
         found = set().union(*committed.values())
         if self.cfg.shards is None:
             if not found:
-                raise CorpusError(f"no committed token shards under {self.cfg.root} for {list(self.cfg.folders)}: "
+                raise CorpusError(f"no committed token shards under {root} for {list(self.cfg.folders)}: "
                                   "run `omniforge tokenize` first (a shard counts once its _status table exists)")
-            return sorted(found)
+            return _Source(root, sorted(found), committed)
         wanted = parse_shards(self.cfg.shards)
         absent = [s for s in wanted if s not in found]
         if absent:
             raise CorpusError(f"shards {absent[:10]}{' ...' if len(absent) > 10 else ''} are committed in none of "
-                              f"{list(self.cfg.folders)} under {self.cfg.root}: tokenize them or narrow --shards")
-        return wanted
+                              f"{list(self.cfg.folders)} under {root}: tokenize them or narrow --shards")
+        return _Source(root, wanted, committed)
 
-    def _read_shard(self, shard: int) -> Iterator[_Record]:
+    def _read_shard(self, src: _Source, shard: int) -> Iterator[_Record]:
         """The samples of one shard: its folders merged by key (every tar is sorted by key)."""
-        folders = [f for f in self.cfg.folders if shard in self._committed[f]]
-        iters = {f: self._folder_members(f, shard) for f in folders}
+        folders = [f for f in self.cfg.folders if shard in src.committed[f]]
+        iters = {f: self._folder_members(src.root, f, shard) for f in folders}
         heads: dict[str, tuple[str, Any] | None] = {f: next(it, None) for f, it in iters.items()}
         index = 0
         while True:
@@ -198,35 +242,39 @@ class TokenShardDataset(IterableDataset):
                 if head is not None and head[0] == key:
                     members[f] = head[1]
                     heads[f] = next(iters[f], None)
-            yield _Record(shard, index, key, members)
+            yield _Record(src.root, shard, index, key, members)
             index += 1
 
-    def _folder_members(self, folder: str, shard: int) -> Iterator[tuple[str, Any]]:
+    def _folder_members(self, root: str, folder: str, shard: int) -> Iterator[tuple[str, Any]]:
         spec = self.masker.specs[folder]
         if spec.kind != "pixels":
-            return _keyed(_shards.tar_uri(self.cfg.root, folder, shard))
-        return _joined(_keyed(_shards.tar_uri(self.cfg.root, spec.source, shard)),
-                       _keyed(_shards.tar_uri(self.cfg.root, _shards.CROP_SETTINGS, shard)))
+            return _keyed(_shards.tar_uri(root, folder, shard))
+        return _joined(_keyed(_shards.tar_uri(root, spec.source, shard)),
+                       _keyed(_shards.tar_uri(root, _shards.CROP_SETTINGS, shard)))
 
-    def _epoch_shards(self, epoch: int, stream: int) -> list[int]:
-        order = np.random.default_rng([self.cfg.seed, _SHARD_ORDER, epoch]).permutation(len(self.shards))
-        return [self.shards[i] for i in order[stream::self.num_streams]]
+    def _epoch_shards(self, src: int, epoch: int, stream: int) -> list[int]:
+        shards = self.sources[src].shards
+        seq = [self.cfg.seed, _SHARD_ORDER, epoch] + ([src] if src else [])
+        order = np.random.default_rng(seq).permutation(len(shards))
+        return [shards[i] for i in order[stream::self.num_streams]]
 
-    def _read_from(self, shard_list: list[int], shard_pos: int, offset: int) -> Iterator[tuple[int, int, _Record]]:
+    def _read_from(self, src: _Source, shard_list: list[int], shard_pos: int,
+                   offset: int) -> Iterator[tuple[int, int, _Record]]:
         """Records from (shard_pos, offset) on, each with the position right after it."""
         for pos in range(shard_pos, len(shard_list)):
             skip = offset if pos == shard_pos else 0
-            for i, rec in enumerate(self._read_shard(shard_list[pos])):
+            for i, rec in enumerate(self._read_shard(src, shard_list[pos])):
                 if i >= skip:
                     yield pos, i + 1, rec
 
     # ---- samples
 
-    def _sample(self, rec: _Record, epoch: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.cfg.seed, _SAMPLE, epoch, rec.shard, rec.index])
+    def _sample(self, src: int, rec: _Record, epoch: int) -> dict[str, Any]:
+        seq = [self.cfg.seed, _SAMPLE, epoch, rec.shard, rec.index] + ([src] if src else [])
+        rng = np.random.default_rng(seq)
         specs = self.masker.specs
         present = {f: b for f, b in rec.members.items() if b is not None}
-        arrays = {f: _decode(b if specs[f].kind != "pixels" else b[1], self.cfg.root,
+        arrays = {f: _decode(b if specs[f].kind != "pixels" else b[1], rec.root,
                              f if specs[f].kind != "pixels" else _shards.CROP_SETTINGS, rec)
                   for f, b in present.items()}
         n_crops = min(a.shape[0] for a in arrays.values())
@@ -235,21 +283,41 @@ class TokenShardDataset(IterableDataset):
                 continue
             expected = specs[f].num_tokens
             if a.shape[1] != expected:
-                raise CorpusError(f"{_shards.tar_uri(self.cfg.root, f, rec.shard)}: {rec.key}.npy has "
+                raise CorpusError(f"{_shards.tar_uri(rec.root, f, rec.shard)}: {rec.key}.npy has "
                                   f"{a.shape[1]} tokens per crop, the {f} spec expects {expected}: "
                                   "re-tokenize the shard or fix the spec")
         crop = int(rng.integers(n_crops))
         sample = {f: (arrays[f][crop] if f in arrays else None) for f in self.cfg.folders}
         for f, (jpg, _) in ((f, b) for f, b in present.items() if specs[f].kind == "pixels"):
-            sample[f] = _pixels(jpg, arrays[f][crop], specs[f], self.cfg.root, rec)
+            sample[f] = _pixels(jpg, arrays[f][crop], specs[f], rec.root, rec)
         return {"key": rec.key, "crop": crop, "masked": self.masker(sample, rng)}
 
-    def _stream(self, stream: int, state: Mapping[str, int]) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
-        """(sample, stream position after it), forever or for cfg.epochs epochs."""
+    def _stream(self, stream: int, state: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(sample, stream position after it): one root's samples, or several roots mixed by cfg.weights (each
+        draw seeded by (seed, stream, draw count), so the mix resumes exactly)."""
+        positions = [dict(p) for p in state["roots"]]
+        drawn = int(state["drawn"])
+        if len(self.sources) == 1:
+            for sample, after in self._root_stream(0, stream, positions[0]):
+                drawn += 1
+                yield sample, {"drawn": drawn, "roots": [after]}
+            return
+        streams = [self._root_stream(i, stream, p) for i, p in enumerate(positions)]
+        mix = self.cfg.mix
+        while True:
+            src = int(np.random.default_rng([self.cfg.seed, _MIX, stream, drawn]).choice(len(mix), p=mix))
+            sample, positions[src] = next(streams[src])
+            drawn += 1
+            yield sample, {"drawn": drawn, "roots": [dict(p) for p in positions]}
+
+    def _root_stream(self, src_index: int, stream: int,
+                     state: Mapping[str, int]) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
+        """(sample, position after it) of one root, forever or for cfg.epochs epochs."""
+        src = self.sources[src_index]
         epoch, shard_pos, offset, yielded = (int(state[k]) for k in ("epoch", "shard_pos", "offset", "yielded"))
         while self.cfg.epochs is None or epoch < self.cfg.epochs:
-            shard_list = self._epoch_shards(epoch, stream)
-            reader = self._read_from(shard_list, shard_pos, offset)
+            shard_list = self._epoch_shards(src_index, epoch, stream)
+            reader = self._read_from(src, shard_list, shard_pos, offset)
             produced = False
             while True:
                 block = [r for _, r in zip(range(self.cfg.shuffle_buffer), reader)]
@@ -257,11 +325,11 @@ class TokenShardDataset(IterableDataset):
                     break
                 produced = True
                 end_pos, end_off = block[-1][0], block[-1][1]
-                rng = np.random.default_rng([self.cfg.seed, _BLOCK, epoch, stream, self.num_streams,
-                                             shard_pos, offset])
+                seq = [self.cfg.seed, _BLOCK, epoch, stream, self.num_streams, shard_pos, offset]
+                rng = np.random.default_rng(seq + ([src_index] if src_index else []))
                 order = rng.permutation(len(block)) if self.cfg.shuffle_buffer > 1 else np.arange(len(block))
                 for j in range(yielded, len(block)):
-                    sample = self._sample(block[order[j]][2], epoch)
+                    sample = self._sample(src_index, block[order[j]][2], epoch)
                     if j + 1 < len(block):
                         after = _stream_state(epoch, shard_pos, offset, j + 1)
                     else:
@@ -269,11 +337,11 @@ class TokenShardDataset(IterableDataset):
                     yield sample, after
                 shard_pos, offset, yielded = end_pos, end_off, 0
             if not produced and shard_pos == 0 and offset == 0:
-                raise CorpusError(f"shards {shard_list} of {self.cfg.root} hold no samples for "
+                raise CorpusError(f"shards {shard_list} of {src.root} hold no samples for "
                                   f"{list(self.cfg.folders)}: check the tokenize run")
             epoch, shard_pos, offset, yielded = epoch + 1, 0, 0, 0
 
-    def _batches(self, worker: int, num_workers: int) -> Iterator[tuple[dict[str, Any], int, dict[str, int]]]:
+    def _batches(self, worker: int, num_workers: int) -> Iterator[tuple[dict[str, Any], int, dict[str, Any]]]:
         """(batch, worker, worker position after the batch) of one local worker."""
         stream = self.rank * num_workers + worker
         rows: list[dict[str, Any]] = []
@@ -321,19 +389,22 @@ class TokenShardDataset(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "seed": self.cfg.seed, "folders": list(self.cfg.folders),
-                "shards": list(self.shards), "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.cfg.num_workers, "first_worker": self._first_worker,
-                "workers": {str(w): dict(s) for w, s in self._states.items()}}
+                "roots": list(self.cfg.roots), "weights": [float(w) for w in self.cfg.mix],
+                "shards": [list(src.shards) for src in self.sources], "rank": self.rank,
+                "world_size": self.world_size, "num_workers": self.cfg.num_workers, "first_worker": self._first_worker,
+                "workers": {str(w): {"drawn": int(s["drawn"]), "roots": [dict(p) for p in s["roots"]]}
+                            for w, s in self._states.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.state_dict()
-        for field_ in ("seed", "folders", "shards", "rank", "world_size", "num_workers"):
+        for field_ in ("seed", "folders", "roots", "weights", "shards", "rank", "world_size", "num_workers"):
             if state[field_] != mine[field_]:
                 raise ConfigError(f"cannot resume: the saved data state has {field_}={state[field_]!r}, this "
                                   f"loader has {mine[field_]!r}; resume with the same data config and layout")
-        self._states = {int(w): _stream_state(**s) for w, s in state["workers"].items()}
+        self._states = {int(w): {"drawn": int(s["drawn"]), "roots": [_stream_state(**p) for p in s["roots"]]}
+                        for w, s in state["workers"].items()}
         self._first_worker = int(state["first_worker"])
 
 

@@ -66,7 +66,7 @@ _SEP = "::"  # parameter names hold dots; optimizer tensor names are "<param fqn
 class TrainConfig:
     """What to train and how. ``data`` is a token root (local or s3://); ``out`` is a local run directory."""
 
-    data: str  # token root holding tok_* folders and their _status tables
+    data: str | tuple[str, ...]  # token root holding tok_* folders and their _status tables, or several roots
     modalities: tuple[str, ...]  # token folders, e.g. ("tok_rgb@224", "tok_depth@224", "tok_caption")
     out: str  # run directory: checkpoints, logs
     tokenizers: str | None = None  # directory with text/tokenizer.json (needed for sequence modalities)
@@ -92,8 +92,18 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers per rank
     shuffle_buffer: int = 1000  # samples per shuffled block of the loader
     tensorboard: bool = True  # write TensorBoard scalars when torch.utils.tensorboard is importable
+    data_weights: tuple[float, ...] | None = None  # several roots: share of the samples drawn from each
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, str):
+            self.data = tuple(self.data)
+            if len(self.data) == 1:
+                self.data = self.data[0]
+        if self.data_weights is not None:
+            self.data_weights = tuple(float(w) for w in self.data_weights)
+            if len(self.data_weights) != len(self.roots) or any(not w > 0 for w in self.data_weights):
+                raise ConfigError(f"TrainConfig.data_weights={list(self.data_weights)}: give one positive weight per "
+                                  f"data root ({len(self.roots)})")
         self.modalities = tuple(self.modalities)
         if not self.modalities:
             raise ConfigError("TrainConfig.modalities is empty: name token folders, e.g. tok_rgb@224,tok_caption")
@@ -122,9 +132,15 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.strategy={self.strategy!r}: must be one of {STRATEGIES}")
         model_config(self.model)  # raises ConfigError listing the valid names
 
+    @property
+    def roots(self) -> tuple[str, ...]:
+        return (self.data,) if isinstance(self.data, str) else self.data
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["modalities"] = list(self.modalities)
+        d["data"] = self.data if isinstance(self.data, str) else list(self.data)
+        d["data_weights"] = None if self.data_weights is None else list(self.data_weights)
         return d
 
     @classmethod
@@ -222,9 +238,10 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
 
 
 def _check_shards(cfg: TrainConfig) -> None:
-    missing = [f for f in cfg.modalities if not committed_shards(cfg.data, f)]
+    # A folder must exist somewhere; a root without it gives samples with that modality masked.
+    missing = [f for f in cfg.modalities if not any(committed_shards(root, f) for root in cfg.roots)]
     if missing:
-        raise ConfigError(f"no token shards for {', '.join(missing)} under {cfg.data}: "
+        raise ConfigError(f"no token shards for {', '.join(missing)} under {', '.join(cfg.roots)}: "
                           f"run `omniforge tokenize` for them first")
 
 
@@ -461,7 +478,8 @@ class _Run:
         text = self.text
         masker = Masker(self.masking, self.specs, sentinel_ids=text.sentinel_ids if text else [],
                         pad_id=text.pad_id if text else 0, eos_id=text.eos_id if text else 3)
-        data_cfg = DataConfig(root=cfg.data, folders=cfg.modalities, batch_size=cfg.batch_size, seed=cfg.seed,
+        data_cfg = DataConfig(root=cfg.data, weights=cfg.data_weights, folders=cfg.modalities,
+                              batch_size=cfg.batch_size, seed=cfg.seed,
                               num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
                               pin_memory=device.type == "cuda")
         self.loader = make_loader(data_cfg, masker, rank=d.rank, world_size=d.world_size)
@@ -648,8 +666,22 @@ def config_from_args(args: Any) -> TrainConfig:
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
-    if isinstance(settings.get("modalities"), str):
-        settings["modalities"] = tuple(m.strip() for m in settings["modalities"].split(",") if m.strip())
+    if "datasets" in settings:  # named datasets: {name: {data: ROOT, weight: W}}, as ml-4m's data configs
+        datasets = settings.pop("datasets")
+        if not isinstance(datasets, dict) or not datasets or any(
+                not isinstance(d, dict) or "data" not in d for d in datasets.values()):
+            raise ConfigError("--config: `datasets` maps names to {data: ROOT, weight: W}, e.g. "
+                              "{cc12m: {data: s3://tokens/cc12m, weight: 0.8}, coco: {data: /data/coco}}")
+        settings.setdefault("data", [d["data"] for d in datasets.values()])
+        settings.setdefault("data_weights", [float(d.get("weight", 1.0)) for d in datasets.values()])
+    for name in ("modalities", "data", "data_weights"):
+        if isinstance(settings.get(name), str):
+            settings[name] = tuple(m.strip() for m in settings[name].split(",") if m.strip())
+    if settings.get("data_weights") is not None:
+        try:
+            settings["data_weights"] = tuple(float(w) for w in settings["data_weights"])
+        except ValueError:
+            raise ConfigError(f"--data-weights {settings['data_weights']!r}: give numbers, e.g. 0.7,0.3") from None
     missing = [k for k in ("data", "modalities", "out") if k not in settings]
     if missing:
         raise ConfigError(f"omniforge train needs {', '.join('--' + k for k in missing)} (or those keys in --config)")

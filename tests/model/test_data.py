@@ -134,3 +134,56 @@ def test_config_errors(root):
     with pytest.raises(ConfigError, match="seed"):
         other.load_state_dict(ds.state_dict())
     assert parse_shards("{000002..000004},7") == [2, 3, 4, 7]
+
+
+@pytest.fixture(scope="module")
+def captions_only(tmp_path_factory):
+    """A second dataset: 3 shards of 4 keys with captions but no rgb tokens at all."""
+    root = str(tmp_path_factory.mktemp("captions"))
+    for s in range(3):
+        keys = [f"c{s:03d}-k{k:03d}" for k in range(4)]
+        arr = np.array([[500, 400, EOS] + [PAD] * 5], dtype=np.int16)
+        shards.write_tar(shards.tar_uri(root, CAP, s), [(f"{k}.npy", _npy(arr)) for k in keys])
+        shards.write_status(shards.status_uri(root, CAP, s), [{"key": k, "ok": True} for k in keys])
+    return root
+
+
+def test_mixed_roots_follow_the_weights_and_mask_what_a_root_lacks(root, captions_only):
+    cfg = _cfg((root, captions_only), weights=(3.0, 1.0), batch_size=8)
+    loader = make_loader(cfg, _masker(), rank=0, world_size=1)
+    it = iter(loader)
+    keys = [(b, k, i) for b in (next(it) for _ in range(40)) for i, k in enumerate(b["__key__"])]
+    from_second = [k.startswith("c") for _, k, _ in keys]
+    assert abs(np.mean(from_second) - 0.25) < 0.05  # 320 draws at 1:3
+    assert {k for _, k, _ in keys if k.startswith("c")} == {f"c{s:03d}-k{k:03d}" for s in range(3) for k in range(4)}
+    for batch, key, i in keys:
+        if key.startswith("c"):  # no rgb tokens in that dataset: masked out, nothing to see or predict
+            assert batch[IMG]["input_mask"][i].all() and batch[IMG]["target_mask"][i].all()
+
+
+def test_mixed_roots_resume_exactly(root, captions_only):
+    cfg = _cfg((root, captions_only), weights=(1.0, 1.0), num_workers=2)
+    it = iter(make_loader(cfg, _masker(), rank=0, world_size=1))
+    expected = [next(it) for _ in range(12)]
+    first = make_loader(cfg, _masker(), rank=0, world_size=1)
+    it = iter(first)
+    for i in range(5):
+        assert _same(next(it), expected[i])
+    resumed = make_loader(cfg, _masker(), rank=0, world_size=1)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    for i in range(5, 12):
+        assert _same(next(it), expected[i])
+    other = make_loader(_cfg((root, captions_only), weights=(2.0, 1.0), num_workers=2), _masker(), rank=0,
+                        world_size=1)
+    with pytest.raises(ConfigError, match="weights"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_mixed_roots_config_errors(root, captions_only):
+    with pytest.raises(ConfigError, match="2 roots"):
+        _cfg((root, captions_only), weights=(1.0,))
+    with pytest.raises(ConfigError, match="endlessly"):
+        _cfg((root, captions_only), epochs=1)
+    with pytest.raises(ConfigError, match="distinct"):
+        _cfg((root, root))

@@ -1,9 +1,11 @@
 """The trainer: learning, exact resume, checkpoints that reload, config errors, torchrun DDP."""
 
+import argparse
 import importlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from omniforge.errors import ConfigError
-from omniforge.model.train import TrainConfig, latest_checkpoint, load_model, main, train
+from omniforge.model._cli import add_train_cli
+from omniforge.model.train import TrainConfig, config_from_args, latest_checkpoint, load_model, main, train
 from omniforge import shards
 from omniforge.tokenize.text import train_wordpiece
 
@@ -193,3 +196,25 @@ def test_torchrun(corpus, tmp_path, strategy):
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_named_datasets_from_a_yaml_config(corpus, tmp_path, capsys):
+    """`datasets: {name: {data, weight}}` in a --config YAML trains on several roots, mixed by weight."""
+    root, toks = corpus
+    second = str(tmp_path / "second")
+    shutil.copytree(root, second)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny\nmodalities: [{DEPTH}, {CAP}]\ntokenizers: {toks}\n"
+                      f"datasets:\n  first: {{data: {root}, weight: 3}}\n  second: {{data: {second}}}\n"
+                      "steps: 2\nbatch_size: 2\ninput_tokens: 16\ntarget_tokens: 16\ndevice: cpu\n")
+    parser = argparse.ArgumentParser()
+    add_train_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-tensorboard"])
+    cfg = config_from_args(args)
+    assert cfg.data == (root, second) and cfg.data_weights == (3.0, 1.0)
+    assert main(["--config", str(config), "--out", str(tmp_path / "run"), "--no-tensorboard", "--no-progress"]) == 0
+    with open(tmp_path / "run" / "checkpoint-2" / "config.json", encoding="utf-8") as f:
+        saved = json.load(f)["train"]
+    assert saved["data"] == [root, second] and saved["data_weights"] == [3.0, 1.0]
+    with pytest.raises(ConfigError, match="one positive weight per data root"):
+        TrainConfig(data=(root, second), data_weights=(1.0,), modalities=(DEPTH,), out=str(tmp_path / "x"))
