@@ -396,6 +396,10 @@ class TokenShardDataset(IterableDataset):
                             for w, s in self._states.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") == 1:  # one root, one position per worker: the same stream, written before mixing
+            state = {**state, "version": STATE_VERSION, "roots": [self.cfg.roots[0]], "weights": [1.0],
+                     "shards": [state["shards"]],
+                     "workers": {w: {"drawn": 0, "roots": [p]} for w, p in state["workers"].items()}}
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.state_dict()

@@ -454,7 +454,7 @@ def sample_key(checkpoint: str, root: str, key: str, sources: Sequence[str], tar
     cfg = cfg or SampleConfig()
     model, specs, _ = load_checkpoint(checkpoint, device=device)
     sources = [resolve_folder(m, specs) for m in sources]
-    targets = [resolve_folder(m, specs) for m in targets]
+    targets = [resolve_folder(m, specs, target=True) for m in targets]
     unknown = [m for m in [*sources, *targets] if m not in specs]
     if unknown:
         raise ConfigError(f"the checkpoint has no modalities {unknown}; it knows {list(specs)} "

@@ -156,14 +156,15 @@ def pixel_source(folder: str) -> str | None:
     return info.name if info is not None else None
 
 
-def resolve_folder(name: str, available: list[str] | dict[str, ModalitySpec]) -> str:
-    """A folder name or a modality name ("rgb", "depth", "caption") -> the folder among ``available``: a
-    modality's raw-pixel folder when available (rgb -> rgb@224), else its token folder (depth -> tok_depth@224)."""
+def resolve_folder(name: str, available: list[str] | dict[str, ModalitySpec], *, target: bool = False) -> str:
+    """A folder name or a modality name ("rgb", "depth", "caption") -> the folder among ``available``: as an
+    input, a modality's raw-pixel folder when available (rgb -> rgb@224), else its token folder (depth ->
+    tok_depth@224); as a ``target``, always the token folder (pixels are never generated)."""
     if name in available:
         return name
     info = MODALITIES.get(name)
     if info is not None:
-        for folder in (info.pixel_modality, info.token_modality):
+        for folder in ((info.token_modality,) if target else (info.pixel_modality, info.token_modality)):
             if folder in available:
                 return folder
     return name

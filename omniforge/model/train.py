@@ -46,7 +46,7 @@ from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model._cli import DTYPES, STRATEGIES
 from omniforge.model._cli import TRAIN_FLAGS as _FLAGS
 from omniforge.model._cli import add_train_cli as add_cli  # noqa: F401 - `python -m` entry point and tests
-from omniforge.model.specs import ModalitySpec, specs_for
+from omniforge.model.specs import ModalitySpec, pixel_source, specs_for
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,12 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
 def _check_shards(cfg: TrainConfig) -> None:
     # A folder must exist somewhere; a root without it gives samples with that modality masked.
     missing = [f for f in cfg.modalities if not any(committed_shards(root, f) for root in cfg.roots)]
+    pixels = [f for f in missing if pixel_source(f)]
+    if pixels:
+        raise ConfigError(f"{', '.join(pixels)} reads the {pixel_source(pixels[0])} labels and the crop_settings "
+                          f"from the same root, and {', '.join(cfg.roots)} has no shard with both: train on the root "
+                          "that holds labels and tokens together (tokenize without --output), or drop "
+                          f"{', '.join(pixels)}")
     if missing:
         raise ConfigError(f"no token shards for {', '.join(missing)} under {', '.join(cfg.roots)}: "
                           f"run `omniforge tokenize` for them first")
@@ -672,8 +678,9 @@ def config_from_args(args: Any) -> TrainConfig:
                 not isinstance(d, dict) or "data" not in d for d in datasets.values()):
             raise ConfigError("--config: `datasets` maps names to {data: ROOT, weight: W}, e.g. "
                               "{cc12m: {data: s3://tokens/cc12m, weight: 0.8}, coco: {data: /data/coco}}")
-        settings.setdefault("data", [d["data"] for d in datasets.values()])
-        settings.setdefault("data_weights", [float(d.get("weight", 1.0)) for d in datasets.values()])
+        if "data" not in settings:  # --data (or a `data:` key) replaces the named datasets, weights included
+            settings["data"] = [d["data"] for d in datasets.values()]
+            settings.setdefault("data_weights", [float(d.get("weight", 1.0)) for d in datasets.values()])
     for name in ("modalities", "data", "data_weights"):
         if isinstance(settings.get(name), str):
             settings[name] = tuple(m.strip() for m in settings[name].split(",") if m.strip())

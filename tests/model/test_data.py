@@ -180,6 +180,26 @@ def test_mixed_roots_resume_exactly(root, captions_only):
         other.load_state_dict(first.state_dict())
 
 
+def test_resumes_from_a_single_root_state_of_format_1(root):
+    cfg = _cfg(root)
+    it = iter(make_loader(cfg, _masker(), rank=0, world_size=1))
+    expected = [next(it) for _ in range(8)]
+    first = make_loader(cfg, _masker(), rank=0, world_size=1)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    old = {**state, "version": 1, "shards": state["shards"][0],
+           "workers": {w: s["roots"][0] for w, s in state["workers"].items()}}
+    for k in ("roots", "weights"):
+        old.pop(k)
+    resumed = make_loader(cfg, _masker(), rank=0, world_size=1)
+    resumed.load_state_dict(old)
+    it = iter(resumed)
+    for i in range(3, 8):
+        assert _same(next(it), expected[i])
+
+
 def test_mixed_roots_config_errors(root, captions_only):
     with pytest.raises(ConfigError, match="2 roots"):
         _cfg((root, captions_only), weights=(1.0,))

@@ -212,6 +212,9 @@ def test_named_datasets_from_a_yaml_config(corpus, tmp_path, capsys):
     args = parser.parse_args(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--no-tensorboard"])
     cfg = config_from_args(args)
     assert cfg.data == (root, second) and cfg.data_weights == (3.0, 1.0)
+    args = parser.parse_args(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--data", second])
+    cfg = config_from_args(args)  # a command-line --data replaces the named datasets, weights included
+    assert cfg.data == second and cfg.data_weights is None
     assert main(["--config", str(config), "--out", str(tmp_path / "run"), "--no-tensorboard", "--no-progress"]) == 0
     with open(tmp_path / "run" / "checkpoint-2" / "config.json", encoding="utf-8") as f:
         saved = json.load(f)["train"]

@@ -16,7 +16,7 @@ from omniforge.model._cli import add_sample_cli
 from omniforge.model.data import DataConfig, committed_shards, make_loader
 from omniforge.model.fm import FourM, model_config
 from omniforge.model.masking import Masker, MaskingConfig
-from omniforge.model.specs import patchify, specs_for, unpatchify
+from omniforge.model.specs import patchify, resolve_folder, specs_for, unpatchify
 from omniforge.model.train import TrainConfig, train
 
 RGB, DEPTH = "rgb@224", "tok_depth@224"
@@ -109,6 +109,9 @@ def test_pixels_are_input_only_whatever_the_alphas():
         visible = ~out[RGB]["input_mask"]
         assert torch.equal(out[RGB]["tensor"][visible], torch.from_numpy(patches)[visible])
     assert MaskingConfig.uniform([RGB, DEPTH]).input_only == (RGB,)
+    both = specs_for([RGB, "tok_rgb@224", DEPTH], 1)
+    assert resolve_folder("rgb", both) == RGB and resolve_folder("rgb", both, target=True) == "tok_rgb@224"
+    assert resolve_folder("depth", both) == DEPTH
 
 
 def test_loader_crops_pixels_like_the_tokens(corpus):
