@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+_NPY_LOCK = threading.Lock()
 
 JPEG_QUALITY = 95
 
@@ -58,7 +61,11 @@ def decode(ext: str, data: bytes) -> Any:
                 return img.copy()
             return np.asarray(img)
     if ext == "npy":
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        # numpy parses the .npy header with ast.literal_eval, and CPython 3.11's AST construction is not
+        # thread-safe (python/cpython#106905: spurious "SystemError: AST constructor recursion depth mismatch"
+        # under verify's reader threads): one header at a time.
+        with _NPY_LOCK:
+            return np.load(io.BytesIO(data), allow_pickle=False)
     if ext == "json":
         return json.loads(data.decode("utf-8"))
     if ext == "txt":

@@ -29,7 +29,6 @@ endless loaders; a finite loader whose workers run out at different times is exa
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -426,7 +425,7 @@ def _keyed(uri: str) -> Iterator[tuple[str, bytes]]:
 
 def _decode(data: bytes, root: str, folder: str, rec: _Record) -> np.ndarray:
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = codecs.decode("npy", data)
     except ValueError as e:
         raise CorpusError(f"{_shards.tar_uri(root, folder, rec.shard)}: {rec.key}.npy is not a readable .npy "
                           f"({e}): re-run `omniforge tokenize` for this shard") from None
