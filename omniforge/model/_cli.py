@@ -41,7 +41,8 @@ def add_train_cli(subparsers: Any) -> None:
                         "with underscores); flags given on the command line override it")
     for name, kw in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the transformer blocks (dynamic shapes)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                    help="do not write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

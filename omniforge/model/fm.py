@@ -270,10 +270,14 @@ class FourM(nn.Module):
 
     # ---- decoder ------------------------------------------------------------------------------------
 
-    def _decode(self, batch: Batch, encoded: Encoded | None) -> dict[str, tuple[Tensor, _Gathered]]:
-        """Decoder outputs (B, N_m, D) and gathered target positions for each modality with targets."""
-        if encoded is None:
-            encoded = self.encode(batch)
+    def _decode(self, batch: Batch, encoded: Encoded | None) -> dict[str, tuple[Tensor, _Gathered, Tensor]]:
+        """For each modality with targets: decoder outputs (B, N_m, D), its gathered target positions, and
+        the flat indices (T_m,) of its real targets in (B * N_m).
+
+        Every index that depends on the masks (and so needs the host to read a device value) is computed
+        before the first transformer block runs: on a GPU the blocks of encoder and decoder are then queued
+        back to back instead of the host waiting for the encoder to finish before it can plan the decoder.
+        """
         queries, targets, mod_ids, causal = [], {}, [], []
         for i, m in enumerate(self._modalities(batch)):
             d = batch[m]
@@ -313,6 +317,9 @@ class FourM(nn.Module):
         same = mod[:, :, None] == mod[:, None, :]  # (B, M, M)
         self_mask = same & ~(later & is_causal[:, :, None])
         self_mask = (self_mask | torch.eye(m_total, dtype=torch.bool, device=y.device))[:, None]  # (B, 1, M, M)
+        flat = {m: g.valid.flatten().nonzero().squeeze(1) for m, g in targets.items()}
+        if encoded is None:
+            encoded = self.encode(batch)
         cross_mask = (~encoded.padding)[:, None, None, :]  # (B, 1, 1, N_in)
         for blk in self.decoder:
             y = blk(y, encoded.context, self_mask, cross_mask)
@@ -323,7 +330,7 @@ class FourM(nn.Module):
         out, start = {}, 0
         for m, g in targets.items():
             n = g.ids.shape[1]
-            out[m] = (y[:, start:start + n], g)
+            out[m] = (y[:, start:start + n], g, flat[m])
             start += n
         return out
 
@@ -337,7 +344,7 @@ class FourM(nn.Module):
         result of ``encode(batch)`` as ``encoded`` to reuse it across decoding steps.
         """
         out = {}
-        for m, (y, g) in self._decode(batch, encoded).items():
+        for m, (y, g, _) in self._decode(batch, encoded).items():
             logits = self.heads[m](y)  # (B, N_m, V_m)
             if scatter:  # padding slots go to an extra column L, dropped afterwards
                 seq_len = self.specs[m].seq_len
@@ -351,9 +358,9 @@ class FourM(nn.Module):
         """(total loss, per-modality losses): cross-entropy averaged over each modality's target tokens,
         then the plain mean over modalities with at least one target in the batch."""
         losses = {}
-        for m, (y, g) in self._decode(batch, None).items():
-            logits = self.heads[m](y[g.valid])  # (T_m, V_m), only real targets
-            losses[m] = F.cross_entropy(logits.float(), g.ids[g.valid])
+        for m, (y, g, flat) in self._decode(batch, None).items():
+            logits = self.heads[m](y.flatten(0, 1)[flat])  # (T_m, V_m), only real targets
+            losses[m] = F.cross_entropy(logits.float(), g.ids.flatten()[flat])
         if not losses:  # no targets at all: a zero that still backpropagates
             return self.mask_token.sum() * 0.0, losses
         return torch.stack(list(losses.values())).mean(), losses

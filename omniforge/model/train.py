@@ -85,7 +85,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each transformer block (shapes dynamic); packing stays eager
     strategy: str = "ddp"  # ddp | fsdp, used under torchrun with WORLD_SIZE > 1
     log_every: int = 10  # progress-bar / TensorBoard / log-line period (log.jsonl gets every step)
     save_every: int = 200  # checkpoint period in steps (the last step is always saved)
@@ -271,8 +271,18 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch.device) -> nn.Module:
-    """The module the loop calls: DDP or FSDP2 under torchrun, compiled when asked. ``model`` stays the
-    plain module whose (FSDP: sharded) parameters the optimizer holds."""
+    """The module the loop calls: DDP or FSDP2 under torchrun. ``model`` stays the plain module whose
+    (FSDP: sharded) parameters the optimizer holds.
+
+    ``cfg.compile`` compiles each encoder and decoder block in place (regional compilation): the blocks
+    hold nearly all the FLOPs, and their inputs are plain tensors whose lengths vary from batch to batch
+    (dynamic shapes, one graph per block kind). The data-dependent gathering and packing around them
+    stays eager; compiling the whole model would break its graph at every packing step. In place, the
+    parameter names and checkpoints are those of the eager model.
+    """
+    if cfg.compile:
+        for blk in (*model.encoder, *model.decoder):
+            blk.compile(dynamic=True)
     runner: nn.Module = model
     if d.world_size > 1 and cfg.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -286,8 +296,6 @@ def _wrap(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch.device) -> 
         # A modality without targets in a batch leaves its head unused.
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                          find_unused_parameters=True)
-    if cfg.compile:
-        runner = torch.compile(runner)
     return runner
 
 
@@ -443,7 +451,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, dict[st
 
 def _batch_tokens(batch: dict[str, dict[str, torch.Tensor]]) -> int:
     """Tokens the step processed: encoder inputs plus decoder targets."""
-    return int(sum(int((~d["input_mask"]).sum()) + int((~d["target_mask"]).sum()) for d in batch.values()))
+    return int(sum(int((~d["input_mask"]).sum()) + int((~d["target_mask"]).sum())
+                   for m, d in batch.items() if not m.startswith("__")))
 
 
 class _TensorBoard:
@@ -515,21 +524,26 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.last_lr = lr
-        total, tokens = 0.0, 0
-        per: dict[str, list[float]] = {m: [0.0, 0.0] for m in self.specs}  # sum, count over micro-batches
+        # Losses stay on the device until the step is over: one host sync per step, not one per micro-batch.
+        names = list(self.specs)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        per = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # summed over micro-batches
+        counts, tokens = [0.0] * len(names), 0
         for micro in range(cfg.grad_accum):
-            batch = _to_device(next(batches), self.device)
-            tokens += _batch_tokens(batch)
+            host_batch = next(batches)
+            tokens += _batch_tokens(host_batch)  # counted on the host copy: no device sync
+            batch = _to_device(host_batch, self.device)
             sync = micro == cfg.grad_accum - 1 or d.world_size == 1 or cfg.strategy == "fsdp"
             ctx = contextlib.nullcontext() if sync else self.runner.no_sync()
             with ctx:
                 with _autocast(self.device, cfg.dtype):
                     loss, losses = self.runner(batch)
                 (loss / cfg.grad_accum).backward()
-            total += float(loss.detach())
+            total += loss.detach()
             for m, v in losses.items():
-                per[m][0] += float(v.detach())
-                per[m][1] += 1
+                i = names.index(m)
+                per[i] += v.detach()
+                counts[i] += 1
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
@@ -537,14 +551,14 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Average over micro-batches and ranks.
-        names = list(self.specs)
-        sums = all_reduce_sum([total / cfg.grad_accum, float(tokens)]
-                               + [per[m][0] for m in names] + [per[m][1] for m in names], self.device, d)
+        device_sums = torch.cat([(total / cfg.grad_accum)[None], per, norm.detach().double()[None]]).tolist()
+        norm = device_sums.pop()
+        sums = all_reduce_sum(device_sums[:1] + [float(tokens)] + device_sums[1:] + counts, self.device, d)
         seconds = time.perf_counter() - t0
         n = len(names)
         losses_out = {m: sums[2 + i] / sums[2 + n + i] for i, m in enumerate(names) if sums[2 + n + i] > 0}
         return {"step": step + 1, "loss": sums[0] / d.world_size, "losses": losses_out, "lr": lr,
-                "tokens_per_s": sums[1] / max(seconds, 1e-9), "grad_norm": float(norm)}
+                "tokens_per_s": sums[1] / max(seconds, 1e-9), "grad_norm": norm}
 
 
 def _read_log(path: str, upto: int) -> list[dict[str, Any]]:

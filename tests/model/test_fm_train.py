@@ -180,6 +180,29 @@ def test_cli_runs(corpus, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compiled_blocks_train_like_eager(corpus, tmp_path):
+    """--compile compiles the blocks in place: same losses as eager, one graph per block kind (no
+    recompiles although every batch packs to other lengths), and checkpoints an eager model loads."""
+    from torch._dynamo.utils import counters
+
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    counters.clear()
+    eager = train(_cfg(corpus, tmp_path / "eager", steps=4), progress=False)
+    compiled = train(_cfg(corpus, tmp_path / "compiled", steps=4, compile=True), progress=False)
+    assert [e["loss"] for e in compiled.losses] == pytest.approx([e["loss"] for e in eager.losses], rel=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2  # one encoder-block graph, one decoder-block graph
+    assert not counters["recompiles"] and not counters["graph_break"], (dict(counters["recompiles"]),
+                                                                        dict(counters["graph_break"]))
+    a, _ = load_model(str(tmp_path / "eager"))
+    b, _ = load_model(str(tmp_path / "compiled"))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun(corpus, tmp_path, strategy):
     root, toks = corpus
