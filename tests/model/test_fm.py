@@ -283,3 +283,30 @@ def test_learns_a_deterministic_mapping():
         opt.step()
         history.append(loss.item())
     assert history[-1] < 0.3 * history[0]
+
+
+def test_no_host_sync_once_the_blocks_run():
+    """Every op that makes the host wait for the device (reading a value, nonzero, boolean indexing) runs
+    before the first attention: on a GPU the encoder, decoder and loss are then queued without a stall."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "item"}
+    ops: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if "scaled_dot_product" in name:
+                ops.append("attention")
+            elif name in syncing or (name == "index" and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+                ops.append(name)
+            return out
+
+    model = tiny_model().train()
+    with Record():
+        loss, _ = model(make_batch())
+    assert "attention" in ops and any(op != "attention" for op in ops), ops
+    first = ops.index("attention")
+    assert all(op == "attention" for op in ops[first:]), ops
