@@ -30,6 +30,10 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "dtype": dict(choices=DTYPES), "strategy": dict(choices=STRATEGIES, help="under torchrun: ddp | fsdp"),
     "log_every": dict(type=int), "save_every": dict(type=int, help="checkpoint period in steps"),
     "num_workers": dict(type=int, help="data loader workers per rank"), "shuffle_buffer": dict(type=int),
+    "eval_data": dict(help="held-out token root (tokenized like --data): its loss goes to eval.jsonl, TensorBoard "
+                      "and loss.png"),
+    "eval_every": dict(type=int, help="steps between held-out evaluations (default: --save-every)"),
+    "eval_batches": dict(type=int, help="batches per rank per evaluation (the same samples and masks each time)"),
 }
 
 

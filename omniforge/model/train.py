@@ -40,7 +40,7 @@ from torch import nn
 from omniforge._torch_run import (Dist, all_reduce_sum, barrier, resolve_device, setup_distributed, warmup_cosine,
                                   write_text)
 from omniforge.errors import ConfigError
-from omniforge.model.data import DataConfig, committed_shards, make_loader
+from omniforge.model.data import DataConfig, TokenShardDataset, committed_shards, make_loader
 from omniforge.model.fm import FourM, ModelConfig, model_config
 from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model._cli import DTYPES, STRATEGIES
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 LATEST = "latest"
+EVAL_LOG = "eval.jsonl"
 LOG = "log.jsonl"
 CONFIG = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -93,6 +94,9 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # samples per shuffled block of the loader
     tensorboard: bool = True  # write TensorBoard scalars when torch.utils.tensorboard is importable
     data_weights: tuple[float, ...] | None = None  # several roots: share of the samples drawn from each
+    eval_data: str | None = None  # held-out token root: its loss is measured every eval_every steps
+    eval_every: int | None = None  # steps between held-out evaluations (None: every save_every steps)
+    eval_batches: int = 8  # batches per rank per evaluation (the same samples and masks every time)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):
@@ -110,7 +114,9 @@ class TrainConfig:
         if len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"TrainConfig.modalities repeats a folder: {self.modalities}")
         positive = ("input_tokens", "target_tokens", "steps", "batch_size", "grad_accum", "log_every",
-                    "save_every", "shuffle_buffer")
+                    "save_every", "shuffle_buffer", "eval_batches")
+        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
+            raise ConfigError(f"TrainConfig.eval_every={self.eval_every!r}: must be a positive integer")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -157,6 +163,7 @@ class TrainResult:
     out: str  # the run directory
     steps: int  # the step reached (== cfg.steps)
     losses: list[dict[str, Any]] = field(default_factory=list)  # the log.jsonl entries of the steps run here
+    evals: list[dict[str, Any]] = field(default_factory=list)  # the eval.jsonl entries of the steps run here
     seconds: float = 0.0
 
 
@@ -249,6 +256,9 @@ def _check_shards(cfg: TrainConfig) -> None:
     if missing:
         raise ConfigError(f"no token shards for {', '.join(missing)} under {', '.join(cfg.roots)}: "
                           f"run `omniforge tokenize` for them first")
+    if cfg.eval_data is not None and not any(committed_shards(cfg.eval_data, f) for f in cfg.modalities):
+        raise ConfigError(f"--eval-data {cfg.eval_data} has no token shards of {', '.join(cfg.modalities)}: "
+                          "tokenize the held-out images into it first")
 
 
 def build_masking(cfg: TrainConfig) -> MaskingConfig:
@@ -467,15 +477,16 @@ class _TensorBoard:
             return
         self._writer = SummaryWriter(directory)
 
-    def write(self, entry: dict[str, Any]) -> None:
+    def write(self, entry: dict[str, Any], group: str = "train") -> None:
         if self._writer is None:
             return
         for k, v in entry.items():
             if k == "losses":
                 for m, value in v.items():
-                    self._writer.add_scalar(f"loss/{m}", value, entry["step"])
+                    self._writer.add_scalar(f"loss/{m}" if group == "train" else f"{group}_loss/{m}", value,
+                                            entry["step"])
             elif k != "step":
-                self._writer.add_scalar(f"train/{k}", v, entry["step"])
+                self._writer.add_scalar(f"{group}/{k}", v, entry["step"])
 
     def close(self) -> None:
         if self._writer is not None:
@@ -498,6 +509,12 @@ class _Run:
                               num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
                               pin_memory=device.type == "cuda")
         self.loader = make_loader(data_cfg, masker, rank=d.rank, world_size=d.world_size)
+        self.eval_data = None
+        if cfg.eval_data is not None:  # read in order, unshuffled, endless: every rank runs eval_batches batches
+            eval_cfg = DataConfig(root=cfg.eval_data, folders=cfg.modalities, batch_size=cfg.batch_size,
+                                  seed=cfg.seed, num_workers=0, shuffle_buffer=1)
+            self.eval_data = TokenShardDataset(eval_cfg, masker, rank=d.rank, world_size=d.world_size)
+            self._eval_start = self.eval_data.state_dict()
         self.model_config = model_config(cfg.model)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
         self.model = FourM(self.model_config, self.specs).to(device)
@@ -560,6 +577,39 @@ class _Run:
         return {"step": step + 1, "loss": sums[0] / d.world_size, "losses": losses_out, "lr": lr,
                 "tokens_per_s": sums[1] / max(seconds, 1e-9), "grad_norm": norm}
 
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Held-out loss after ``step`` steps: the first eval_batches batches of the eval root on every rank,
+        with the same samples and masks at every evaluation. Each modality's loss is averaged over its target
+        tokens (not over batches), then the loss over the modalities, as in training. Iterated without a
+        DataLoader, so no global RNG is drawn and the training run stays exactly resumable."""
+        cfg, d = self.cfg, self.dist
+        names = list(self.specs)
+        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=self.device)  # per modality: CE sum, count
+        samples = 0
+        self.eval_data.load_state_dict(self._eval_start)
+        batches = iter(self.eval_data)
+        self.model.eval()
+        try:
+            for _ in range(cfg.eval_batches):
+                host_batch = next(batches)
+                samples += next(iter(host_batch.values()))["input_mask"].shape[0]
+                batch = _to_device(host_batch, self.device)
+                with _autocast(self.device, cfg.dtype):
+                    _, losses = self.model(batch)
+                for m, v in losses.items():
+                    i = names.index(m)
+                    count = (~batch[m]["target_mask"]).sum()
+                    sums[i] += v.double() * count
+                    sums[len(names) + i] += count
+        finally:
+            self.model.train()
+        totals = all_reduce_sum(sums.tolist() + [float(samples)], self.device, d)
+        n = len(names)
+        losses_out = {m: totals[i] / totals[n + i] for i, m in enumerate(names) if totals[n + i] > 0}
+        loss = sum(losses_out.values()) / len(losses_out) if losses_out else float("nan")
+        return {"step": step, "loss": loss, "losses": losses_out, "samples": int(totals[-1])}
+
 
 def _read_log(path: str, upto: int) -> list[dict[str, Any]]:
     if not os.path.exists(path):
@@ -569,7 +619,7 @@ def _read_log(path: str, upto: int) -> list[dict[str, Any]]:
     return [e for e in entries if e["step"] <= upto]
 
 
-def _plot_loss(path: str, entries: list[dict[str, Any]]) -> None:
+def _plot_loss(path: str, entries: list[dict[str, Any]], evals: list[dict[str, Any]] = ()) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -581,6 +631,9 @@ def _plot_loss(path: str, entries: list[dict[str, Any]]) -> None:
     for m in sorted({m for e in entries for m in e["losses"]}):
         pts = [(e["step"], e["losses"][m]) for e in entries if m in e["losses"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, linewidth=0.8, alpha=0.7)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="black", markersize=3,
+                linewidth=1.2, label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.legend(fontsize=7)
@@ -606,8 +659,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             what = f"resuming from {resume_from} (step {start})" if resume_from else "starting"
             print(f"omniforge train: {cfg.model} model, {run.num_parameters:,} parameters, "
                   f"{len(run.specs)} modalities; {what}", file=sys.stderr, flush=True)
-        entries = _run_loop(run, start, progress)
-        return TrainResult(out=cfg.out, steps=max(start, cfg.steps), losses=entries,
+        entries, evals = _run_loop(run, start, progress)
+        return TrainResult(out=cfg.out, steps=max(start, cfg.steps), losses=entries, evals=evals,
                            seconds=time.perf_counter() - t_start)
     finally:
         if d.initialized_here:
@@ -616,15 +669,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _run_loop(run: _Run, start: int, progress: bool) -> list[dict[str, Any]]:
+def _run_loop(run: _Run, start: int, progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     cfg, d = run.cfg, run.dist
-    log_path = os.path.join(cfg.out, LOG)
-    history: list[dict[str, Any]] = []
-    log_file = tb = bar = None
+    log_path, eval_path = os.path.join(cfg.out, LOG), os.path.join(cfg.out, EVAL_LOG)
+    eval_every = cfg.eval_every or cfg.save_every
+    log_file = eval_file = tb = bar = None
     if d.main:
-        history = _read_log(log_path, start)  # drop lines of steps after the checkpoint
-        write_text(log_path, "".join(json.dumps(e) + "\n" for e in history))
+        logs = [log_path] + ([eval_path] if run.eval_data is not None or os.path.exists(eval_path) else [])
+        for path in logs:  # drop lines of steps after the checkpoint
+            write_text(path, "".join(json.dumps(e) + "\n" for e in _read_log(path, start)))
         log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+        eval_file = open(eval_path, "a", encoding="utf-8") if run.eval_data is not None else None  # noqa: SIM115
         tb = _TensorBoard(os.path.join(cfg.out, "tb"), cfg.tensorboard)
         if progress:
             from tqdm import tqdm
@@ -632,6 +687,7 @@ def _run_loop(run: _Run, start: int, progress: bool) -> list[dict[str, Any]]:
             bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train", file=sys.stderr,
                        dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
     entries: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     try:
         run.runner.train()
         batches = iter(run.loader)
@@ -651,20 +707,34 @@ def _run_loop(run: _Run, start: int, progress: bool) -> list[dict[str, Any]]:
                                  entry["lr"], entry["tokens_per_s"])
                 if bar is not None:
                     bar.update(1)
+            if run.eval_data is not None and (done % eval_every == 0 or done == cfg.steps):
+                result = run.evaluate(done)
+                evals.append(result)
+                if d.main:
+                    eval_file.write(json.dumps(result) + "\n")
+                    eval_file.flush()
+                    tb.write(result, group="eval")
+                    line = (f"step {done}: held-out loss {result['loss']:.4f} over {result['samples']} samples ("
+                            + ", ".join(f"{m} {v:.3f}" for m, v in result["losses"].items()) + ")")
+                    if bar is not None:
+                        bar.write(line, file=sys.stderr)
+                    else:
+                        log.info(line)
             if done % cfg.save_every == 0 or done == cfg.steps:
                 _save_checkpoint(run, done)
     finally:
         if bar is not None:
             bar.close()
-        if log_file is not None:
-            log_file.close()
+        for f in (log_file, eval_file):
+            if f is not None:
+                f.close()
         if tb is not None:
             tb.close()
     if d.main:
         history = _read_log(log_path, cfg.steps)
         if history:
-            _plot_loss(os.path.join(cfg.out, "loss.png"), history)
-    return entries
+            _plot_loss(os.path.join(cfg.out, "loss.png"), history, _read_log(eval_path, cfg.steps))
+    return entries, evals
 
 
 # --------------------------------------------------------------------------------------------------
@@ -716,8 +786,13 @@ def summary(cfg: TrainConfig, result: TrainResult) -> str:
     first, last = result.losses[0], result.losses[-1]
     window = result.losses[-min(10, len(result.losses)):]
     tokens_s = sum(e["tokens_per_s"] for e in window) / len(window)
+    held_out = ""
+    if result.evals:
+        held_out = f", held-out {result.evals[0]['loss']:.3f} -> {result.evals[-1]['loss']:.3f}"
+        if len(result.evals) == 1:
+            held_out = f", held-out {result.evals[0]['loss']:.3f}"
     return (f"trained {cfg.model} steps {first['step']}..{last['step']} in {result.seconds:.0f} s: loss "
-            f"{first['loss']:.3f} -> {last['loss']:.3f}, {tokens_s:,.0f} tokens/s; checkpoint "
+            f"{first['loss']:.3f} -> {last['loss']:.3f}{held_out}, {tokens_s:,.0f} tokens/s; checkpoint "
             f"{latest_checkpoint(cfg.out)}, curve {os.path.join(cfg.out, 'loss.png')}")
 
 

@@ -65,11 +65,18 @@ def _cfg(corpus, out, **kw):
 
 def test_loss_falls(corpus, tmp_path):
     torch.set_num_threads(1)
-    result = train(_cfg(corpus, tmp_path / "run", steps=150, save_every=1000), progress=False)
+    root, _ = corpus
+    result = train(_cfg(corpus, tmp_path / "run", steps=150, save_every=1000, eval_data=root, eval_every=50,
+                        eval_batches=2), progress=False)
     losses = [e["loss"] for e in result.losses]
     assert len(losses) == 150 and result.steps == 150
     start, end = np.mean(losses[:5]), np.mean(losses[-10:])
     assert end < 0.35 * start, (start, end)
+    # held-out loss at steps 50, 100, 150 (the last step always), falling as well
+    assert [e["step"] for e in result.evals] == [50, 100, 150]
+    held_out = [e["loss"] for e in result.evals]
+    assert held_out[-1] < held_out[0] and held_out[-1] < 0.5 * start, held_out
+    assert all(e["samples"] == 2 * 4 and set(e["losses"]) == {DEPTH, CAP} for e in result.evals)
     lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     entry = json.loads(lines[-1])
     assert entry["step"] == 150 and set(entry) >= {"loss", "losses", "lr", "tokens_per_s", "grad_norm"}
@@ -80,14 +87,20 @@ def test_loss_falls(corpus, tmp_path):
 
 def test_exact_resume(corpus, tmp_path):
     torch.set_num_threads(1)
-    full = train(_cfg(corpus, tmp_path / "full"), progress=False)
+    held_out = dict(eval_data=corpus[0], eval_every=2, eval_batches=1)  # evaluations leave training as it was
+    full = train(_cfg(corpus, tmp_path / "full", **held_out), progress=False)
     assert [e["step"] for e in full.losses] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in full.evals] == [2, 4, 6]
 
-    first = train(_cfg(corpus, tmp_path / "split", steps=3), progress=False)
+    first = train(_cfg(corpus, tmp_path / "split", steps=3, **held_out), progress=False)
     # steps 1..3 are warm-up steps, whose learning rate does not depend on the total
     assert [e["loss"] for e in first.losses] == [e["loss"] for e in full.losses[:3]]
-    resumed = train(_cfg(corpus, tmp_path / "split"), progress=False)
+    resumed = train(_cfg(corpus, tmp_path / "split", **held_out), progress=False)
     assert [e["step"] for e in resumed.losses] == [4, 5, 6]
+    split_evals = [json.loads(x) for x in (tmp_path / "split" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in split_evals] == [2, 3, 4, 6]  # the first run ended at 3 (its last step)
+    for a, b in zip([split_evals[0], *split_evals[2:]], full.evals):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     for a, b in zip(resumed.losses, full.losses[3:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["losses"].keys() == b["losses"].keys()
@@ -105,7 +118,8 @@ def test_exact_resume(corpus, tmp_path):
 
     # a run killed after step 5 (checkpoint-3 is the latest) redoes steps 4..6 identically
     (tmp_path / "full" / "latest").write_text(json.dumps({"step": 3, "path": "checkpoint-3"}))
-    again = train(_cfg(corpus, tmp_path / "full"), progress=False)
+    again = train(_cfg(corpus, tmp_path / "full", **held_out), progress=False)
+    assert [json.loads(x)["step"] for x in (tmp_path / "full" / "eval.jsonl").read_text().splitlines()] == [2, 4, 6]
     assert [e["loss"] for e in again.losses] == pytest.approx([e["loss"] for e in full.losses[3:]], abs=1e-6)
     assert len((tmp_path / "full" / "log.jsonl").read_text().splitlines()) == 6
 
@@ -158,6 +172,10 @@ def test_config_errors(corpus, tmp_path):
         train(_cfg(corpus, tmp_path / "b", tokenizers=None), progress=False)
     with pytest.raises(ConfigError, match="unknown model config"):
         _cfg(corpus, tmp_path / "c", model="huge")
+    with pytest.raises(ConfigError, match="--eval-data"):
+        train(_cfg(corpus, tmp_path / "e", eval_data=str(tmp_path / "no-such-root")), progress=False)
+    with pytest.raises(ConfigError, match="eval_every"):
+        _cfg(corpus, tmp_path / "f", eval_every=0)
     # the CLI turns them into one line and exit code 2
     assert main(["--data", root, "--modalities", f"{DEPTH},tok_normal@224", "--out", str(tmp_path / "d"),
                  "--no-progress"]) == 2
@@ -177,6 +195,26 @@ def test_cli_runs(corpus, tmp_path, capsys):
     rc = main(["--config", "tiny", "--data", root, "--modalities", DEPTH, "--out", str(tmp_path / "cli"),
                "--steps", "2", "--device", "cpu", "--no-tensorboard", "--no-progress"])
     assert rc == 0 and "already at step 2" in capsys.readouterr().out
+
+
+def test_held_out_loss_repeats_and_follows_the_weights(corpus, tmp_path):
+    """Two evaluations of the same weights give the same loss (same samples, same masks); training in
+    between changes it; evaluating draws nothing from the training RNG."""
+    from omniforge._torch_run import Dist
+    from omniforge.model.train import _Run
+
+    torch.set_num_threads(1)
+    run = _Run(_cfg(corpus, tmp_path / "run", eval_data=corpus[0], eval_batches=2), torch.device("cpu"), Dist())
+    rng = torch.get_rng_state()
+    a, b = run.evaluate(0), run.evaluate(0)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert a == b and a["samples"] == 8 and set(a["losses"]) == {DEPTH, CAP}
+    assert a["loss"] == pytest.approx(np.mean(list(a["losses"].values())))
+    batches = iter(run.loader)
+    for step in range(3):
+        run.step(step, batches)
+    c = run.evaluate(3)
+    assert c["loss"] != a["loss"] and c["samples"] == a["samples"]
 
 
 @pytest.mark.slow
@@ -212,13 +250,16 @@ def test_torchrun(corpus, tmp_path, strategy):
            "-m", "omniforge.model.train", "--data", root, "--modalities", f"{DEPTH},{CAP}", "--out", str(out),
            "--tokenizers", toks, "--steps", "3", "--save-every", "2", "--batch-size", "2",
            "--input-tokens", "16", "--target-tokens", "16", "--device", "cpu", "--no-tensorboard",
-           "--no-progress", "--strategy", strategy]
+           "--no-progress", "--strategy", strategy, "--eval-data", root, "--eval-every", "2", "--eval-batches", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert latest_checkpoint(str(out)).endswith("checkpoint-3")
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 3]
+    assert all(e["samples"] == 2 * 2 * 2 and np.isfinite(e["loss"]) for e in evals)  # ranks x batches x batch size
 
 
 def test_named_datasets_from_a_yaml_config(corpus, tmp_path, capsys):
