@@ -63,6 +63,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     epochs: int | None = None  # None: endless; n: stop after n passes
     keys: bool = False  # add "__key__" (list of keys) and "__crop__" (int64 (B,)) to every batch
+    # (with several roots every batch has "__source__": int64 (B,), the index of each sample's root)
     pin_memory: bool = False  # page-locked batches, so that host-to-GPU copies can overlap compute
     weights: tuple[float, ...] | None = None  # with several roots: the share of samples drawn from each
 
@@ -289,7 +290,7 @@ class TokenShardDataset(IterableDataset):
         sample = {f: (arrays[f][crop] if f in arrays else None) for f in self.cfg.folders}
         for f, (jpg, _) in ((f, b) for f, b in present.items() if specs[f].kind == "pixels"):
             sample[f] = _pixels(jpg, arrays[f][crop], specs[f], rec.root, rec)
-        return {"key": rec.key, "crop": crop, "masked": self.masker(sample, rng)}
+        return {"key": rec.key, "crop": crop, "source": src, "masked": self.masker(sample, rng)}
 
     def _stream(self, stream: int, state: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(sample, stream position after it): one root's samples, or several roots mixed by cfg.weights (each
@@ -359,6 +360,8 @@ class TokenShardDataset(IterableDataset):
         if self.cfg.keys:
             batch["__key__"] = [r["key"] for r in rows]
             batch["__crop__"] = torch.tensor([r["crop"] for r in rows], dtype=torch.int64)
+        if len(self.sources) > 1:
+            batch["__source__"] = torch.tensor([r["source"] for r in rows], dtype=torch.int64)
         return batch
 
     def _local_worker(self) -> tuple[int, int]:

@@ -354,13 +354,22 @@ class FourM(nn.Module):
             out[m] = logits
         return out
 
-    def forward(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, batch: Batch, *, token_losses: bool = False):
         """(total loss, per-modality losses): cross-entropy averaged over each modality's target tokens,
-        then the plain mean over modalities with at least one target in the batch."""
-        losses = {}
+        then the plain mean over modalities with at least one target in the batch.
+
+        With ``token_losses=True`` a third value maps each modality to ``(ce, sample)``: the detached
+        cross-entropy of every real target token (T_m,) and the batch row it belongs to (T_m,), for
+        breaking the loss down by sample groups (the corpus each sample came from)."""
+        losses, per_token = {}, {}
         for m, (y, g, flat) in self._decode(batch, None).items():
             logits = self.heads[m](y.flatten(0, 1)[flat])  # (T_m, V_m), only real targets
-            losses[m] = F.cross_entropy(logits.float(), g.ids.flatten()[flat])
+            ce = F.cross_entropy(logits.float(), g.ids.flatten()[flat], reduction="none")
+            losses[m] = ce.mean()
+            if token_losses:
+                per_token[m] = (ce.detach(), torch.div(flat, g.ids.shape[1], rounding_mode="floor"))
         if not losses:  # no targets at all: a zero that still backpropagates
-            return self.mask_token.sum() * 0.0, losses
-        return torch.stack(list(losses.values())).mean(), losses
+            total = self.mask_token.sum() * 0.0
+        else:
+            total = torch.stack(list(losses.values())).mean()
+        return (total, losses, per_token) if token_losses else (total, losses)

@@ -465,6 +465,13 @@ def _batch_tokens(batch: dict[str, dict[str, torch.Tensor]]) -> int:
                    for m, d in batch.items() if not m.startswith("__")))
 
 
+def _mean_loss(ce_sums: Any, token_counts: Any) -> float:
+    """The loss as training defines it: per modality, the mean cross-entropy over its target tokens; then the
+    plain mean over the modalities that have any."""
+    present = [s / c for s, c in zip(ce_sums, token_counts) if c > 0]
+    return float(sum(present) / len(present)) if present else float("nan")
+
+
 class _TensorBoard:
     def __init__(self, directory: str, enabled: bool):
         self._writer = None
@@ -484,6 +491,10 @@ class _TensorBoard:
             if k == "losses":
                 for m, value in v.items():
                     self._writer.add_scalar(f"loss/{m}" if group == "train" else f"{group}_loss/{m}", value,
+                                            entry["step"])
+            elif k == "dataset_losses":  # keyed by root: local path or s3:// URI
+                for root, value in v.items():
+                    self._writer.add_scalar(f"dataset_loss/{root.rstrip('/').replace('://', '/')}", value,
                                             entry["step"])
             elif k != "step":
                 self._writer.add_scalar(f"{group}/{k}", v, entry["step"])
@@ -542,9 +553,12 @@ class _Run:
             group["lr"] = lr
         self.last_lr = lr
         # Losses stay on the device until the step is over: one host sync per step, not one per micro-batch.
-        names = list(self.specs)
+        names, roots = list(self.specs), cfg.roots
+        mixed = len(roots) > 1
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         per = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # summed over micro-batches
+        # With several roots: per root and modality, the summed target-token cross-entropy and the token count.
+        by_root = torch.zeros(2, len(roots), len(names), dtype=torch.float64, device=self.device)
         counts, tokens = [0.0] * len(names), 0
         for micro in range(cfg.grad_accum):
             host_batch = next(batches)
@@ -554,13 +568,19 @@ class _Run:
             ctx = contextlib.nullcontext() if sync else self.runner.no_sync()
             with ctx:
                 with _autocast(self.device, cfg.dtype):
-                    loss, losses = self.runner(batch)
+                    loss, losses, *token_losses = self.runner(batch, token_losses=mixed)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach()
             for m, v in losses.items():
                 i = names.index(m)
                 per[i] += v.detach()
                 counts[i] += 1
+            if mixed:
+                source = host_batch["__source__"].to(self.device, non_blocking=True)
+                for m, (ce, sample) in token_losses[0].items():
+                    i, rows = names.index(m), source[sample]
+                    by_root[0, :, i].index_add_(0, rows, ce.double())
+                    by_root[1, :, i].index_add_(0, rows, torch.ones_like(ce, dtype=torch.float64))
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
@@ -568,14 +588,22 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Average over micro-batches and ranks.
-        device_sums = torch.cat([(total / cfg.grad_accum)[None], per, norm.detach().double()[None]]).tolist()
-        norm = device_sums.pop()
-        sums = all_reduce_sum(device_sums[:1] + [float(tokens)] + device_sums[1:] + counts, self.device, d)
+        device_sums = torch.cat([(total / cfg.grad_accum)[None], per, norm.detach().double()[None],
+                                 by_root.flatten() if mixed else by_root.new_zeros(0)]).tolist()
+        root_sums = device_sums[len(names) + 2:]
+        norm = device_sums[len(names) + 1]
+        sums = all_reduce_sum(device_sums[:1] + [float(tokens)] + device_sums[1:len(names) + 1] + counts + root_sums,
+                              self.device, d)
         seconds = time.perf_counter() - t0
         n = len(names)
         losses_out = {m: sums[2 + i] / sums[2 + n + i] for i, m in enumerate(names) if sums[2 + n + i] > 0}
-        return {"step": step + 1, "loss": sums[0] / d.world_size, "losses": losses_out, "lr": lr,
-                "tokens_per_s": sums[1] / max(seconds, 1e-9), "grad_norm": norm}
+        entry = {"step": step + 1, "loss": sums[0] / d.world_size, "losses": losses_out, "lr": lr,
+                 "tokens_per_s": sums[1] / max(seconds, 1e-9), "grad_norm": norm}
+        if mixed:
+            ce_tokens = np.asarray(sums[2 + 2 * n:]).reshape(2, len(roots), n)
+            entry["dataset_losses"] = {root: _mean_loss(ce_tokens[0, r], ce_tokens[1, r])
+                                       for r, root in enumerate(roots) if ce_tokens[1, r].any()}
+        return entry
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -631,6 +659,9 @@ def _plot_loss(path: str, entries: list[dict[str, Any]], evals: list[dict[str, A
     for m in sorted({m for e in entries for m in e["losses"]}):
         pts = [(e["step"], e["losses"][m]) for e in entries if m in e["losses"]]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, linewidth=0.8, alpha=0.7)
+    for root in sorted({r for e in entries for r in e.get("dataset_losses", {})}):
+        pts = [(e["step"], e["dataset_losses"][root]) for e in entries if root in e.get("dataset_losses", {})]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", label=f"loss on {root}", linewidth=0.8)
     if evals:
         ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="black", markersize=3,
                 linewidth=1.2, label="held-out loss")

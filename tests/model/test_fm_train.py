@@ -285,3 +285,29 @@ def test_named_datasets_from_a_yaml_config(corpus, tmp_path, capsys):
     assert saved["data"] == [root, second] and saved["data_weights"] == [3.0, 1.0]
     with pytest.raises(ConfigError, match="one positive weight per data root"):
         TrainConfig(data=(root, second), data_weights=(1.0,), modalities=(DEPTH,), out=str(tmp_path / "x"))
+
+
+def test_loss_per_corpus_when_mixing(corpus, tmp_path):
+    """Mixed corpora get a loss each in log.jsonl: the corpus whose depth tokens are noise stays far above
+    the one whose tokens are all alike, while the per-modality loss mixes both."""
+    torch.set_num_threads(1)
+    clean, noisy = str(tmp_path / "clean"), str(tmp_path / "noisy")
+    rng = np.random.default_rng(0)
+    for root, make in ((clean, lambda: np.full((N_CROPS, 196), 5, np.int16)),
+                       (noisy, lambda: rng.integers(0, 16, (N_CROPS, 196)).astype(np.int16))):
+        for s in range(N_SHARDS):
+            keys = [f"s{s:03d}-k{k:03d}" for k in range(N_KEYS)]
+            shards.write_tar(shards.tar_uri(root, DEPTH, s), [(f"{key}.npy", _npy(make())) for key in keys])
+            shards.write_status(shards.status_uri(root, DEPTH, s), [{"key": k, "ok": True} for k in keys])
+    result = train(_cfg(corpus, tmp_path / "run", data=(clean, noisy), modalities=(DEPTH,), steps=120,
+                        save_every=1000), progress=False)
+    assert all(set(e["dataset_losses"]) <= {clean, noisy} for e in result.losses)
+    both = [e for e in result.losses[-20:] if len(e["dataset_losses"]) == 2]
+    assert len(both) >= 10
+    low = np.mean([e["dataset_losses"][clean] for e in both])
+    high = np.mean([e["dataset_losses"][noisy] for e in both])
+    mixed = np.mean([e["losses"][DEPTH] for e in both])
+    assert low < 0.5 * high and low < mixed < high, (low, mixed, high)
+    # one root: no breakdown
+    single = train(_cfg(corpus, tmp_path / "one", modalities=(DEPTH,), steps=1), progress=False)
+    assert "dataset_losses" not in single.losses[0]
