@@ -111,6 +111,28 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """`omniforge train`: in this process (or under torchrun), or on a Ray cluster with --ray-workers."""
+    from omniforge.model.train import cmd_train as train_here
+
+    if args.ray_workers is None:
+        if args.ray_address is not None:
+            raise OmniforgeError("--ray-address needs --ray-workers N: say how many Ray Train workers to start")
+        return train_here(args)
+    from omniforge.model.train import config_from_args, summary
+    from omniforge.pipeline.train_job import train_on_ray
+
+    cfg = config_from_args(args)
+    result = train_on_ray(cfg, workers=args.ray_workers, ray_address=args.ray_address,
+                          max_failures=args.ray_max_failures)
+    if result.losses:
+        print(summary(cfg, result))
+    else:  # --out is not on this machine's disk
+        print(f"trained {cfg.model} to step {result.steps} on {args.ray_workers} Ray workers; the run is in {cfg.out} "
+              "on the node of rank 0")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from omniforge.jobs.demo import demo
 
@@ -167,7 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tokenize)
 
     add_tokenizer_cli(sub)
-    add_train_cli(sub)
+    p = add_train_cli(sub)
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="train on a Ray cluster with N Ray Train workers (a GPU each when the cluster has GPUs) "
+                        "instead of in this process")
+    p.add_argument("--ray-address", default=None,
+                   help="with --ray-workers: the Ray cluster (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--ray-max-failures", type=int, default=3,
+                   help="with --ray-workers: worker-group restarts (each resumes from the last checkpoint)")
+    p.set_defaults(fn=cmd_train)
     add_sample_cli(sub)
 
     p = sub.add_parser("verify", help="check that every sample is accounted for; exit 1 on any problem")

@@ -37,8 +37,8 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
 }
 
 
-def add_train_cli(subparsers: Any) -> None:
-    """Register ``omniforge train`` on the top-level subparsers."""
+def add_train_cli(subparsers: Any) -> Any:
+    """Register ``omniforge train`` on the top-level subparsers; returns its parser."""
     p = subparsers.add_parser("train", help="train the 4M-21-style model on token shards (torchrun for DDP/FSDP)")
     p.add_argument("--config", default=None, metavar="NAME|FILE",
                    help="a model size (tiny, B, L, XL) or a YAML file of train settings (these flags' names, "
@@ -51,6 +51,7 @@ def add_train_cli(subparsers: Any) -> None:
                    help="do not write TensorBoard scalars")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=_cmd_train)
+    return p
 
 
 def _cmd_train(args: Any) -> int:

@@ -261,6 +261,14 @@ def _check_shards(cfg: TrainConfig) -> None:
                           "tokenize the held-out images into it first")
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError for what would stop a run at its start (shards, tokenizers, masking), without
+    building the model: launchers call it before they start workers."""
+    _check_shards(cfg)
+    build_specs(cfg)
+    build_masking(cfg)
+
+
 def build_masking(cfg: TrainConfig) -> MaskingConfig:
     if cfg.masking is None:
         return MaskingConfig.uniform(list(cfg.modalities), input_tokens=cfg.input_tokens,

@@ -1,6 +1,8 @@
-"""Ray orchestration: the plan, label, tokenize, verify and show jobs (storage and shards live in omniforge.storage and omniforge.shards).
+"""Ray orchestration: the plan, label, tokenize, verify and show jobs, and the trainer on a Ray cluster (storage
+and shards live in omniforge.storage and omniforge.shards).
 
-Public API: `plan`, `label`, `tokenize`, `verify`, `show` and their configs. Storage URIs are local paths or s3://.
+Public API: `plan`, `label`, `tokenize`, `verify`, `show` and their configs, and `train_on_ray`. Storage URIs are
+local paths or s3://.
 """
 
 from omniforge.pipeline.label import LabelConfig, LabelSummary, label, parse_options, parse_weights
@@ -8,9 +10,11 @@ from omniforge.pipeline.plan import PlanConfig, plan
 from omniforge.shards import load_manifest
 from omniforge.pipeline.show import load_sample, show
 from omniforge.pipeline.tokenize_job import TokenizeConfig, TokenizeSummary, tokenize
+from omniforge.pipeline.train_job import train_on_ray
 from omniforge.pipeline.verify import VerifyReport, verify
 
 __all__ = [
     "LabelConfig", "LabelSummary", "PlanConfig", "VerifyReport", "label", "load_manifest", "load_sample",
-    "parse_options", "parse_weights", "plan", "show", "TokenizeConfig", "TokenizeSummary", "tokenize", "verify",
+    "parse_options", "parse_weights", "plan", "show", "TokenizeConfig", "TokenizeSummary", "tokenize", "train_on_ray",
+    "verify",
 ]

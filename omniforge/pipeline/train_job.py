@@ -1,0 +1,98 @@
+"""`omniforge train --ray-workers N`: the 4M trainer on a Ray cluster through Ray Train's TorchTrainer.
+
+Ray Train starts N workers (a GPU each when the cluster has GPUs), sets up their torch process group and
+the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), and each worker runs the same
+:func:`omniforge.model.train.train` a torchrun launch runs: DDP or FSDP, the same checkpoints, the same
+exact resume. A worker that dies restarts the group (``max_failures``), and the trainer resumes from the
+last checkpoint in ``--out``: on several nodes, ``--out`` must be a directory every node sees (NFS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from omniforge.errors import ConfigError, OmniforgeError
+from omniforge.model.train import LOG, TrainConfig, TrainResult, check_config, latest_checkpoint
+from omniforge.pipeline._ray import cluster_gpus, ensure_ray
+
+_PATH_FIELDS = ("out", "tokenizers", "masking", "eval_data")
+
+
+def _absolute(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray workers do not run in the driver's directory."""
+    def fix(path: str | None) -> str | None:
+        return path if path is None or "://" in path else os.path.abspath(path)
+
+    data = fix(cfg.data) if isinstance(cfg.data, str) else tuple(fix(p) for p in cfg.data)
+    return dataclasses.replace(cfg, data=data, **{f: fix(getattr(cfg, f)) for f in _PATH_FIELDS})
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the trainer on this worker's device, in the process group Ray set up."""
+    import ray.train
+    import ray.train.torch
+
+    from omniforge.model.train import train
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    cfg.device = str(ray.train.torch.get_device()) if config["use_gpu"] else "cpu"
+    train(cfg, progress=False)
+    ray.train.report({"done": 1})
+
+
+def train_on_ray(cfg: TrainConfig, *, workers: int, ray_address: str | None = None, use_gpu: bool | None = None,
+                 max_failures: int = 3) -> TrainResult:
+    """Train ``cfg`` with ``workers`` Ray Train workers (use_gpu None: when the cluster has GPUs and
+    ``cfg.device`` is not cpu); returns the steps run, read back from ``cfg.out``."""
+    if workers < 1:
+        raise ConfigError(f"--ray-workers {workers}: give 1 or more workers")
+    if max_failures < 0:
+        raise ConfigError(f"--ray-max-failures {max_failures}: give 0 or more")
+    cfg = _absolute(cfg)
+    check_config(cfg)  # config and shard errors in one line here, not as a failed worker group
+    t0 = time.perf_counter()
+    ensure_ray(ray_address)
+    if use_gpu is None:
+        use_gpu = cfg.device != "cpu" and cluster_gpus() > 0
+    if cfg.device.startswith("cuda") and not use_gpu:
+        raise ConfigError(f"--device {cfg.device} but the Ray cluster has no GPU: pass --device cpu or add GPU nodes")
+    start = _step_of(latest_checkpoint(cfg.out))
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _worker, train_loop_config={"cfg": cfg.to_dict(), "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name="omniforge-train", storage_path=os.path.join(cfg.out, "ray"),
+                             failure_config=FailureConfig(max_failures=max_failures)))
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        raise OmniforgeError(f"training failed on the Ray cluster after {max_failures} restart(s): "
+                             f"{_last_line(e)}; the run keeps its checkpoints in {cfg.out}: re-run the same "
+                             "command to resume") from None
+    return TrainResult(out=cfg.out, steps=cfg.steps, losses=_log_after(cfg.out, start),
+                       seconds=time.perf_counter() - t0)
+
+
+def _step_of(checkpoint: str | None) -> int:
+    if checkpoint is None:
+        return 0
+    return int(os.path.basename(checkpoint.rstrip("/")).split("-")[-1])
+
+
+def _log_after(out: str, start: int) -> list[dict[str, Any]]:
+    path = os.path.join(out, LOG)
+    if not os.path.exists(path):  # --out on rank 0's node only; its log is there
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [e for e in (json.loads(line) for line in f if line.strip()) if e["step"] > start]
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,84 @@
+"""omniforge train --ray-workers: the trainer under Ray Train equals the same run under torchrun."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from omniforge import shards
+from omniforge.errors import ConfigError
+from omniforge.model.train import TrainConfig
+
+DEPTH = "tok_depth@224"
+
+
+def _npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """4 shards x 6 keys of depth tokens that vary by key."""
+    root = str(tmp_path_factory.mktemp("ray-train") / "tokens")
+    for s in range(4):
+        keys = [f"s{s:02d}-k{k:02d}" for k in range(6)]
+        members = [(f"{key}.npy", _npy(np.tile((np.arange(196) + k) % 32, (2, 1)).astype(np.int16)))
+                   for k, key in enumerate(keys)]
+        shards.write_tar(shards.tar_uri(root, DEPTH, s), members)
+        shards.write_status(shards.status_uri(root, DEPTH, s), [{"key": k, "ok": True} for k in keys])
+    return root
+
+
+ARGS = ["--modalities", DEPTH, "--steps", "4", "--save-every", "2", "--batch-size", "2", "--input-tokens", "16",
+        "--target-tokens", "16", "--lr", "1e-3", "--warmup-steps", "1", "--device", "cpu", "--no-tensorboard",
+        "--no-progress"]
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ray_workers_train_as_torchrun_does(ray_address, root, tmp_path, capsys):
+    from omniforge.jobs.cli import main
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "omniforge.model.train", "--data", root, "--out", str(tmp_path / "torchrun"), *ARGS]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert main(["train", "--ray-workers", "2", "--data", root, "--out", str(tmp_path / "ray"), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "trained tiny steps 1..4" in printed and str(tmp_path / "ray" / "checkpoint-4") in printed
+    state = json.loads((tmp_path / "ray" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data"]) == 2
+    # the same process group size, shard split and seeds: the same losses
+    assert _losses(tmp_path / "ray") == pytest.approx(_losses(tmp_path / "torchrun"), abs=1e-5)
+
+    # run to a later step: the workers resume from checkpoint-4
+    more = [a if a != "4" else "6" for a in ARGS]
+    assert main(["train", "--ray-workers", "2", "--data", root, "--out", str(tmp_path / "ray"), *more]) == 0
+    assert "trained tiny steps 5..6" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (tmp_path / "ray" / "log.jsonl").read_text().splitlines()] == list(
+        range(1, 7))
+
+
+def test_ray_launch_errors_come_before_any_worker(root, tmp_path):
+    from omniforge.pipeline.train_job import train_on_ray
+
+    cfg = TrainConfig(data=root, modalities=(DEPTH, "tok_caption"), out=str(tmp_path / "a"), device="cpu")
+    with pytest.raises(ConfigError, match="no token shards for tok_caption"):
+        train_on_ray(cfg, workers=2)
+    with pytest.raises(ConfigError, match="--ray-workers 0"):
+        train_on_ray(TrainConfig(data=root, modalities=(DEPTH,), out=str(tmp_path / "b")), workers=0)
+    from omniforge.jobs.cli import main
+
+    assert main(["train", "--ray-address", "ray://nowhere:1", "--data", root, "--out", str(tmp_path / "c"),
+                 *ARGS]) == 2
