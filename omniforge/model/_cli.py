@@ -70,7 +70,8 @@ def add_sample_cli(subparsers: Any) -> None:
     p.add_argument("--checkpoint", required=True, help="training run directory (uses `latest`) or a "
                    "checkpoint-<step> directory")
     p.add_argument("--input", required=True, help="corpus root holding the token shards (local or s3://)")
-    p.add_argument("--key", required=True, help="sample key (crop 0 of its token shards is used)")
+    p.add_argument("--key", dest="keys", required=True, type=_csv,
+                   help="sample key, or several comma-separated (crop 0 of its token shards is used)")
     p.add_argument("--from", dest="sources", required=True, type=_csv,
                    help="comma-separated inputs: modality names (rgb: raw pixels when the model takes rgb@224, else its "
                         "tokens) or folders, e.g. rgb or tok_rgb@224,tok_caption")

@@ -448,11 +448,30 @@ def sample_key(checkpoint: str, root: str, key: str, sources: Sequence[str], tar
     """Generate ``targets`` from ``sources`` (modality names or folders) for one key of a token root; write
     OUT/<key>/<folder>.npy ((1, N) int16, like the token shards), decoded outputs with ``tokenizers``, and
     OUT/<key>/sample.png drawn by the renderer `omniforge show` uses. Returns the lines to print."""
+    return sample_keys(checkpoint, root, [key], sources, targets, out, tokenizers=tokenizers, cfg=cfg, device=device)
+
+
+def sample_keys(checkpoint: str, root: str, keys: Sequence[str], sources: Sequence[str], targets: Sequence[str],
+                out: str, *, tokenizers: str | None = None, cfg: SampleConfig | None = None,
+                device: str = "cpu") -> list[str]:
+    """:func:`sample_key` for each of ``keys``, loading the checkpoint once. Every key is sampled with
+    ``cfg.seed``, so a key gives the same output alone or in a list."""
+    if not keys:
+        raise ConfigError("no key to sample: pass --key KEY (or several, comma-separated)")
+    cfg = cfg or SampleConfig()
+    model, specs, _ = load_checkpoint(checkpoint, device=device)
+    lines: list[str] = []
+    for key in keys:
+        lines += _sample_one(model, specs, root, key, sources, targets, out, tokenizers=tokenizers,
+                             cfg=cfg)
+    return lines
+
+
+def _sample_one(model: Any, specs: dict[str, ModalitySpec], root: str, key: str, sources: Sequence[str],
+                targets: Sequence[str], out: str, *, tokenizers: str | None, cfg: SampleConfig) -> list[str]:
     from omniforge._render import render_sample
     from omniforge.tokenize import text
 
-    cfg = cfg or SampleConfig()
-    model, specs, _ = load_checkpoint(checkpoint, device=device)
     sources = [resolve_folder(m, specs) for m in sources]
     targets = [resolve_folder(m, specs, target=True) for m in targets]
     unknown = [m for m in [*sources, *targets] if m not in specs]
@@ -499,14 +518,14 @@ def sample_key(checkpoint: str, root: str, key: str, sources: Sequence[str], tar
 
 
 def sample_cli(args: Any) -> int:
-    """`omniforge sample`: see :func:`sample_key`."""
+    """`omniforge sample`: see :func:`sample_keys`."""
     cfg = SampleConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, steps=args.steps,
                        schedule=args.schedule, order=args.order, seed=args.seed)
-    for line in sample_key(args.checkpoint, args.input, args.key, args.sources, args.targets, args.out,
-                           tokenizers=args.tokenizers, cfg=cfg, device=args.device):
+    for line in sample_keys(args.checkpoint, args.input, args.keys, args.sources, args.targets, args.out,
+                            tokenizers=args.tokenizers, cfg=cfg, device=args.device):
         print(line)
     return 0
 
 
 __all__ = ["SampleConfig", "generate", "token_schedule", "filter_logits", "load_checkpoint", "resolve_checkpoint",
-           "read_input", "decode_output", "sample_key", "add_cli", "sample_cli"]
+           "read_input", "decode_output", "sample_key", "sample_keys", "add_cli", "sample_cli"]

@@ -314,6 +314,17 @@ def test_sample_cli_writes_token_rows(model, tmp_path, capsys):
     assert np.array_equal(glb[0], expected[GLB])
     assert seq[0, :len(expected[SEQ])].tolist() == expected[SEQ].tolist() and not seq[0, len(expected[SEQ]):].any()
 
+    # several keys, one checkpoint load: each key's output is what it gets alone (same seed, temperature 1)
+    alone = str(tmp_path / "alone")
+    for keys, where in (("a", alone), ("b,a", str(tmp_path / "both"))):
+        args = parser.parse_args(["sample", "--checkpoint", run, "--input", root, "--key", keys, "--from", IMG,
+                                  "--to", GLB, "--out", where, "--steps", "2", "--seed", "3"])
+        assert args.fn(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("sample.png") == 1 + 2 and os.path.exists(os.path.join(tmp_path, "both", "b", f"{GLB}.npy"))
+    assert np.array_equal(np.load(os.path.join(alone, "a", f"{GLB}.npy")),
+                          np.load(os.path.join(tmp_path, "both", "a", f"{GLB}.npy")))
+
     args = parser.parse_args(["sample", "--checkpoint", run, "--input", root, "--key", "zz", "--from", IMG,
                               "--to", GLB, "--out", out])
     with pytest.raises(ConfigError, match="not in"):
