@@ -1,6 +1,5 @@
 """omniforge train --ray-workers: the trainer under Ray Train equals the same run under torchrun."""
 
-import io
 import json
 import os
 import subprocess
@@ -9,17 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from omniforge import shards
+from omniforge import codecs, shards
 from omniforge.errors import ConfigError
 from omniforge.model.train import TrainConfig
 
 DEPTH = "tok_depth@224"
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +21,7 @@ def root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ray-train") / "tokens")
     for s in range(4):
         keys = [f"s{s:02d}-k{k:02d}" for k in range(6)]
-        members = [(f"{key}.npy", _npy(np.tile((np.arange(196) + k) % 32, (2, 1)).astype(np.int16)))
+        members = [(f"{key}.npy", codecs.encode("npy", np.tile((np.arange(196) + k) % 32, (2, 1)).astype(np.int16)))
                    for k, key in enumerate(keys)]
         shards.write_tar(shards.tar_uri(root, DEPTH, s), members)
         shards.write_status(shards.status_uri(root, DEPTH, s), [{"key": k, "ok": True} for k in keys])
