@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     result = train_on_ray(cfg, workers=args.ray_workers, ray_address=args.ray_address,
-                          max_failures=args.ray_max_failures)
+                          max_failures=args.ray_max_failures, progress=not args.no_progress)
     if result.losses:
         print(summary(cfg, result))
     else:  # --out is not on this machine's disk

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+import threading
 import time
 from typing import Any
 
@@ -45,9 +47,10 @@ def _worker(config: dict[str, Any]) -> None:
 
 
 def train_on_ray(cfg: TrainConfig, *, workers: int, ray_address: str | None = None, use_gpu: bool | None = None,
-                 max_failures: int = 3) -> TrainResult:
+                 max_failures: int = 3, progress: bool = True) -> TrainResult:
     """Train ``cfg`` with ``workers`` Ray Train workers (use_gpu None: when the cluster has GPUs and
-    ``cfg.device`` is not cpu); returns the steps run, read back from ``cfg.out``."""
+    ``cfg.device`` is not cpu); returns the steps run, read back from ``cfg.out``. ``progress`` draws a bar
+    from the run's log.jsonl while the workers train (when ``cfg.out`` is visible here)."""
     if workers < 1:
         raise ConfigError(f"--ray-workers {workers}: give 1 or more workers")
     if max_failures < 0:
@@ -70,13 +73,61 @@ def train_on_ray(cfg: TrainConfig, *, workers: int, ray_address: str | None = No
         run_config=RunConfig(name="omniforge-train", storage_path=os.path.join(cfg.out, "ray"),
                              failure_config=FailureConfig(max_failures=max_failures)))
     try:
-        trainer.fit()
+        _fit_showing_progress(trainer, os.path.join(cfg.out, LOG), start, cfg.steps, workers, progress)
     except TrainingFailedError as e:
         raise OmniforgeError(f"training failed on the Ray cluster after {max_failures} restart(s): "
                              f"{_last_line(e)}; the run keeps its checkpoints in {cfg.out}: re-run the same "
                              "command to resume") from None
     return TrainResult(out=cfg.out, steps=cfg.steps, losses=_log_after(cfg.out, start),
                        seconds=time.perf_counter() - t0)
+
+
+def _fit_showing_progress(trainer: Any, log_path: str, start: int, steps: int, workers: int, progress: bool) -> None:
+    """trainer.fit() in a thread while this one follows the rank-0 log (step, loss, tokens/s) in a bar."""
+    if not progress:
+        trainer.fit()
+        return
+    from tqdm import tqdm
+
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    offset, last = 0, None
+    with tqdm(total=steps, initial=start, unit="step", desc=f"train ({workers} Ray workers)", file=sys.stderr,
+              dynamic_ncols=True, smoothing=0.1) as bar:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            offset, entries = _read_new(log_path, offset)
+            for entry in entries:
+                last = entry
+            if last is not None and last["step"] > bar.n:
+                bar.update(last["step"] - bar.n)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _read_new(path: str, offset: int) -> tuple[int, list[dict[str, Any]]]:
+    """Complete lines of a growing JSONL file after byte ``offset``; the offset after them. A file shorter
+    than ``offset`` was rewritten (a resumed run drops the lines after its checkpoint): read it again."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < offset:
+                offset = 0
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return offset, []
+    end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
+    lines = data[:end].decode("utf-8").splitlines()
+    return offset + end, [json.loads(line) for line in lines if line.strip()]
 
 
 def _step_of(checkpoint: str | None) -> int:

@@ -55,10 +55,12 @@ def test_ray_workers_train_as_torchrun_does(ray_address, root, tmp_path, capsys)
     # the same process group size, shard split and seeds: the same losses
     assert _losses(tmp_path / "ray") == pytest.approx(_losses(tmp_path / "torchrun"), abs=1e-5)
 
-    # run to a later step: the workers resume from checkpoint-4
-    more = [a if a != "4" else "6" for a in ARGS]
+    # run to a later step: the workers resume from checkpoint-4; this time with the progress bar
+    more = [a if a != "4" else "6" for a in ARGS if a != "--no-progress"]
     assert main(["train", "--ray-workers", "2", "--data", root, "--out", str(tmp_path / "ray"), *more]) == 0
-    assert "trained tiny steps 5..6" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "trained tiny steps 5..6" in captured.out
+    assert "train (2 Ray workers)" in captured.err and "6/6" in captured.err
     assert [json.loads(x)["step"] for x in (tmp_path / "ray" / "log.jsonl").read_text().splitlines()] == list(
         range(1, 7))
 
@@ -75,3 +77,19 @@ def test_ray_launch_errors_come_before_any_worker(root, tmp_path):
 
     assert main(["train", "--ray-address", "ray://nowhere:1", "--data", root, "--out", str(tmp_path / "c"),
                  *ARGS]) == 2
+
+
+def test_progress_follows_the_growing_log(tmp_path):
+    from omniforge.pipeline.train_job import _read_new
+
+    log = tmp_path / "log.jsonl"
+    assert _read_new(str(log), 0) == (0, [])  # not written yet
+    log.write_text('{"step": 1}\n{"step": 2}\n{"ste')  # the last line is still being written
+    offset, entries = _read_new(str(log), 0)
+    assert [e["step"] for e in entries] == [1, 2] and offset == len('{"step": 1}\n{"step": 2}\n')
+    with open(log, "a") as f:
+        f.write('p": 3}\n')
+    offset, entries = _read_new(str(log), offset)
+    assert [e["step"] for e in entries] == [3]
+    log.write_text('{"step": 1}\n')  # rewritten shorter (a resumed run): read from the start again
+    assert [e["step"] for e in _read_new(str(log), offset)[1]] == [1]
