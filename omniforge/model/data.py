@@ -29,6 +29,9 @@ endless loaders; a finite loader whose workers run out at different times is exa
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -129,10 +132,38 @@ def parse_shards(spec: str) -> list[int]:
 
 def committed_shards(root: str, folder: str) -> set[int]:
     """Shards of a folder whose status table exists (the commit marker of the tar); for a raw-pixel folder,
-    the shards committed in both its label folder and crop_settings."""
+    the shards committed in both its label folder (see :func:`labels_root`) and crop_settings."""
     source = pixel_source(folder)
     if source is not None:
-        return committed_shards(root, source) & committed_shards(root, _shards.CROP_SETTINGS)
+        return _status_shards(labels_root(root, folder), source) & _status_shards(root, _shards.CROP_SETTINGS)
+    return _status_shards(root, folder)
+
+
+@functools.lru_cache(maxsize=256)
+def labels_root(root: str, folder: str) -> str:
+    """The root holding the labels a raw-pixel folder is cropped from: ``root`` itself when it has them (the
+    default layout: tokens beside their labels), else the label root that ``omniforge tokenize --output
+    root`` read, as named by the tokenize run records in ``root``. Other folders: ``root``."""
+    source = pixel_source(folder)
+    if source is None or _status_shards(root, source):
+        return root
+    inputs: list[str] = []
+    for uri, _size in storage.list_files(storage.join(root, _shards.RUNS_DIR), (".json",)):
+        if not os.path.basename(uri).startswith("tokenize-"):
+            continue
+        try:
+            label_root = str(json.loads(storage.read_bytes(uri))["config"]["input"])
+        except (ValueError, KeyError, TypeError):
+            continue  # not a tokenize run record
+        if label_root != root and label_root not in inputs and _status_shards(label_root, source):
+            inputs.append(label_root)
+    if len(inputs) > 1:
+        raise ConfigError(f"{root} was tokenized from several label roots with {source} labels ({inputs}): "
+                          f"{folder} cannot tell which one to crop; train on one of them, tokenized in place")
+    return inputs[0] if inputs else root
+
+
+def _status_shards(root: str, folder: str) -> set[int]:
     status_dir = storage.join(root, _shards.STATUS_DIR, folder)
     found = set()
     for uri, _size in storage.list_files(status_dir, (".parquet",)):
@@ -249,7 +280,7 @@ class TokenShardDataset(IterableDataset):
         spec = self.masker.specs[folder]
         if spec.kind != "pixels":
             return _keyed(_shards.tar_uri(root, folder, shard))
-        return _joined(_keyed(_shards.tar_uri(root, spec.source, shard)),
+        return _joined(_keyed(_shards.tar_uri(labels_root(root, folder), spec.source, shard)),
                        _keyed(_shards.tar_uri(root, _shards.CROP_SETTINGS, shard)))
 
     def _epoch_shards(self, src: int, epoch: int, stream: int) -> list[int]:
@@ -455,7 +486,7 @@ def _pixels(jpg: bytes, crop: np.ndarray, spec: ModalitySpec, root: str, rec: _R
     """(num_tokens, patch_dim) uint8 patches of the label image cropped as the sample's tokens were."""
     from omniforge.tokenize.crops import crop_image
 
-    uri = _shards.tar_uri(root, spec.source, rec.shard)
+    uri = _shards.tar_uri(labels_root(root, spec.name), spec.source, rec.shard)
     try:
         image = np.asarray(codecs.decode("jpg", jpg))
     except (OSError, ValueError) as e:
@@ -521,4 +552,5 @@ def make_loader(cfg: DataConfig, masker: Masker, *, rank: int | None = None,
     return TokenLoader(TokenShardDataset(cfg, masker, rank=rank, world_size=world_size))
 
 
-__all__ = ["DataConfig", "TokenLoader", "TokenShardDataset", "committed_shards", "make_loader", "parse_shards"]
+__all__ = ["DataConfig", "TokenLoader", "TokenShardDataset", "committed_shards", "labels_root", "make_loader",
+           "parse_shards"]

@@ -382,7 +382,9 @@ def read_input(root: str, spec: ModalitySpec, key: str) -> np.ndarray:
     crops = np.load(io.BytesIO(_read_member(root, shards.CROP_SETTINGS, shard, key,
                                             "run `omniforge tokenize` first (it writes the crop settings)")),
                     allow_pickle=False)
-    image = np.asarray(codecs.decode("jpg", _read_member(root, spec.source, shard, key,
+    from omniforge.model.data import labels_root
+
+    image = np.asarray(codecs.decode("jpg", _read_member(labels_root(root, spec.name), spec.source, shard, key,
                                                          f"label {spec.source} first (`omniforge label`)")))
     return patchify(crop_image(image, crops[0], spec.grid * spec.patch), spec.patch)
 

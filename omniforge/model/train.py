@@ -249,10 +249,10 @@ def _check_shards(cfg: TrainConfig) -> None:
     missing = [f for f in cfg.modalities if not any(committed_shards(root, f) for root in cfg.roots)]
     pixels = [f for f in missing if pixel_source(f)]
     if pixels:
-        raise ConfigError(f"{', '.join(pixels)} reads the {pixel_source(pixels[0])} labels and the crop_settings "
-                          f"from the same root, and {', '.join(cfg.roots)} has no shard with both: train on the root "
-                          "that holds labels and tokens together (tokenize without --output), or drop "
-                          f"{', '.join(pixels)}")
+        raise ConfigError(f"{', '.join(pixels)} crops the {pixel_source(pixels[0])} labels (in the token root, or in "
+                          "the label root its tokenize run read) with the root's crop_settings, and "
+                          f"{', '.join(cfg.roots)} has no shard with both: tokenize the labels with crops first, "
+                          f"or drop {', '.join(pixels)}")
     if missing:
         raise ConfigError(f"no token shards for {', '.join(missing)} under {', '.join(cfg.roots)}: "
                           f"run `omniforge tokenize` for them first")

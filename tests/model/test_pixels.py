@@ -137,6 +137,44 @@ def test_loader_crops_pixels_like_the_tokens(corpus):
     assert crops_seen == {0, 1}
 
 
+def test_tokens_written_elsewhere_crop_the_labels_they_came_from(corpus, tmp_path):
+    """`omniforge tokenize --output TOKENS`: the rgb labels stay in the label root, which the token root's
+    tokenize run record names; the loader and `omniforge sample` read the pixels from there."""
+    import json
+    import shutil
+
+    from omniforge.model.data import labels_root
+    from omniforge.model.sample import read_input
+
+    tokens = str(tmp_path / "tokens")
+    for folder in (shards.CROP_SETTINGS, DEPTH):
+        shutil.copytree(os.path.join(corpus, folder), os.path.join(tokens, folder))
+        status = os.path.join(shards.STATUS_DIR, folder)
+        shutil.copytree(os.path.join(corpus, status), os.path.join(tokens, status))
+    os.makedirs(os.path.dirname(shards.manifest_uri(tokens)))
+    shutil.copy(shards.manifest_uri(corpus), shards.manifest_uri(tokens))  # as tokenize --output copies it
+    assert committed_shards(tokens, RGB) == set() and labels_root(tokens, RGB) == tokens  # no record yet
+    labels_root.cache_clear()
+    record = {"job": "tokenize", "config": {"input": os.path.abspath(corpus), "output": tokens}}
+    os.makedirs(os.path.join(tokens, shards.RUNS_DIR), exist_ok=True)
+    with open(os.path.join(tokens, shards.RUNS_DIR, "tokenize-1.json"), "w") as f:
+        json.dump(record, f)
+    assert labels_root(tokens, RGB) == os.path.abspath(corpus) and labels_root(tokens, DEPTH) == tokens
+    assert committed_shards(tokens, RGB) == {0, 1}
+
+    specs = specs_for([RGB, DEPTH], 1)
+    masker = Masker(MaskingConfig.uniform([RGB, DEPTH], input_tokens=64, target_tokens=64), specs,
+                    sentinel_ids=[], eos_id=3)
+
+    def batches(root):
+        loader = make_loader(DataConfig(root=root, folders=(RGB, DEPTH), batch_size=4, epochs=1, keys=True), masker)
+        return list(loader)
+
+    for a, b in zip(batches(corpus), batches(tokens), strict=True):
+        assert a["__key__"] == b["__key__"] and torch.equal(a[RGB]["tensor"], b[RGB]["tensor"])
+    assert np.array_equal(read_input(tokens, specs[RGB], "s1-k2"), read_input(corpus, specs[RGB], "s1-k2"))
+
+
 def test_model_embeds_visible_patches_only():
     specs = specs_for([RGB, DEPTH], 1)
     torch.manual_seed(0)
