@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from omniforge.errors import ConfigError
+from omniforge.errors import ConfigError, CorpusError
 from omniforge.model.data import DataConfig, TokenShardDataset, make_loader, parse_shards
 from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model.specs import ModalitySpec
@@ -207,3 +207,18 @@ def test_mixed_roots_config_errors(root, captions_only):
         _cfg((root, captions_only), epochs=1)
     with pytest.raises(ConfigError, match="distinct"):
         _cfg((root, root))
+
+
+def test_a_truncated_tar_is_a_corpus_error(root, tmp_path):
+    """A shard tar cut short after its commit stops the loader with a one-line error naming the file."""
+    import shutil
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(root, broken)
+    tar = shards.tar_uri(broken, CAP, 1)
+    with open(tar, "rb") as f:
+        data = f.read()
+    with open(tar, "wb") as f:
+        f.write(data[:1000])
+    with pytest.raises(CorpusError, match=r"shard-000001\.tar is not a readable tar .*omniforge verify"):
+        list(TokenShardDataset(_cfg(broken, epochs=1), _masker(), rank=0, world_size=1))
