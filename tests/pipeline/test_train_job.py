@@ -93,3 +93,26 @@ def test_progress_follows_the_growing_log(tmp_path):
     assert [e["step"] for e in entries] == [3]
     log.write_text('{"step": 1}\n')  # rewritten shorter (a resumed run): read from the start again
     assert [e["step"] for e in _read_new(str(log), offset)[1]] == [1]
+
+
+@pytest.mark.slow
+def test_a_failing_worker_group_is_one_line(ray_address, root, tmp_path):
+    """A worker that fails on every try (a truncated shard) ends the command with the worker's own message."""
+    import shutil
+
+    from omniforge.errors import OmniforgeError
+    from omniforge.pipeline.train_job import train_on_ray
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(root, broken)
+    for s in range(4):
+        tar = shards.tar_uri(broken, DEPTH, s)
+        with open(tar, "rb") as f:
+            data = f.read()
+        with open(tar, "wb") as f:
+            f.write(data[:700])
+    cfg = TrainConfig(data=broken, modalities=(DEPTH,), out=str(tmp_path / "run"), steps=3, batch_size=2,
+                      input_tokens=16, target_tokens=16, device="cpu", tensorboard=False)
+    with pytest.raises(OmniforgeError, match=r"after 0 restart\(s\): .*is not a readable tar") as info:
+        train_on_ray(cfg, workers=2, max_failures=0, progress=False)
+    assert "\n" not in str(info.value)
