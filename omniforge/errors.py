@@ -21,6 +21,10 @@ class CorpusError(OmniforgeError):
     """The input corpus cannot be read or planned."""
 
 
+class CorruptShardError(CorpusError):
+    """A committed shard tar cannot be read to its end (truncated, or overwritten after its commit)."""
+
+
 class SampleError(Exception):
     """One sample cannot be labeled; the job records it as failed with this type and message.
 

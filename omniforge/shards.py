@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from omniforge import storage
-from omniforge.errors import ConfigError
+from omniforge.errors import ConfigError, CorruptShardError
 
 MANIFEST = "manifest/corpus.parquet"
 RUNS_DIR = "manifest/runs"
@@ -73,13 +73,23 @@ def write_tar(uri: str, members: Iterable[tuple[str, bytes]]) -> int:
 
 
 def iter_tar(uri: str) -> Iterator[tuple[str, bytes]]:
-    """Stream (member name, bytes) of a tar, in file order. Member names are never used as paths."""
-    with storage.open_input(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            fh = tar.extractfile(info)
-            yield info.name, fh.read() if fh is not None else b""
+    """Stream (member name, bytes) of a tar, in file order. Member names are never used as paths.
+
+    Raises CorruptShardError (after yielding the members before the damage) when the tar cannot be read."""
+    last = None
+    try:
+        with storage.open_input(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                fh = tar.extractfile(info)
+                data = fh.read() if fh is not None else b""
+                last = info.name
+                yield info.name, data
+    except tarfile.TarError as e:
+        where = f"after member {last!r}" if last else "at its start"
+        raise CorruptShardError(f"{uri} is not a readable tar ({e}, {where}): delete it and its _status table and "
+                                "re-run the job that wrote it; `omniforge verify` lists every such shard") from None
 
 
 def merge_tars(part_uris: list[str], out_uri: str) -> int:

@@ -42,3 +42,20 @@ def test_codecs_refuse_pickles_and_wrong_types():
         codecs.encode("jpg", np.zeros((4, 4), np.float32))
     arr = np.arange(6, dtype=np.float16).reshape(2, 3)
     np.testing.assert_array_equal(codecs.decode("npy", codecs.encode("npy", arr)), arr)
+
+
+def test_a_truncated_tar_yields_what_it_can_then_says_which_file(tmp_path):
+    from omniforge.errors import CorruptShardError
+
+    uri = str(tmp_path / "shard-000003.tar")
+    members = [(f"k{i}.npy", codecs.encode("npy", np.full(300, i, np.int16))) for i in range(4)]
+    shards.write_tar(uri, members)
+    data = open(uri, "rb").read()
+    with open(uri, "wb") as f:
+        body = len(members[0][1])
+        f.write(data[:2 * (512 + -(-body // 512) * 512) + 512 + 100])  # two whole members, then a cut body
+    read = []
+    with pytest.raises(CorruptShardError, match=r"shard-000003\.tar is not a readable tar .*after member 'k1\.npy'"):
+        for name, _ in shards.iter_tar(uri):
+            read.append(name)
+    assert read == ["k0.npy", "k1.npy"]

@@ -33,7 +33,6 @@ import functools
 import json
 import os
 import re
-import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -449,18 +448,13 @@ class TokenShardDataset(IterableDataset):
 def _keyed(uri: str) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) of a token tar, checking the key order the merge relies on."""
     prev: str | None = None
-    try:
-        for name, data in _shards.iter_tar(uri):
-            key = _shards.member_key(name)
-            if prev is not None and key <= prev:
-                raise CorpusError(f"{uri}: member {name!r} comes after key {prev!r} (keys must be unique and "
-                                  "sorted): re-run `omniforge tokenize` for this shard; `omniforge verify` checks "
-                                  "the order")
-            prev = key
-            yield key, data
-    except tarfile.TarError as e:  # truncated or overwritten after its commit
-        raise CorpusError(f"{uri} is not a readable tar ({e}, after key {prev!r}): delete it and its _status "
-                          "table and re-run the job that wrote it; `omniforge verify` lists every such shard") from None
+    for name, data in _shards.iter_tar(uri):  # a truncated tar raises CorruptShardError, a one-line message
+        key = _shards.member_key(name)
+        if prev is not None and key <= prev:
+            raise CorpusError(f"{uri}: member {name!r} comes after key {prev!r} (keys must be unique and sorted): "
+                              "re-run `omniforge tokenize` for this shard; `omniforge verify` checks the order")
+        prev = key
+        yield key, data
 
 
 def _decode(data: bytes, root: str, folder: str, rec: _Record) -> np.ndarray:

@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omniforge.errors import ConfigError, CorpusError, WeightsError
+from omniforge.errors import ConfigError, WeightsError
 from omniforge.model.fm import FourM, ModelConfig
 from omniforge.model._cli import ORDERS, SCHEDULES
 from omniforge.model._cli import add_sample_cli as add_cli  # noqa: F401 - tests and callers
@@ -364,13 +363,9 @@ def _read_member(root: str, folder: str, shard: int, key: str, hint: str) -> byt
     uri = shards.tar_uri(root, folder, shard)
     if not storage.exists(uri):
         raise ConfigError(f"{uri} does not exist: {hint}")
-    try:
-        for name, data in shards.iter_tar(uri):
-            if shards.member_key(name) == key:
-                return data
-    except tarfile.TarError as e:
-        raise CorpusError(f"{uri} is not a readable tar ({e}): delete it and its _status table and re-run the job "
-                          "that wrote it; `omniforge verify` lists every such shard") from None
+    for name, data in shards.iter_tar(uri):
+        if shards.member_key(name) == key:
+            return data
     raise ConfigError(f"{key!r} has no {folder} member in {uri} (its labeling or tokenization failed or is missing)")
 
 

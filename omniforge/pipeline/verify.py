@@ -10,12 +10,14 @@ modality. Nothing is repaired: the report says what to re-run.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from omniforge import codecs
+from omniforge.errors import CorruptShardError
 from omniforge.modalities import MODALITIES
 from omniforge import shards, storage
 from omniforge.shards import load_manifest
@@ -117,7 +119,7 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
     ext = "npy" if token_spec else (MODALITIES[modality].ext if modality in MODALITIES else None)
     shape = MODALITIES[modality].shape if modality in MODALITIES else None
     tar_keys = []
-    for name, data in shards.iter_tar(tar_uri):
+    for name, data in _readable_members(tar_uri, where, problems):
         key, _, member_ext = name.partition(".")
         tar_keys.append(key)
         if ext is not None and member_ext != ext:
@@ -138,6 +140,14 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
     if sorted(set(tar_keys)) != sorted(ok_keys):
         problems.append(f"{where}: tar members ({len(tar_keys)}) differ from the labeled keys in status ({len(ok_keys)})")
     return len(ok_keys), len(status) - len(ok_keys), next(iter(fps), None), problems
+
+
+def _readable_members(tar_uri: str, where: str, problems: list[str]) -> Iterator[tuple[str, bytes]]:
+    """The members of a tar up to any damage, which becomes a finding instead of a crash."""
+    try:
+        yield from shards.iter_tar(tar_uri)
+    except CorruptShardError as e:
+        problems.append(f"{where}: {e}")
 
 
 def verify(root: str, modalities: list[str] | None = None, *, decode: bool = True, workers: int = 8) -> VerifyReport:

@@ -269,3 +269,18 @@ def test_plan_of_a_planned_root_returns_it_and_exits_cleanly(labeled, bad_corpus
     (other / "x.jpg").write_bytes(photo_bytes("coffee", 32))
     proc = subprocess.run(cmd[:5] + [str(other)] + cmd[6:], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "use a new --output" in proc.stderr
+
+
+def test_verify_reports_a_truncated_tar_instead_of_crashing(labeled, tmp_path):
+    import shutil
+
+    root, _, _ = labeled
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy)
+    tar = Path(shards.tar_uri(copy, "clip", 0))
+    tar.write_bytes(tar.read_bytes()[:3000])  # cut inside the first member's body
+    report = verify(copy)
+    assert not report.ok
+    text = "\n".join(report.lines())
+    assert "clip/shard-000000" in text and "is not a readable tar" in text
+    assert verify(copy, ["rgb", "caption"]).ok  # the other modalities are untouched
