@@ -125,9 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     result = train_on_ray(cfg, workers=args.ray_workers, ray_address=args.ray_address,
                           max_failures=args.ray_max_failures, progress=not args.no_progress)
-    if result.losses:
+    if os.path.isdir(cfg.out):
         print(summary(cfg, result))
-    else:  # --out is not on this machine's disk
+    else:  # --out is on the disk of rank 0's node, not this one's
         print(f"trained {cfg.model} to step {result.steps} on {args.ray_workers} Ray workers; the run is in {cfg.out} "
               "on the node of rank 0")
     return 0

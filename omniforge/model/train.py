@@ -566,7 +566,7 @@ class _Run:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         per = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # summed over micro-batches
         # With several roots: per root and modality, the summed target-token cross-entropy and the token count.
-        by_root = torch.zeros(2, len(roots), len(names), dtype=torch.float64, device=self.device)
+        by_root = torch.zeros(2, len(roots) if mixed else 0, len(names), dtype=torch.float64, device=self.device)
         counts, tokens = [0.0] * len(names), 0
         for micro in range(cfg.grad_accum):
             host_batch = next(batches)
@@ -596,14 +596,12 @@ class _Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Average over micro-batches and ranks.
-        device_sums = torch.cat([(total / cfg.grad_accum)[None], per, norm.detach().double()[None],
-                                 by_root.flatten() if mixed else by_root.new_zeros(0)]).tolist()
-        root_sums = device_sums[len(names) + 2:]
-        norm = device_sums[len(names) + 1]
-        sums = all_reduce_sum(device_sums[:1] + [float(tokens)] + device_sums[1:len(names) + 1] + counts + root_sums,
-                              self.device, d)
-        seconds = time.perf_counter() - t0
         n = len(names)
+        host = torch.cat([norm.detach().double()[None], (total / cfg.grad_accum)[None], per,
+                          by_root.flatten()]).tolist()  # the step's one device-to-host copy
+        norm, loss_sum, per_sums, root_sums = host[0], host[1], host[2:2 + n], host[2 + n:]
+        sums = all_reduce_sum([loss_sum, float(tokens), *per_sums, *counts, *root_sums], self.device, d)
+        seconds = time.perf_counter() - t0
         losses_out = {m: sums[2 + i] / sums[2 + n + i] for i, m in enumerate(names) if sums[2 + n + i] > 0}
         entry = {"step": step + 1, "loss": sums[0] / d.world_size, "losses": losses_out, "lr": lr,
                  "tokens_per_s": sums[1] / max(seconds, 1e-9), "grad_norm": norm}
@@ -628,9 +626,8 @@ class _Run:
         self.model.eval()
         try:
             for _ in range(cfg.eval_batches):
-                host_batch = next(batches)
-                samples += next(iter(host_batch.values()))["input_mask"].shape[0]
-                batch = _to_device(host_batch, self.device)
+                batch = _to_device(next(batches), self.device)
+                samples += next(iter(batch.values()))["input_mask"].shape[0]
                 with _autocast(self.device, cfg.dtype):
                     _, losses = self.model(batch)
                 for m, v in losses.items():
@@ -643,11 +640,11 @@ class _Run:
         totals = all_reduce_sum(sums.tolist() + [float(samples)], self.device, d)
         n = len(names)
         losses_out = {m: totals[i] / totals[n + i] for i, m in enumerate(names) if totals[n + i] > 0}
-        loss = sum(losses_out.values()) / len(losses_out) if losses_out else float("nan")
-        return {"step": step, "loss": loss, "losses": losses_out, "samples": int(totals[-1])}
+        return {"step": step, "loss": _mean_loss(totals[:n], totals[n:2 * n]), "losses": losses_out,
+                "samples": int(totals[-1])}
 
 
-def _read_log(path: str, upto: int) -> list[dict[str, Any]]:
+def read_log(path: str, upto: int) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -716,7 +713,7 @@ def _run_loop(run: _Run, start: int, progress: bool) -> tuple[list[dict[str, Any
     if d.main:
         logs = [log_path] + ([eval_path] if run.eval_data is not None or os.path.exists(eval_path) else [])
         for path in logs:  # drop lines of steps after the checkpoint
-            write_text(path, "".join(json.dumps(e) + "\n" for e in _read_log(path, start)))
+            write_text(path, "".join(json.dumps(e) + "\n" for e in read_log(path, start)))
         log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
         eval_file = open(eval_path, "a", encoding="utf-8") if run.eval_data is not None else None  # noqa: SIM115
         tb = _TensorBoard(os.path.join(cfg.out, "tb"), cfg.tensorboard)
@@ -770,9 +767,9 @@ def _run_loop(run: _Run, start: int, progress: bool) -> tuple[list[dict[str, Any
         if tb is not None:
             tb.close()
     if d.main:
-        history = _read_log(log_path, cfg.steps)
+        history = read_log(log_path, cfg.steps)
         if history:
-            _plot_loss(os.path.join(cfg.out, "loss.png"), history, _read_log(eval_path, cfg.steps))
+            _plot_loss(os.path.join(cfg.out, "loss.png"), history, read_log(eval_path, cfg.steps))
     return entries, evals
 
 

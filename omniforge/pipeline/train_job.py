@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from omniforge.errors import ConfigError, OmniforgeError
-from omniforge.model.train import LOG, TrainConfig, TrainResult, check_config, latest_checkpoint
+from omniforge.model.train import LOG, TrainConfig, TrainResult, check_config, latest_checkpoint, read_log
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 
 _PATH_FIELDS = ("out", "tokenizers", "masking", "eval_data")
@@ -78,8 +78,9 @@ def train_on_ray(cfg: TrainConfig, *, workers: int, ray_address: str | None = No
         raise OmniforgeError(f"training failed on the Ray cluster after {max_failures} restart(s): "
                              f"{_last_line(e)}; the run keeps its checkpoints in {cfg.out}: re-run the same "
                              "command to resume") from None
-    return TrainResult(out=cfg.out, steps=cfg.steps, losses=_log_after(cfg.out, start),
-                       seconds=time.perf_counter() - t0)
+    # The steps run here, from rank 0's log (empty when --out is on another node's disk).
+    losses = [e for e in read_log(os.path.join(cfg.out, LOG), cfg.steps) if e["step"] > start]
+    return TrainResult(out=cfg.out, steps=cfg.steps, losses=losses, seconds=time.perf_counter() - t0)
 
 
 def _fit_showing_progress(trainer: Any, log_path: str, start: int, steps: int, workers: int, progress: bool) -> None:
@@ -134,14 +135,6 @@ def _step_of(checkpoint: str | None) -> int:
     if checkpoint is None:
         return 0
     return int(os.path.basename(checkpoint.rstrip("/")).split("-")[-1])
-
-
-def _log_after(out: str, start: int) -> list[dict[str, Any]]:
-    path = os.path.join(out, LOG)
-    if not os.path.exists(path):  # --out on rank 0's node only; its log is there
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [e for e in (json.loads(line) for line in f if line.strip()) if e["step"] > start]
 
 
 def _last_line(error: BaseException) -> str:
