@@ -1,7 +1,9 @@
 """Drawing every modality of one sample into a single image (used by `omniforge show`).
 
-Only matplotlib's object-oriented API is used (`Figure` + `FigureCanvasAgg`), so rendering never touches
-pyplot's global state or the user's selected backend, and works headless.
+Panels come in registry order; each modality is drawn in its registry `draw` style (`ModalityInfo.draw`),
+anything else (token rows, unknown folders) by its value's type and shape. Only matplotlib's
+object-oriented API is used (`Figure` + `FigureCanvasAgg`), so rendering never touches pyplot's global
+state or the user's selected backend, and works headless.
 """
 
 from __future__ import annotations
@@ -21,18 +23,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from omniforge.modalities import IMAGE_MODALITY, all_modalities
+
 COLUMNS = 4
 PANEL_INCHES = (3.4, 3.2)
 DPI = 90
 DEPTH_CMAP = "turbo"
 HEAT_CMAP = "viridis"
 
-_ORDER = (
-    "rgb", "caption", "det", "human_poses", "sam_instance", "sam_edge", "canny_edge", "depth", "normal",
-    "semseg_coco", "clip", "dinov2", "dinov2_global", "imagebind", "imagebind_global", "color_palette",
-    "metadata",
-)
-_GRAY_MODALITIES = ("canny_edge", "sam_edge")
 _TEXT_WIDTH = 44
 _TEXT_LINES = 22
 _NONE_CLASS = 255
@@ -104,11 +102,17 @@ def _minmax_columns(x: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / span, 0.0, 1.0)
 
 
+def _styles() -> dict[str, str]:
+    """Modality name -> draw style, in registry order."""
+    return {m.name: m.draw for m in all_modalities()}
+
+
 def _ordered(names: list[str]) -> list[str]:
-    """Modalities in a fixed order; a panel annotating one ("depth (decoded ...)") right after it."""
+    """Modalities in registry order; a panel annotating one ("depth (decoded ...)") right after it."""
     plain = [n for n in names if " " not in n]
+    order = list(_styles())
     out: list[str] = []
-    for n in [n for n in _ORDER if n in plain] + [n for n in plain if n not in _ORDER]:
+    for n in [n for n in order if n in plain] + [n for n in plain if n not in order]:
         out.append(n)
         out += [a for a in names if " " in a and a.split(" ", 1)[0] == n]
     return out + [n for n in names if n not in out]
@@ -129,13 +133,15 @@ def _draw_panel(ax: Axes, name: str, paint: Callable[[Axes], str]) -> None:
 
 
 def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable[[Axes], str]:
-    """Choose how to draw one modality from its name first, then from the value's type and shape.
+    """Choose how to draw one modality from its registry draw style first, then from the value's type and
+    shape.
 
     A panel name may carry a note after a space ("depth (decoded from tok_depth@224)"): the first word picks
     the drawing."""
     name = name.split(" ", 1)[0]
+    style = _styles().get(name)
     if isinstance(value, Image.Image):
-        if value.mode == "P" or name.startswith("semseg"):
+        if value.mode == "P" or style == "semseg":
             return lambda ax: _draw_semseg(ax, np.asarray(value))
         return lambda ax: _draw_rgb(ax, np.asarray(value.convert("RGB")))
     if isinstance(value, (bytes, bytearray)):
@@ -143,26 +149,26 @@ def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable
     if isinstance(value, str):
         return lambda ax: _draw_caption(ax, value)
     if isinstance(value, np.ndarray):
-        return _array_painter(name, value)
-    if name == "color_palette" or _is_palette(value):
+        return _array_painter(name, style, value)
+    if style == "palette" or _is_palette(value):
         return lambda ax: _draw_palette(ax, value)  # type: ignore[arg-type]
-    if name in ("det", "human_poses", "sam_instance"):
-        rgb = values.get("rgb")
+    if style in ("boxes", "poses"):
+        rgb = values.get(IMAGE_MODALITY)
         background = np.asarray(rgb) if isinstance(rgb, np.ndarray) else None
-        return lambda ax: _draw_instances(ax, name, value, background)
+        return lambda ax: _draw_instances(ax, style, value, background)
     return lambda ax: _draw_json(ax, value)
 
 
-def _array_painter(name: str, arr: np.ndarray) -> Callable[[Axes], str]:
+def _array_painter(name: str, style: str | None, arr: np.ndarray) -> Callable[[Axes], str]:
     if name.startswith("tok_") and arr.ndim == 2 and arr.dtype.kind == "i":
         return lambda ax: _draw_tokens(ax, arr, image="@" in name)
-    if name in _GRAY_MODALITIES and arr.ndim == 2:
+    if style == "gray" and arr.ndim == 2:
         return lambda ax: _draw_gray(ax, arr)
-    if name == "depth" and arr.ndim == 2:
+    if style == "heat" and arr.ndim == 2:
         return lambda ax: _draw_heat(ax, arr, DEPTH_CMAP)
-    if name.startswith("semseg") and arr.ndim == 2:
+    if style == "semseg" and arr.ndim == 2:
         return lambda ax: _draw_semseg(ax, arr)
-    if arr.ndim == 3 and arr.shape[2] > 3 and (arr.dtype.kind == "f" or name in ("clip", "dinov2", "imagebind")):
+    if arr.ndim == 3 and arr.shape[2] > 3 and (arr.dtype.kind == "f" or style == "features"):
         return lambda ax: _draw_features(ax, arr)
     if arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8:
         return lambda ax: _draw_rgb(ax, arr)
@@ -275,9 +281,9 @@ def _draw_palette(ax: Axes, colors: list[list[int]]) -> str:
     return f"{len(colors)} colours"
 
 
-def _draw_instances(ax: Axes, name: str, value: object, rgb: np.ndarray | None) -> str:
-    """Boxes (and pose keypoints) over a copy of the rgb image; falls back to text if unrecognized."""
-    items = _instance_items(name, value)
+def _draw_instances(ax: Axes, style: str, value: object, rgb: np.ndarray | None) -> str:
+    """Boxes (and pose keypoints) over a copy of the image; falls back to text if unrecognized."""
+    items = _instance_items(style, value)
     if items is None:
         return _draw_json(ax, value)
     if rgb is not None and rgb.ndim == 3:
@@ -300,8 +306,9 @@ def _draw_instances(ax: Axes, name: str, value: object, rgb: np.ndarray | None) 
     return f"{len(items)} instance{'' if len(items) == 1 else 's'}"
 
 
-def _instance_items(name: str, value: object) -> list[tuple[list[float], str, list[list[float]]]] | None:
-    """Normalize det / human_poses / sam_instance JSON into (xyxy box, label, keypoints) triples."""
+def _instance_items(style: str, value: object) -> list[tuple[list[float], str, list[list[float]]]] | None:
+    """Normalize instance JSON ({"instances": [...]} with "boxes" / "bbox" / "box", "class_name" or "label",
+    "score", "keypoints") into (xyxy box, label, keypoints) triples; people ("poses") are labeled person."""
     if isinstance(value, dict):
         raw = value.get("instances", value.get("people", value.get("annotations")))
     else:
@@ -317,7 +324,7 @@ def _instance_items(name: str, value: object) -> list[tuple[list[float], str, li
             box = box[0]
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             return None
-        label = str(inst.get("class_name", inst.get("label", "person" if name == "human_poses" else "")))
+        label = str(inst.get("class_name", inst.get("label", "person" if style == "poses" else "")))
         score = inst.get("score")
         if isinstance(score, (int, float)):
             label = f"{label} {score:.2f}".strip()

@@ -1,106 +1,429 @@
 """The modality registry: the single source of truth for every part of omniforge.
 
-Each entry names the folder a modality's label shards live in, the file extension of its one member per
-key, the token modality the tokenize job writes, and the tokenizer facts the trainer needs. Folder names
-are the 4M-21 modality names, so ml-4m's own webdataset loader reads omniforge output unchanged.
+A `ModalityInfo` says everything the other parts need to know about one modality, so that a modality added
+by a plugin flows from its teacher to a trained model with no edit to omniforge:
+
+- storage: the folder its label shards live in (`name`), the extension of its one member per key (`ext`),
+  a fixed array `shape` when there is one, and the raw format (`description`);
+- tokens: the tokenizer kind (`tokenizer`, a name in `omniforge.tokenize.kinds`), the token folder the
+  tokenize job writes (`token_modality`), tokens per crop (`num_tokens`) and the codebook (`vocab_size`);
+- how a label is cropped before its tokenizer (`crop`): "dense" maps are cropped with `resample`;
+  "features" maps are stored for crop 0 and the teacher re-runs on the other crops, as "global" vectors;
+  "sequence" labels go through `serializer` with the crop; "none" is label-only;
+- the tokenizer input: `channels`, `dtype`, the `value_range` mapped to [-1, 1], `num_classes` of class maps;
+- masking in the trainer: `chunks` never split by span masking, `shuffle_chunks`, the default `keep` scheme,
+  and the `role` the trainer may give it (input, target or both); `pixel_modality` names a raw-pixel input;
+- drawing: the `draw` style `omniforge show` uses.
+
+Fields a plugin does not set get defaults derived from `ext`, `shape` and `tokenizer` (see `ModalityInfo`).
+Folder names are the 4M-21 modality names, so ml-4m's own webdataset loader reads omniforge output unchanged.
+
+Modalities come from this module's built-in table, from `register_modality` (a labeler's
+`new_modalities` goes through it), and from the `omniforge.modalities` entry-point group: a plugin points
+an entry at a `ModalityInfo` (or a sequence of them) so that every process (tokenize workers, torchrun
+ranks) knows its modalities without importing its teachers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.metadata
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+from omniforge.errors import ConfigError
+
+ENTRY_POINT_GROUP = "omniforge.modalities"
+
+IMAGE_MODALITY = "rgb"  # the decoded image: every label aligns with its pixels; crops are drawn in its frame
+IMAGE_SIZE = 224  # side of the crop image-like tokenizers read (tok_<name>@224)
+IMAGE_PATCH = 16  # their patch side: (224 / 16)^2 = 196 tokens
+GLOBAL_TOKENS = 16  # Memcodes tokens of a global vector
+
+EXTS = ("jpg", "png", "npy", "json", "txt")
+CROPS = ("dense", "features", "global", "sequence", "none")
+RESAMPLES = ("bicubic", "bilinear", "nearest", "normal")
+DTYPES = ("uint8", "uint16", "float")
+KEEPS = ("random", "all", "binary")
+ROLES = ("both", "input", "target")
+DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "text", "boxes", "poses", "palette", "json")
+NO_TOKENIZER = "none"
+TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_FOLDER_RE = re.compile(r"^[A-Za-z0-9_@.-]+$")
+_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModalityInfo:
-    name: str  # folder name under the corpus root, and the modality name on the CLI
-    ext: str  # extension of the single member per key in the label shard: "<key>.<ext>"
-    description: str  # the raw format, as stored in the label shard
-    token_modality: str  # folder of the token shards: tok_<name>@224 (images), tok_<name> (globals, sequences)
-    num_tokens: int  # tokens per sample (the maximum, for sequences)
-    vocab_size: int | None  # tokenizer vocabulary; None for text modalities (shared WordPiece vocab)
-    tokenizer: str  # "vqvae" | "memcodes" | "wordpiece"
-    shape: tuple[int, ...] | None = None  # fixed array shape of .npy labels, None when variable
-    pixel_modality: str | None = None  # raw-pixel input folder the trainer reads (label + crop_settings)
+    """One modality. Required: name, ext, description; the rest defaults from ext, shape and tokenizer.
+
+    name: folder name under the corpus root and the modality name on the CLI ([a-z][a-z0-9_]*).
+    ext: extension of the one member per key in the label shard ("<key>.<ext>"): jpg, png, npy, json, txt.
+    description: the raw format as stored, shown by `omniforge list`.
+    tokenizer: the tokenizer kind ("vqvae", "segmentation", "features", "memcodes", "sam_instance",
+        "wordpiece", a plugin's kind), or "none" for a label-only modality.
+    token_modality: folder of the token shards; default tok_<name>@224 for image-like crops ("dense",
+        "features"), tok_<name> otherwise, None for label-only modalities.
+    num_tokens: tokens per crop (the maximum, [EOS] included, for sequences); default 196 for dense maps,
+        h * w for (h, w, C) feature maps, 16 for global vectors; sequences must say.
+    vocab_size: codebook size of the tokenizer; None for sequences (the shared WordPiece vocabulary).
+    shape: fixed array shape of .npy labels, None when it varies (dense maps have the image's H x W).
+    pixel_modality: a raw-pixel input folder the trainer reads from this label ("rgb@224"), or None.
+    crop: how the tokenize job crops a label, see the module docstring. Default: "sequence" for the
+        wordpiece tokenizer and json/txt labels, "global" for memcodes and 1-D shapes, "features" for npy
+        labels with a fixed (h, w, C) shape, "dense" for other images and npy maps, "none" without a tokenizer.
+    resample: interpolation of a dense crop: "bicubic", "bilinear" (default), "nearest" (class maps: every
+        output value is an input value), "normal" (bilinear; a flip mirrors the x component).
+    channels: channels of the tokenizer input: 3 for jpg, 1 for png and npy maps, C of a (h, w, C) shape,
+        D of a (D,) shape.
+    dtype: label dtype the tokenizer reads: "uint8" (jpg, png), "uint16", "float" (npy; float16 or float32).
+    value_range: (low, high) of dense values, mapped to [-1, 1] for the tokenizer; default the dtype's full
+        range ((0, 255), (0, 65535)) or (0.0, 1.0) for float maps.
+    num_classes: class maps (tokenizer "segmentation"): classes 0..num_classes-1; 255 means none.
+    serializer: sequences: "module:function" (or the function) turning (label, crop) into text units,
+        `omniforge.tokenize.text.Crop` documents the call; default for txt labels: the text itself.
+    chunks: masking of a sequence: (tokens of the first chunk, tokens of every later chunk); span masking
+        never cuts a chunk. None: every token is its own unit.
+    shuffle_chunks: shuffle the chunks per sample before masking (4M-21 does it for metadata).
+    keep: default keep scheme of span masking: "random", "all" or "binary" (whole or fully masked).
+    role: what the trainer may use the token folder as: "both", "input" (never a target), "target".
+    draw: how `omniforge show` draws the label; default from ext and shape.
+    """
+
+    name: str
+    ext: str
+    description: str
+    tokenizer: str = NO_TOKENIZER
+    token_modality: str | None = None
+    num_tokens: int | None = None
+    vocab_size: int | None = None
+    shape: tuple[int, ...] | None = None
+    pixel_modality: str | None = None
+    crop: str | None = None
+    resample: str | None = None
+    channels: int | None = None
+    dtype: str | None = None
+    value_range: tuple[float, float] | None = None
+    num_classes: int | None = None
+    serializer: str | Callable[..., list[str]] | None = None
+    chunks: tuple[int, int] | None = None
+    shuffle_chunks: bool = False
+    keep: str = "random"
+    role: str = "both"
+    draw: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"ModalityInfo {self.name!r}: {name}={getattr(self, name)!r} {why}")
+
+        def default(name: str, value: Any) -> None:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ConfigError(f"ModalityInfo name={self.name!r}: use lower-case letters, digits and _ "
+                              "(it names a folder and a CLI value)")
+        if self.ext not in EXTS:
+            raise bad("ext", f"is not one of {', '.join(EXTS)}")
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise bad("description", "must say what the stored label is (dtype, shape, range, units)")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise bad("tokenizer", f"must name a tokenizer kind, or {NO_TOKENIZER!r} for a label-only modality")
+        if self.shape is not None:
+            object.__setattr__(self, "shape", tuple(self.shape))
+            if self.ext != "npy" or not self.shape or not all(isinstance(d, int) and d > 0 for d in self.shape):
+                raise bad("shape", "is for npy labels: a tuple of positive sizes")
+        default("crop", self._default_crop())
+        if self.crop not in CROPS:
+            raise bad("crop", f"is not one of {', '.join(CROPS)}")
+        tokenized = self.crop != "none"
+        if not tokenized:  # label-only: no token folder (a value given by an older plugin is dropped)
+            object.__setattr__(self, "token_modality", None)
+            object.__setattr__(self, "num_tokens", None)
+        if tokenized and self.tokenizer == NO_TOKENIZER:
+            raise bad("crop", f"needs a tokenizer kind (tokenizer={NO_TOKENIZER!r} is label-only)")
+        if not tokenized and self.tokenizer != NO_TOKENIZER:
+            raise bad("tokenizer", "needs a crop other than 'none'")
+        self._check_spatial(bad, default)
+        if tokenized:
+            image = self.crop in ("dense", "features")
+            default("token_modality", f"tok_{self.name}@{IMAGE_SIZE}" if image else f"tok_{self.name}")
+            if not isinstance(self.token_modality, str) or not _FOLDER_RE.match(self.token_modality) \
+                    or self.token_modality == self.name:
+                raise bad("token_modality", "must be a folder name other than the label folder, e.g. "
+                                            f"tok_{self.name}")
+            if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
+                raise bad("num_tokens", "must be a positive integer (tokens per crop; the maximum for sequences)")
+            if self.crop == "sequence":
+                if self.vocab_size is not None and self.tokenizer == "wordpiece":
+                    raise bad("vocab_size", "must be None: sequences use the shared WordPiece vocabulary")
+            elif not isinstance(self.vocab_size, int) or self.vocab_size < 2:
+                raise bad("vocab_size", "must be the tokenizer's codebook size (an integer >= 2)")
+        if self.ext == "txt":
+            default("serializer", TEXT_SERIALIZER)
+        if self.serializer is not None:
+            if self.crop != "sequence":
+                raise bad("serializer", "is for sequence modalities (crop='sequence')")
+            if isinstance(self.serializer, str) and not _REF_RE.match(self.serializer):
+                raise bad("serializer", "must be a function or 'package.module:function'")
+            if not isinstance(self.serializer, str) and not callable(self.serializer):
+                raise bad("serializer", "must be a function or 'package.module:function'")
+        if self.chunks is not None:
+            object.__setattr__(self, "chunks", tuple(self.chunks))
+            if self.crop != "sequence" or len(self.chunks) != 2 or not all(
+                    isinstance(c, int) and c > 0 for c in self.chunks):
+                raise bad("chunks", "is (first chunk, later chunks) token counts of a sequence, both positive")
+        if not isinstance(self.shuffle_chunks, bool) or (self.shuffle_chunks and self.chunks is None):
+            raise bad("shuffle_chunks", "must be a bool, and True only with chunks")
+        if self.keep not in KEEPS:
+            raise bad("keep", f"is not one of {', '.join(KEEPS)}")
+        if self.role not in ROLES:
+            raise bad("role", f"is not one of {', '.join(ROLES)}")
+        if self.pixel_modality is not None and (self.ext != "jpg" or not _FOLDER_RE.match(self.pixel_modality)):
+            raise bad("pixel_modality", "is a raw-pixel input folder (e.g. rgb@224) of a jpg modality")
+        default("draw", self._default_draw())
+        if self.draw not in DRAWS:
+            raise bad("draw", f"is not one of {', '.join(DRAWS)}")
+
+    # -- defaults
+
+    def _default_crop(self) -> str:
+        if self.tokenizer == NO_TOKENIZER:
+            return "none"
+        if self.tokenizer == "wordpiece" or self.ext in ("json", "txt"):
+            return "sequence"
+        if self.tokenizer == "memcodes" or (self.shape is not None and len(self.shape) == 1):
+            return "global"
+        if self.ext == "npy" and self.shape is not None and len(self.shape) == 3:
+            return "features"
+        return "dense"
+
+    def _default_draw(self) -> str:
+        if self.ext == "txt":
+            return "text"
+        if self.ext == "json":
+            return "json"
+        if self.tokenizer == "segmentation":
+            return "semseg"
+        if self.crop == "features" or (self.shape is not None and len(self.shape) == 3):
+            return "features"
+        if self.crop == "global" or (self.shape is not None and len(self.shape) == 1):
+            return "vector"
+        if self.ext == "npy" and self.channels == 1 and self.dtype == "float":
+            return "heat"
+        return "rgb" if self.channels == 3 else "gray"
+
+    def _check_spatial(self, bad: Callable[[str, str], ConfigError], default: Callable[[str, Any], None]) -> None:
+        """Channels, dtype, value range, resample and token count of image-like and global modalities."""
+        crop = self.crop
+        if crop == "dense":
+            default("resample", "nearest" if self.tokenizer == "segmentation" else "bilinear")
+            default("channels", 3 if self.ext == "jpg" else 1)
+            default("dtype", "float" if self.ext == "npy" else "uint8")
+            default("num_tokens", (IMAGE_SIZE // IMAGE_PATCH) ** 2)
+            if self.ext not in ("jpg", "png", "npy"):
+                raise bad("crop", "'dense' is for image (jpg, png) and npy map labels")
+        elif crop == "features":
+            if self.shape is None or len(self.shape) != 3:
+                raise bad("shape", "must be the fixed (h, w, C) shape of a feature map")
+            default("channels", self.shape[2])
+            default("dtype", "float")
+            default("num_tokens", self.shape[0] * self.shape[1])
+        elif crop == "global":
+            if self.shape is None or len(self.shape) != 1:
+                raise bad("shape", "must be the fixed (D,) shape of a global vector")
+            default("channels", self.shape[0])
+            default("dtype", "float")
+            default("num_tokens", GLOBAL_TOKENS)
+        for name in ("resample", "channels", "dtype", "value_range", "num_classes"):
+            if crop not in ("dense", "features", "global") and getattr(self, name) is not None:
+                raise bad(name, f"is for image-like and global modalities, not crop={crop!r}")
+        if self.resample is not None and (crop != "dense" or self.resample not in RESAMPLES):
+            raise bad("resample", f"is for dense crops: one of {', '.join(RESAMPLES)}")
+        if self.channels is not None and (not isinstance(self.channels, int) or self.channels < 1):
+            raise bad("channels", "must be a positive integer")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise bad("dtype", f"is not one of {', '.join(DTYPES)}")
+        if self.ext == "jpg" and (self.dtype != "uint8" or self.channels != 3):
+            raise bad("dtype", "of a jpg label is uint8 with 3 channels")
+        if self.ext == "png" and (self.dtype == "float" or self.channels not in (1, 3)):
+            raise bad("dtype", "of a png label is uint8 or uint16 with 1 or 3 channels")
+        if crop == "dense":
+            full = {"uint8": (0.0, 255.0), "uint16": (0.0, 65535.0), "float": (0.0, 1.0)}[self.dtype]
+            default("value_range", full)
+            lo, hi = (float(v) for v in self.value_range)
+            if not lo < hi:
+                raise bad("value_range", "must be (low, high) with low < high")
+            object.__setattr__(self, "value_range", (lo, hi))
+        elif self.value_range is not None:
+            raise bad("value_range", "is for dense maps")
+        if self.num_classes is not None and (self.tokenizer != "segmentation" or not 1 < self.num_classes < 255):
+            raise bad("num_classes", "is for class maps (tokenizer 'segmentation'): 2..254 classes, 255 = none")
+        if self.tokenizer == "segmentation" and (self.num_classes is None or self.dtype != "uint8"
+                                                 or self.channels != 1 or self.resample != "nearest"):
+            raise bad("num_classes", "must be given for a class map (uint8, 1 channel, resample 'nearest')")
+
+    # -- derived views
+
+    @property
+    def tokenized(self) -> bool:
+        """True when the tokenize job writes a token folder for this modality."""
+        return self.crop != "none"
+
+    @property
+    def image_like(self) -> bool:
+        """Tokens on a square grid (2-D positions in the trainer): dense and feature-map crops."""
+        return self.crop in ("dense", "features")
+
+    @property
+    def teacher_crops(self) -> bool:
+        """Crops 1.. of this label are made by re-running its teacher on the cropped image."""
+        return self.crop in ("features", "global")
+
+    def resolve_serializer(self) -> Callable[..., list[str]]:
+        """The serializer function (imported on first use when given as 'module:function')."""
+        if self.serializer is None:
+            raise ConfigError(f"modality {self.name!r} declares no serializer: give ModalityInfo(serializer=...) "
+                              "to turn its label into text")
+        if callable(self.serializer):
+            return self.serializer
+        return _import_ref(self.serializer, f"the serializer of modality {self.name!r}")
+
+
+def _import_ref(ref: str, what: str) -> Any:
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{what} ({ref}) cannot be imported: {e}; install the package that provides it") from None
 
 
 _IMAGE = "vqvae"
-_GLOBAL = "memcodes"
 _TEXT = "wordpiece"
 
 MODALITIES: dict[str, ModalityInfo] = {
     m.name: m
     for m in [
         ModalityInfo(
-            name="rgb", ext="jpg", tokenizer=_IMAGE, token_modality="tok_rgb@224", num_tokens=196,
-            vocab_size=16384, pixel_modality="rgb@224",
+            name="rgb", ext="jpg", tokenizer=_IMAGE, vocab_size=16384, pixel_modality="rgb@224", resample="bicubic",
             description="JPEG, EXIF-rotated RGB, shorter side at most the storage size (512)"),
         ModalityInfo(
-            name="caption", ext="txt", tokenizer=_TEXT, token_modality="tok_caption", num_tokens=256,
-            vocab_size=None, description="UTF-8 text, the corpus alt-text"),
+            name="caption", ext="txt", tokenizer=_TEXT, num_tokens=256, description="UTF-8 text, the corpus alt-text"),
         ModalityInfo(
-            name="depth", ext="png", tokenizer=_IMAGE, token_modality="tok_depth@224", num_tokens=196,
-            vocab_size=8192, description="PNG uint16, relative depth scaled per image to 0..65535"),
-        ModalityInfo(
-            name="normal", ext="png", tokenizer=_IMAGE, token_modality="tok_normal@224", num_tokens=196,
-            vocab_size=8192, description="PNG uint8 RGB, (n + 1) / 2 * 255, camera frame"),
-        ModalityInfo(
-            name="semseg_coco", ext="png", tokenizer=_IMAGE, token_modality="tok_semseg@224", num_tokens=196,
-            vocab_size=4096, description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none"),
-        ModalityInfo(
-            name="det", ext="json", tokenizer=_TEXT, token_modality="tok_det", num_tokens=256, vocab_size=None,
+            name="det", ext="json", tokenizer=_TEXT, num_tokens=256, draw="boxes",
+            serializer="omniforge.tokenize.text:det_crop_units",
             description='JSON {"instances": [{"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name", "score"}]}'),
         ModalityInfo(
-            name="human_poses", ext="json", tokenizer=_TEXT, token_modality="tok_human_poses", num_tokens=275,
-            vocab_size=None, description="JSON per person: bbox, keypoints, optional SMPL parameters"),
+            name="human_poses", ext="json", tokenizer=_TEXT, num_tokens=275, draw="poses",
+            serializer="omniforge.tokenize.text:pose_crop_units",
+            description="JSON per person: bbox, keypoints, optional SMPL parameters"),
         ModalityInfo(
-            name="sam_instance", ext="json", tokenizer=_TEXT, token_modality="tok_sam_instance", num_tokens=290,
-            vocab_size=None, description="JSON COCO RLE masks, XYXY boxes and scores"),
+            name="sam_instance", ext="json", tokenizer="sam_instance", num_tokens=290, draw="boxes",
+            description="JSON COCO RLE masks, XYXY boxes and scores"),
         ModalityInfo(
-            name="sam_edge", ext="png", tokenizer=_IMAGE, token_modality="tok_sam_edge@224", num_tokens=196,
-            vocab_size=8192, description="PNG uint8, boundaries of sam_instance masks"),
+            name="sam_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192,
+            description="PNG uint8, boundaries of sam_instance masks"),
         ModalityInfo(
-            name="canny_edge", ext="png", tokenizer=_IMAGE, token_modality="tok_canny_edge@224", num_tokens=196,
-            vocab_size=8192, description="PNG uint8 (0 or 255), OpenCV Canny edges of rgb"),
+            name="canny_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192,
+            description="PNG uint8 (0 or 255), OpenCV Canny edges of rgb"),
         ModalityInfo(
-            name="clip", ext="npy", tokenizer=_IMAGE, token_modality="tok_clip@224", num_tokens=196,
-            vocab_size=8192, shape=(14, 14, 512),
+            name="depth", ext="png", tokenizer=_IMAGE, vocab_size=8192, dtype="uint16", draw="heat",
+            description="PNG uint16, relative depth scaled per image to 0..65535"),
+        ModalityInfo(
+            name="normal", ext="png", tokenizer=_IMAGE, vocab_size=8192, channels=3, resample="normal",
+            description="PNG uint8 RGB, (n + 1) / 2 * 255, camera frame"),
+        ModalityInfo(
+            name="semseg_coco", ext="png", tokenizer="segmentation", token_modality="tok_semseg@224",
+            vocab_size=4096, num_classes=133,
+            description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none"),
+        ModalityInfo(
+            name="clip", ext="npy", tokenizer="features", vocab_size=8192, shape=(14, 14, 512),
             description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features"),
         ModalityInfo(
-            name="dinov2", ext="npy", tokenizer=_IMAGE, token_modality="tok_dinov2@224", num_tokens=256,
-            vocab_size=8192, shape=(16, 16, 768),
+            name="dinov2", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 768),
             description="npy float16 (16, 16, 768), DINOv2 ViT-B/14 patch features at 224"),
         ModalityInfo(
-            name="dinov2_global", ext="npy", tokenizer=_GLOBAL, token_modality="tok_dinov2_global", num_tokens=16,
-            vocab_size=8192, shape=(768,), description="npy float16 (768,), DINOv2 ViT-B/14 CLS token"),
+            name="dinov2_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(768,),
+            description="npy float16 (768,), DINOv2 ViT-B/14 CLS token"),
         ModalityInfo(
-            name="imagebind", ext="npy", tokenizer=_IMAGE, token_modality="tok_imagebind@224", num_tokens=256,
-            vocab_size=8192, shape=(16, 16, 1280),
+            name="imagebind", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 1280),
             description="npy float16 (16, 16, 1280), ImageBind-H/14 patch features"),
         ModalityInfo(
-            name="imagebind_global", ext="npy", tokenizer=_GLOBAL, token_modality="tok_imagebind_global",
-            num_tokens=16, vocab_size=8192, shape=(1024,),
+            name="imagebind_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(1024,),
             description="npy float16 (1024,), ImageBind-H/14 global embedding"),
         ModalityInfo(
-            name="color_palette", ext="json", tokenizer=_TEXT, token_modality="tok_color_palette", num_tokens=23,
-            vocab_size=None, description="JSON list of 1..7 [R, G, B] colours, largest cluster first"),
+            name="color_palette", ext="json", tokenizer=_TEXT, num_tokens=23, chunks=(1, 3), keep="binary",
+            draw="palette", serializer="omniforge.tokenize.text:palette_crop_units",
+            description="JSON list of 1..7 [R, G, B] colours, largest cluster first"),
         ModalityInfo(
-            name="metadata", ext="json", tokenizer=_TEXT, token_modality="tok_metadata", num_tokens=40,
-            vocab_size=None, description="JSON object of the 4M-21 metadata fields"),
+            name="metadata", ext="json", tokenizer=_TEXT, num_tokens=40, chunks=(2, 2), shuffle_chunks=True,
+            serializer="omniforge.tokenize.text:metadata_crop_units",
+            description="JSON object of the 4M-21 metadata fields"),
     ]
 }
+
+_entry_points_loaded = False
 
 
 def register_modality(info: ModalityInfo) -> ModalityInfo:
     """Add a modality defined outside omniforge (a teacher plugin). Re-registering the same info is a no-op."""
+    if not isinstance(info, ModalityInfo):
+        raise TypeError(f"register_modality takes a ModalityInfo, got {type(info).__name__}")
     existing = MODALITIES.get(info.name)
-    if existing is not None and existing != info:
-        raise ValueError(f"modality {info.name!r} is already registered with a different definition")
+    if existing == info:
+        return existing
+    if existing is not None:
+        changed = [f.name for f in fields(ModalityInfo) if getattr(existing, f.name) != getattr(info, f.name)]
+        raise ConfigError(f"modality {info.name!r} is already registered with a different definition "
+                          f"(fields {', '.join(changed)} differ)")
+    folders = {m.token_modality: m.name for m in MODALITIES.values() if m.token_modality}
+    if info.tokenized and (info.token_modality in folders or info.token_modality in MODALITIES):
+        raise ConfigError(f"modality {info.name!r}: token folder {info.token_modality!r} is already used by "
+                          f"{folders.get(info.token_modality, info.token_modality)!r}")
     MODALITIES[info.name] = info
     return info
 
 
+def load_entry_points() -> None:
+    """Register the modalities of installed plugins (entry-point group `omniforge.modalities`), once."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        value = ep.load()
+        for info in (value if isinstance(value, Iterable) else [value]):
+            register_modality(info)
+
+
 def get_modality(name: str) -> ModalityInfo:
+    load_entry_points()
     try:
         return MODALITIES[name]
     except KeyError:
-        raise KeyError(f"unknown modality {name!r}; known modalities: {', '.join(MODALITIES)}") from None
+        raise ConfigError(f"unknown modality {name!r}; known modalities: {', '.join(MODALITIES)}") from None
+
+
+def all_modalities() -> Iterator[ModalityInfo]:
+    """Every registered modality, built-ins first, in registration order."""
+    load_entry_points()
+    return iter(list(MODALITIES.values()))
+
+
+def by_token_folder(folder: str) -> ModalityInfo | None:
+    """The modality whose token folder is `folder` (tok_depth@224 -> depth), or None."""
+    return next((m for m in all_modalities() if m.token_modality == folder), None)
+
+
+def by_pixel_folder(folder: str) -> ModalityInfo | None:
+    """The modality whose raw-pixel input folder is `folder` (rgb@224 -> rgb), or None."""
+    return next((m for m in all_modalities() if m.pixel_modality == folder), None)
+
+
+__all__ = ["ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES", "ModalityInfo", "all_modalities", "by_pixel_folder",
+           "by_token_folder", "get_modality", "load_entry_points", "register_modality"]

@@ -22,10 +22,11 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     with Image.open(tmp_path / "preview.png") as img:
         assert img.width > 800 and img.height > 800
     # then tiny tokenizers and token shards of every tokenizable modality, with 2 crops
-    from omniforge.pipeline.tokenize_job import TOKENIZABLE, token_folder
+    from omniforge.modalities import get_modality
 
-    for m in TOKENIZABLE:
-        folder = token_folder(m)
+    tokenized = [get_modality(m).token_modality for m in expected if get_modality(m).tokenized]
+    assert len(tokenized) == 17
+    for folder in tokenized:
         assert (report.modalities[folder].labeled, report.modalities[folder].failed) == (12, 1), folder
     assert (report.modalities["crop_settings"].labeled, report.modalities["crop_settings"].failed) == (12, 1)
     assert "12 tokenized with every modality, 1 left out" in out
@@ -47,7 +48,7 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     assert all(np.isfinite(e["loss"]) for e in log) and np.mean([e["loss"] for e in log[-10:]]) < log[0]["loss"]
     with open(f"{checkpoint}/config.json", encoding="utf-8") as f:
         specs = json.load(f)["specs"]
-    assert specs["rgb@224"]["kind"] == "pixels" and len(specs) == 1 + len(TOKENIZABLE)
+    assert specs["rgb@224"]["kind"] == "pixels" and len(specs) == 1 + len(tokenized)
     key_dir = next((tmp_path / "samples").iterdir())
     depth = np.load(key_dir / "tok_depth@224.npy")
     assert depth.shape == (1, 196) and 0 <= depth.min() and depth.max() < specs["tok_depth@224"]["vocab_size"]

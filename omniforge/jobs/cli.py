@@ -97,7 +97,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from omniforge.labelers import get_labeler_class, list_labelers
-    from omniforge.modalities import MODALITIES
+    from omniforge.modalities import all_modalities
 
     print(f"{'labeler':<15} {'kind':<9} modalities")
     for name in list_labelers():
@@ -105,9 +105,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{name:<15} {'learned' if cls.learned else 'classical':<9} {', '.join(cls.modalities)}")
     labelable = {m for n in list_labelers() for m in get_labeler_class(n).modalities}
     print(f"\n{'modality':<17} {'file':<10} {'tokens':<24} format")
-    for m in MODALITIES.values():
+    for m in all_modalities():
         mark = "" if m.name in labelable else "  (no labeler yet)"
-        print(f"{m.name:<17} <key>.{m.ext:<4} {m.token_modality + f' ({m.num_tokens})':<24} {m.description}{mark}")
+        tokens = f"{m.token_modality} ({m.num_tokens})" if m.tokenized else "(no tokens)"
+        print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<24} {m.description}{mark}")
     return 0
 
 

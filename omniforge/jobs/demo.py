@@ -52,19 +52,19 @@ def _tokenize(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str
               ray_address: str | None) -> bool:
     """Train a tiny tokenizer per tokenizable modality on the demo labels, then tokenize them with 2 crops."""
     from omniforge.pipeline import show, verify
-    from omniforge.pipeline.tokenize_job import (SAM_MASK_TOKENIZER, TEXT_TOKENIZER, TOKENIZABLE, TokenizeConfig,
-                                                 tokenize, tokenizer_names)
+    from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenizable, tokenize
     from omniforge.tokenize.crops import CropConfig
-    from omniforge.tokenize.train import TrainConfig, summary, train_tokenizer
+    from omniforge.tokenize.kinds import kind_for
+    from omniforge.tokenize.train import TokenizerTrainConfig, summary, train_tokenizer
 
-    wanted = tuple(m for m in TOKENIZABLE if m in modalities)
-    names = sorted({n for m in wanted for n in tokenizer_names(m)})
-    source = {TEXT_TOKENIZER: "caption", SAM_MASK_TOKENIZER: "sam_instance"}
+    wanted = tuple(m for m in tokenizable() if m in modalities)
+    source = {art.folder: art.trained_by for m in wanted for art in kind_for(m).artifacts}  # folder -> trained from
+    names = sorted(source)
     print(f"demo: training {len(names)} tiny tokenizers on the labels ({', '.join(names)}); with 12 photos and "
           f"random-weight teachers the reconstructions are rough: this shows the machinery, not quality")
     for name in names:
-        cfg = TrainConfig(data=root, modality=source.get(name, name), out=str(tokenizers), size="tiny",
-                          epochs=DEMO_TOKENIZER_EPOCHS, batch_size=4, vocab_size=8000)
+        cfg = TokenizerTrainConfig(data=root, modality=source[name], out=str(tokenizers), size="tiny",
+                                   epochs=DEMO_TOKENIZER_EPOCHS, batch_size=4, vocab_size=8000)
         print(f"  {summary(cfg, train_tokenizer(cfg, progress=False, verbose=False))}")
     summary_t = tokenize(TokenizeConfig(input=root, tokenizers=str(tokenizers), modalities=wanted,
                                         crops=CropConfig(n_crops=2)), ray_address=ray_address)
@@ -81,14 +81,12 @@ def _tokenize(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str
 def _train_and_sample(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str, out_dir: Path) -> None:
     """A few tiny training steps on every token folder plus raw rgb pixels, then one chained sample."""
     from omniforge.model.sample import SampleConfig, sample_key
-    from omniforge.model.specs import pixel_source
     from omniforge.model.train import TrainConfig, summary, train
-    from omniforge.modalities import MODALITIES
-    from omniforge.pipeline.tokenize_job import TOKENIZABLE, token_folder
+    from omniforge.modalities import all_modalities
 
-    pixels = [MODALITIES[m].pixel_modality for m in modalities if MODALITIES[m].pixel_modality]
-    folders = tuple(p for p in pixels if pixel_source(p)) + tuple(token_folder(m) for m in TOKENIZABLE
-                                                                  if m in modalities)
+    labeled = [m for m in all_modalities() if m.name in modalities]
+    folders = tuple(m.pixel_modality for m in labeled if m.pixel_modality) + tuple(
+        m.token_modality for m in labeled if m.tokenized)
     run = out_dir / "train"
     print(f"demo: {DEMO_TRAIN_STEPS} steps of the tiny 4M model on {len(folders)} folders ({', '.join(folders)}); "
           f"a demo of the loop, not a trained model")

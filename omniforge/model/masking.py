@@ -11,8 +11,9 @@ Per sample (ml-4m's ``UnifiedMasking``, rewritten on numpy with an explicit gene
 4. sequences: T5 span masking. Each masked span becomes one sentinel in the input; the target is every
    span's sentinel followed by its tokens, then one final sentinel. The keep probability comes from the
    modality's keep scheme and is lowered (x0.9) until the input fits its budget; an over-long target is
-   cut at a sentinel to fit its budget (ml-4m's rule). tok_metadata and tok_color_palette are masked by
-   chunks ("v1=<field> v0=<bin>" pairs; the "v1=<n>" count then RGB triples), so no span cuts a chunk.
+   cut at a sentinel to fit its budget (ml-4m's rule). A sequence whose registry entry has ``chunks`` is
+   masked by chunks (metadata: "v1=<field> v0=<bin>" pairs; a palette: the "v1=<n>" count then RGB triples),
+   so no span cuts a chunk, and ``shuffle_chunks`` shuffles them per sample first (4M-21's metadata).
 
 Sequences keep their [EOS]: the stored row ``ids.. [EOS] [PAD]..`` is cut after its [EOS], and the [EOS] is
 an ordinary token of the masked sequence, as ml-4m's loader appends it (the decoder learns to end).
@@ -35,27 +36,27 @@ import numpy as np
 import torch
 
 from omniforge.errors import ConfigError
-from omniforge.modalities import MODALITIES
+from omniforge.modalities import KEEPS, all_modalities, by_pixel_folder, by_token_folder
 from omniforge.model.specs import ModalitySpec
 
-KEEP_SCHEMES = ("random", "all", "binary")
+KEEP_SCHEMES = KEEPS
 KEEP_PROB_DECAY = 0.9  # ml-4m's factor: the keep probability is lowered by it while the input is too long
 
-METADATA = MODALITIES["metadata"].token_modality
-COLOR_PALETTE = MODALITIES["color_palette"].token_modality
-# Chunked folders: (tokens in the first chunk, tokens in every later chunk); [EOS] is a chunk of its own.
-CHUNKS: dict[str, tuple[int, int]] = {METADATA: (2, 2), COLOR_PALETTE: (1, 3)}
-# ml-4m's 4M-21 mixture keeps a palette either whole or fully masked.
-DEFAULT_KEEP: dict[str, str] = {COLOR_PALETTE: "binary"}
+
+def _input_only(folder: str) -> bool:
+    """Raw-pixel folders, and token folders whose registry role is "input", are never targets."""
+    info = by_token_folder(folder)
+    return by_pixel_folder(folder) is not None or (info is not None and info.role == "input")
 
 
-def _is_pixels(folder: str) -> bool:
-    return any(m.pixel_modality == folder for m in MODALITIES.values())
+def _target_only(folder: str) -> bool:
+    info = by_token_folder(folder)
+    return info is not None and info.role == "target"
 
 
 def _folder_name(name: str) -> str:
     """An ml-4m modality name ("caption", "det") -> its omniforge token folder; folders pass unchanged."""
-    info = MODALITIES.get(name)
+    info = next((m for m in all_modalities() if m.name == name and m.tokenized), None)
     return info.token_modality if info is not None else name
 
 
@@ -66,7 +67,8 @@ class MaskingConfig:
     ``alphas[i]`` / ``target_alphas[i]`` are component i's Dirichlet parameters (folder -> alpha; a folder
     absent from a component has alpha 0 there: never chosen), ``weights[i]`` its mixture weight (None: all
     equal). ``keep_scheme`` maps a sequence folder to "random" | "all" | "binary", or to a list with one
-    scheme per component; unnamed folders use "random" (tok_color_palette: "binary", as 4M-21).
+    scheme per component; unnamed folders use their registry entry's ``keep`` (4M-21 keeps a palette whole or
+    fully masked: "binary").
     """
 
     alphas: list[dict[str, float]]
@@ -76,7 +78,7 @@ class MaskingConfig:
     target_tokens: int = 128
     input_only: tuple[str, ...] = ()  # folders never used as targets
     keep_scheme: dict[str, str | list[str]] = field(default_factory=dict)
-    shuffle_metadata: bool = True  # shuffle tok_metadata's chunks per sample before masking, as 4M-21
+    shuffle_chunks: bool = True  # shuffle the chunks of folders whose registry entry says so, as 4M-21
 
     def __post_init__(self) -> None:
         n = len(self.alphas)
@@ -117,17 +119,18 @@ class MaskingConfig:
         """Every folder named with an alpha in some component."""
         return {f for comp in (*self.alphas, *self.target_alphas) for f in comp}
 
-    def keep_for(self, folder: str, component: int) -> str:
-        scheme = self.keep_scheme.get(folder, DEFAULT_KEEP.get(folder, "random"))
+    def keep_for(self, folder: str, component: int, default: str = "random") -> str:
+        scheme = self.keep_scheme.get(folder, default)
         return scheme if isinstance(scheme, str) else scheme[component]
 
     @classmethod
     def uniform(cls, folders: Sequence[str], *, alpha: float = 0.5, input_tokens: int = 128,
                 target_tokens: int = 128, input_only: Sequence[str] = ()) -> MaskingConfig:
-        """One component with the same alpha for every folder (input_only folders, and pixel folders such
-        as rgb@224, are never targets)."""
-        input_only = (*input_only, *(f for f in folders if _is_pixels(f) and f not in input_only))
-        return cls(alphas=[{f: alpha for f in folders}],
+        """One component with the same alpha for every folder (input_only folders, pixel folders such as
+        rgb@224 and folders whose registry role is "input" are never targets; role "target" folders are never
+        inputs)."""
+        input_only = (*input_only, *(f for f in folders if _input_only(f) and f not in input_only))
+        return cls(alphas=[{f: 0.0 if _target_only(f) else alpha for f in folders}],
                    target_alphas=[{f: 0.0 if f in input_only else alpha for f in folders}],
                    weights=[1.0], input_tokens=input_tokens, target_tokens=target_tokens,
                    input_only=tuple(input_only))
@@ -138,6 +141,8 @@ class MaskingConfig:
         ``alphas_mixture: {modality: {input_alphas: [...], target_alphas: [...], keep: [...]}}``).
         ml-4m modality names ("caption", "metadata") are mapped to token folders ("tok_caption", ...)."""
         d = dict(d)
+        if "shuffle_metadata" in d:  # the field's name before it applied to every chunked folder
+            d["shuffle_chunks"] = d.pop("shuffle_metadata")
         if "alphas_mixture" not in d:
             unknown = set(d) - set(cls.__dataclass_fields__)
             if unknown:
@@ -301,7 +306,9 @@ class Masker:
                 if len(self.sentinel_ids) < needed:
                     raise ConfigError(f"{spec.name}: span masking {spec.num_tokens} tokens needs {needed} "
                                       f"sentinels, got {len(self.sentinel_ids)}")
-        self._in_alpha = np.array([[c.get(f, 0.0) for f in self.folders] for c in cfg.alphas], dtype=np.float64)
+        target_only = {f for f, s in self.specs.items() if s.target_only}
+        self._in_alpha = np.array([[0.0 if f in target_only else c.get(f, 0.0) for f in self.folders]
+                                   for c in cfg.alphas], dtype=np.float64)
         target = [[0.0 if f in input_only else c.get(f, 0.0) for f in self.folders] for c in cfg.target_alphas]
         self._tgt_alpha = np.array(target, dtype=np.float64)
         w = np.ones(cfg.num_components) if cfg.weights is None else np.asarray(cfg.weights, dtype=np.float64)
@@ -321,14 +328,14 @@ class Masker:
         return ids[: spec.num_tokens]
 
     def _units(self, spec: ModalitySpec, ids: list[int], rng: np.random.Generator) -> list[list[int]]:
-        chunking = CHUNKS.get(spec.name)
+        chunking = spec.chunks
         if chunking is None:
             return [[t] for t in ids]
         body, tail = (ids[:-1], [ids[-1]]) if ids and ids[-1] == self.eos_id else (ids, [])
         head, size = chunking
         units = [body[:head]] if body[:head] else []
         units += [body[i:i + size] for i in range(head, len(body), size)]
-        if spec.name == METADATA and self.cfg.shuffle_metadata and len(units) > 1:
+        if spec.shuffle_chunks and self.cfg.shuffle_chunks and len(units) > 1:
             units = [units[i] for i in rng.permutation(len(units))]
         return units + ([tail] if tail else [])
 
@@ -420,7 +427,7 @@ class Masker:
                 out[folder] = self._empty(spec)
             elif spec.kind == "sequence":
                 out[folder] = self._mask_sequence(spec, seq_units[folder], int(n_in[i]), int(n_tgt[i]),
-                                                  self.cfg.keep_for(folder, comp), rng)
+                                                  self.cfg.keep_for(folder, comp, spec.keep), rng)
             else:
                 out[folder] = self._mask_positions(np.asarray(sample[folder]), int(n_in[i]), int(n_tgt[i]), rng)
         return out

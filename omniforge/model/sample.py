@@ -400,25 +400,24 @@ def _text_ids(text_tok: Any) -> tuple[list[int], int, int]:
 
 
 def _modality_of(folder: str) -> str | None:
-    from omniforge.modalities import MODALITIES
+    from omniforge.modalities import by_pixel_folder, by_token_folder
 
-    names = [name for name, info in MODALITIES.items() if folder in (info.token_modality, info.pixel_modality)]
-    return names[0] if names else None
+    info = by_token_folder(folder) or by_pixel_folder(folder)
+    return info.name if info is not None else None
 
 
 def decode_output(folder: str, ids: np.ndarray, spec: ModalitySpec, tokenizers: str, text_tok: Any) -> Any:
-    """Generated ids decoded with the folder's tokenizer: a label array (images, features) or text (sequences)."""
-    from omniforge.tokenize import models
+    """Generated ids decoded by the folder's tokenizer kind: a label array (images, features) or text (sequences)."""
+    from omniforge.modalities import by_token_folder
+    from omniforge.tokenize.kinds import kind_for
+    from omniforge.tokenize.store import TokenizerStore
 
     if spec.kind == "sequence":
         return text_tok.decode(ids.tolist())
-    name = _modality_of(folder)
-    if name is None:
+    info = by_token_folder(folder)
+    if info is None:
         raise ConfigError(f"{folder} is not a registered token folder: no tokenizer to decode it")
-    tok = models.load_tokenizer(os.path.join(tokenizers, name))
-    with torch.inference_mode():
-        recon = tok.decode(torch.from_numpy(ids.astype(np.int64))[None])
-    return models.restore(name, recon)[0]
+    return kind_for(info).decode(np.asarray(ids), TokenizerStore(tokenizers))
 
 
 def _save_decoded(folder: str, value: Any, out_dir: str) -> str:
@@ -472,7 +471,6 @@ def sample_keys(checkpoint: str, root: str, keys: Sequence[str], sources: Sequen
 def _sample_one(model: Any, specs: dict[str, ModalitySpec], root: str, key: str, sources: Sequence[str],
                 targets: Sequence[str], out: str, *, tokenizers: str | None, cfg: SampleConfig) -> list[str]:
     from omniforge._render import render_sample
-    from omniforge.tokenize import text
 
     sources = [resolve_folder(m, specs) for m in sources]
     targets = [resolve_folder(m, specs, target=True) for m in targets]
@@ -482,7 +480,9 @@ def _sample_one(model: Any, specs: dict[str, ModalitySpec], root: str, key: str,
                           "(modality names such as rgb or depth are accepted too)")
     text_tok = None
     if tokenizers and any(specs[m].kind == "sequence" for m in [*sources, *targets]):
-        text_tok = text.TextTokenizer.from_file(os.path.join(tokenizers, "text", "tokenizer.json"))
+        from omniforge.tokenize.store import TokenizerStore
+
+        text_tok = TokenizerStore(tokenizers).text()
     sentinel_ids, eos_id, pad_id = _text_ids(text_tok)
     inputs = {m: read_input(root, specs[m], key) for m in sources}
     generated = generate(model, specs, inputs, targets, cfg, sentinel_ids=sentinel_ids, eos_id=eos_id,

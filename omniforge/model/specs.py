@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from omniforge.modalities import MODALITIES, ModalityInfo
+from omniforge.modalities import KEEPS, ROLES, ModalityInfo, all_modalities, by_pixel_folder, by_token_folder
 
 Kind = Literal["image", "sequence", "global", "pixels"]
 KINDS: tuple[str, ...] = ("image", "sequence", "global", "pixels")
@@ -41,6 +41,10 @@ class ModalitySpec:
     grid: int = 0  # sqrt(num_tokens) for images and pixels, 0 otherwise
     patch: int = 0  # pixels: side of one patch; 0 otherwise
     source: str = ""  # pixels: the label folder the pixels come from ("rgb"); "" otherwise
+    chunks: tuple[int, int] | None = None  # sequences: span masking never cuts these chunks (ModalityInfo.chunks)
+    shuffle_chunks: bool = False  # sequences: chunks shuffled per sample before masking
+    keep: str = "random"  # sequences: the default span-masking keep scheme
+    role: str | None = None  # "both" (default) | "input" (never a target) | "target" (never an input); pixels: "input"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -63,6 +67,17 @@ class ModalitySpec:
                     f"(got grid={self.grid}, num_tokens={self.num_tokens})")
         elif self.grid != 0:
             raise ValueError(f"ModalitySpec {self.name!r}: grid must be 0 for a {self.kind} modality")
+        if self.chunks is not None:
+            object.__setattr__(self, "chunks", tuple(self.chunks))  # JSON gives a list
+            if self.kind != "sequence" or len(self.chunks) != 2 or min(self.chunks) < 1:
+                raise ValueError(f"ModalitySpec {self.name!r}: chunks are two positive sizes, for sequences only")
+        if self.keep not in KEEPS:
+            raise ValueError(f"ModalitySpec {self.name!r}: keep must be one of {KEEPS}, got {self.keep!r}")
+        if self.role is None:
+            object.__setattr__(self, "role", "input" if self.kind == "pixels" else "both")
+        if self.role not in ROLES or (self.kind == "pixels" and self.role != "input"):
+            raise ValueError(f"ModalitySpec {self.name!r}: role must be one of {ROLES} ('input' for pixels), "
+                             f"got {self.role!r}")
 
     @property
     def seq_len(self) -> int:
@@ -77,7 +92,11 @@ class ModalitySpec:
 
     @property
     def input_only(self) -> bool:
-        return self.kind == "pixels"
+        return self.kind == "pixels" or self.role == "input"
+
+    @property
+    def target_only(self) -> bool:
+        return self.role == "target"
 
 
 def pixel_spec(info: ModalityInfo) -> ModalitySpec:
@@ -86,7 +105,7 @@ def pixel_spec(info: ModalityInfo) -> ModalitySpec:
         raise ValueError(f"modality {info.name!r} has no raw-pixel input folder")
     grid = PIXEL_SIZE // PIXEL_PATCH
     return ModalitySpec(name=info.pixel_modality, kind="pixels", num_tokens=grid * grid, vocab_size=0, grid=grid,
-                        patch=PIXEL_PATCH, source=info.name)
+                        patch=PIXEL_PATCH, source=info.name, role="input")
 
 
 def patchify(image: np.ndarray, patch: int) -> np.ndarray:
@@ -105,54 +124,47 @@ def unpatchify(patches: np.ndarray, patch: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(grid * patch, grid * patch, 3))
 
 
-def _by_folder() -> dict[str, ModalityInfo]:
-    return {m.token_modality: m for m in MODALITIES.values()}
-
-
-def _pixel_folders() -> dict[str, ModalityInfo]:
-    return {m.pixel_modality: m for m in MODALITIES.values() if m.pixel_modality}
-
-
 def spec_for_info(info: ModalityInfo, text_vocab_size: int) -> ModalitySpec:
-    """The spec of one registered modality's token folder."""
-    if info.tokenizer == "wordpiece":
+    """The spec of one registered modality's token folder, from its registry entry's crop: image-like crops
+    give a square grid, global vectors a short code, sequences the shared text vocabulary."""
+    if info.crop == "sequence":
         return ModalitySpec(name=info.token_modality, kind="sequence", num_tokens=info.num_tokens,
-                            vocab_size=text_vocab_size)
-    if info.vocab_size is None:
-        raise ValueError(f"modality {info.name!r} ({info.tokenizer}) has no vocab_size in the registry")
-    if info.tokenizer == "memcodes":
+                            vocab_size=text_vocab_size, chunks=info.chunks, shuffle_chunks=info.shuffle_chunks,
+                            keep=info.keep, role=info.role)
+    if not info.tokenized:
+        raise ValueError(f"modality {info.name!r} is label-only: it has no token folder to train on")
+    if info.crop == "global":
         return ModalitySpec(name=info.token_modality, kind="global", num_tokens=info.num_tokens,
-                            vocab_size=info.vocab_size)
-    if info.tokenizer == "vqvae":
-        if not info.token_modality.endswith("@224"):
-            raise ValueError(f"image token folder {info.token_modality!r} should end with '@224'")
-        grid = math.isqrt(info.num_tokens)
-        return ModalitySpec(name=info.token_modality, kind="image", num_tokens=info.num_tokens,
-                            vocab_size=info.vocab_size, grid=grid)
-    raise ValueError(f"modality {info.name!r}: unknown tokenizer kind {info.tokenizer!r}")
+                            vocab_size=info.vocab_size, role=info.role)
+    grid = math.isqrt(info.num_tokens)
+    if grid * grid != info.num_tokens:
+        raise ValueError(f"modality {info.name!r}: image-like tokens need a square count, got {info.num_tokens}")
+    return ModalitySpec(name=info.token_modality, kind="image", num_tokens=info.num_tokens, vocab_size=info.vocab_size,
+                        grid=grid, role=info.role)
 
 
 def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpec]:
     """Specs of the given token folders (e.g. ``["tok_rgb@224", "tok_caption"]``), in the given order."""
     if text_vocab_size <= 0:
         raise ValueError(f"text_vocab_size must be positive, got {text_vocab_size}")
-    known, pixels = _by_folder(), _pixel_folders()
     out: dict[str, ModalitySpec] = {}
     for folder in folders:
-        if folder in pixels:
-            out[folder] = pixel_spec(pixels[folder])
+        pixels = by_pixel_folder(folder)
+        if pixels is not None:
+            out[folder] = pixel_spec(pixels)
             continue
-        info = known.get(folder)
+        info = by_token_folder(folder)
         if info is None:
-            raise KeyError(f"unknown folder {folder!r}; known token folders: {', '.join(known)}; raw-pixel input "
-                           f"folders: {', '.join(pixels)}")
+            known = ", ".join(m.token_modality for m in all_modalities() if m.tokenized)
+            raw = ", ".join(m.pixel_modality for m in all_modalities() if m.pixel_modality)
+            raise KeyError(f"unknown folder {folder!r}; known token folders: {known}; raw-pixel input folders: {raw}")
         out[folder] = spec_for_info(info, text_vocab_size)
     return out
 
 
 def pixel_source(folder: str) -> str | None:
     """The label folder a raw-pixel folder is read from (rgb@224 -> rgb); None for any other folder."""
-    info = _pixel_folders().get(folder)
+    info = by_pixel_folder(folder)
     return info.name if info is not None else None
 
 
@@ -162,7 +174,7 @@ def resolve_folder(name: str, available: list[str] | dict[str, ModalitySpec], *,
     tok_depth@224); as a ``target``, always the token folder (pixels are never generated)."""
     if name in available:
         return name
-    info = MODALITIES.get(name)
+    info = next((m for m in all_modalities() if m.name == name), None)
     if info is not None:
         for folder in ((info.token_modality,) if target else (info.pixel_modality, info.token_modality)):
             if folder in available:

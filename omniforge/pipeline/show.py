@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from omniforge import codecs
 from omniforge.errors import ConfigError
-from omniforge.modalities import MODALITIES
+from omniforge.modalities import all_modalities
 from omniforge import shards, storage
 from omniforge.shards import load_manifest
 from omniforge.pipeline.verify import discover_modalities
@@ -24,6 +24,7 @@ def load_sample(root: str, key: str, modalities: list[str] | None = None) -> tup
         sample_keys = manifest.column("key").slice(0, 5).to_pylist()
         raise ConfigError(f"key {key!r} is not in {root}; keys look like {sample_keys}")
     shard = rows.column("shard")[0].as_py()
+    exts = {m.name: m.ext for m in all_modalities()}
     values, failures = {}, {}
     for m in modalities or discover_modalities(root):
         status_uri = shards.status_uri(root, m, shard)
@@ -37,7 +38,7 @@ def load_sample(root: str, key: str, modalities: list[str] | None = None) -> tup
         elif not row["ok"]:
             failures[m] = f"{row['error_type']}: {row['error_message']}"
         else:
-            ext = MODALITIES[m].ext if m in MODALITIES else None
+            ext = exts.get(m)
             for name, data in shards.iter_tar(shards.tar_uri(root, m, shard)):
                 if shards.member_key(name) == key:
                     values[m] = codecs.decode(ext or name.split(".", 1)[1], data)
@@ -48,30 +49,19 @@ def load_sample(root: str, key: str, modalities: list[str] | None = None) -> tup
 
 
 def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
-    """Crop 0 of every token modality among `values`, decoded back with its tokenizer: image-like and global
+    """Crop 0 of every token modality among `values`, decoded back by its tokenizer kind: image-like and global
     modalities as label arrays (drawn like the label, to compare), sequences as their text."""
-    import torch
+    from omniforge.tokenize.kinds import kind_for
+    from omniforge.tokenize.store import TokenizerStore
 
-    from omniforge.pipeline import tokenize_job as job
-    from omniforge.tokenize import models, text
-
+    store = TokenizerStore(tokenizers)
     out: dict[str, object] = {}
-    text_tok = None
-    for m in job.TOKENIZABLE:
-        folder = job.token_folder(m)
-        if folder not in values:
+    for info in all_modalities():
+        folder = info.token_modality
+        if not info.tokenized or folder not in values:
             continue
         ids = np.asarray(values[folder])[0]
-        note = f"{m} (decoded from {folder}, crop 0)"
-        if m in job.SEQUENCES:
-            if text_tok is None:
-                text_tok = text.TextTokenizer.from_file(storage.join(tokenizers, job.TEXT_TOKENIZER, "tokenizer.json"))
-            out[note] = text_tok.decode(ids.tolist())
-            continue
-        model = models.load_tokenizer(storage.join(tokenizers, m))
-        with torch.inference_mode():
-            recon = model.decode(torch.from_numpy(ids.astype(np.int64))[None])
-        out[note] = models.restore(m, recon)[0]
+        out[f"{info.name} (decoded from {folder}, crop 0)"] = kind_for(info).decode(ids, store)
     return out
 
 
@@ -82,7 +72,7 @@ def load_generated(directory: str, modalities: list[str] | None = None) -> dict[
 
     from PIL import Image
 
-    names = {m.token_modality: m.name for m in MODALITIES.values()}
+    names = {m.token_modality: m.name for m in all_modalities() if m.tokenized}
     values: dict[str, object] = {}
     for file in sorted(os.listdir(directory)):
         path = os.path.join(directory, file)

@@ -14,10 +14,12 @@ exactly the same keys: those for which every requested modality was labeled and 
 is in each status table with ok=false and the reason, so ml-4m's loader (which needs identical keys across
 folders) and `omniforge verify` both hold.
 
-Crops: crop 0 is the centred square; crops 1.. are random resized crops with flips, seeded per key. Dense
-labels are cropped here; boxes, keypoints and SAM masks are transformed with the same crop. Feature maps
-cannot be cropped after the fact: crop 0 reuses the label job's features (computed on that same centred
-square) and crops 1.. run the same teacher, with the same weights, on the cropped image.
+Crops: crop 0 is the centred square; crops 1.. are random resized crops with flips, seeded per key, in the
+pixel frame of the image label. How each modality goes through a crop is its registry entry's `crop`, and
+its tokenizer kind does the rest (`omniforge.tokenize.kinds`): dense labels are cropped here; sequences are
+serialized per crop (boxes, keypoints and SAM masks transformed with the same crop); feature maps and global
+vectors cannot be cropped after the fact, so crop 0 reuses the label job's output (computed on that same
+centred square) and crops 1.. run the same teacher, with the same weights, on the cropped image.
 """
 
 from __future__ import annotations
@@ -39,44 +41,25 @@ import numpy as np
 
 from omniforge import codecs
 from omniforge.errors import ConfigError, SampleError
-from omniforge.modalities import MODALITIES
+from omniforge.modalities import IMAGE_MODALITY, ModalityInfo, all_modalities, get_modality
 from omniforge import shards, storage
 from omniforge._progress import Progress
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.shards import load_manifest
 from omniforge.tokenize.crops import CropConfig, crop_settings
+from omniforge.tokenize.kinds import TokenizerKind, get_kind, kind_for
+from omniforge.tokenize.store import TokenizerStore
 
 log = logging.getLogger(__name__)
 
 CROP_SETTINGS = shards.CROP_SETTINGS
 VERSION = 1  # bump when the token format or the crop/serialization rules change: re-runs redo everything
 
-# How each label modality is cropped before its tokenizer (crops.crop_dense modes).
-DENSE_MODES = {"rgb": "bicubic", "depth": "bilinear", "normal": "normal", "canny_edge": "bilinear",
-               "sam_edge": "bilinear", "semseg_coco": "nearest"}
-FEATURE_MAPS = ("clip", "dinov2", "imagebind")
-GLOBALS = ("dinov2_global", "imagebind_global")
-SEQUENCES = ("caption", "det", "human_poses", "sam_instance", "color_palette", "metadata")
-TOKENIZABLE = tuple(DENSE_MODES) + FEATURE_MAPS + GLOBALS + SEQUENCES
-TEXT_TOKENIZER = "text"
-SAM_MASK_TOKENIZER = "sam_mask"
 
 
-def token_folder(modality: str) -> str:
-    return MODALITIES[modality].token_modality
-
-
-def tokenizer_names(modality: str) -> tuple[str, ...]:
-    """The tokenizers (subfolders of --tokenizers) a modality needs."""
-    if modality == "sam_instance":
-        return TEXT_TOKENIZER, SAM_MASK_TOKENIZER
-    if modality in SEQUENCES:
-        return (TEXT_TOKENIZER,)
-    return (modality,)
-
-
-def _tokenizer_file(directory: str, name: str) -> str:
-    return storage.join(directory, name, "tokenizer.json" if name == TEXT_TOKENIZER else "model.safetensors")
+def tokenizable() -> tuple[str, ...]:
+    """Every registered modality the tokenize job can tokenize, in registry order."""
+    return tuple(m.name for m in all_modalities() if m.tokenized)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,9 +79,12 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         if not self.modalities:
             raise ConfigError("--modalities is empty: name the label modalities to tokenize, e.g. depth,normal,caption")
-        unknown = [m for m in self.modalities if m not in TOKENIZABLE]
+        unknown = [m for m in self.modalities if m not in tokenizable()]
         if unknown:
-            raise ConfigError(f"cannot tokenize {', '.join(unknown)}: tokenizable modalities are {', '.join(TOKENIZABLE)}")
+            raise ConfigError(f"cannot tokenize {', '.join(unknown)}: tokenizable modalities are "
+                              f"{', '.join(tokenizable())}")
+        for m in self.modalities:
+            kind_for(m)  # an unknown tokenizer kind, or a modality its kind cannot handle, fails here
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -134,21 +120,6 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def tokenizer_fingerprint(directory: str, name: str) -> str:
-    """Content hash of a trained tokenizer (its weights or vocabulary and its config)."""
-    files = [_tokenizer_file(directory, name)]
-    if name != TEXT_TOKENIZER:
-        files.append(storage.join(directory, name, "config.json"))
-    h = hashlib.sha256()
-    for f in files:
-        if not storage.exists(f):
-            hint = "caption" if name == TEXT_TOKENIZER else ("sam_instance" if name == SAM_MASK_TOKENIZER else name)
-            raise ConfigError(f"no {name} tokenizer in {directory} ({f} is missing): train it with `omniforge "
-                              f"tokenizer train --data LABELS --modality {hint} --out {directory}`")
-        h.update(storage.read_bytes(f))
-    return h.hexdigest()[:16]
-
-
 def _label_fingerprints(root: str, modalities: tuple[str, ...],
                         shard_ids: list[int]) -> dict[tuple[str, int], list[str]]:
     """(modality, shard) -> the label job's fingerprints, read once for the whole job (in parallel: S3)."""
@@ -170,6 +141,7 @@ class ShardSpec:
     input: str
     output: str
     modalities: tuple[str, ...]
+    infos: tuple[ModalityInfo, ...]  # of the image and every modality: plugin modalities are unknown to workers
     tokenizers: str
     crops: CropConfig
     batch_size: int
@@ -204,16 +176,18 @@ class ShardTokenizer:
     def __init__(self, spec: ShardSpec, device: str = "cpu", num_threads: int | None = None):
         import torch
 
-        from omniforge.tokenize import models, text
-
         if num_threads:
             torch.set_num_threads(num_threads)
         self.spec, self.device = spec, device
-        needed = {n for m in spec.modalities for n in tokenizer_names(m)}
-        self.vq = {n: models.load_tokenizer(storage.join(spec.tokenizers, n), device=device)
-                   for n in sorted(needed - {TEXT_TOKENIZER})}
-        self.text = (text.TextTokenizer.from_file(_tokenizer_file(spec.tokenizers, TEXT_TOKENIZER))
-                     if TEXT_TOKENIZER in needed else None)
+        self.infos = {info.name: info for info in spec.infos}
+        self.kinds: dict[str, TokenizerKind] = {m: get_kind(self.infos[m].tokenizer)(self.infos[m])
+                                                 for m in spec.modalities}
+        self.store = TokenizerStore(spec.tokenizers, device=device)
+        for kind in self.kinds.values():  # load everything now: a missing tokenizer fails the actor at start
+            if kind.model_kind is not None:
+                self.store.model(kind)
+            if kind.sequence:
+                self.store.text()
         self.teachers = {}
         for t in spec.teachers:
             labeler = t.build(device=device)
@@ -225,7 +199,7 @@ class ShardTokenizer:
     def run(self, shard: int, keys: list[str], fingerprint: str) -> dict[str, Any]:
         spec = self.spec
         keys = sorted(keys)
-        inputs = ("rgb",) + tuple(m for m in spec.modalities if m != "rgb")
+        inputs = (IMAGE_MODALITY,) + tuple(m for m in spec.modalities if m != IMAGE_MODALITY)
         failures: dict[str, tuple[str, str]] = {}
         for m in inputs:
             uri = shards.status_uri(spec.input, m, shard)
@@ -247,8 +221,8 @@ class ShardTokenizer:
             labels = self._read(batch, inputs, cursors, failures)
             for k in batch:
                 if k not in failures:
-                    rgb = labels["rgb"][k]
-                    crops[k] = crop_settings(k, rgb.shape[0], rgb.shape[1], spec.crops)
+                    image = labels[IMAGE_MODALITY][k]
+                    crops[k] = crop_settings(k, image.shape[0], image.shape[1], spec.crops)
             for m in spec.modalities:
                 live = [k for k in batch if k not in failures]
                 if not live:
@@ -262,7 +236,8 @@ class ShardTokenizer:
         self._commit(shard, keys, kept, failures, crops, tokens, fingerprint)
         left_out = Counter(failures[k][0] for k in keys if k in failures)
         return {"shard": shard, "samples": len(keys), "written": len(kept), "left_out": dict(left_out),
-                "tokens": {token_folder(m): int(sum(_count_tokens(m, tokens[m][k]) for k in kept))
+                "tokens": {self.infos[m].token_modality: int(sum(_count_tokens(self.kinds[m], tokens[m][k])
+                                                                  for k in kept))
                            for m in spec.modalities}}
 
     def _read(self, batch: list[str], inputs: tuple[str, ...], cursors: dict[str, _TarCursor],
@@ -277,18 +252,18 @@ class ShardTokenizer:
                     failures[k] = ("missing_member", f"{m}: status says labeled but the tar has no member for it")
                     continue
                 try:
-                    value = codecs.decode(member[0].split(".", 1)[1], member[1])
-                    labels[m][k] = np.asarray(value) if m == "semseg_coco" else value
+                    labels[m][k] = codecs.decode(member[0].split(".", 1)[1], member[1])
                 except Exception as e:  # noqa: BLE001 - a corrupt member fails its sample, not the shard
                     failures[k] = ("corrupt_label", f"{m}: {type(e).__name__}: {e}")
         return labels
 
     def _tokenize(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray | SampleError]:
+        crop = self.infos[m].crop
         try:
-            if m in DENSE_MODES:
+            if crop == "dense":
                 return self._dense(m, keys, labels, crops)
-            if m in FEATURE_MAPS or m in GLOBALS:
-                return self._features(m, keys, labels, crops)
+            if crop in ("features", "global"):
+                return self._teacher_crops(m, keys, labels, crops)
             return [self._sequence(m, k, labels, crops[k]) for k in keys]
         except SampleError as e:
             if len(keys) == 1:
@@ -296,28 +271,17 @@ class ShardTokenizer:
             # one bad sample in a batch: retry one by one so only the culprit fails
             return [self._tokenize(m, [k], labels, crops)[0] for k in keys]
 
-    def _encode(self, name: str, arrays: list[np.ndarray], n_crops: int) -> list[np.ndarray]:
-        import torch
-
-        from omniforge.tokenize import models
-
-        model = self.vq[name]
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(arrays), 64):
-                x = models.prepare(name, arrays[i:i + 64]).to(self.device)
-                out.append(model.encode(x).cpu().numpy())
-        ids = np.concatenate(out).astype(np.int16)
-        return [ids[i:i + n_crops] for i in range(0, len(ids), n_crops)]
+    def _encode(self, m: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        ids = self.store.encode(self.kinds[m], arrays)
+        n = self.spec.crops.n_crops
+        return [ids[i:i + n] for i in range(0, len(ids), n)]
 
     def _dense(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray]:
-        from omniforge.tokenize.crops import crop_dense
+        kind, size = self.kinds[m], self.spec.crops.size
+        arrays = [a for k in keys for c in crops[k] for a in kind.crop_inputs(labels[m][k], c, size)]
+        return self._encode(m, arrays)
 
-        size = self.spec.crops.size
-        arrays = [crop_dense(np.asarray(labels[m][k]), c, size, mode=DENSE_MODES[m]) for k in keys for c in crops[k]]
-        return self._encode(m, arrays, self.spec.crops.n_crops)
-
-    def _features(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray | SampleError]:
+    def _teacher_crops(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray]:
         from omniforge.labelers import Sample
         from omniforge.tokenize.crops import crop_image
 
@@ -327,52 +291,35 @@ class ShardTokenizer:
             arrays.append(np.asarray(labels[m][k]))
             extra = crops[k][1:]
             if len(extra):
-                samples = [Sample(key=k, image=crop_image(labels["rgb"][k], c, size)) for c in extra]
+                image = labels[IMAGE_MODALITY][k]
+                samples = [Sample(key=k, image=crop_image(image, c, size)) for c in extra]
                 for r in self.teachers[m].label(samples):
                     if isinstance(r, SampleError):
                         raise r
                     arrays.append(np.asarray(r[m]))
-        return self._encode(m, arrays, self.spec.crops.n_crops)
+        return self._encode(m, arrays)
 
     def _sequence(self, m: str, key: str, labels: dict, crops_k: np.ndarray) -> np.ndarray | SampleError:
-        from omniforge.tokenize import crops as C
-        from omniforge.tokenize import text as T
+        from omniforge.tokenize.text import Crop
 
+        kind, info = self.kinds[m], self.infos[m]
         value = labels[m][key]
-        h, w = labels["rgb"][key].shape[:2]
-        max_tokens = T.MAX_TOKENS[m]
+        h, w = labels[IMAGE_MODALITY][key].shape[:2]
+        text = self.store.text()
         rows = []
         try:
             for i, c in enumerate(crops_k):
-                if m == "caption":
-                    units = [str(value)]
-                elif m == "color_palette":
-                    units = T.palette_units(value)
-                elif m == "metadata":
-                    units = T.metadata_units(value)
-                elif m == "det":
-                    units = T.det_units(C.crop_det(value, c, h, w))
-                elif m == "human_poses":
-                    units = T.pose_units(C.crop_poses(value, c, h, w))
-                else:  # sam_instance
-                    units = self._sam_units(key, i, C.crop_sam(value, c, h, w, size=self.spec.crops.size))
-                rows.append(self.text.encode_units(units, max_tokens))
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+                crop = Crop(row=c, height=h, width=w, size=self.spec.crops.size, key=key, index=i,
+                            seed=self.spec.crops.seed)
+                rows.append(text.encode_units(kind.units(value, crop, self.store), info.num_tokens))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             return SampleError("bad_label", f"{m}: cannot serialize: {type(e).__name__}: {e}")
         return np.stack(rows).astype(np.int16)
-
-    def _sam_units(self, key: str, crop_index: int, instances: list) -> list[str]:
-        from omniforge.tokenize import text as T
-
-        toks = self._encode(SAM_MASK_TOKENIZER, [i.mask for i in instances], 1) if instances else []
-        seed = int.from_bytes(hashlib.sha256(f"{self.spec.crops.seed}/{key}/{crop_index}".encode()).digest()[:8], "little")
-        points = T.sam_query_points(np.random.default_rng(seed), size=self.spec.crops.size)
-        return T.sam_units(points, [(i.bbox, t[0].tolist(), i.full) for i, t in zip(instances, toks)])
 
     def _commit(self, shard: int, keys: list[str], kept: list[str], failures: dict, crops: dict, tokens: dict,
                 fingerprint: str) -> None:
         out = self.spec.output
-        folders = [(CROP_SETTINGS, crops)] + [(token_folder(m), tokens[m]) for m in self.spec.modalities]
+        folders = [(CROP_SETTINGS, crops)] + [(self.infos[m].token_modality, tokens[m]) for m in self.spec.modalities]
         for folder, values in folders:
             shards.write_tar(shards.tar_uri(out, folder, shard),
                              ((f"{k}.npy", codecs.encode("npy", values[k])) for k in kept))
@@ -384,9 +331,9 @@ class ShardTokenizer:
             shards.write_status(shards.status_uri(out, folder, shard), rows)
 
 
-def _count_tokens(modality: str, ids: np.ndarray) -> int:
+def _count_tokens(kind: TokenizerKind, ids: np.ndarray) -> int:
     """Tokens of one sample, all crops; sequences without their [PAD] (id 0) tail."""
-    return int(np.count_nonzero(ids)) if modality in SEQUENCES else int(ids.size)
+    return int(np.count_nonzero(ids)) if kind.sequence else int(ids.size)
 
 
 class _ShardStage:
@@ -405,7 +352,7 @@ class _ShardStage:
 
 def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str, int], list[str]]) -> tuple:
     """Feature teachers for crops 1.., checked against the fingerprint the label job recorded."""
-    wanted = tuple(m for m in cfg.modalities if m in FEATURE_MAPS + GLOBALS)
+    wanted = tuple(m for m in cfg.modalities if get_modality(m).teacher_crops)
     if cfg.crops.n_crops < 2 or not wanted:
         return ()
     from omniforge.labelers import labeler_for_modality
@@ -434,7 +381,7 @@ def _shard_fingerprint(cfg: TokenizeConfig, shard: int, label_fps: dict[tuple[st
         "modalities": sorted(cfg.modalities),
         "tokenizers": tok_fps,
         "crops": cfg.crops.to_dict(),
-        "labels": {m: label_fps[(m, shard)] for m in ("rgb", *cfg.modalities)},
+        "labels": {m: label_fps[(m, shard)] for m in (IMAGE_MODALITY, *cfg.modalities)},
         "teachers": sorted(t.fingerprint for t in teachers),
     })
 
@@ -462,15 +409,16 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
     for k, s in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
         keys_by_shard[s].append(k)
     shard_ids = sorted(keys_by_shard)
-    for m in ("rgb", *cfg.modalities):
+    for m in (IMAGE_MODALITY, *cfg.modalities):
         if not storage.list_files(storage.join(root, shards.STATUS_DIR, m)):
             raise ConfigError(f"no {m} labels under {root}: run `omniforge label --output {root} --modalities {m}` "
                               f"first")
     tokenizers_dir = storage.normalize(cfg.tokenizers)
-    tok_fps = {n: tokenizer_fingerprint(tokenizers_dir, n) for m in cfg.modalities for n in tokenizer_names(m)}
-    label_fps = _label_fingerprints(root, ("rgb", *cfg.modalities), shard_ids)
+    store = TokenizerStore(tokenizers_dir)
+    tok_fps = {art.folder: store.fingerprint(art) for m in cfg.modalities for art in kind_for(m).artifacts}
+    label_fps = _label_fingerprints(root, (IMAGE_MODALITY, *cfg.modalities), shard_ids)
     teachers = _resolve_teachers(cfg, root, label_fps)
-    folders = [CROP_SETTINGS] + [token_folder(m) for m in cfg.modalities]
+    folders = [CROP_SETTINGS] + [get_modality(m).token_modality for m in cfg.modalities]
     fps = {s: _shard_fingerprint(cfg, s, label_fps, tok_fps, teachers) for s in shard_ids}
     with ThreadPoolExecutor(16) as pool:
         done = list(pool.map(lambda s: _is_done(out, folders, s, fps[s]), shard_ids))
@@ -488,8 +436,9 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
               "tokenizer_fingerprints": tok_fps, "start": _dt.datetime.now(_dt.timezone.utc).isoformat(), "end": None}
     if pending:
         storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
-        spec = ShardSpec(input=root, output=out, modalities=tuple(cfg.modalities), tokenizers=tokenizers_dir,
-                         crops=cfg.crops, batch_size=cfg.batch_size, teachers=teachers)
+        infos = tuple(get_modality(m) for m in dict.fromkeys((IMAGE_MODALITY, *cfg.modalities)))
+        spec = ShardSpec(input=root, output=out, modalities=tuple(cfg.modalities), infos=infos,
+                         tokenizers=tokenizers_dir, crops=cfg.crops, batch_size=cfg.batch_size, teachers=teachers)
         try:
             _run(cfg, spec, pending, keys_by_shard, fps, summary, ray_address)
         except Exception as e:
@@ -546,5 +495,4 @@ def parse_crops(n: int, *, seed: int = 0, size: int = 224) -> CropConfig:
         raise ConfigError(f"--crops: {e}") from None
 
 
-__all__ = ["TokenizeConfig", "TokenizeSummary", "ShardTokenizer", "tokenize", "TOKENIZABLE", "token_folder",
-           "tokenizer_names", "CROP_SETTINGS"]
+__all__ = ["TokenizeConfig", "TokenizeSummary", "ShardTokenizer", "tokenize", "tokenizable", "CROP_SETTINGS"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from omniforge import codecs
 from omniforge.errors import CorruptShardError
-from omniforge.modalities import MODALITIES
+from omniforge.modalities import ModalityInfo, all_modalities
 from omniforge import shards, storage
 from omniforge.shards import load_manifest
 
@@ -72,10 +72,13 @@ def discover_modalities(root: str) -> list[str]:
 
 def _token_folders() -> dict[str, tuple[int, np.dtype]]:
     """Token folders (and crop_settings) -> (values per crop, dtype) of their `(n_crops, N)` arrays."""
-    out = {m.token_modality: (m.num_tokens, np.dtype(np.int16)) for m in MODALITIES.values()
-           if m.token_modality.startswith("tok_") and m.token_modality != m.name}
-    out["crop_settings"] = (5, np.dtype(np.int32))
+    out = {m.token_modality: (m.num_tokens, np.dtype(np.int16)) for m in all_modalities() if m.tokenized}
+    out[shards.CROP_SETTINGS] = (5, np.dtype(np.int32))
     return out
+
+
+def _label_info(folder: str) -> ModalityInfo | None:
+    return next((m for m in all_modalities() if m.name == folder), None)
 
 
 def _command(modality: str) -> str:
@@ -116,8 +119,9 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
     if not storage.exists(tar_uri):
         return len(ok_keys), len(status) - len(ok_keys), next(iter(fps), None), problems + [f"{where}: status without tar"]
     token_spec = _token_folders().get(modality)
-    ext = "npy" if token_spec else (MODALITIES[modality].ext if modality in MODALITIES else None)
-    shape = MODALITIES[modality].shape if modality in MODALITIES else None
+    info = None if token_spec else _label_info(modality)
+    ext = "npy" if token_spec else (info.ext if info is not None else None)
+    shape = info.shape if info is not None else None
     tar_keys = []
     for name, data in _readable_members(tar_uri, where, problems):
         key, _, member_ext = name.partition(".")

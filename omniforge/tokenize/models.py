@@ -1,26 +1,17 @@
-"""Tokenizer models: turn label arrays into discrete tokens and back, as 4M-21 does.
+"""Tokenizer models: the trainable networks behind the tokenizer kinds (`kinds.py`), and their files.
 
-- Image-like labels (rgb, depth, normal, edges, semantic segmentation, feature maps, SAM instance masks):
-  a ViT encoder/decoder VQ-VAE. Patches are embedded, run through a pre-norm transformer with fixed 2-D
-  sin-cos position embeddings, projected to a 32-d latent and quantized with an EMA, cosine-similarity
-  codebook with dead-code restarts (lucidrains' `vector_quantize_pytorch.VectorQuantize`); a mirror
-  transformer decodes the codes back to patches.
-- Global embeddings (dinov2_global, imagebind_global): a bottleneck MLP maps the vector to 16 queries,
-  quantized with Memcodes (`memcodes.py`), and a second MLP maps the 16 codes back to the vector.
+- `VQViTTokenizer`: patches are embedded, run through a pre-norm transformer with fixed 2-D sin-cos position
+  embeddings, projected to a 32-d latent and quantized with an EMA, cosine-similarity codebook with dead-code
+  restarts (lucidrains' `vector_quantize_pytorch.VectorQuantize`); a mirror transformer decodes the codes
+  back to patches. `TokenizerConfig.kind` picks the input and loss: "pixels" (float (B, C, H, W), MSE),
+  "segmentation" (int64 (B, H, W) class ids, embedded; cross-entropy over class logits), "features" (float
+  (B, C, h, w); smooth-L1 plus cosine), "mask" (float (B, 1, 64, 64) in {0, 1}; BCE, decoded as
+  probabilities).
+- `MemcodesTokenizer` ("global"): a bottleneck MLP maps a (B, D) vector to `num_tokens` queries, quantized
+  with Memcodes (`memcodes.py`), and a second MLP maps the codes back to the vector.
 
-Data flows through three spaces:
-
-    label arrays --prepare()--> model batch --encode()--> token ids (B, num_tokens)
-    token ids --decode()--> model-space reconstruction --restore()--> label arrays
-
-`prepare` / `restore` are pure functions of the tokenizer name; the model never sees uint8 or uint16 data.
-The model space per kind:
-
-    pixels        float (B, C, H, W) in [-1, 1]                 decode: float (B, C, H, W), unclamped
-    segmentation  int64 (B, H, W), class ids, 133 = none        decode: class logits (B, 134, H, W)
-    features      float (B, C, h, w)                            decode: float (B, C, h, w)
-    global        float (B, D)                                  decode: float (B, D)
-    mask          float (B, 1, 64, 64) in {0, 1}                decode: probabilities (B, 1, 64, 64)
+A trained tokenizer is a folder: `config.json` ({"config": TokenizerConfig fields, "format", "version"}) and
+`model.safetensors` (weights and codebook buffers); see `save_tokenizer` / `load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -30,52 +21,15 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniforge.errors import ConfigError, SampleError, WeightsError
-from omniforge.modalities import get_modality
+from omniforge.errors import ConfigError, WeightsError
 from omniforge.tokenize._vit import BottleneckMLP, ViTStack, unpatchify
 from omniforge.tokenize.memcodes import Memcodes
 
-KINDS = ("pixels", "segmentation", "features", "global", "mask")
-SIZES = ("tiny", "base")
-
-SEMSEG_NUM_CLASSES = 134  # 133 COCO panoptic classes + 1 "none"
-SEMSEG_NONE_CLASS = 133  # the model's class for label value 255
-SEMSEG_NONE_LABEL = 255  # "no class" in the semseg_coco label png
-SAM_MASK_SIZE = 64
-SAM_MASK_CODEBOOK = 1024
-
-# What each tokenizer eats: kind, and for pixel kinds the label layout (channels) at the 224 input size.
-# Feature and global sizes come from the modality registry's array shapes.
-_KIND = {
-    "rgb": "pixels",
-    "depth": "pixels",
-    "normal": "pixels",
-    "canny_edge": "pixels",
-    "sam_edge": "pixels",
-    "semseg_coco": "segmentation",
-    "clip": "features",
-    "dinov2": "features",
-    "imagebind": "features",
-    "dinov2_global": "global",
-    "imagebind_global": "global",
-    "sam_mask": "mask",
-}
-_PIXEL_CHANNELS = {"rgb": 3, "normal": 3, "depth": 1, "canny_edge": 1, "sam_edge": 1}
-_PIXEL_DTYPE = {"rgb": np.uint8, "normal": np.uint8, "depth": np.uint16, "canny_edge": np.uint8, "sam_edge": np.uint8}
-_PIXEL_SIZE = 224
-_PATCH = 16
-
-TOKENIZER_NAMES: tuple[str, ...] = tuple(_KIND)
-
-# dead-code threshold as 4M computes it: (tokens per batch / codebook size) / coefficient
-_TINY_DEAD_CODE_THRESHOLD = 2.0
-_DEAD_CODE_COEF = 32.0
-_REFERENCE_BATCH = {"tiny": 8, "base": 64}
+KINDS = ("pixels", "segmentation", "features", "global", "mask")  # model families (TokenizerConfig.kind)
 
 
 @dataclass(kw_only=True)
@@ -86,7 +40,7 @@ class TokenizerConfig:
     `dim` is the MLP width and `depth` its number of residual blocks (`heads` is unused, 0).
     """
 
-    name: str  # a label modality ("depth", "clip", "dinov2_global", ...) or "sam_mask"
+    name: str  # the tokenizer's folder under --tokenizers (a modality name, or a kind's shared folder)
     kind: str  # one of KINDS
     in_channels: int  # input channels; segmentation: number of classes; global: vector length
     image_size: int  # input side (224, 64, 14 or 16); 0 for global
@@ -146,52 +100,6 @@ class TokenizerConfig:
             return cls(**data)
         except TypeError as e:  # a missing required field
             raise ConfigError(f"incomplete tokenizer config: {e}") from None
-
-
-def default_config(name: str, size: str = "tiny") -> TokenizerConfig:
-    """The tokenizer config for `name` at `size` ("tiny": fast CPU tests; "base": the 4M-21 scale)."""
-    if name not in _KIND:
-        raise ConfigError(f"no tokenizer named {name!r}; known tokenizers: {', '.join(TOKENIZER_NAMES)}")
-    if size not in SIZES:
-        raise ConfigError(f"unknown tokenizer size {size!r}; choose one of {', '.join(SIZES)}")
-    kind = _KIND[name]
-    tiny = size == "tiny"
-    if kind == "global":
-        (d,) = get_modality(name).shape
-        num_tokens = get_modality(name).num_tokens
-        return TokenizerConfig(
-            name=name, kind=kind, in_channels=d, image_size=0, patch_size=0,
-            codebook_size=128 if tiny else get_modality(name).vocab_size,
-            latent_dim=32 if tiny else 64, dim=128 if tiny else 1024, depth=2 if tiny else 6, heads=0,
-            num_tokens=num_tokens,
-        )
-    if kind == "features":
-        h, w, c = get_modality(name).shape
-        in_channels, image_size, patch_size = c, h, 1
-    elif kind == "mask":
-        in_channels, image_size, patch_size = 1, SAM_MASK_SIZE, _PATCH
-    elif kind == "segmentation":
-        in_channels, image_size, patch_size = SEMSEG_NUM_CLASSES, _PIXEL_SIZE, _PATCH
-    else:
-        in_channels, image_size, patch_size = _PIXEL_CHANNELS[name], _PIXEL_SIZE, _PATCH
-    num_tokens = (image_size // patch_size) ** 2
-    base_codebook = SAM_MASK_CODEBOOK if kind == "mask" else get_modality(name).vocab_size
-    if kind != "mask" and get_modality(name).num_tokens != num_tokens:  # the registry is the contract
-        raise ConfigError(f"tokenizer {name!r} would make {num_tokens} tokens, the registry says "
-                          f"{get_modality(name).num_tokens}")
-    codebook_size = 128 if tiny else base_codebook
-    # ml-4m's rule for real runs (expected hits per code per batch / 32). Tiny runs are a few dozen steps:
-    # at that threshold their codebook sits on a handful of codes for hundreds of steps before restarts
-    # rescue it, so they restart codes that average under 2 hits per batch from the start.
-    threshold = _REFERENCE_BATCH[size] * num_tokens / codebook_size / _DEAD_CODE_COEF
-    if tiny:
-        threshold = max(_TINY_DEAD_CODE_THRESHOLD, threshold)
-    return TokenizerConfig(
-        name=name, kind=kind, in_channels=in_channels, image_size=image_size, patch_size=patch_size,
-        codebook_size=codebook_size, latent_dim=32,
-        dim=64 if tiny else 768, depth=1 if tiny else 12, heads=2 if tiny else 12, num_tokens=num_tokens,
-        class_emb_dim=8 if tiny else 32, threshold_ema_dead_code=threshold,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -358,127 +266,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     return VQViTTokenizer(cfg)
 
 
-# ------------------------------------------------------------------------------ label arrays <-> batch
-
-
-def _kind_of(name: str) -> str:
-    try:
-        return _KIND[name]
-    except KeyError:
-        raise ConfigError(f"no tokenizer named {name!r}; known tokenizers: {', '.join(TOKENIZER_NAMES)}") from None
-
-
-def _input_layout(name: str) -> tuple[tuple[int, ...], str]:
-    """The label array shape a tokenizer eats, and a dtype description."""
-    kind = _kind_of(name)
-    if kind == "pixels":
-        c = _PIXEL_CHANNELS[name]
-        shape = (_PIXEL_SIZE, _PIXEL_SIZE, c) if c == 3 else (_PIXEL_SIZE, _PIXEL_SIZE)
-        return shape, np.dtype(_PIXEL_DTYPE[name]).name
-    if kind == "segmentation":
-        return (_PIXEL_SIZE, _PIXEL_SIZE), "uint8"
-    if kind == "mask":
-        return (SAM_MASK_SIZE, SAM_MASK_SIZE), "uint8"
-    return tuple(get_modality(name).shape), "float"
-
-
-def prepare(name: str, arrays: list[np.ndarray]) -> Tensor:
-    """Label arrays, already cropped/resized to the tokenizer's input size -> one model batch.
-
-    Raises SampleError("bad_shape" | "bad_dtype" | "bad_value", ...) naming what was expected.
-    """
-    kind = _kind_of(name)
-    shape, dtype_name = _input_layout(name)
-    if len(arrays) == 0:
-        raise ValueError(f"prepare({name!r}) needs at least one array")
-    checked = []
-    for arr in arrays:
-        arr = np.asarray(arr)
-        if arr.shape != shape:
-            raise SampleError("bad_shape", f"{name} tokenizer input must have shape {shape}, got {arr.shape}")
-        if dtype_name == "float":
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise SampleError("bad_dtype", f"{name} tokenizer input must be float16/32, got {arr.dtype}")
-            if not np.isfinite(arr).all():
-                raise SampleError("bad_value", f"{name} tokenizer input holds NaN or infinite values")
-        elif kind == "mask":
-            if arr.dtype not in (np.uint8, np.bool_):
-                raise SampleError("bad_dtype", f"{name} tokenizer input must be uint8 0/1, got {arr.dtype}")
-        elif arr.dtype != np.dtype(dtype_name):
-            raise SampleError("bad_dtype", f"{name} tokenizer input must be {dtype_name}, got {arr.dtype}")
-        checked.append(arr)
-    batch = np.stack(checked)
-    if kind == "pixels":
-        scale = float(np.iinfo(batch.dtype).max)  # 255 or 65535
-        x = torch.from_numpy(batch.astype(np.float32) / scale * 2.0 - 1.0)
-        return x.permute(0, 3, 1, 2).contiguous() if x.ndim == 4 else x.unsqueeze(1)  # (B, C, H, W)
-    if kind == "segmentation":
-        bad = (batch >= SEMSEG_NONE_CLASS) & (batch != SEMSEG_NONE_LABEL)
-        if bad.any():
-            raise SampleError("bad_value", f"{name} class ids must be 0..{SEMSEG_NONE_CLASS - 1} or "
-                                           f"{SEMSEG_NONE_LABEL} (none), got {int(batch[bad][0])}")
-        ids = batch.astype(np.int64)
-        ids[ids == SEMSEG_NONE_LABEL] = SEMSEG_NONE_CLASS
-        return torch.from_numpy(ids)  # (B, H, W)
-    if kind == "mask":
-        return torch.from_numpy((batch > 0).astype(np.float32)).unsqueeze(1)  # (B, 1, 64, 64)
-    x = torch.from_numpy(batch.astype(np.float32))
-    return x.permute(0, 3, 1, 2).contiguous() if kind == "features" else x  # (B, C, h, w) | (B, D)
-
-
-def restore(name: str, x: Tensor) -> list[np.ndarray]:
-    """Inverse of prepare for decode() outputs: back to the label dtype and layout, one array per sample."""
-    kind = _kind_of(name)
-    x = x.detach().float().cpu()
-    if kind == "pixels":
-        dtype = _PIXEL_DTYPE[name]
-        batch = ((x.clamp(-1, 1) + 1) / 2 * float(np.iinfo(dtype).max)).round().numpy().astype(dtype)
-        batch = batch.transpose(0, 2, 3, 1)  # (B, H, W, C)
-        return [a if a.shape[-1] == 3 else a[..., 0] for a in batch]
-    if kind == "segmentation":
-        ids = x.argmax(dim=1).numpy().astype(np.uint8)  # (B, H, W)
-        ids[ids == SEMSEG_NONE_CLASS] = SEMSEG_NONE_LABEL
-        return list(ids)
-    if kind == "mask":
-        return list((x[:, 0] > 0.5).numpy().astype(np.uint8))
-    batch = x.numpy().astype(np.float16)
-    if kind == "features":
-        batch = batch.transpose(0, 2, 3, 1)  # (B, h, w, C)
-    return [np.ascontiguousarray(a) for a in batch]
-
-
 # --------------------------------------------------------------------------------------------- metrics
-
-_PSNR_MSE_FLOOR = 1e-10  # identical data gives a finite 106 dB instead of inf (JSON has no inf)
-
-
-def quality(name: str, x: Tensor, recon: Tensor) -> dict[str, float]:
-    """Reconstruction quality of a prepared batch `x` against decode() output `recon`.
-
-    pixels: "psnr" (dB, data range 2 of [-1, 1] data, mean over images) and "mse"; segmentation: "miou"
-    over the classes present in the target or the prediction ("none" included) and "pixel_acc";
-    features/global: "cosine" (mean cosine similarity per position / per vector); mask: "iou".
-    """
-    kind = _kind_of(name)
-    x, recon = x.detach().cpu(), recon.detach().cpu().float()
-    if kind == "pixels":
-        err = (recon.clamp(-1, 1) - x.float()) ** 2
-        per_image = err.flatten(1).mean(dim=1).clamp(min=_PSNR_MSE_FLOOR)
-        psnr = (10 * torch.log10(4.0 / per_image)).mean()
-        return {"psnr": float(psnr), "mse": float(err.mean())}
-    if kind == "segmentation":
-        pred, target = recon.argmax(dim=1), x.long()
-        ious = []
-        for cls in torch.unique(torch.cat([pred.unique(), target.unique()])):
-            p, t = pred == cls, target == cls
-            ious.append(float((p & t).sum()) / float((p | t).sum()))
-        return {"miou": float(np.mean(ious)), "pixel_acc": float((pred == target).float().mean())}
-    if kind == "mask":
-        p, t = recon > 0.5, x > 0.5
-        union = float((p | t).sum())
-        return {"iou": float((p & t).sum()) / union if union else 1.0}
-    cos = F.cosine_similarity(recon, x.float(), dim=1)  # (B, h, w) | (B,)
-    return {"cosine": float(cos.mean())}
 
 
 def codebook_stats(ids: Tensor, codebook_size: int) -> dict[str, float]:
@@ -561,8 +349,6 @@ def load_tokenizer(directory: str, device: str = "cpu") -> Tokenizer:
     return model.to(device).eval()
 
 
-__all__ = [
-    "TOKENIZER_NAMES", "TokenizerConfig", "Tokenizer", "VQViTTokenizer", "MemcodesTokenizer", "default_config",
-    "build_tokenizer", "prepare", "restore", "quality", "codebook_stats", "save_tokenizer", "load_tokenizer",
-]
+__all__ = ["KINDS", "TokenizerConfig", "Tokenizer", "VQViTTokenizer", "MemcodesTokenizer", "build_tokenizer",
+           "codebook_stats", "save_tokenizer", "load_tokenizer"]
 

@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
 from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
-from omniforge.modalities import MODALITIES
 
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
 NUM_SENTINELS = 200
 COORD_BINS = 1000  # value tokens v0=0 .. v0=999 (and v1, v2, v3)
 NUM_VALUE_TYPES = 4  # v0, v1, v2, v3
-
-# The token budget of every text modality (the maximum sequence length, EOS included), from the registry.
-MAX_TOKENS: dict[str, int] = {name: m.num_tokens for name, m in MODALITIES.items() if m.tokenizer == "wordpiece"}
 
 # Plain words the serializers write; training feeds them so each is one token of the vocabulary.
 SERIALIZER_WORDS: tuple[str, ...] = ("human", "point", "polygon", "none")
@@ -561,9 +558,62 @@ def parse_sam(text: str) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Serializers: (label, crop) -> units, as ModalityInfo.serializer names them
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One crop of one sample, as a sequence serializer receives it.
+
+    row: int32 (5,) top, left, h, w, hflip in the pixel frame of the sample's rgb label (see crops.py);
+    height, width: that frame's size (every label of a sample shares it); size: side of the cropped image in
+    pixels; key, index, seed: the sample key, the crop index (0 = the centre crop) and the crop-settings
+    seed, for serializers that draw per crop (SAM's query points).
+    """
+
+    row: np.ndarray
+    height: int
+    width: int
+    size: int = 224
+    key: str = ""
+    index: int = 0
+    seed: int = 0
+
+
+def text_units(label: Any, crop: Crop) -> list[str]:
+    """A text label is one unit (cut at the token budget when too long); crops do not change it."""
+    return [str(label)]
+
+
+def det_crop_units(label: dict, crop: Crop) -> list[str]:
+    """det boxes inside the crop (crops.crop_det), serialized by :func:`det_units`."""
+    from omniforge.tokenize.crops import crop_det
+
+    return det_units(crop_det(label, crop.row, crop.height, crop.width))
+
+
+def pose_crop_units(label: dict, crop: Crop) -> list[str]:
+    """human_poses people inside the crop (crops.crop_poses), serialized by :func:`pose_units`."""
+    from omniforge.tokenize.crops import crop_poses
+
+    return pose_units(crop_poses(label, crop.row, crop.height, crop.width))
+
+
+def palette_crop_units(label: list, crop: Crop) -> list[str]:
+    """The palette of the whole image (4M-21 does not crop it), serialized by :func:`palette_units`."""
+    return palette_units(label)
+
+
+def metadata_crop_units(label: dict, crop: Crop) -> list[str]:
+    """The metadata of the whole image, serialized by :func:`metadata_units`."""
+    return metadata_units(label)
+
+
 __all__ = [
-    "COORD_BINS", "EOS", "MAX_TOKENS", "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS", "PAD",
+    "COORD_BINS", "Crop", "EOS", "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS", "PAD",
     "POSE_TOKENS_PER_PERSON", "SERIALIZER_WORDS", "SOS", "TextTokenizer", "UNK", "det_units", "metadata_units",
     "palette_units", "parse_det", "parse_metadata", "parse_palette", "parse_poses", "parse_sam", "pose_units",
-    "sam_query_points", "sam_units", "train_wordpiece",
+    "sam_query_points", "sam_units", "train_wordpiece", "text_units", "det_crop_units", "pose_crop_units",
+    "palette_crop_units", "metadata_crop_units",
 ]

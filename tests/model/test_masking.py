@@ -5,20 +5,22 @@ import pytest
 import torch
 
 from omniforge.errors import ConfigError
-from omniforge.model.masking import (
-    COLOR_PALETTE, METADATA, Masker, MaskingConfig, collate, merge_spans, span_mask,
-)
+from dataclasses import replace
+
+from omniforge.model.masking import Masker, MaskingConfig, collate, merge_spans, span_mask
 from omniforge.model.specs import ModalitySpec, specs_for
 
 EOS, PAD = 3, 0
 SENTINELS = list(range(10, 210))
 IMG, CAP = "tok_rgb@224", "tok_caption"
+METADATA, COLOR_PALETTE = "tok_metadata", "tok_color_palette"
+_REGISTRY = specs_for([METADATA, COLOR_PALETTE], 1000)  # their chunks, shuffling and keep scheme
 SPECS = {
     IMG: ModalitySpec(name=IMG, kind="image", num_tokens=16, vocab_size=64, grid=4),
     "tok_dinov2_global": ModalitySpec(name="tok_dinov2_global", kind="global", num_tokens=8, vocab_size=64),
     CAP: ModalitySpec(name=CAP, kind="sequence", num_tokens=20, vocab_size=1000),
-    METADATA: ModalitySpec(name=METADATA, kind="sequence", num_tokens=16, vocab_size=1000),
-    COLOR_PALETTE: ModalitySpec(name=COLOR_PALETTE, kind="sequence", num_tokens=12, vocab_size=1000),
+    METADATA: replace(_REGISTRY[METADATA], num_tokens=16),
+    COLOR_PALETTE: replace(_REGISTRY[COLOR_PALETTE], num_tokens=12),
 }
 
 
@@ -101,7 +103,7 @@ def test_span_masking_round_trip(folder):
     """Input + target merged at the sentinels give back the stored sequence (incl. [EOS]) when the target
     budget is not limiting."""
     cfg = MaskingConfig(alphas=[{folder: 1.0}], target_alphas=[{folder: 1.0}], input_tokens=40,
-                        target_tokens=60, shuffle_metadata=False)
+                        target_tokens=60, shuffle_chunks=False)
     masker = Masker(cfg, {folder: SPECS[folder]}, sentinel_ids=SENTINELS, pad_id=PAD, eos_id=EOS)
     rng = np.random.default_rng(3)
     for _ in range(100):
@@ -209,6 +211,7 @@ def test_from_ml4m_mixture_dict():
     cfg = MaskingConfig.from_dict(d)
     assert cfg.alphas == [{CAP: 0.1, IMG: 1.0}, {CAP: 1.0, IMG: 0.0}]
     assert cfg.weights == [1.0, 0.5] and cfg.input_tokens == 64
-    assert cfg.keep_for(CAP, 1) == "all" and cfg.keep_for(COLOR_PALETTE, 0) == "binary"
+    assert cfg.keep_for(CAP, 1) == "all" and cfg.keep_for(COLOR_PALETTE, 0, SPECS[COLOR_PALETTE].keep) == "binary"
+    assert SPECS[METADATA].chunks == (2, 2) and SPECS[METADATA].shuffle_chunks and SPECS[COLOR_PALETTE].chunks == (1, 3)
     specs = specs_for([IMG, CAP], text_vocab_size=1000)
     assert specs[IMG].grid == 14 and specs[CAP].kind == "sequence" and specs[CAP].seq_len == 2 * 257

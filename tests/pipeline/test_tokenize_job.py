@@ -23,6 +23,7 @@ from omniforge import shards
 from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, verify
 from omniforge.tokenize import crops as C
 from omniforge.tokenize import models, text
+from omniforge.tokenize.kinds import kind_for
 from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenize
 
 LABELED = ("rgb", "caption", "depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global",
@@ -50,8 +51,9 @@ def labels(tmp_path_factory, ray_address) -> str:
 def tokenizer_dir(tmp_path_factory, labels) -> str:
     out = tmp_path_factory.mktemp("tokenizers")
     torch.manual_seed(0)
-    for name in ("depth", "semseg_coco", "clip", "dinov2_global", "sam_mask"):
-        models.save_tokenizer(models.build_tokenizer(models.default_config(name, "tiny")), str(out / name))
+    for name in ("depth", "semseg_coco", "clip", "dinov2_global", "sam_instance"):
+        kind = kind_for(name)
+        kind.save(kind.build(kind.config("tiny")), str(out / kind.artifact.folder))
     captions = [codecs.decode("txt", data) for s in range(3)
                 for _, data in shards.iter_tar(shards.tar_uri(labels, "caption", s))]
     (out / "text").mkdir()
@@ -105,7 +107,7 @@ def test_every_modality_gets_the_same_crop(labels, tokenizer_dir, tokenized):
             np.testing.assert_array_equal(cs, C.crop_settings(key, h, w, CROPS))
             assert tok_depth[key].dtype == np.int16 and tok_depth[key].shape == (3, 196)
             for i, crop in enumerate(cs):
-                x = models.prepare("depth", [C.crop_dense(depth[key], crop, 224, mode="bilinear")])
+                x = kind_for("depth").prepare([C.crop_dense(depth[key], crop, 224, mode="bilinear")])
                 np.testing.assert_array_equal(tok_depth[key][i], depth_tok.encode(x)[0].numpy())
                 boxes = text.det_units(C.crop_det(det[key], crop, h, w))
                 assert tok.decode(tok_det[key][i].tolist()) == tok.decode(tok.encode_units(boxes, 256).tolist())
@@ -113,7 +115,7 @@ def test_every_modality_gets_the_same_crop(labels, tokenizer_dir, tokenized):
             # crop 0 reuses the label job's features; crops 1.. run the same teacher on the cropped image
             feats = [clip[key]] + [clip_teacher.label([Sample(key=key, image=C.crop_image(rgb[key], c, 224))])[0]["clip"]
                                    for c in cs[1:]]
-            expected = clip_tok.encode(models.prepare("clip", feats)).numpy()
+            expected = clip_tok.encode(kind_for("clip").prepare(feats)).numpy()
             np.testing.assert_array_equal(tok_clip[key], expected)
     assert checked_boxes > 0  # the det comparison saw real boxes
 
@@ -129,7 +131,8 @@ def test_rerun_skips_and_a_new_tokenizer_redoes(labels, tokenizer_dir, tokenized
         for f in p.iterdir():
             (other / p.name / f.name).write_bytes(f.read_bytes())
     torch.manual_seed(1)
-    models.save_tokenizer(models.build_tokenizer(models.default_config("depth", "tiny")), str(other / "depth"))
+    kind = kind_for("depth")
+    kind.save(kind.build(kind.config("tiny")), str(other / "depth"))
     out = tmp_path / "tokens"
     cfg2 = TokenizeConfig(input=labels, output=str(out), tokenizers=str(other), modalities=("depth", "caption"),
                           crops=C.CropConfig(n_crops=1), progress=False)

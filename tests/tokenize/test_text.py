@@ -6,8 +6,9 @@ import pytest
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
 from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
+from omniforge.modalities import all_modalities, get_modality
 from omniforge.tokenize.text import (
-    EOS, MAX_TOKENS, NUM_SENTINELS, NUM_SPECIAL_TOKENS, PAD, SOS, UNK, TextTokenizer, det_units, metadata_units,
+    EOS, NUM_SENTINELS, NUM_SPECIAL_TOKENS, PAD, SOS, UNK, TextTokenizer, det_units, metadata_units,
     palette_units, parse_det, parse_metadata, parse_palette, parse_poses, parse_sam, pose_units,
     sam_query_points, sam_units, train_wordpiece,
 )
@@ -71,7 +72,7 @@ def test_palette_exact_and_round_trip():
     assert units == ["v1=2 v0=255 v0=0 v0=10 v0=1 v0=2 v0=3"]
     assert parse_palette(units[0]) == colors
     seven = [[i, 2 * i, 3 * i] for i in range(7)]
-    assert len(palette_units(seven)[0].split()) == 22 == MAX_TOKENS["color_palette"] - 1
+    assert len(palette_units(seven)[0].split()) == 22 == get_modality("color_palette").num_tokens - 1
     assert parse_palette(palette_units(seven)[0]) == seven
     with pytest.raises(SampleError):
         palette_units([])
@@ -274,7 +275,7 @@ def test_encode_units_cuts_a_long_caption(tok):
     caption = " ".join(_WORDS * 20)  # 400 words
     ids = tok.encode(caption)
     assert len(ids) > 256
-    out = tok.encode_units([caption], MAX_TOKENS["caption"])
+    out = tok.encode_units([caption], get_modality("caption").num_tokens)
     assert out.tolist() == ids[:255] + [tok.eos_id]
 
 
@@ -324,6 +325,7 @@ def test_train_vocab_size_bounds():
     assert all(len(small.encode(w)) == 1 for w in ("human", "point", "polygon", "none"))
 
 
-def test_max_tokens_table():
-    assert MAX_TOKENS == {"caption": 256, "det": 256, "human_poses": 275, "sam_instance": 290,
-                          "color_palette": 23, "metadata": 40}
+def test_sequence_budgets_are_4m21s():
+    budgets = {m.name: m.num_tokens for m in all_modalities() if m.crop == "sequence"}
+    assert budgets == {"caption": 256, "det": 256, "human_poses": 275, "sam_instance": 290,
+                       "color_palette": 23, "metadata": 40}

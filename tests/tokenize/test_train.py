@@ -17,7 +17,7 @@ from omniforge import shards
 from omniforge.tokenize.crops import CropConfig
 from omniforge.tokenize.models import load_tokenizer
 from omniforge.tokenize._cli import add_cli
-from omniforge.tokenize.train import TrainConfig, lr_at, train_tokenizer
+from omniforge.tokenize.train import TokenizerTrainConfig as TrainConfig, lr_at, train_tokenizer
 
 N_SAMPLES = 12
 PER_SHARD = 6
@@ -90,7 +90,7 @@ def test_depth_tokenizer_learns_and_is_servable(depth_root, tmp_path):
 
     # the servable tokenizer reproduces the held-out quality the history reports
     from omniforge.tokenize.crops import crop_dense, crop_settings
-    from omniforge.tokenize.models import prepare, quality
+    from omniforge.tokenize.kinds import kind_for
 
     model = load_tokenizer(directory)
     held_out = []
@@ -99,10 +99,11 @@ def test_depth_tokenizer_learns_and_is_servable(depth_root, tmp_path):
         if key in ("img009", "img010", "img011"):  # the last quarter of the keys
             arr = codecs.decode("png", data)
             held_out.append(crop_dense(arr, crop_settings(key, *arr.shape, CropConfig())[0], 224, mode="bilinear"))
-    x = prepare("depth", held_out)
+    kind = kind_for("depth")
+    x = kind.prepare(held_out)
     with torch.no_grad():
         ids = model.encode(x)
-        q = quality("depth", x, model.decode(ids))
+        q = kind.quality(x, model.decode(ids))
     assert ids.shape == (3, 196)
     assert q["psnr"] == pytest.approx(last["psnr"], abs=1e-3)
 
@@ -130,18 +131,18 @@ def test_resume_continues_from_the_saved_epoch(depth_root, tmp_path):
 
 
 def test_resume_refuses_a_different_model_config(depth_root, tmp_path, monkeypatch):
-    from omniforge.tokenize import models
+    from omniforge.tokenize.kinds import VQVAEKind
 
     out = str(tmp_path / "tok")
     train_tokenizer(_cfg(depth_root, out, epochs=1, max_samples=4, batch_size=2), progress=False)
-    original = models.default_config
+    original = VQVAEKind.config
 
-    def wider(name, size="tiny"):
-        cfg = original(name, size)
+    def wider(self, size="tiny"):
+        cfg = original(self, size)
         cfg.dim = 128
         return cfg
 
-    monkeypatch.setattr(models, "default_config", wider)
+    monkeypatch.setattr(VQVAEKind, "config", wider)
     with pytest.raises(ConfigError, match="--restart"):
         train_tokenizer(_cfg(depth_root, out, epochs=2, max_samples=4, batch_size=2), progress=False)
 
@@ -214,7 +215,7 @@ def test_missing_data_is_a_config_error(tmp_path, depth_root):
 def test_config_validation(tmp_path):
     with pytest.raises(ConfigError, match="unknown modality"):
         TrainConfig(data=str(tmp_path), modality="nope", out=str(tmp_path))
-    with pytest.raises(ConfigError, match="no tokenizer for 'det'"):
+    with pytest.raises(ConfigError, match="det is tokenized with the shared text tokenizer, trained with --modality caption"):
         TrainConfig(data=str(tmp_path), modality="det", out=str(tmp_path))
     with pytest.raises(ConfigError, match="epochs"):
         TrainConfig(data=str(tmp_path), modality="depth", out=str(tmp_path), epochs=0)

@@ -1,0 +1,69 @@
+"""Tokenizer-kind registry: a decorator, a factory, and the `omniforge.tokenizers` entry-point group.
+
+A modality names its kind in `ModalityInfo.tokenizer`; `kind_for(info)` gives the kind class bound to that
+modality. Plugins use a built-in kind by name, or register their own class (a `TokenizerKind` subclass)
+with `@register_kind` in-tree or through the entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import TYPE_CHECKING
+
+from omniforge.errors import ConfigError
+from omniforge.modalities import ModalityInfo, get_modality
+
+if TYPE_CHECKING:
+    from omniforge.tokenize.kinds import TokenizerKind
+
+ENTRY_POINT_GROUP = "omniforge.tokenizers"
+
+_KINDS: dict[str, type[TokenizerKind]] = {}
+_entry_points_loaded = False
+
+
+def register_kind(cls: type[TokenizerKind]) -> type[TokenizerKind]:
+    """Class decorator: make a TokenizerKind subclass available by its `name`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name == "none":
+        raise TypeError(f"tokenizer kind {cls.__qualname__} must set the class attribute `name` (not 'none')")
+    existing = _KINDS.get(name)
+    if existing is not None and existing is not cls:
+        raise ConfigError(f"tokenizer kind {name!r} is registered twice ({existing.__module__}.{existing.__qualname__}, "
+                          f"{cls.__module__}.{cls.__qualname__})")
+    _KINDS[name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _entry_points_loaded
+    import omniforge.tokenize.kinds  # noqa: F401 - the built-in kinds register themselves on import
+
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if getattr(cls, "name", None) not in _KINDS:
+            register_kind(cls)
+
+
+def list_kinds() -> list[str]:
+    _load()
+    return sorted(_KINDS)
+
+
+def get_kind(name: str) -> type[TokenizerKind]:
+    _load()
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown tokenizer kind {name!r}; registered kinds: {', '.join(sorted(_KINDS))}") from None
+
+
+def kind_for(modality: str | ModalityInfo) -> TokenizerKind:
+    """The tokenizer kind of a modality, bound to it; ConfigError for a label-only modality."""
+    info = modality if isinstance(modality, ModalityInfo) else get_modality(modality)
+    if not info.tokenized:
+        raise ConfigError(f"modality {info.name!r} has no tokenizer (it is label-only): nothing to tokenize")
+    return get_kind(info.tokenizer)(info)

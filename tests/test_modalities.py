@@ -1,0 +1,115 @@
+"""The modality registry: one contract test generated over every registered modality, the derived defaults a
+plugin relies on, and validation errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from omniforge.errors import ConfigError
+from omniforge.modalities import (
+    CROPS, DRAWS, MODALITIES, ModalityInfo, all_modalities, by_pixel_folder, by_token_folder, get_modality,
+    register_modality,
+)
+from omniforge.model.specs import spec_for_info, specs_for
+from omniforge.tokenize.kinds import kind_for, list_kinds
+
+
+@pytest.mark.parametrize("name", [m.name for m in all_modalities()])
+def test_modality_contract(name):
+    info = get_modality(name)
+    assert info.crop in CROPS and info.draw in DRAWS
+    if not info.tokenized:
+        assert info.token_modality is None
+        return
+    assert by_token_folder(info.token_modality) is info
+    kind = kind_for(info)  # its tokenizer kind is registered and accepts this modality's fields
+    assert kind.name in list_kinds() and kind.info is info
+    assert all(a.folder and a.files for a in kind.artifacts) and kind.artifact in kind.artifacts
+    trainer = kind_for(kind.artifact.trained_by)  # the modality `tokenizer train` takes trains this very artifact
+    assert trainer.artifact == kind.artifact
+    spec = spec_for_info(info, text_vocab_size=30000)
+    assert spec.name == info.token_modality and spec.num_tokens == info.num_tokens
+    assert spec.kind == ("sequence" if kind.sequence else "global" if info.crop == "global" else "image")
+    if kind.sequence:
+        assert info.vocab_size is None
+    else:
+        assert kind.config("tiny").num_tokens == info.num_tokens
+        assert kind.config("base").codebook_size == info.vocab_size
+    if info.pixel_modality:
+        assert by_pixel_folder(info.pixel_modality) is info
+        assert specs_for([info.pixel_modality], 1)[info.pixel_modality].input_only
+
+
+def test_token_folders_are_unique():
+    folders = [m.token_modality for m in all_modalities() if m.tokenized]
+    assert len(folders) == len(set(folders))
+    assert not set(folders) & set(MODALITIES)
+
+
+def test_defaults_derive_from_ext_shape_and_tokenizer():
+    png = ModalityInfo(name="saliency_x", ext="png", tokenizer="vqvae", vocab_size=1024, description="PNG uint8")
+    assert (png.crop, png.token_modality, png.num_tokens, png.channels, png.dtype) == (
+        "dense", "tok_saliency_x@224", 196, 1, "uint8")
+    assert png.value_range == (0.0, 255.0) and png.resample == "bilinear" and png.draw == "gray"
+    npy_map = ModalityInfo(name="heat_x", ext="npy", tokenizer="vqvae", vocab_size=64, description="float map")
+    assert (npy_map.crop, npy_map.dtype, npy_map.value_range, npy_map.draw) == ("dense", "float", (0.0, 1.0), "heat")
+    feats = ModalityInfo(name="feat_x", ext="npy", tokenizer="features", shape=(8, 8, 32), vocab_size=64,
+                         description="features")
+    assert (feats.crop, feats.num_tokens, feats.channels, feats.draw) == ("features", 64, 32, "features")
+    vec = ModalityInfo(name="vec_x", ext="npy", tokenizer="memcodes", shape=(48,), vocab_size=64, description="vector")
+    assert (vec.crop, vec.token_modality, vec.num_tokens, vec.channels, vec.draw) == (
+        "global", "tok_vec_x", 16, 48, "vector")
+    seq = ModalityInfo(name="seq_x", ext="json", tokenizer="wordpiece", num_tokens=12, serializer="m.n:f",
+                       description="json")
+    assert (seq.crop, seq.token_modality, seq.vocab_size, seq.draw, seq.keep, seq.role) == (
+        "sequence", "tok_seq_x", None, "json", "random", "both")
+    txt = ModalityInfo(name="txt_x", ext="txt", tokenizer="wordpiece", num_tokens=8, description="text")
+    assert txt.serializer == "omniforge.tokenize.text:text_units" and txt.draw == "text"
+    # a plugin written before modalities could be tokenized: label-only, its token fields ignored
+    old = ModalityInfo(name="old_x", ext="npy", description="d", token_modality="old_x", num_tokens=0,
+                       vocab_size=None, tokenizer="none", shape=(3,))
+    assert not old.tokenized and old.crop == "none" and old.token_modality is None
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(ext="bmp"), "ext"),
+    (dict(ext="png", tokenizer="vqvae"), "vocab_size"),
+    (dict(ext="png", tokenizer="vqvae", vocab_size=8, num_tokens=0), "num_tokens"),
+    (dict(ext="json", tokenizer="wordpiece"), "num_tokens"),
+    (dict(ext="json", tokenizer="wordpiece", num_tokens=8, vocab_size=100), "vocab_size"),
+    (dict(ext="png", tokenizer="vqvae", vocab_size=8, serializer="a:b"), "serializer"),
+    (dict(ext="json", tokenizer="wordpiece", num_tokens=8, serializer="not a reference"), "serializer"),
+    (dict(ext="png", tokenizer="vqvae", vocab_size=8, resample="lanczos"), "resample"),
+    (dict(ext="png", tokenizer="vqvae", vocab_size=8, dtype="float"), "dtype"),
+    (dict(ext="png", tokenizer="vqvae", vocab_size=8, value_range=(1, 1)), "value_range"),
+    (dict(ext="npy", tokenizer="features", crop="features", vocab_size=8), "shape"),
+    (dict(ext="png", tokenizer="segmentation", vocab_size=8), "num_classes"),
+    (dict(ext="json", tokenizer="wordpiece", num_tokens=8, chunks=(2, 0)), "chunks"),
+    (dict(ext="json", tokenizer="wordpiece", num_tokens=8, shuffle_chunks=True), "shuffle_chunks"),
+    (dict(ext="json", tokenizer="wordpiece", num_tokens=8, role="output"), "role"),
+    (dict(ext="png", tokenizer="none", crop="dense"), "crop"),
+    (dict(ext="png", tokenizer="vqvae", vocab_size=8, draw="sparkles"), "draw"),
+])
+def test_invalid_fields_name_the_field(fields, field):
+    with pytest.raises(ConfigError, match=rf"ModalityInfo 'bad_x': {field}="):
+        ModalityInfo(name="bad_x", description="d", **fields)
+    with pytest.raises(ConfigError, match="name="):
+        ModalityInfo(name="Bad Name", ext="png", description="d")
+
+
+def test_register_refuses_a_conflicting_definition():
+    info = ModalityInfo(name="regtest_x", ext="png", tokenizer="vqvae", vocab_size=8, description="d")
+    try:
+        assert register_modality(info) is info
+        assert register_modality(ModalityInfo(name="regtest_x", ext="png", tokenizer="vqvae", vocab_size=8,
+                                              description="d")) is info  # the same definition again: a no-op
+        with pytest.raises(ConfigError, match="vocab_size"):
+            register_modality(ModalityInfo(name="regtest_x", ext="png", tokenizer="vqvae", vocab_size=16,
+                                           description="d"))
+        with pytest.raises(ConfigError, match="already used"):
+            register_modality(ModalityInfo(name="regtest_y", ext="png", tokenizer="vqvae", vocab_size=8,
+                                           token_modality="tok_regtest_x@224", description="d"))
+    finally:
+        MODALITIES.pop("regtest_x", None)
+    with pytest.raises(ConfigError, match="unknown modality 'nope'"):
+        get_modality("nope")
