@@ -59,7 +59,7 @@ MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
-TEXT_TOKENIZER = os.path.join("text", "tokenizer.json")  # inside --tokenizers DIR
+TEXT_TOKENIZER = "text/tokenizer.json"  # inside --tokenizers DIR (omniforge.tokenize.kinds.text_artifact)
 _SEP = "::"  # parameter names hold dots; optimizer tensor names are "<param fqn>::<state key>"
 
 
@@ -198,18 +198,16 @@ def _text_tokenizer(cfg: TrainConfig, sequence_folders: list[str]):
     if cfg.tokenizers is None:
         raise ConfigError(f"{', '.join(sequence_folders)} are text sequences: pass --tokenizers DIR (the directory "
                           f"holding {TEXT_TOKENIZER}, as for `omniforge tokenize`)")
-    from omniforge.tokenize.text import TextTokenizer
+    from omniforge.tokenize.store import TokenizerStore
 
-    path = os.path.join(cfg.tokenizers, TEXT_TOKENIZER)
-    if not os.path.exists(path):
-        raise ConfigError(f"no text tokenizer at {path}: pass the --tokenizers DIR that `omniforge tokenize` used")
-    return TextTokenizer.from_file(path)
+    return TokenizerStore(cfg.tokenizers).text()
 
 
 def _is_sequence(folder: str) -> bool:
-    from omniforge.modalities import MODALITIES
+    from omniforge.modalities import by_token_folder
 
-    return any(m.token_modality == folder and m.tokenizer == "wordpiece" for m in MODALITIES.values())
+    info = by_token_folder(folder)
+    return info is not None and info.crop == "sequence"
 
 
 def build_specs(cfg: TrainConfig) -> tuple[dict[str, ModalitySpec], Any]:
@@ -230,17 +228,18 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
         return specs
     from dataclasses import replace
 
-    from omniforge.modalities import MODALITIES
+    from omniforge.modalities import by_token_folder
+    from omniforge.tokenize.kinds import kind_for
+    from omniforge.tokenize.store import TokenizerStore
 
-    by_folder = {m.token_modality: m.name for m in MODALITIES.values()}
+    store = TokenizerStore(cfg.tokenizers)
     out = dict(specs)
     for folder, spec in specs.items():
-        path = os.path.join(cfg.tokenizers, by_folder.get(folder, ""), "config.json")
-        if spec.kind in ("sequence", "pixels") or not os.path.isfile(path):
+        if spec.kind in ("sequence", "pixels"):
             continue
-        with open(path, encoding="utf-8") as f:
-            codebook = int(json.load(f)["config"]["codebook_size"])
-        out[folder] = replace(spec, vocab_size=codebook)
+        codebook = store.codebook_size(kind_for(by_token_folder(folder)))
+        if codebook is not None:
+            out[folder] = replace(spec, vocab_size=codebook)
     return out
 
 

@@ -101,7 +101,7 @@ def test_plugin_modalities_flow_from_teacher_to_trained_model(env, tmp_path):
 
     key = sorted(rgb)[0]
     lines = _cli(env, "sample", "--checkpoint", str(run), "--input", str(root), "--key", key, "--from",
-                 "saliency,color_hist", "--to", "tone,rgb", "--tokenizers", str(tok), "--out", str(samples)).stdout
+                 "saliency,color_hist", "--to", "tone,caption", "--tokenizers", str(tok), "--out", str(samples)).stdout
     assert "tok_tone" in lines and (samples / key / "tok_tone.txt").exists()  # plugin modalities as inputs
     _cli(env, "sample", "--checkpoint", str(run), "--input", str(root), "--key", key, "--from", "rgb",
          "--to", "saliency,color_hist", "--tokenizers", str(tok), "--out", str(samples / "from_rgb"))
