@@ -34,11 +34,13 @@ def _label(corpus: Path, root: str) -> None:
 def _tokenizers(root: str, out: Path, device: str) -> None:
     import torch
 
-    from omniforge.tokenize import models, text
+    from omniforge.tokenize import text
+    from omniforge.tokenize.kinds import kind_for
 
     torch.manual_seed(0)
     for name in ("rgb", "depth"):
-        models.save_tokenizer(models.build_tokenizer(models.default_config(name, "base")), str(out / name))
+        kind = kind_for(name)
+        kind.save(kind.build(kind.config("base")), str(out / kind.artifact.folder))
     captions = [f"a photo number {i} of a cat, a rocket, coffee or an astronaut" for i in range(200)]
     (out / "text").mkdir(parents=True)
     text.train_wordpiece(captions, vocab_size=8000).save(str(out / "text" / "tokenizer.json"))
@@ -50,20 +52,21 @@ def _bare_rate(root: str, tokenizers: Path, crops, device: str, threads: int, ba
     from omniforge import codecs
     from omniforge import shards, storage
     from omniforge.tokenize import models
-    from omniforge.tokenize.crops import crop_dense, crop_settings
-    from omniforge.pipeline.tokenize_job import DENSE_MODES
+    from omniforge.tokenize.crops import crop_settings
+    from omniforge.tokenize.kinds import kind_for
 
     torch.set_num_threads(threads)
     inputs = {}
     for name in ("rgb", "depth"):
+        kind = kind_for(name)
         arrays = []
         for uri, _ in storage.list_files(storage.join(root, name), (".tar",)):
             for member, data in shards.iter_tar(uri):
                 value = codecs.decode(member.split(".", 1)[1], data)
                 key = shards.member_key(member)
                 for c in crop_settings(key, value.shape[0], value.shape[1], crops):
-                    arrays.append(crop_dense(value, c, crops.size, mode=DENSE_MODES[name]))
-        inputs[name] = [models.prepare(name, arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
+                    arrays.extend(kind.crop_inputs(value, c, crops.size))
+        inputs[name] = [kind.prepare(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
     toks = {name: models.load_tokenizer(str(tokenizers / name), device=device) for name in inputs}
     with torch.inference_mode():
         for name, batches in inputs.items():  # warm-up, as the job's worker warms up on its first batch
@@ -78,10 +81,10 @@ def _bare_rate(root: str, tokenizers: Path, crops, device: str, threads: int, ba
 
 
 def _train_rate(root: str, out: Path, size: str, device: str) -> float:
-    from omniforge.tokenize.train import TrainConfig, train_tokenizer
+    from omniforge.tokenize.train import TokenizerTrainConfig, train_tokenizer
 
-    result = train_tokenizer(TrainConfig(data=root, modality="depth", out=str(out / size), size=size, epochs=2,
-                                         batch_size=8, device=device), progress=False, verbose=False)
+    result = train_tokenizer(TokenizerTrainConfig(data=root, modality="depth", out=str(out / size), size=size, epochs=2,
+                                                  batch_size=8, device=device), progress=False, verbose=False)
     return result.history[-1]["samples_per_s"]
 
 
