@@ -26,9 +26,9 @@ class OpenClipLabeler(TorchLabeler):
     Subclasses set `tiny_cfg` (open_clip model kwargs for weights="tiny": `embed_dim`, `vision_cfg`,
     `text_cfg`) and provide `model_name` (an open_clip architecture) and `pretrained_tag` (an open_clip
     release of that architecture, or None for weights that are no open_clip release), as class attributes
-    or as properties reading their options. The tag decides the preprocessing (mean, std, interpolation, resize mode) and the
-    activation (QuickGELU for the OpenAI, DFN and MetaCLIP releases, which a state dict cannot record), for
-    every weights kind.
+    or as properties reading their options. The tag decides the preprocessing (mean, std, interpolation,
+    resize mode) and the activation (QuickGELU for the OpenAI, DFN and MetaCLIP releases, which a state dict
+    cannot record), for every weights kind.
     """
 
     checkpoint_format = "open_clip_pytorch_model.bin"

@@ -43,8 +43,8 @@ def register_labeler(cls: type[Labeler]) -> type[Labeler]:
     if existing is cls:
         return cls
     if existing is not None:
-        raise ConfigError(f"labeler name {cls.name!r} is registered twice ({existing.__module__}.{existing.__qualname__}, "
-                          f"{cls.__module__}.{cls.__qualname__}): rename one of them")
+        raise ConfigError(f"labeler name {cls.name!r} is registered twice ({existing.__module__}."
+                          f"{existing.__qualname__}, {cls.__module__}.{cls.__qualname__}): rename one of them")
     for m in cls.default_for:
         if m not in cls.modalities:
             raise TypeError(f"labeler {cls.__qualname__} claims to be the default teacher of {m!r}, which it does not "

@@ -48,11 +48,11 @@ class ImageBindLabeler(OpenClipLabeler):
     builds the same CLIP class with a one-block, width-1280 vision tower and random weights seeded
     identically in every process.
 
-    Options (`ImageBindOptions`): `model_name`, the open_clip architecture (any registered open_clip model config whose tower
-    gives a 16 x 16 grid, width 1280 and embedding 1024); `pretrained_tag`, the open_clip release the weights
-    are (it sets preprocessing and activation for every weights kind), or None for a local checkpoint that is
-    no open_clip release (the architecture's default preprocessing and activation). Both are part of the
-    fingerprint.
+    Options (`ImageBindOptions`): `model_name`, the open_clip architecture (any registered open_clip model
+    config whose tower gives a 16 x 16 grid, width 1280 and embedding 1024); `pretrained_tag`, the open_clip
+    release the weights are (it sets preprocessing and activation for every weights kind), or None for a local
+    checkpoint that is no open_clip release (the architecture's default preprocessing and activation). Both
+    are part of the fingerprint.
     """
 
     name = "imagebind"

@@ -79,8 +79,8 @@ class SamInstanceOptions(LabelerOptions):
                                        ge=0)
     min_mask_region_area: int | None = option(None, f"remove mask holes and islands smaller than this many pixels "
                                                     f"({_default_text('min_mask_region_area')})", ge=0)
-    points_per_batch: int | None = option(None, f"prompt points per decoder batch ({_default_text('points_per_batch')})",
-                                          ge=1)
+    points_per_batch: int | None = option(None, f"prompt points per decoder batch "
+                                                f"({_default_text('points_per_batch')})", ge=1)
 
     def generator_options(self, weights: str) -> dict[str, Any]:
         """The SamAutomaticMaskGenerator keywords: the options set, the weights kind's defaults for the rest."""
@@ -179,10 +179,10 @@ class SamInstanceLabeler(TorchLabeler):
     mask with `pycocotools.mask.decode(segmentation)` -> (H, W) uint8. No mask passing the thresholds is a
     valid, empty result ({"instances": [], "image_size": [H, W]}).
 
-    Options (`SamInstanceOptions`, SamAutomaticMaskGenerator's): model_type ("vit_h" default, "vit_l", "vit_b"), points_per_side
-    (32), pred_iou_thresh (0.88), stability_score_thresh (0.95), crop_n_layers (0), min_mask_region_area (0),
-    points_per_batch (64). With weights="tiny", unset options default to points_per_side=4 and both
-    thresholds 0, since a random model's scores never pass the official thresholds.
+    Options (`SamInstanceOptions`, SamAutomaticMaskGenerator's): model_type ("vit_h" default, "vit_l",
+    "vit_b"), points_per_side (32), pred_iou_thresh (0.88), stability_score_thresh (0.95), crop_n_layers (0),
+    min_mask_region_area (0), points_per_batch (64). With weights="tiny", unset options default to
+    points_per_side=4 and both thresholds 0, since a random model's scores never pass the official thresholds.
 
     Weights: "pretrained" downloads the official checkpoint for model_type
     (https://dl.fbaipublicfiles.com/segment_anything/sam_vit_{h_4b8939,l_0b3195,b_01ec64}.pth) through

@@ -75,14 +75,16 @@ def panoptic_to_class_map(segmentation: Any, segments_info: list[dict[str, Any]]
 
 @dataclass(frozen=True, kw_only=True)
 class SemsegCocoOptions(LabelerOptions):
-    hub_id: str = option(HUB_ID, "the Mask2Former checkpoint (133 COCO panoptic classes) loaded by --weights pretrained")
+    hub_id: str = option(HUB_ID, "the Mask2Former checkpoint (133 COCO panoptic classes) loaded by --weights "
+                                 "pretrained")
     # defaults: Mask2Former's own COCO panoptic inference settings (TEST.OBJECT_MASK_THRESHOLD, TEST.OVERLAP_THRESHOLD)
     threshold: float = option(0.8, "panoptic: keep queries whose class score exceeds this", ge=0.0, le=1.0)
     mask_threshold: float = option(0.5, "panoptic: binarize the query masks at this", ge=0.0, le=1.0)
     overlap_mask_area_threshold: float = option(0.8, "panoptic: keep a query's segment when it wins more than this "
                                                      "fraction of its mask", ge=0.0, le=1.0)
-    inference: str = option("panoptic", "panoptic (the semantic map of the panoptic prediction, as 4M-21) or semantic "
-                                        "(argmax of the query-weighted masks: no pixel left as none)", choices=INFERENCES)
+    inference: str = option("panoptic", "panoptic (the semantic map of the panoptic prediction, as 4M-21) or "
+                                        "semantic (argmax of the query-weighted masks: no pixel left as none)",
+                            choices=INFERENCES)
 
 
 @register_labeler
