@@ -53,9 +53,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     cfg = LabelConfig(output=args.output, modalities=_csv(args.modalities), weights=parse_weights(args.weights),
                       options=parse_options(args.option), teachers=parse_teachers(args.teacher),
-                      storage_size=args.storage_size,
-                      max_pixels=args.max_pixels, batch_size=args.batch_size, shard_size=args.shard_size,
-                      format=args.format, actors_per_teacher=args.actors_per_teacher,
+                      storage_size=args.storage_size, max_pixels=args.max_pixels, batch_size=args.batch_size,
+                      shard_size=args.shard_size, format=args.format, actors_per_teacher=args.actors_per_teacher,
                       cpus_per_actor=args.cpus_per_actor, device=args.device, progress=not args.no_progress)
     # bad teachers, options and weights fail here, on the driver, before any scanning or Ray work
     resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers)

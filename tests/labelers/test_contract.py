@@ -206,3 +206,38 @@ def test_a_labeler_written_before_typed_options_keeps_working():
     assert Untyped.identity(weights="tiny", size=5)["options"] == {"size": 5}
     with pytest.raises(ConfigError, match="unknown options colour"):
         Untyped(colour=1)
+
+
+def test_an_entry_point_plugin_never_replaces_a_builtin_teacher(registry, monkeypatch):
+    class PluginEdges(Labeler):
+        """canny_edge from a plugin (a test teacher)."""
+
+        name = "plugin_edges"
+        modalities = ("canny_edge",)
+
+    class PluginRgb(Labeler):
+        name = "rgb"  # a built-in teacher's name
+        modalities = ("rgb",)
+
+    class EntryPoint:
+        def __init__(self, cls):
+            self.cls = cls
+
+        def load(self):
+            return self.cls
+
+    def entry_points(group):
+        assert group == registry.ENTRY_POINT_GROUP
+        return plugins
+
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", entry_points)
+    plugins = [EntryPoint(PluginEdges)]
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    assert "plugin_edges" in registry.list_labelers()
+    assert labeler_for_modality("canny_edge").name == "canny_edge"  # one more teacher, not a replacement
+    assert labeler_for_modality("canny_edge", teacher="plugin_edges") is PluginEdges
+    plugins = [EntryPoint(PluginRgb)]
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    with pytest.raises(ConfigError, match="labeler name 'rgb' is registered twice"):
+        registry.list_labelers()
+    assert get_labeler_class("rgb").__module__ == "omniforge.labelers.classical"
