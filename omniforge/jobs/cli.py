@@ -48,15 +48,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from omniforge.pipeline import LabelConfig, label, parse_options, parse_weights, plan
+    from omniforge.pipeline import LabelConfig, label, parse_options, parse_teachers, parse_weights, plan
     from omniforge.pipeline.label import resolve_teachers
 
     cfg = LabelConfig(output=args.output, modalities=_csv(args.modalities), weights=parse_weights(args.weights),
-                      options=parse_options(args.option), storage_size=args.storage_size,
-                      max_pixels=args.max_pixels, batch_size=args.batch_size, shard_size=args.shard_size,
-                      format=args.format, actors_per_teacher=args.actors_per_teacher,
+                      options=parse_options(args.option), teachers=parse_teachers(args.teacher),
+                      storage_size=args.storage_size, max_pixels=args.max_pixels, batch_size=args.batch_size,
+                      shard_size=args.shard_size, format=args.format, actors_per_teacher=args.actors_per_teacher,
                       cpus_per_actor=args.cpus_per_actor, device=args.device, progress=not args.no_progress)
-    resolve_teachers(cfg.modalities, cfg.weights, cfg.options)  # bad names fail before any scanning
+    # bad teachers, options and weights fail here, on the driver, before any scanning or Ray work
+    resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers)
     if args.input:
         plan(_plan_config(args, args.output), ray_address=args.ray_address, progress_bar=not args.no_progress)
     summary = label(cfg, ray_address=args.ray_address)
@@ -65,12 +66,13 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from omniforge.pipeline import parse_options, parse_weights
+    from omniforge.pipeline import parse_options, parse_teachers, parse_weights
     from omniforge.pipeline.tokenize_job import TokenizeConfig, parse_crops, tokenize
 
     cfg = TokenizeConfig(input=args.input, output=args.output, tokenizers=args.tokenizers,
                          modalities=_csv(args.modalities), crops=parse_crops(args.crops, seed=args.seed),
                          weights=parse_weights(args.weights), options=parse_options(args.option),
+                         teachers=parse_teachers(args.teacher),
                          batch_size=args.batch_size, actors=args.actors, device=args.device,
                          progress=not args.no_progress)
     summary = tokenize(cfg, ray_address=args.ray_address)
@@ -99,17 +101,67 @@ def cmd_list(args: argparse.Namespace) -> int:
     from omniforge.labelers import get_labeler_class, list_labelers
     from omniforge.modalities import all_modalities
 
+    if args.teacher:
+        print("\n".join(_teacher_lines(get_labeler_class(args.teacher))))
+        return 0
     print(f"{'labeler':<15} {'kind':<9} modalities")
     for name in list_labelers():
         cls = get_labeler_class(name)
-        print(f"{name:<15} {'learned' if cls.learned else 'classical':<9} {', '.join(cls.modalities)}")
+        print(f"{name:<15} {'learned' if cls.learned else 'classical':<9} "
+              f"{', '.join(_modality_mark(m, cls) for m in cls.modalities)}")
     labelable = {m for n in list_labelers() for m in get_labeler_class(n).modalities}
     print(f"\n{'modality':<17} {'file':<10} {'tokens':<24} format")
     for m in all_modalities():
         mark = "" if m.name in labelable else "  (no labeler yet)"
         tokens = f"{m.token_modality} ({m.num_tokens})" if m.tokenized else "(no tokens)"
         print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<24} {m.description}{mark}")
+    print("\n`omniforge list TEACHER` shows a teacher's options; where a modality has several teachers, "
+          "--teacher MODALITY=TEACHER chooses another than its default")
     return 0
+
+
+def _modality_mark(modality: str, cls: type) -> str:
+    """A modality a teacher writes, marked when the modality has several teachers: its default, or not."""
+    from omniforge.errors import ConfigError
+    from omniforge.labelers import labeler_for_modality, labelers_for_modality
+
+    if len(labelers_for_modality(modality)) < 2:
+        return modality
+    try:
+        default = labeler_for_modality(modality).name
+    except ConfigError:  # several teachers, none claiming it: every job must choose
+        return f"{modality} (--teacher {modality}={cls.name}; no default)"
+    return f"{modality} (default)" if default == cls.name else f"{modality} (--teacher {modality}={cls.name})"
+
+
+def _teacher_lines(cls: type) -> list[str]:
+    """`omniforge list TEACHER`: the docstring's summary, what it writes and reads, and its options."""
+    import json
+
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    lines = [" ".join(doc.split()) or cls.name]
+    lines.append(f"  modalities: {', '.join(_modality_mark(m, cls) for m in cls.modalities)}")
+    kind = ("learned (an actor pool, a GPU each when the cluster has them; --weights "
+            f"{cls.name}=tiny|pretrained|/path/to/checkpoint)" if cls.learned else "classical (CPU tasks, no weights)")
+    lines.append(f"  kind: {kind}")
+    if cls.requires or cls.optional_inputs:
+        lines.append(f"  reads: {', '.join(cls.requires) or '-'} (required), {', '.join(cls.optional_inputs) or '-'} "
+                     f"(when present)")
+    options = cls.options_type()
+    if options is None:
+        lines.append("  options: not declared (a labeler without an options class: see its documentation)")
+        return lines
+    docs = options.describe()
+    if not docs:
+        lines.append("  options: none")
+        return lines
+    lines.append(f"  options (--option {cls.name}.KEY=VALUE, VALUE as JSON):")
+    width = max(len(d.name) for d in docs)
+    type_width = max(len(d.type) for d in docs)
+    for d in docs:
+        lines.append(f"    {d.name:<{width}}  {d.type:<{type_width}}  default {json.dumps(d.default)}: {d.help} "
+                     f"({d.valid})")
+    return lines
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -159,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="tiny", help="tiny | pretrained, plus TEACHER=tiny|pretrained|/path/to/checkpoint "
                    "overrides, comma separated (default tiny: random weights)")
     p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
-                   help="teacher option, e.g. clip.pretrained_tag=laion2b_s34b_b88k (repeatable)")
+                   help="teacher option, e.g. clip.pretrained_tag=laion2b_s34b_b88k (repeatable; `omniforge list "
+                        "TEACHER` lists them)")
+    p.add_argument("--teacher", action="append", default=[], metavar="MODALITY=TEACHER",
+                   help="the teacher of a modality that has several, e.g. depth=omnidata (default: the modality's "
+                        "default teacher; repeatable or comma separated)")
     p.add_argument("--storage-size", type=int, default=512, help="shorter side of stored images (default 512)")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="pixel limit against decompression bombs")
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
@@ -182,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "must match the label job)")
     p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
                    help="feature teacher option, as for `omniforge label` (repeatable)")
+    p.add_argument("--teacher", action="append", default=[], metavar="MODALITY=TEACHER",
+                   help="feature teacher for crops 1.., as for `omniforge label` (must match the label job)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per tokenizer batch (default 32)")
     p.add_argument("--actors", type=int, default=None, help="shard workers (default: one per GPU, else CPUs / 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -216,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "modality decoded back (a reconstruction beside its label)")
     p.set_defaults(fn=cmd_show)
 
-    p = sub.add_parser("list", help="registered labelers and modalities with their formats")
+    p = sub.add_parser("list", help="registered labelers and modalities with their formats, or one teacher's options")
+    p.add_argument("teacher", nargs="?", help="a teacher: print its summary, modalities and options with defaults")
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("demo", help="label a small corpus of real photos end to end, verify it, draw a preview")

@@ -21,8 +21,8 @@ def demo(out: str, *, ray_address: str | None = None, weights: str = "tiny") -> 
     out_dir = Path(out).resolve()
     corpus = build_demo_corpus(out_dir / "corpus")
     root = str(out_dir / "labels")
-    # every registered teacher: the classical ones for real, the learned ones at their tiny size
-    modalities = tuple(m for name in list_labelers() for m in get_labeler_class(name).modalities)
+    # every labelable modality, by its default teacher: the classical ones for real, the learned ones at their tiny size
+    modalities = tuple(dict.fromkeys(m for name in list_labelers() for m in get_labeler_class(name).modalities))
     learned = sorted({labeler_for_modality(m).name for m in modalities if labeler_for_modality(m).learned})
     if weights == "tiny":
         print(f"demo: learned teachers ({', '.join(learned)}) run with RANDOM weights (--weights tiny): their "

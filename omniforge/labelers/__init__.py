@@ -1,7 +1,8 @@
-"""Teachers: one module per labeler, registered by name.
+"""Teachers: one module per labeler, registered by name; a modality may have several, one its default.
 
-Public API: `register_labeler`, `create_labeler`, `list_labelers`, `labeler_for_modality`, `Labeler`,
-`Sample`.
+Public API: `register_labeler`, `create_labeler`, `list_labelers`, `get_labeler_class`,
+`labeler_for_modality` (the default teacher of a modality, or the one named), `labelers_for_modality` (all
+of them), `Labeler`, `LabelerOptions` and `option` (a teacher's typed options), `Sample`.
 """
 
 from omniforge.labelers._registry import (
@@ -9,10 +10,11 @@ from omniforge.labelers._registry import (
     create_labeler,
     get_labeler_class,
     labeler_for_modality,
+    labelers_for_modality,
     list_labelers,
     register_labeler,
 )
-from omniforge.labelers.base import PRETRAINED, TINY, Labeler, Sample
+from omniforge.labelers.base import PRETRAINED, TINY, Labeler, LabelerOptions, OptionDoc, Sample, option
 
 # Built-in labelers register themselves on import. Heavy dependencies are imported lazily inside them.
 from omniforge.labelers import classical as _classical  # noqa: E402,F401
@@ -26,6 +28,6 @@ from omniforge.labelers import imagebind as _imagebind  # noqa: E402,F401
 from omniforge.labelers import metadata as _metadata  # noqa: E402,F401
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "PRETRAINED", "TINY", "Labeler", "Sample", "create_labeler", "get_labeler_class",
-    "labeler_for_modality", "list_labelers", "register_labeler",
+    "ENTRY_POINT_GROUP", "PRETRAINED", "TINY", "Labeler", "LabelerOptions", "OptionDoc", "Sample", "create_labeler",
+    "get_labeler_class", "labeler_for_modality", "labelers_for_modality", "list_labelers", "option", "register_labeler",
 ]

@@ -24,11 +24,11 @@ class OpenClipLabeler(TorchLabeler):
     """Base of the open_clip image-tower teachers.
 
     Subclasses set `tiny_cfg` (open_clip model kwargs for weights="tiny": `embed_dim`, `vision_cfg`,
-    `text_cfg`), and set `self.model_name` (an open_clip architecture) and `self.pretrained_tag` (an open_clip
-    release of that architecture, or None for weights that are no open_clip release) before calling
-    `super().__init__`. The tag decides the preprocessing (mean, std, interpolation, resize mode) and the
-    activation (QuickGELU for the OpenAI, DFN and MetaCLIP releases, which a state dict cannot record), for
-    every weights kind.
+    `text_cfg`) and provide `model_name` (an open_clip architecture) and `pretrained_tag` (an open_clip
+    release of that architecture, or None for weights that are no open_clip release), as class attributes
+    or as properties reading their options. The tag decides the preprocessing (mean, std, interpolation,
+    resize mode) and the activation (QuickGELU for the OpenAI, DFN and MetaCLIP releases, which a state dict
+    cannot record), for every weights kind.
     """
 
     checkpoint_format = "open_clip_pytorch_model.bin"
@@ -40,9 +40,12 @@ class OpenClipLabeler(TorchLabeler):
 
     def _release_cfg(self) -> dict[str, Any]:
         """open_clip's pretrained config of (model_name, pretrained_tag); {} when the tag is None."""
+        open_clip = open_clip_module()
+        if self.model_name not in open_clip.list_models():
+            raise ConfigError(f"{self.name}: unknown model_name {self.model_name!r}; it must be an open_clip "
+                              f"architecture (open_clip.list_models())")
         if self.pretrained_tag is None:
             return {}
-        open_clip = open_clip_module()
         cfg = open_clip.get_pretrained_cfg(self.model_name, self.pretrained_tag)
         if not cfg:
             tags = open_clip.list_pretrained_tags_by_model(self.model_name)

@@ -1,36 +1,77 @@
-"""Labeler registry: a decorator, a factory, and the `omniforge.labelers` entry-point group."""
+"""Labeler registry: a decorator, a factory, and the `omniforge.labelers` entry-point group.
+
+A modality may have several teachers. Each teacher says in `default_for` for which of its modalities it is
+the default; a modality with a single teacher needs no claim. A job runs the default teacher of each
+modality unless it names another (`--teacher MODALITY=NAME`, `labeler_for_modality(m, teacher=NAME)`).
+Built-in teachers register on `import omniforge.labelers`, plugins after them: a plugin teacher for an
+existing modality is one more teacher of it, never a silent replacement.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from typing import Any
 
 from omniforge.errors import ConfigError
-from omniforge.labelers.base import Labeler
+from omniforge.labelers.base import Labeler, LabelerOptions
 from omniforge.modalities import MODALITIES, register_modality
 
 ENTRY_POINT_GROUP = "omniforge.labelers"
 
-_LABELERS: dict[str, type[Labeler]] = {}
+_LABELERS: dict[str, type[Labeler]] = {}  # name -> class, in registration order
+_DEFAULTS: dict[str, str] = {}  # modality -> name of the teacher claiming to be its default
 _entry_points_loaded = False
 
 
 def register_labeler(cls: type[Labeler]) -> type[Labeler]:
-    """Class decorator: make a Labeler subclass available by its `name`."""
+    """Class decorator: make a Labeler subclass available by its `name`.
+
+    Checks everything before registering anything: a teacher that cannot be registered leaves the registry
+    as it was.
+    """
     for attr in ("name", "modalities"):
         if not getattr(cls, attr, None):
             raise TypeError(f"labeler {cls.__qualname__} must set the class attribute {attr!r}")
-    for info in getattr(cls, "new_modalities", ()):
-        register_modality(info)
+    _check_options_class(cls)
+    new = {info.name for info in getattr(cls, "new_modalities", ())}
     for m in cls.modalities:
-        if m not in MODALITIES:
+        if m not in MODALITIES and m not in new:
             raise TypeError(f"labeler {cls.__qualname__} writes {m!r}, which is not a known modality: declare it in "
                             f"the class attribute new_modalities = (ModalityInfo(...),)")
     existing = _LABELERS.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(f"labeler name {cls.name!r} is registered twice ({existing.__module__}, {cls.__module__})")
+    if existing is cls:
+        return cls
+    if existing is not None:
+        raise ConfigError(f"labeler name {cls.name!r} is registered twice ({existing.__module__}."
+                          f"{existing.__qualname__}, {cls.__module__}.{cls.__qualname__}): rename one of them")
+    for m in cls.default_for:
+        if m not in cls.modalities:
+            raise TypeError(f"labeler {cls.__qualname__} claims to be the default teacher of {m!r}, which it does not "
+                            f"write (modalities = {cls.modalities})")
+        if m in _DEFAULTS:
+            raise ConfigError(f"teachers {_DEFAULTS[m]!r} ({_LABELERS[_DEFAULTS[m]].__module__}) and {cls.name!r} "
+                              f"({cls.__module__}) both claim to be the default teacher of {m!r}: remove {m!r} from "
+                              f"the default_for of one of them (the other stays selectable with --teacher {m}=NAME)")
+    for info in getattr(cls, "new_modalities", ()):
+        register_modality(info)
     _LABELERS[cls.name] = cls
+    _DEFAULTS.update({m: cls.name for m in cls.default_for})
     return cls
+
+
+def _check_options_class(cls: type[Labeler]) -> None:
+    options = cls.options_class
+    if options is None:
+        return
+    if not (isinstance(options, type) and issubclass(options, LabelerOptions)
+            and "__dataclass_fields__" in vars(options) and options.__dataclass_params__.frozen):
+        raise TypeError(f"labeler {cls.__qualname__}: options_class must be a LabelerOptions subclass decorated with "
+                        f"@dataclass(frozen=True, kw_only=True)")
+    for f in dataclasses.fields(options):
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"labeler {cls.__qualname__}: option {f.name!r} needs a default")
+    options()  # the defaults must be valid (and the annotations supported)
 
 
 def _load_entry_points() -> None:
@@ -40,8 +81,8 @@ def _load_entry_points() -> None:
     _entry_points_loaded = True
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         cls = ep.load()
-        if isinstance(cls, type) and issubclass(cls, Labeler) and cls.name not in _LABELERS:
-            register_labeler(cls)
+        if isinstance(cls, type) and issubclass(cls, Labeler):
+            register_labeler(cls)  # the same class twice is a no-op; another class under a taken name an error
 
 
 def list_labelers() -> list[str]:
@@ -57,14 +98,42 @@ def get_labeler_class(name: str) -> type[Labeler]:
         raise ConfigError(f"unknown labeler {name!r}; registered labelers: {', '.join(sorted(_LABELERS))}") from None
 
 
-def labeler_for_modality(modality: str) -> type[Labeler]:
-    """The registered labeler that writes `modality`."""
+def labelers_for_modality(modality: str) -> list[type[Labeler]]:
+    """Every registered teacher that writes `modality`, the default first, then in registration order."""
     _load_entry_points()
-    for cls in _LABELERS.values():
-        if modality in cls.modalities:
-            return cls
-    known = sorted(m for cls in _LABELERS.values() for m in cls.modalities)
-    raise ConfigError(f"no labeler writes modality {modality!r}; labelable modalities: {', '.join(known)}")
+    teachers = [cls for cls in _LABELERS.values() if modality in cls.modalities]
+    default = _DEFAULTS.get(modality)
+    return sorted(teachers, key=lambda cls: cls.name != default)
+
+
+def labeler_for_modality(modality: str, teacher: str | None = None) -> type[Labeler]:
+    """The teacher that writes `modality`: the one named `teacher` (`--teacher MODALITY=NAME`), else the
+    modality's default (the teacher claiming it in `default_for`, or its only teacher)."""
+    teachers = labelers_for_modality(modality)
+    if not teachers:
+        known = sorted({m for cls in _LABELERS.values() for m in cls.modalities})
+        raise ConfigError(f"no labeler writes modality {modality!r}; labelable modalities: {', '.join(known)}")
+    names = ", ".join(cls.name for cls in teachers)
+    if teacher is not None:
+        for cls in teachers:
+            if cls.name == teacher:
+                return cls
+        what = "does not write it" if teacher in _LABELERS else "is not a registered labeler"
+        raise ConfigError(f"--teacher {modality}={teacher}: {teacher!r} {what}; teachers of {modality}: {names}")
+    if modality in _DEFAULTS:
+        return _LABELERS[_DEFAULTS[modality]]
+    if len(teachers) == 1:
+        return teachers[0]
+    raise ConfigError(f"modality {modality!r} has several teachers ({names}) and none is its default: choose one "
+                      f"with --teacher {modality}=NAME")
+
+
+def default_teacher_name(modality: str) -> str | None:
+    """The name of `modality`'s default teacher, or None when it has none (no teacher, or several unclaimed)."""
+    try:
+        return labeler_for_modality(modality).name
+    except ConfigError:
+        return None
 
 
 def create_labeler(name: str, **kwargs: Any) -> Labeler:

@@ -18,7 +18,8 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
-from omniforge.labelers.base import PRETRAINED, TINY, Labeler, Sample, file_sha256, is_checkpoint_path
+from omniforge.labelers.base import (PRETRAINED, TINY, Labeler, LabelerOptions, Sample, file_sha256,
+                                     is_checkpoint_path)
 from omniforge.modalities import get_modality
 
 TINY_SEED = 0  # every actor building weights="tiny" gets the same random weights
@@ -96,6 +97,7 @@ class TorchLabeler(Labeler):
     """
 
     learned = True
+    options_class = LabelerOptions  # no options unless a subclass declares its own
     checkpoint_format: ClassVar[str] = "checkpoint"
     # True: a local checkpoint is a folder (a transformers `save_pretrained` folder), not a single file
     checkpoint_is_dir: ClassVar[bool] = False
@@ -113,12 +115,21 @@ class TorchLabeler(Labeler):
         self.model = model.eval().requires_grad_(False).to(self.torch_device)
 
     @classmethod
-    def identity(cls, *, weights: str = TINY, **options: Any) -> dict[str, Any]:
-        """As `Labeler.identity`; a checkpoint folder (`checkpoint_is_dir`) is identified by its content hash."""
-        path = os.path.abspath(os.path.expanduser(weights)) if is_checkpoint_path(weights) else ""
-        if cls.checkpoint_is_dir and os.path.isdir(path):
-            return {**super().identity(weights=TINY, **options), "weights": f"dir-sha256:{dir_sha256(path)}"}
-        return super().identity(weights=weights, **options)
+    def identify_weights(cls, weights: str) -> str:
+        """As `Labeler.identify_weights`; a checkpoint folder (`checkpoint_is_dir`) is identified by its content
+        hash, and a checkpoint path of the wrong kind (a file for a folder teacher) is a WeightsError here, on
+        the driver, before any job starts."""
+        if not is_checkpoint_path(weights) or "://" in weights or weights.startswith("hf-hub:"):
+            return super().identify_weights(weights)
+        path = os.path.abspath(os.path.expanduser(weights))
+        if cls.checkpoint_is_dir:
+            if not os.path.isdir(path):
+                problem = "is not a folder" if os.path.exists(path) else "not found"
+                raise WeightsError(f"{cls.name}: checkpoint {weights} {problem}; {cls.name} loads a "
+                                   f"{cls.checkpoint_format}: pass --weights {cls.name}=/path/to/that/folder, or "
+                                   f"--weights tiny for random weights")
+            return f"dir-sha256:{dir_sha256(path)}"
+        return super().identify_weights(weights)
 
     # -- building ------------------------------------------------------------------------------------------
 

@@ -1,22 +1,28 @@
 """The labeler contract.
 
-A labeler is a thin class: class attributes declare what it writes, the constructor loads weights once,
-and `label` turns a batch of decoded samples into one result per sample. Resources (GPUs, batch size,
-concurrency) are decided by the pipeline, never here.
+A labeler is a thin class: class attributes declare what it writes, a frozen options dataclass declares its
+options (`LabelerOptions`, fields made by `option`), the constructor loads weights once, and `label` turns a
+batch of decoded samples into one result per sample. Resources (GPUs, batch size, concurrency) are decided
+by the pipeline, never here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from omniforge.errors import SampleError, WeightsError
+from omniforge.errors import ConfigError, SampleError, WeightsError
 
 TINY = "tiny"
 PRETRAINED = "pretrained"
@@ -42,12 +48,151 @@ class Sample:
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
+def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, ge: float | None = None,
+           le: float | None = None) -> Any:
+    """Declare one teacher option: a dataclass field with its default, what it means (`omniforge list TEACHER`
+    prints it) and its valid values, which `LabelerOptions.__post_init__` checks with the field's type."""
+    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "le": le})
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """One option as `omniforge list TEACHER` prints it."""
+
+    name: str
+    type: str  # "int", "float", "str", "bool", or one of them followed by " | None"
+    default: Any
+    help: str
+    valid: str  # the valid values in words, e.g. "a number in [0, 1]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelerOptions:
+    """Base of every teacher's options: a frozen, keyword-only dataclass whose fields are the options.
+
+    Declare each option once, as a field made by `option(default, help, choices=..., ge=..., le=...)` and
+    annotated `int`, `float`, `str` or `bool` (optionally `| None`). `__post_init__` checks every field against
+    its type (a `str` must be non-empty; a `float` takes an int and stores it as a float; `bool` is never an
+    int) and its choices and bounds; subclasses add checks between fields in their own `__post_init__`
+    (calling this one first) and raise ConfigError naming the option and its valid values. The teacher's
+    constructor, its fingerprint identity and `omniforge list TEACHER` are all derived from this class.
+
+    `removed` maps options that no longer exist to what to use instead; the error for such an option says so.
+    """
+
+    removed: ClassVar[Mapping[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _check_option(f.name, hints[f.name], f.metadata, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, teacher: str, options: Mapping[str, Any]) -> Self:
+        """Build and validate the options of `teacher` from {option: value}; every error is a one-line
+        ConfigError naming the teacher, the option and the valid options or values."""
+        unknown = sorted(set(options) - set(cls.names()))
+        for key in unknown:
+            if key in cls.removed:
+                raise ConfigError(f"{teacher}: option {key} was removed: {cls.removed[key]}")
+        if unknown:
+            valid = (f"its options are {', '.join(cls.names())}" if cls.names() else f"{teacher} takes no options")
+            raise ConfigError(f"{teacher}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                              f"{valid} (omniforge list {teacher})")
+        try:
+            return cls(**options)
+        except ConfigError as e:
+            raise ConfigError(f"{teacher}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.names()}
+
+    @classmethod
+    def describe(cls) -> list[OptionDoc]:
+        hints = _type_hints(cls)
+        return [OptionDoc(name=f.name, type=_type_name(hints[f.name]), default=f.default,
+                          help=f.metadata.get("help", ""), valid=_valid_values(hints[f.name], f.metadata))
+                for f in dataclasses.fields(cls)]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _split_optional(hint: Any) -> tuple[type, bool]:
+    """`X | None` -> (X, True); `X` -> (X, False), for X one of bool, int, float, str."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    base = [a for a in args if a is not type(None)]
+    if len(base) != 1 or base[0] not in (bool, int, float, str):
+        raise TypeError(f"option type {hint!r} is not supported: use int, float, str or bool, optionally | None")
+    return base[0], len(args) > 1
+
+
+def _type_name(hint: Any) -> str:
+    base, optional = _split_optional(hint)
+    return base.__name__ + (" | None" if optional else "")
+
+
+def _valid_values(hint: Any, meta: Mapping[str, Any]) -> str:
+    base, optional = _split_optional(hint)
+    ge, le, choices = meta.get("ge"), meta.get("le"), meta.get("choices")
+    if choices:
+        text = "one of " + ", ".join(json.dumps(c) for c in choices)
+    else:
+        text = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string"}[base]
+        if ge is not None and le is not None:
+            text += f" in {ge}..{le}" if base is int else f" in [{ge}, {le}]"
+        elif ge is not None:
+            text += f" >= {ge}"
+        elif le is not None:
+            text += f" <= {le}"
+    return text + (" or null" if optional else "")
+
+
+def _check_option(name: str, hint: Any, meta: Mapping[str, Any], value: Any) -> Any:
+    """The value, checked against its annotation and metadata (a float option's int stored as a float)."""
+    base, optional = _split_optional(hint)
+    if value is None and optional:
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+    if ok and base is float:
+        ok = math.isfinite(value)
+    if ok and base is str:
+        ok = bool(value.strip())
+    if ok and meta.get("choices"):
+        ok = value in meta["choices"]
+    if ok and meta.get("ge") is not None:
+        ok = value >= meta["ge"]
+    if ok and meta.get("le") is not None:
+        ok = value <= meta["le"]
+    if not ok:
+        raise ConfigError(f"option {name}={json.dumps(value, default=repr)} is not valid: expected "
+                          f"{_valid_values(hint, meta)}")
+    return value
+
+
 class Labeler:
     """Base class of every teacher.
 
     Subclasses set:
-      name        registry name of the teacher (e.g. "dinov2")
+      name        registry name of the teacher (e.g. "dinov2"): --weights NAME=..., --option NAME.KEY=VALUE,
+                  --teacher MODALITY=NAME
       modalities  the modality folders it writes (e.g. ("dinov2", "dinov2_global"))
+      default_for the modalities it writes for which it is the default teacher; a modality with one teacher
+                  needs no claim, one with several is written by its claimant unless the job names another
+                  (--teacher MODALITY=NAME); two teachers claiming one modality is an error at registration
+      options_class  its options (a LabelerOptions subclass; LabelerOptions itself: no options); the
+                  constructor builds `self.options` from it, the fingerprint identity is derived from it. None
+                  (a labeler written before typed options): the subclass's own constructor takes its options
+                  as keywords, and its identity holds them as given
       learned     True when it runs a neural network: the pipeline gives it an actor pool (and a GPU when
                   there is one); False for cheap CPU work that runs in plain tasks
       version     bump when the output for the same weights and options changes
@@ -62,16 +207,24 @@ class Labeler:
 
     name: ClassVar[str]
     modalities: ClassVar[tuple[str, ...]]
+    default_for: ClassVar[tuple[str, ...]] = ()
+    options_class: ClassVar[type[LabelerOptions] | None] = None
     learned: ClassVar[bool] = False
     version: ClassVar[str] = "1"
     requires: ClassVar[tuple[str, ...]] = ()
     optional_inputs: ClassVar[tuple[str, ...]] = ()
     new_modalities: ClassVar[tuple[Any, ...]] = ()
 
+    options: LabelerOptions
+
     def __init__(self, *, weights: str = TINY, device: str = "cpu", modalities: tuple[str, ...] | None = None,
-                 **options: Any):
-        if options:
-            raise TypeError(f"{self.name}: unknown options {sorted(options)}")
+                 options: LabelerOptions | None = None, **kwargs: Any):
+        """`options` (an instance of `options_class`) or the options as keywords, not both."""
+        if self.options_type() is not None:
+            self.options = self.make_options(options, **kwargs)
+        elif options is not None or kwargs:
+            raise ConfigError(f"{self.name}: unknown options {', '.join(sorted(kwargs)) or 'object'}; "
+                              f"{self.name} takes no options")
         self.weights = weights
         self.device = device
         self.wanted = tuple(modalities or self.modalities)
@@ -82,15 +235,58 @@ class Labeler:
         pipeline then retries the samples one by one to find the culprit)."""
         raise NotImplementedError
 
+    # -- options -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def options_type(cls) -> type[LabelerOptions] | None:
+        """The options class; None for a labeler without one whose own constructor takes untyped options."""
+        if cls.options_class is not None:
+            return cls.options_class
+        return LabelerOptions if cls.__init__ is Labeler.__init__ else None
+
+    @classmethod
+    def make_options(cls, options: LabelerOptions | None = None, /, **kwargs: Any) -> LabelerOptions:
+        """The validated options object, from an instance of the options class or from keywords. Cheap: it
+        never loads a model, so the driver calls it for every teacher before a job starts."""
+        typed = cls.options_type()
+        if typed is None:
+            raise TypeError(f"{cls.name} declares no options_class: its constructor takes its own options")
+        if options is None:
+            return typed.from_mapping(cls.name, kwargs)
+        if kwargs or not isinstance(options, typed):
+            raise ConfigError(f"{cls.name}: pass a {typed.__name__} or options as keywords, not "
+                              f"{type(options).__name__}{' and keywords' if kwargs else ''}")
+        return options
+
+    # -- fingerprint ---------------------------------------------------------------------------------------
+
     @classmethod
     def identity(cls, *, weights: str = TINY, **options: Any) -> dict[str, Any]:
         """What determines this labeler's outputs: written into fingerprints and run records.
 
-        Computed on the driver without loading the model. Local checkpoint files are identified by
-        their sha256, so replacing a file invalidates what was labeled with it.
+        Computed on the driver without loading the model; bad options raise ConfigError here. Local checkpoint
+        files are identified by their sha256, so replacing a file invalidates what was labeled with it.
         """
-        return {"labeler": cls.name, "version": cls.version, "weights": weights_identity(weights),
-                "options": {k: options[k] for k in sorted(options)}}
+        if cls.options_type() is None:  # untyped options: as given
+            values = {k: options[k] for k in sorted(options)}
+        else:
+            values = cls.identity_options(cls.make_options(**options), weights=weights, given=tuple(options))
+        return {"labeler": cls.name, "version": cls.version, "weights": cls.identify_weights(weights),
+                "options": values}
+
+    @classmethod
+    def identity_options(cls, options: LabelerOptions, *, weights: str, given: tuple[str, ...]) -> dict[str, Any]:
+        """The options in the fingerprint. Learned teachers: every option, defaults included (a changed default
+        relabels); other teachers: the options the user gave (`given`). That split is how the fingerprints of
+        earlier releases were made, kept so that corpora labeled then still count as done."""
+        del weights
+        values = options.to_dict()
+        return values if cls.learned else {k: values[k] for k in sorted(given)}
+
+    @classmethod
+    def identify_weights(cls, weights: str) -> str:
+        """The weights in the fingerprint: the kind, or a local checkpoint's content hash."""
+        return weights_identity(weights)
 
     @classmethod
     def fingerprint(cls, *, weights: str = TINY, **options: Any) -> str:

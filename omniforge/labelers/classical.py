@@ -6,23 +6,27 @@ rgb, caption, canny_edge and color_palette run as plain CPU tasks in the label j
 from __future__ import annotations
 
 import hashlib
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import Labeler, Sample
+from omniforge.labelers.base import Labeler, LabelerOptions, Sample, option
+
+MAX_COLORS = 7  # color_palette: palettes of 1..7 colours, as 4M-21
 
 
 class _ClassicalLabeler(Labeler):
     """A labeler without weights: `--weights` does not change what it writes."""
 
+    options_class = LabelerOptions
+
     @classmethod
-    def identity(cls, *, weights: str = "tiny", **options: Any) -> dict[str, Any]:
+    def identify_weights(cls, weights: str) -> str:
         del weights  # no weights: tiny and pretrained are the same labeler
-        return {"labeler": cls.name, "version": cls.version, "weights": "none",
-                "options": {k: options[k] for k in sorted(options)}}
+        return "none"
 
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
         out: list[dict[str, Any] | SampleError] = []
@@ -46,7 +50,7 @@ class RgbLabeler(_ClassicalLabeler):
     """
 
     name = "rgb"
-    modalities = ("rgb",)
+    modalities = default_for = ("rgb",)
 
     def label_one(self, sample: Sample) -> np.ndarray:
         return sample.image
@@ -60,7 +64,7 @@ class CaptionLabeler(_ClassicalLabeler):
     """
 
     name = "caption"
-    modalities = ("caption",)
+    modalities = default_for = ("caption",)
 
     def label_one(self, sample: Sample) -> str:
         text = " ".join((sample.caption or "").split())
@@ -69,32 +73,49 @@ class CaptionLabeler(_ClassicalLabeler):
         return text
 
 
+@dataclass(frozen=True, kw_only=True)
+class CannyEdgeOptions(LabelerOptions):
+    low: int = option(100, "lower hysteresis threshold of cv2.Canny", ge=0)
+    high: int = option(200, "upper hysteresis threshold of cv2.Canny (>= low)", ge=0)
+    blur: int = option(3, "Gaussian blur kernel size before Canny: odd, 0 = no blur", ge=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low > self.high:
+            raise ConfigError(f"options low={self.low}, high={self.high} are not valid: need 0 <= low <= high")
+        if self.blur % 2 == 0 and self.blur:
+            raise ConfigError(f"option blur={self.blur} is not valid: expected 0 or an odd kernel size")
+
+
 @register_labeler
 class CannyEdgeLabeler(_ClassicalLabeler):
     """canny_edge: OpenCV Canny edges of the grayscale rgb image.
 
-    Output: (H, W) uint8, 255 on edges and 0 elsewhere, same size as rgb. Options: `low` and `high`
-    hysteresis thresholds (default 100, 200) and `blur` (Gaussian kernel size before Canny, odd, 0 = none).
+    Output: (H, W) uint8, 255 on edges and 0 elsewhere, same size as rgb. Options (`CannyEdgeOptions`): `low`
+    and `high` hysteresis thresholds (default 100, 200) and `blur` (Gaussian kernel size before Canny, odd,
+    0 = none).
     """
 
     name = "canny_edge"
-    modalities = ("canny_edge",)
-
-    def __init__(self, *, low: int = 100, high: int = 200, blur: int = 3, **kwargs: Any):
-        super().__init__(**kwargs)
-        if not 0 <= low <= high:
-            raise ConfigError(f"canny_edge: need 0 <= low <= high, got low={low} high={high}")
-        if blur < 0 or (blur and blur % 2 == 0):
-            raise ConfigError(f"canny_edge: blur must be 0 or an odd kernel size, got {blur}")
-        self.low, self.high, self.blur = int(low), int(high), int(blur)
+    modalities = default_for = ("canny_edge",)
+    options_class = CannyEdgeOptions
+    options: CannyEdgeOptions
 
     def label_one(self, sample: Sample) -> np.ndarray:
         import cv2
 
+        o = self.options
         gray = cv2.cvtColor(sample.image, cv2.COLOR_RGB2GRAY)
-        if self.blur:
-            gray = cv2.GaussianBlur(gray, (self.blur, self.blur), 0)
-        return cv2.Canny(gray, self.low, self.high)
+        if o.blur:
+            gray = cv2.GaussianBlur(gray, (o.blur, o.blur), 0)
+        return cv2.Canny(gray, o.low, o.high)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColorPaletteOptions(LabelerOptions):
+    num_colors: int | None = option(None, "colours per palette; null: drawn per sample from 1..7 by a hash of its key",
+                                    ge=1, le=MAX_COLORS)
+    max_pixels: int = option(4096, "k-means runs on at most this many pixels (a strided subsample)", ge=1)
 
 
 @register_labeler
@@ -107,26 +128,20 @@ class ColorPaletteLabeler(_ClassicalLabeler):
     """
 
     name = "color_palette"
-    modalities = ("color_palette",)
-    MAX_COLORS: ClassVar[int] = 7
-
-    def __init__(self, *, num_colors: int | None = None, max_pixels: int = 4096, **kwargs: Any):
-        super().__init__(**kwargs)
-        if num_colors is not None and not 1 <= num_colors <= self.MAX_COLORS:
-            raise ConfigError(f"color_palette: num_colors must be in 1..{self.MAX_COLORS}, got {num_colors}")
-        self.num_colors = num_colors
-        self.max_pixels = int(max_pixels)
+    modalities = default_for = ("color_palette",)
+    options_class = ColorPaletteOptions
+    options: ColorPaletteOptions
 
     def _k_for(self, key: str) -> int:
-        if self.num_colors is not None:
-            return self.num_colors
-        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % self.MAX_COLORS + 1
+        if self.options.num_colors is not None:
+            return self.options.num_colors
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % MAX_COLORS + 1
 
     def label_one(self, sample: Sample) -> list[list[int]]:
         import cv2
 
         pixels = sample.image.reshape(-1, 3)
-        stride = max(1, len(pixels) // self.max_pixels)
+        stride = max(1, len(pixels) // self.options.max_pixels)
         pixels = np.ascontiguousarray(pixels[::stride], dtype=np.float32)
         k = min(self._k_for(sample.key), len(np.unique(pixels, axis=0)))
         cv2.setRNGSeed(0)
@@ -137,4 +152,5 @@ class ColorPaletteLabeler(_ClassicalLabeler):
         return [[int(round(c)) for c in np.clip(centers[i], 0, 255)] for i in order]
 
 
-__all__ = ["CannyEdgeLabeler", "CaptionLabeler", "ColorPaletteLabeler", "RgbLabeler"]
+__all__ = ["CannyEdgeLabeler", "CannyEdgeOptions", "CaptionLabeler", "ColorPaletteLabeler", "ColorPaletteOptions",
+           "MAX_COLORS", "RgbLabeler"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from omniforge.errors import ConfigError
 from omniforge.labelers._open_clip import OpenClipLabeler
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import TINY
+from omniforge.labelers.base import LabelerOptions, option
 
 ARCH = "ViT-B-16"
 DEFAULT_TAG = "openai"
@@ -20,10 +20,10 @@ TINY_CFG = dict(
 )
 
 
-def _check_tag(tag: Any) -> str:
-    if not isinstance(tag, str) or not tag:
-        raise ConfigError(f"clip: pretrained_tag must be an open_clip {ARCH} tag such as {DEFAULT_TAG!r}, got {tag!r}")
-    return tag
+@dataclass(frozen=True, kw_only=True)
+class ClipOptions(LabelerOptions):
+    pretrained_tag: str = option(DEFAULT_TAG, f"the open_clip {ARCH} release the weights are (sets the activation and "
+                                 f"preprocessing for every weights kind), e.g. laion2b_s34b_b88k")
 
 
 @register_labeler
@@ -40,24 +40,22 @@ class ClipLabeler(OpenClipLabeler):
     checkpoint with "state_dict") through open_clip's own loader; "tiny" builds the same CLIP class with a
     2-layer, width-64 vision tower and random weights seeded identically in every process.
 
-    Option `pretrained_tag` names the open_clip release; for a local file it says which release the file is
-    (its activation: the OpenAI and DFN/MetaCLIP releases use QuickGELU, which a state dict cannot record,
-    and its preprocessing), so it is part of the fingerprint for every weights kind.
+    Option `pretrained_tag` (`ClipOptions`) names the open_clip release; for a local file it says which
+    release the file is (its activation: the OpenAI and DFN/MetaCLIP releases use QuickGELU, which a state
+    dict cannot record, and its preprocessing), so it is part of the fingerprint for every weights kind.
     """
 
     name = "clip"
-    modalities = ("clip",)
+    modalities = default_for = ("clip",)
     learned = True
+    options_class = ClipOptions
+    options: ClipOptions
+    model_name = ARCH
     tiny_cfg = TINY_CFG
 
-    def __init__(self, *, pretrained_tag: str = DEFAULT_TAG, **kwargs: Any):
-        self.model_name = ARCH
-        self.pretrained_tag = _check_tag(pretrained_tag)
-        super().__init__(**kwargs)
-
-    @classmethod
-    def identity(cls, *, weights: str = TINY, pretrained_tag: str = DEFAULT_TAG, **options: Any) -> dict[str, Any]:
-        return super().identity(weights=weights, pretrained_tag=_check_tag(pretrained_tag), **options)
+    @property
+    def pretrained_tag(self) -> str:
+        return self.options.pretrained_tag
 
     # -- features ------------------------------------------------------------------------------------------
 

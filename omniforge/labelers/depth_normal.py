@@ -1,21 +1,23 @@
-"""Depth (Depth Anything V2 through transformers, or Omnidata DPT-Hybrid v2) and surface normals (Omnidata
-DPT-Hybrid v2, the 4M-21 reference teacher)."""
+"""Two depth teachers (Depth Anything V2 through transformers, the default; Omnidata DPT-Hybrid v2, the 4M-21
+reference, chosen with `--teacher depth=omnidata`) and surface normals (Omnidata DPT-Hybrid v2, the 4M-21
+reference teacher)."""
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from omniforge.errors import ConfigError, SampleError, WeightsError
+from omniforge.errors import SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, require, to_pil
-from omniforge.labelers.base import TINY, Sample
+from omniforge.labelers.base import TINY, LabelerOptions, Sample, option
 
+# the names of the two depth models in their fingerprints (see _depth_identity_options)
 DEPTH_ANYTHING = "depth_anything_v2"
 OMNIDATA = "omnidata_dpt_hybrid"
-DEPTH_MODELS = (DEPTH_ANYTHING, OMNIDATA)
 DEFAULT_HUB_ID = "depth-anything/Depth-Anything-V2-Base-hf"
 DEPTH_ANYTHING_HUB_IDS = ("depth-anything/Depth-Anything-V2-Small-hf", DEFAULT_HUB_ID,
                           "depth-anything/Depth-Anything-V2-Large-hf")
@@ -127,81 +129,68 @@ class _OmnidataMixin:
         return out
 
 
+def _depth_identity_options(model: str, options: LabelerOptions) -> dict[str, Any]:
+    """The depth teachers' fingerprint options: before Depth Anything and Omnidata were two teachers, one class
+    chose between them with an option `model`. Writing it still keeps every fingerprint of release 1fda641, so
+    depth labeled then counts as done now."""
+    return {"model": model, **options.to_dict()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DepthAnythingOptions(LabelerOptions):
+    hub_id: str = option(DEFAULT_HUB_ID, "the Depth Anything V2 checkpoint loaded by --weights pretrained: "
+                                         + ", ".join(DEPTH_ANYTHING_HUB_IDS))
+    removed = {"model": "Depth Anything V2 and Omnidata are two teachers of depth now: drop the option for Depth "
+                        "Anything V2 (the default), or pass --teacher depth=omnidata for Omnidata DPT-Hybrid (its "
+                        "--weights and --option are keyed omnidata); depth labeled with either model before counts "
+                        "as done"}
+
+
 @register_labeler
-class DepthLabeler(_OmnidataMixin, TorchLabeler):
-    """depth: relative depth of the whole image, (H, W) uint16 at Sample.image's size, LARGER = FARTHER,
-    min-max scaled per image to 0..65535 (0 = the nearest point, 65535 = the farthest; a constant prediction,
-    e.g. a 1x1 image, gives all zeros). Relative: no units, no metric meaning across images.
+class DepthAnythingLabeler(TorchLabeler):
+    """depth (the default depth teacher): relative depth from Depth Anything V2, (H, W) uint16, larger = farther.
 
-    Options: model="depth_anything_v2" (default) or "omnidata_dpt_hybrid" (the 4M-21 reference);
-    hub_id (Depth Anything only): "depth-anything/Depth-Anything-V2-{Small,Base,Large}-hf", default Base.
+    Output: depth, (H, W) uint16 at Sample.image's size, LARGER = FARTHER, min-max scaled per image to
+    0..65535 (0 = the nearest point, 65535 = the farthest; a constant prediction, e.g. a 1x1 image, gives all
+    zeros). Relative: no units, no metric meaning across images.
 
-    depth_anything_v2 (transformers `DepthAnythingForDepthEstimation`): the image goes through the model's
-    own `AutoImageProcessor` (Base: shorter side ~518, aspect kept, multiple of 14, ImageNet normalization);
+    transformers `DepthAnythingForDepthEstimation`: the image goes through the model's own
+    `AutoImageProcessor` (Base: shorter side ~518, aspect kept, multiple of 14, ImageNet normalization);
     the predicted relative disparity d (larger = nearer) is resized back to H x W with the processor's
     `post_process_depth_estimation` (bicubic), then converted to depth = 1 / (max(d, 0) + 0.01 * max(d))
-    (`disparity_to_depth`) and min-max scaled. Weights: "pretrained" = the hub id; a path = a local
+    (`disparity_to_depth`) and min-max scaled. Weights: "pretrained" = `hub_id`
+    ("depth-anything/Depth-Anything-V2-{Small,Base,Large}-hf", default Base); a path = a local
     `save_pretrained` folder (config.json, model.safetensors, preprocessor_config.json); "tiny" = the same
     transformers class with a 4-layer, 32-wide DINOv2 backbone at 126 pixels, random seeded weights.
-
-    omnidata_dpt_hybrid: the image resized (bilinear, aspect not kept) to 384 x 384 and normalized to
-    [-1, 1] as in Omnidata's demo; the prediction (larger = farther, clamped to [0, 1]) is resized back to
-    H x W (bicubic) and min-max scaled. Weights: "pretrained" = the publisher's omnidata_dpt_depth_v2.ckpt
-    (`OMNIDATA_URLS`, via torch.hub, cached under TORCH_HOME); a path = that `.ckpt` file; "tiny" = the same
-    DPT over a toy hybrid backbone (see `omniforge.labelers._dpt`).
+    Omnidata DPT-Hybrid, the 4M-21 reference, is the other depth teacher (`--teacher depth=omnidata`).
     """
 
     name = "depth"
-    modalities = ("depth",)
+    modalities = default_for = ("depth",)
     learned = True
+    options_class = DepthAnythingOptions
+    options: DepthAnythingOptions
     checkpoint_format = "Depth-Anything-V2-Base-hf (a save_pretrained folder)"
     checkpoint_is_dir = True
-    omnidata_task = "depth"
-    omnidata_channels = 1
-
-    def __init__(self, *, model: str = DEPTH_ANYTHING, hub_id: str = DEFAULT_HUB_ID, **kwargs: Any):
-        self.model_name, self.hub_id = self._options(model=model, hub_id=hub_id)
-        if self.model_name == OMNIDATA:  # the publisher ships one .ckpt file, not a folder
-            self.checkpoint_is_dir = False
-            self.checkpoint_format = "omnidata_dpt_depth_v2.ckpt"
-        super().__init__(**kwargs)
-
-    @staticmethod
-    def _options(*, model: str = DEPTH_ANYTHING, hub_id: str = DEFAULT_HUB_ID) -> tuple[str, str]:
-        if model not in DEPTH_MODELS:
-            raise ConfigError(f"depth: option model={model!r} is not one of {', '.join(DEPTH_MODELS)}")
-        if not isinstance(hub_id, str) or not hub_id:
-            raise ConfigError(f"depth: option hub_id must be a hub id such as {DEFAULT_HUB_ID!r}, got {hub_id!r}")
-        if model == OMNIDATA and hub_id != DEFAULT_HUB_ID:
-            raise ConfigError("depth: option hub_id applies to model=depth_anything_v2 only")
-        return model, hub_id
 
     @classmethod
-    def identity(cls, *, weights: str = TINY, **options: Any) -> dict[str, Any]:
-        model, hub_id = cls._options(**options)
-        opts = {"model": model} if model == OMNIDATA else {"model": model, "hub_id": hub_id}
-        return super().identity(weights=weights, **opts)
+    def identity_options(cls, options: LabelerOptions, *, weights: str, given: tuple[str, ...]) -> dict[str, Any]:
+        return _depth_identity_options(DEPTH_ANYTHING, options)
 
     # -- building ------------------------------------------------------------------------------------------
 
     def build_pretrained(self) -> tuple[Any, Callable]:
-        if self.model_name == OMNIDATA:
-            return self._omnidata_pretrained()
         transformers = require("transformers", "transformers>=4.45")
-        processor = transformers.AutoImageProcessor.from_pretrained(self.hub_id)
-        return transformers.DepthAnythingForDepthEstimation.from_pretrained(self.hub_id), processor
+        processor = transformers.AutoImageProcessor.from_pretrained(self.options.hub_id)
+        return transformers.DepthAnythingForDepthEstimation.from_pretrained(self.options.hub_id), processor
 
     def build_from_file(self, path: str) -> tuple[Any, Callable]:
-        if self.model_name == OMNIDATA:
-            return self._omnidata_file(path)
         transformers = require("transformers", "transformers>=4.45")
         processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
         model = transformers.DepthAnythingForDepthEstimation.from_pretrained(path, local_files_only=True)
         return model, processor
 
     def build_tiny(self) -> tuple[Any, Callable]:
-        if self.model_name == OMNIDATA:
-            return self._omnidata_tiny()
         transformers = require("transformers", "transformers>=4.45")
         backbone = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                                              intermediate_size=64, patch_size=14, image_size=TINY_DA_SIZE,
@@ -218,19 +207,15 @@ class DepthLabeler(_OmnidataMixin, TorchLabeler):
     # -- labeling ------------------------------------------------------------------------------------------
 
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
-        if self.model_name == OMNIDATA:
-            preds = self._omnidata_predict(samples)
-            return [p if isinstance(p, SampleError) else (_check_finite(self.name, p) or {"depth": to_uint16(p[0])})
-                    for p in preds]
         out: list[Any] = [None] * len(samples)
-        for i, disparity in self._depth_anything(samples).items():
+        for i, disparity in self._disparities(samples).items():
             if isinstance(disparity, SampleError):
                 out[i] = disparity
                 continue
             out[i] = _check_finite(self.name, disparity) or {"depth": to_uint16(disparity_to_depth(disparity))}
         return out
 
-    def _depth_anything(self, samples: list[Sample]) -> dict[int, Any]:
+    def _disparities(self, samples: list[Sample]) -> dict[int, Any]:
         """{sample index: (H, W) float32 disparity at the image's size, or SampleError}; one forward per group
         of samples the processor resizes to the same shape."""
         import torch
@@ -257,6 +242,51 @@ class DepthLabeler(_OmnidataMixin, TorchLabeler):
 
 
 @register_labeler
+class OmnidataDepthLabeler(_OmnidataMixin, TorchLabeler):
+    """omnidata (a depth teacher, `--teacher depth=omnidata`): Omnidata DPT-Hybrid v2 relative depth, the 4M-21
+    reference, (H, W) uint16, larger = farther.
+
+    Output: depth, in the same format as the default depth teacher's (`DepthAnythingLabeler`): (H, W) uint16
+    at Sample.image's size, LARGER = FARTHER, min-max scaled per image to 0..65535, relative.
+
+    The image resized (bilinear, aspect not kept) to 384 x 384 and normalized to [-1, 1] as in Omnidata's
+    demo; the prediction (larger = farther, clamped to [0, 1]) is resized back to H x W (bicubic) and min-max
+    scaled. Weights (`--weights omnidata=...`): "pretrained" = the publisher's omnidata_dpt_depth_v2.ckpt
+    (`OMNIDATA_URLS`, via torch.hub, cached under TORCH_HOME); a path = that `.ckpt` file; "tiny" = the same
+    DPT over a toy hybrid backbone (see `omniforge.labelers._dpt`).
+    """
+
+    name = "omnidata"
+    modalities = ("depth",)
+    learned = True
+    checkpoint_format = "omnidata_dpt_depth_v2.ckpt"
+    omnidata_task = "depth"
+    omnidata_channels = 1
+
+    @classmethod
+    def identity(cls, *, weights: str = TINY, **options: Any) -> dict[str, Any]:
+        # the labeler name of release 1fda641, where this was the depth teacher with model=omnidata_dpt_hybrid
+        return {**super().identity(weights=weights, **options), "labeler": DepthAnythingLabeler.name}
+
+    @classmethod
+    def identity_options(cls, options: LabelerOptions, *, weights: str, given: tuple[str, ...]) -> dict[str, Any]:
+        return _depth_identity_options(OMNIDATA, options)
+
+    def build_pretrained(self) -> tuple[Any, Callable]:
+        return self._omnidata_pretrained()
+
+    def build_from_file(self, path: str) -> tuple[Any, Callable]:
+        return self._omnidata_file(path)
+
+    def build_tiny(self) -> tuple[Any, Callable]:
+        return self._omnidata_tiny()
+
+    def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
+        return [p if isinstance(p, SampleError) else (_check_finite(self.name, p) or {"depth": to_uint16(p[0])})
+                for p in self._omnidata_predict(samples)]
+
+
+@register_labeler
 class NormalLabeler(_OmnidataMixin, TorchLabeler):
     """normal: surface normals in the camera frame, (H, W, 3) uint8 RGB at Sample.image's size, each channel
     round((n + 1) / 2 * 255) with the unit normal's components n clamped to [-1, 1] (Omnidata's convention:
@@ -271,7 +301,7 @@ class NormalLabeler(_OmnidataMixin, TorchLabeler):
     """
 
     name = "normal"
-    modalities = ("normal",)
+    modalities = default_for = ("normal",)
     learned = True
     checkpoint_format = "omnidata_dpt_normal_v2.ckpt"
     omnidata_task = "normal"

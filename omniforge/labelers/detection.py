@@ -8,15 +8,16 @@ the transformers predictor gives, normalized to 0..1 image coordinates.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from omniforge.errors import ConfigError, SampleError, WeightsError
+from omniforge.errors import SampleError, WeightsError
 from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, require, to_pil
-from omniforge.labelers.base import TINY, Sample
+from omniforge.labelers.base import LabelerOptions, Sample, option
 
 DET_HUB_ID = "PekingU/rtdetr_r50vd"  # RT-DETR R50-vd, COCO 2017 (53.1 AP)
 DET_THRESHOLD = 0.3  # RT-DETR's sigmoid scores: 0.3 keeps confident objects (transformers' RT-DETR/ViTPose docs use it)
@@ -30,22 +31,21 @@ _TRANSFORMERS = ("transformers", "transformers>=4.49")
 _FOLDER = "save_pretrained folder (config.json, model.safetensors, preprocessor_config.json)"
 
 
-def _check_hub_id(name: str, hub_id: Any) -> str:
-    if not isinstance(hub_id, str) or not hub_id.strip():
-        raise ConfigError(f"{name}: hub_id must be a Hugging Face model id such as {DET_HUB_ID!r}, got {hub_id!r}")
-    return hub_id
+@dataclass(frozen=True, kw_only=True)
+class DetOptions(LabelerOptions):
+    hub_id: str = option(DET_HUB_ID, "the transformers object-detection checkpoint loaded by --weights pretrained "
+                                     "(e.g. facebook/detr-resnet-50)")
+    threshold: float = option(DET_THRESHOLD, "keep detections scoring at least this", ge=0.0, le=1.0)
+    max_detections: int = option(DET_MAX_DETECTIONS, "keep at most this many detections, highest score first", ge=1)
 
 
-def _check_fraction(name: str, option: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{name}: {option} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, option: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: {option} must be a positive integer, got {value!r}")
-    return value
+@dataclass(frozen=True, kw_only=True)
+class HumanPosesOptions(LabelerOptions):
+    hub_id: str = option(POSE_HUB_ID, "the transformers ViTPose checkpoint (COCO-17 keypoints) loaded by --weights "
+                                      "pretrained")
+    person_threshold: float = option(PERSON_THRESHOLD, "run on det's person boxes scoring at least this", ge=0.0,
+                                     le=1.0)
+    max_persons: int = option(MAX_PERSONS, "at most this many persons per image, highest det score first", ge=1)
 
 
 class _TransformersLabeler(TorchLabeler):
@@ -56,7 +56,9 @@ class _TransformersLabeler(TorchLabeler):
     checkpoint_format = _FOLDER
     model_class: ClassVar[str]  # the transformers class that loads the checkpoint
 
-    hub_id: str
+    @property
+    def hub_id(self) -> str:
+        return self.options.hub_id  # type: ignore[attr-defined]  # both subclasses' options have a hub_id
 
     def _from_pretrained(self, source: str, **kwargs: Any) -> tuple[Any, Any]:
         transformers = require(*_TRANSFORMERS)
@@ -99,26 +101,11 @@ class DetLabeler(_TransformersLabeler):
     """
 
     name = "det"
-    modalities = ("det",)
+    modalities = default_for = ("det",)
     learned = True
+    options_class = DetOptions
+    options: DetOptions
     model_class = "AutoModelForObjectDetection"
-
-    def __init__(self, *, hub_id: str = DET_HUB_ID, threshold: float = DET_THRESHOLD,
-                 max_detections: int = DET_MAX_DETECTIONS, **kwargs: Any):
-        opts = self._options(hub_id, threshold, max_detections)
-        self.hub_id, self.threshold, self.max_detections = opts["hub_id"], opts["threshold"], opts["max_detections"]
-        super().__init__(**kwargs)
-
-    @classmethod
-    def _options(cls, hub_id: Any, threshold: Any, max_detections: Any) -> dict[str, Any]:
-        return {"hub_id": _check_hub_id(cls.name, hub_id),
-                "threshold": _check_fraction(cls.name, "threshold", threshold),
-                "max_detections": _check_count(cls.name, "max_detections", max_detections)}
-
-    @classmethod
-    def identity(cls, *, weights: str = TINY, hub_id: str = DET_HUB_ID, threshold: float = DET_THRESHOLD,
-                 max_detections: int = DET_MAX_DETECTIONS, **options: Any) -> dict[str, Any]:
-        return super().identity(weights=weights, **cls._options(hub_id, threshold, max_detections), **options)
 
     def build_tiny(self) -> tuple[Any, Callable]:
         transformers = require(*_TRANSFORMERS)
@@ -149,7 +136,7 @@ class DetLabeler(_TransformersLabeler):
         for key in ("logits", "pred_boxes"):  # post-process in float32 whatever the autocast dtype
             outputs[key] = outputs[key].float()
         results = self.processor.post_process_object_detection(
-            outputs, threshold=self.threshold, target_sizes=[(int(h), int(w)) for h, w in sizes])
+            outputs, threshold=self.options.threshold, target_sizes=[(int(h), int(w)) for h, w in sizes])
         id2label = self.model.config.id2label
         for i, (h, w), res in zip(rows, sizes, results):
             scores = res["scores"].float().cpu().numpy()
@@ -158,7 +145,7 @@ class DetLabeler(_TransformersLabeler):
             if not (np.isfinite(scores).all() and np.isfinite(boxes).all()):
                 out[i] = SampleError("teacher_error", f"{self.name}: non-finite boxes or scores")
                 continue
-            order = np.argsort(-scores, kind="stable")[: self.max_detections]
+            order = np.argsort(-scores, kind="stable")[: self.options.max_detections]
             norm = np.clip(boxes / np.array([w, h, w, h], dtype=np.float32), 0.0, 1.0)
             out[i] = {"det": {"instances": [
                 {"boxes": [round(float(v), ROUND) for v in norm[j]],
@@ -191,28 +178,12 @@ class HumanPosesLabeler(_TransformersLabeler):
     """
 
     name = "human_poses"
-    modalities = ("human_poses",)
+    modalities = default_for = ("human_poses",)
     learned = True
+    options_class = HumanPosesOptions
+    options: HumanPosesOptions
     requires = ("det",)
     model_class = "VitPoseForPoseEstimation"
-
-    def __init__(self, *, hub_id: str = POSE_HUB_ID, person_threshold: float = PERSON_THRESHOLD,
-                 max_persons: int = MAX_PERSONS, **kwargs: Any):
-        opts = self._options(hub_id, person_threshold, max_persons)
-        self.hub_id, self.person_threshold, self.max_persons = (
-            opts["hub_id"], opts["person_threshold"], opts["max_persons"])
-        super().__init__(**kwargs)
-
-    @classmethod
-    def _options(cls, hub_id: Any, person_threshold: Any, max_persons: Any) -> dict[str, Any]:
-        return {"hub_id": _check_hub_id(cls.name, hub_id),
-                "person_threshold": _check_fraction(cls.name, "person_threshold", person_threshold),
-                "max_persons": _check_count(cls.name, "max_persons", max_persons)}
-
-    @classmethod
-    def identity(cls, *, weights: str = TINY, hub_id: str = POSE_HUB_ID, person_threshold: float = PERSON_THRESHOLD,
-                 max_persons: int = MAX_PERSONS, **options: Any) -> dict[str, Any]:
-        return super().identity(weights=weights, **cls._options(hub_id, person_threshold, max_persons), **options)
 
     def check_model(self, model: Any) -> Any:
         if model.config.num_labels != len(COCO_KEYPOINTS):
@@ -247,10 +218,10 @@ class HumanPosesLabeler(_TransformersLabeler):
                 return SampleError("bad_input", f"det instance {str(inst)[:100]} lacks boxes, class_name or score")
             if len(box) != 4 or not all(math.isfinite(v) for v in [*box, score]):
                 return SampleError("bad_input", f"det instance has a bad box {box} or score {score}")
-            if cls == "person" and score >= self.person_threshold:
+            if cls == "person" and score >= self.options.person_threshold:
                 persons.append(([min(max(v, 0.0), 1.0) for v in box], score))
         persons.sort(key=lambda p: -p[1])
-        return persons[: self.max_persons]
+        return persons[: self.options.max_persons]
 
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
         import torch
@@ -307,4 +278,4 @@ class HumanPosesLabeler(_TransformersLabeler):
         return out  # type: ignore[return-value]
 
 
-__all__ = ["DetLabeler", "HumanPosesLabeler"]
+__all__ = ["DetLabeler", "DetOptions", "HumanPosesLabeler", "HumanPosesOptions"]

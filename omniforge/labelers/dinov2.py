@@ -30,7 +30,7 @@ class DinoV2Labeler(TorchLabeler):
     """
 
     name = "dinov2"
-    modalities = ("dinov2", "dinov2_global")
+    modalities = default_for = ("dinov2", "dinov2_global")
     learned = True
     checkpoint_format = "model.safetensors"
 

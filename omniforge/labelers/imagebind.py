@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from omniforge.errors import ConfigError
-from omniforge.labelers._open_clip import OpenClipLabeler, open_clip_module
+from omniforge.labelers._open_clip import OpenClipLabeler
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import TINY
+from omniforge.labelers.base import LabelerOptions, option
 
 ARCH = "ViT-H-14"
 DEFAULT_TAG = "laion2b_s32b_b79k"
@@ -20,18 +20,13 @@ TINY_CFG = dict(
 )
 
 
-def _check_model_name(model_name: Any) -> str:
-    if not isinstance(model_name, str) or not model_name:
-        raise ConfigError(f"imagebind: model_name must be an open_clip architecture such as {ARCH!r}, "
-                          f"got {model_name!r}")
-    return model_name
-
-
-def _check_tag(tag: Any) -> str | None:
-    if tag is not None and (not isinstance(tag, str) or not tag):
-        raise ConfigError(f"imagebind: pretrained_tag must be an open_clip release tag such as {DEFAULT_TAG!r} "
-                          f"(or None for a checkpoint that is no open_clip release), got {tag!r}")
-    return tag
+@dataclass(frozen=True, kw_only=True)
+class ImageBindOptions(LabelerOptions):
+    model_name: str = option(ARCH, "the open_clip architecture: one whose tower gives a 16 x 16 grid, width 1280 and "
+                                   "embedding 1024")
+    pretrained_tag: str | None = option(DEFAULT_TAG, "the open_clip release the weights are (sets preprocessing and "
+                                                     "activation for every weights kind); null for a local checkpoint "
+                                                     "that is no open_clip release")
 
 
 @register_labeler
@@ -53,32 +48,27 @@ class ImageBindLabeler(OpenClipLabeler):
     builds the same CLIP class with a one-block, width-1280 vision tower and random weights seeded
     identically in every process.
 
-    Options: `model_name`, the open_clip architecture (any registered open_clip model config whose tower
-    gives a 16 x 16 grid, width 1280 and embedding 1024); `pretrained_tag`, the open_clip release the weights
-    are (it sets preprocessing and activation for every weights kind), or None for a local checkpoint that is
-    no open_clip release (the architecture's default preprocessing and activation). Both are part of the
-    fingerprint.
+    Options (`ImageBindOptions`): `model_name`, the open_clip architecture (any registered open_clip model
+    config whose tower gives a 16 x 16 grid, width 1280 and embedding 1024); `pretrained_tag`, the open_clip
+    release the weights are (it sets preprocessing and activation for every weights kind), or None for a local
+    checkpoint that is no open_clip release (the architecture's default preprocessing and activation). Both
+    are part of the fingerprint.
     """
 
     name = "imagebind"
-    modalities = ("imagebind", "imagebind_global")
+    modalities = default_for = ("imagebind", "imagebind_global")
     learned = True
+    options_class = ImageBindOptions
+    options: ImageBindOptions
     tiny_cfg = TINY_CFG
 
-    def __init__(self, *, model_name: str = ARCH, pretrained_tag: str | None = DEFAULT_TAG, **kwargs: Any):
-        self.model_name = _check_model_name(model_name)
-        self.pretrained_tag = _check_tag(pretrained_tag)
-        known = open_clip_module().list_models()
-        if self.model_name not in known:
-            raise ConfigError(f"imagebind: unknown model_name {self.model_name!r}; it must be an open_clip "
-                              f"architecture such as {ARCH!r} (open_clip.list_models())")
-        super().__init__(**kwargs)
+    @property
+    def model_name(self) -> str:
+        return self.options.model_name
 
-    @classmethod
-    def identity(cls, *, weights: str = TINY, model_name: str = ARCH, pretrained_tag: str | None = DEFAULT_TAG,
-                 **options: Any) -> dict[str, Any]:
-        return super().identity(weights=weights, model_name=_check_model_name(model_name),
-                                pretrained_tag=_check_tag(pretrained_tag), **options)
+    @property
+    def pretrained_tag(self) -> str | None:
+        return self.options.pretrained_tag
 
     # -- features ------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from omniforge.labelers._coco_panoptic import COCO_PANOPTIC_CLASSES, COCO_PANOPTIC_STUFF_IDS
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import Labeler, Sample
+from omniforge.labelers.base import Labeler, LabelerOptions, Sample
 from omniforge.errors import SampleError
 
 # Stuff classes a person can walk on: the walkability score counts their pixels.
@@ -52,7 +52,8 @@ class MetadataLabeler(Labeler):
     """
 
     name = "metadata"
-    modalities = ("metadata",)
+    modalities = default_for = ("metadata",)
+    options_class = LabelerOptions
     optional_inputs = ("human_poses", "sam_instance", "det", "semseg_coco", "normal")
 
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
-from omniforge.errors import ConfigError, SampleError, WeightsError
+from omniforge.errors import SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, check_image, require
-from omniforge.labelers.base import TINY, Sample
+from omniforge.labelers.base import TINY, LabelerOptions, Sample, option
 from omniforge.labelers.classical import _ClassicalLabeler
 
 PIP_NAME = "segment-anything"
@@ -57,28 +57,35 @@ DEFAULTS = dict(points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh
 TINY_DEFAULTS = dict(DEFAULTS, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
 
 
-def resolve_options(weights: str, model_type: str = DEFAULT_MODEL_TYPE, **options: Any) -> dict[str, Any]:
-    """Validate the options and fill the unset (None) ones with the defaults for this weights kind."""
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"sam_instance: model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise TypeError(f"sam_instance: unknown options {unknown}")
-    defaults = TINY_DEFAULTS if weights == TINY else DEFAULTS
-    out: dict[str, Any] = {"model_type": model_type}
-    for k, default in defaults.items():
-        v = options.get(k)
-        v = default if v is None else v
-        if k in ("pred_iou_thresh", "stability_score_thresh"):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ConfigError(f"sam_instance: {k} must be a number in [0, 1], got {v!r}")
-            v = float(v)
-        else:
-            low = 1 if k in ("points_per_side", "points_per_batch") else 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"sam_instance: {k} must be an integer >= {low}, got {v!r}")
-        out[k] = v
-    return out
+def _default_text(key: str) -> str:
+    tiny = f", {TINY_DEFAULTS[key]} with --weights tiny" if TINY_DEFAULTS[key] != DEFAULTS[key] else ""
+    return f"null = {DEFAULTS[key]}{tiny}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamInstanceOptions(LabelerOptions):
+    """SamAutomaticMaskGenerator's options. An unset (null) generator option takes its default for the weights
+    kind (`generator_options`): the official one, or the tiny variant's (`TINY_DEFAULTS`)."""
+
+    model_type: str = option(DEFAULT_MODEL_TYPE, "the SAM size: its official checkpoint for --weights pretrained, the "
+                                                 "size a local checkpoint must have", choices=MODEL_TYPES)
+    points_per_side: int | None = option(None, f"point grid per image side ({_default_text('points_per_side')})",
+                                         ge=1)
+    pred_iou_thresh: float | None = option(None, f"keep masks whose predicted IoU is at least this "
+                                                 f"({_default_text('pred_iou_thresh')})", ge=0.0, le=1.0)
+    stability_score_thresh: float | None = option(None, f"keep masks whose stability score is at least this "
+                                                        f"({_default_text('stability_score_thresh')})", ge=0.0, le=1.0)
+    crop_n_layers: int | None = option(None, f"layers of image crops also run ({_default_text('crop_n_layers')})",
+                                       ge=0)
+    min_mask_region_area: int | None = option(None, f"remove mask holes and islands smaller than this many pixels "
+                                                    f"({_default_text('min_mask_region_area')})", ge=0)
+    points_per_batch: int | None = option(None, f"prompt points per decoder batch "
+                                                f"({_default_text('points_per_batch')})", ge=1)
+
+    def generator_options(self, weights: str) -> dict[str, Any]:
+        """The SamAutomaticMaskGenerator keywords: the options set, the weights kind's defaults for the rest."""
+        defaults = TINY_DEFAULTS if weights == TINY else DEFAULTS
+        return {k: default if getattr(self, k) is None else getattr(self, k) for k, default in defaults.items()}
 
 
 def arch_from_state_dict(state: dict[str, Any]) -> SamArch:
@@ -172,10 +179,10 @@ class SamInstanceLabeler(TorchLabeler):
     mask with `pycocotools.mask.decode(segmentation)` -> (H, W) uint8. No mask passing the thresholds is a
     valid, empty result ({"instances": [], "image_size": [H, W]}).
 
-    Options (SamAutomaticMaskGenerator's): model_type ("vit_h" default, "vit_l", "vit_b"), points_per_side
-    (32), pred_iou_thresh (0.88), stability_score_thresh (0.95), crop_n_layers (0), min_mask_region_area (0),
-    points_per_batch (64). With weights="tiny", unset options default to points_per_side=4 and both
-    thresholds 0, since a random model's scores never pass the official thresholds.
+    Options (`SamInstanceOptions`, SamAutomaticMaskGenerator's): model_type ("vit_h" default, "vit_l",
+    "vit_b"), points_per_side (32), pred_iou_thresh (0.88), stability_score_thresh (0.95), crop_n_layers (0),
+    min_mask_region_area (0), points_per_batch (64). With weights="tiny", unset options default to
+    points_per_side=4 and both thresholds 0, since a random model's scores never pass the official thresholds.
 
     Weights: "pretrained" downloads the official checkpoint for model_type
     (https://dl.fbaipublicfiles.com/segment_anything/sam_vit_{h_4b8939,l_0b3195,b_01ec64}.pth) through
@@ -187,29 +194,28 @@ class SamInstanceLabeler(TorchLabeler):
     """
 
     name = "sam_instance"
-    modalities = ("sam_instance",)
+    modalities = default_for = ("sam_instance",)
     learned = True
+    options_class = SamInstanceOptions
+    options: SamInstanceOptions
     checkpoint_format = "sam_vit_h_4b8939.pth"
 
-    def __init__(self, *, model_type: str = DEFAULT_MODEL_TYPE, points_per_side: int | None = None,
-                 pred_iou_thresh: float | None = None, stability_score_thresh: float | None = None,
-                 crop_n_layers: int | None = None, min_mask_region_area: int | None = None,
-                 points_per_batch: int | None = None, **kwargs: Any):
-        self.options = resolve_options(
-            kwargs.get("weights", TINY), model_type=model_type, points_per_side=points_per_side,
-            pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-            crop_n_layers=crop_n_layers, min_mask_region_area=min_mask_region_area,
-            points_per_batch=points_per_batch)
-        self.model_type = model_type
+    def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         from segment_anything import SamAutomaticMaskGenerator
 
-        opts = {k: v for k, v in self.options.items() if k != "model_type"}
-        self.generator = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **opts)
+        self.generator = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle",
+                                                   **self.options.generator_options(self.weights))
+
+    @property
+    def model_type(self) -> str:
+        return self.options.model_type
 
     @classmethod
-    def identity(cls, *, weights: str = TINY, **options: Any) -> dict[str, Any]:
-        return super().identity(weights=weights, **resolve_options(weights, **options))
+    def identity_options(cls, options: LabelerOptions, *, weights: str, given: tuple[str, ...]) -> dict[str, Any]:
+        """Every generator option as it applies to these weights (an unset one by its default), and model_type."""
+        sam = cast(SamInstanceOptions, options)
+        return {"model_type": sam.model_type, **sam.generator_options(weights)}
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -320,7 +326,7 @@ class SamEdgeLabeler(_ClassicalLabeler):
     """
 
     name = "sam_edge"
-    modalities = ("sam_edge",)
+    modalities = default_for = ("sam_edge",)
     learned = False
     requires = ("sam_instance",)
 
@@ -337,5 +343,5 @@ class SamEdgeLabeler(_ClassicalLabeler):
             raise SampleError("bad_input", f"malformed sam_instance JSON: {type(e).__name__}: {e}") from None
 
 
-__all__ = ["OFFICIAL_ARCHS", "SamArch", "SamEdgeLabeler", "SamInstanceLabeler", "TINY_ARCH",
+__all__ = ["OFFICIAL_ARCHS", "SamArch", "SamEdgeLabeler", "SamInstanceLabeler", "SamInstanceOptions", "TINY_ARCH",
            "arch_from_state_dict", "build_sam", "instance_boundaries"]

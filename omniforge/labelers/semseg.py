@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import types
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from omniforge.errors import ConfigError, SampleError, WeightsError
+from omniforge.errors import SampleError, WeightsError
 from omniforge.labelers._coco_panoptic import (
     COCO_PANOPTIC_CATEGORIES,
     COCO_PANOPTIC_CLASSES,
@@ -17,13 +18,11 @@ from omniforge.labelers._coco_panoptic import (
 )
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, require, short_error
-from omniforge.labelers.base import TINY, Sample
+from omniforge.labelers.base import LabelerOptions, Sample, option
 
 HUB_ID = "facebook/mask2former-swin-base-coco-panoptic"
 NONE = 255  # pixels in no segment
 INFERENCES = ("panoptic", "semantic")
-# Mask2Former's own COCO panoptic inference settings (TEST.OBJECT_MASK_THRESHOLD, TEST.OVERLAP_THRESHOLD)
-DEFAULTS = dict(threshold=0.8, mask_threshold=0.5, overlap_mask_area_threshold=0.8, inference="panoptic")
 _TRANSFORMERS = ("transformers", "transformers>=4.40")
 
 
@@ -74,22 +73,18 @@ def panoptic_to_class_map(segmentation: Any, segments_info: list[dict[str, Any]]
     return lut[np.clip(seg, -1, None) + 1]
 
 
-def _check_fraction(option: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"semseg_coco: {option} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _options(hub_id: Any, threshold: Any, mask_threshold: Any, overlap_mask_area_threshold: Any,
-             inference: Any) -> dict[str, Any]:
-    if not isinstance(hub_id, str) or not hub_id:
-        raise ConfigError(f"semseg_coco: hub_id must be a Hugging Face model id such as {HUB_ID!r}, got {hub_id!r}")
-    if inference not in INFERENCES:
-        raise ConfigError(f"semseg_coco: inference must be one of {', '.join(INFERENCES)}, got {inference!r}")
-    return {"hub_id": hub_id, "threshold": _check_fraction("threshold", threshold),
-            "mask_threshold": _check_fraction("mask_threshold", mask_threshold),
-            "overlap_mask_area_threshold": _check_fraction("overlap_mask_area_threshold", overlap_mask_area_threshold),
-            "inference": inference}
+@dataclass(frozen=True, kw_only=True)
+class SemsegCocoOptions(LabelerOptions):
+    hub_id: str = option(HUB_ID, "the Mask2Former checkpoint (133 COCO panoptic classes) loaded by --weights "
+                                 "pretrained")
+    # defaults: Mask2Former's own COCO panoptic inference settings (TEST.OBJECT_MASK_THRESHOLD, TEST.OVERLAP_THRESHOLD)
+    threshold: float = option(0.8, "panoptic: keep queries whose class score exceeds this", ge=0.0, le=1.0)
+    mask_threshold: float = option(0.5, "panoptic: binarize the query masks at this", ge=0.0, le=1.0)
+    overlap_mask_area_threshold: float = option(0.8, "panoptic: keep a query's segment when it wins more than this "
+                                                     "fraction of its mask", ge=0.0, le=1.0)
+    inference: str = option("panoptic", "panoptic (the semantic map of the panoptic prediction, as 4M-21) or "
+                                        "semantic (argmax of the query-weighted masks: no pixel left as none)",
+                            choices=INFERENCES)
 
 
 @register_labeler
@@ -119,35 +114,17 @@ class SemsegCocoLabeler(TorchLabeler):
     identically in every process (its scores stay near 1/134: pass threshold=0, mask_threshold=0,
     overlap_mask_area_threshold=0 to see segments). A checkpoint without 133 classes is refused.
 
-    Options (part of the fingerprint): hub_id, threshold (0.8), mask_threshold (0.5),
+    Options (`SemsegCocoOptions`, part of the fingerprint): hub_id, threshold (0.8), mask_threshold (0.5),
     overlap_mask_area_threshold (0.8), inference ("panoptic" | "semantic").
     """
 
     name = "semseg_coco"
-    modalities = ("semseg_coco",)
+    modalities = default_for = ("semseg_coco",)
     learned = True
+    options_class = SemsegCocoOptions
+    options: SemsegCocoOptions
     checkpoint_is_dir = True
     checkpoint_format = "mask2former-swin-base-coco-panoptic/ (a save_pretrained folder)"
-
-    def __init__(self, *, hub_id: str = HUB_ID, threshold: float = DEFAULTS["threshold"],
-                 mask_threshold: float = DEFAULTS["mask_threshold"],
-                 overlap_mask_area_threshold: float = DEFAULTS["overlap_mask_area_threshold"],
-                 inference: str = DEFAULTS["inference"], **kwargs: Any):
-        opts = _options(hub_id, threshold, mask_threshold, overlap_mask_area_threshold, inference)
-        self.hub_id = opts["hub_id"]
-        self.threshold = opts["threshold"]
-        self.mask_threshold = opts["mask_threshold"]
-        self.overlap_mask_area_threshold = opts["overlap_mask_area_threshold"]
-        self.inference = opts["inference"]
-        super().__init__(**kwargs)
-
-    @classmethod
-    def identity(cls, *, weights: str = TINY, hub_id: str = HUB_ID, threshold: float = DEFAULTS["threshold"],
-                 mask_threshold: float = DEFAULTS["mask_threshold"],
-                 overlap_mask_area_threshold: float = DEFAULTS["overlap_mask_area_threshold"],
-                 inference: str = DEFAULTS["inference"], **options: Any) -> dict[str, Any]:
-        opts = _options(hub_id, threshold, mask_threshold, overlap_mask_area_threshold, inference)
-        return super().identity(weights=weights, **opts, **options)
 
     @property
     def processor(self) -> Any:
@@ -169,7 +146,7 @@ class SemsegCocoLabeler(TorchLabeler):
         return self._check_model(model, source), processor
 
     def build_pretrained(self) -> tuple[Any, Callable]:
-        return self._from_pretrained(self.hub_id)
+        return self._from_pretrained(self.options.hub_id)
 
     def build_from_file(self, path: str) -> tuple[Any, Callable]:
         return self._from_pretrained(path, local_files_only=True)
@@ -211,11 +188,12 @@ class SemsegCocoLabeler(TorchLabeler):
         return out  # type: ignore[return-value]
 
     def _class_maps(self, outputs: Any, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        if self.inference == "semantic":
+        o = self.options
+        if o.inference == "semantic":
             maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
             return [m.cpu().numpy().astype(np.uint8) for m in maps]
         results = self.processor.post_process_panoptic_segmentation(
-            outputs, threshold=self.threshold, mask_threshold=self.mask_threshold,
-            overlap_mask_area_threshold=self.overlap_mask_area_threshold,
+            outputs, threshold=o.threshold, mask_threshold=o.mask_threshold,
+            overlap_mask_area_threshold=o.overlap_mask_area_threshold,
             label_ids_to_fuse=set(COCO_PANOPTIC_STUFF_IDS), target_sizes=sizes)
         return [panoptic_to_class_map(r["segmentation"], r["segments_info"]) for r in results]

@@ -5,7 +5,8 @@ Public API: `plan`, `label`, `tokenize`, `verify`, `show` and their configs, and
 local paths or s3://.
 """
 
-from omniforge.pipeline.label import LabelConfig, LabelSummary, label, parse_options, parse_weights
+from omniforge.pipeline.label import (LabelConfig, LabelSummary, label, parse_options, parse_teachers,
+                                      parse_weights)
 from omniforge.pipeline.plan import PlanConfig, plan
 from omniforge.shards import load_manifest
 from omniforge.pipeline.show import load_sample, show
@@ -15,6 +16,6 @@ from omniforge.pipeline.verify import VerifyReport, verify
 
 __all__ = [
     "LabelConfig", "LabelSummary", "PlanConfig", "VerifyReport", "label", "load_manifest", "load_sample",
-    "parse_options", "parse_weights", "plan", "show", "TokenizeConfig", "TokenizeSummary", "tokenize", "train_on_ray",
-    "verify",
+    "parse_options", "parse_teachers", "parse_weights", "plan", "show", "TokenizeConfig", "TokenizeSummary",
+    "tokenize", "train_on_ray", "verify",
 ]

@@ -89,6 +89,37 @@ def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return dict(out)
 
 
+def parse_teachers(items: list[str]) -> dict[str, str]:
+    """`--teacher MODALITY=TEACHER` items, each possibly a comma list, e.g. `depth=omnidata`: which of a
+    modality's teachers writes it (default: the modality's default teacher). Returns {modality: teacher}."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for item in items for p in item.split(",")):
+        if not part:
+            continue
+        modality, eq, teacher = (x.strip() for x in part.partition("="))
+        if not (eq and modality and teacher):
+            raise ConfigError(f"--teacher {part!r}: use MODALITY=TEACHER, e.g. depth=omnidata")
+        if out.get(modality, teacher) != teacher:
+            raise ConfigError(f"--teacher names two teachers for {modality}: {out[modality]} and {teacher}")
+        out[modality] = teacher
+    return out
+
+
+def check_teacher_args(weights: Mapping[str, str], options: Mapping[str, Mapping[str, Any]],
+                       teachers: Mapping[str, str]) -> None:
+    """Validate --weights, --option and --teacher on their own, whatever the job: every teacher they name
+    exists, every option is one of its teacher's with a valid value, every chosen teacher writes its modality.
+    Cheap (no model, no checkpoint read): a one-line ConfigError before any work starts."""
+    for name in {*weights, *options} - {"*"}:
+        get_labeler_class(name)  # unknown names raise, listing the valid ones
+    for name, opts in options.items():
+        cls = get_labeler_class(name)
+        if cls.options_type() is not None:
+            cls.make_options(**opts)
+    for modality, name in teachers.items():
+        labeler_for_modality(modality, teacher=name)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Teacher:
     """A labeler resolved for one job: what it writes, with which weights, and its fingerprint."""
@@ -110,32 +141,42 @@ class Teacher:
 
 
 def resolve_teachers(modalities: tuple[str, ...], weights: Mapping[str, str],
-                     options: Mapping[str, Mapping[str, Any]], *, root: str | None = None) -> list[Teacher]:
+                     options: Mapping[str, Mapping[str, Any]], *, teachers: Mapping[str, str] | None = None,
+                     root: str | None = None) -> list[Teacher]:
     """The job's teachers in run order (a derived labeler after what it reads), with fingerprints.
+
+    Each modality is written by its default teacher, or by the one `teachers` names for it
+    ({modality: teacher name}, `--teacher`). Every teacher's options and weights are validated here, on the
+    driver, without loading a model: a bad name, option, value or checkpoint path is a one-line error before
+    the plan or Ray starts.
 
     A derived labeler's fingerprint covers the fingerprints of its inputs: relabeling sam_instance with
     other weights makes sam_edge stale too. Inputs not produced by this job are read from `root`, where
     they must have been labeled before.
     """
+    teachers = dict(teachers or {})
+    check_teacher_args(weights, options, teachers)
+    extra = [m for m in teachers if m not in modalities]
+    if extra:
+        raise ConfigError(f"--teacher names {', '.join(extra)}, which this job does not label "
+                          f"(--modalities {','.join(modalities)})")
     by_name: dict[str, list[str]] = {}
     for m in modalities:
-        cls = labeler_for_modality(m)
+        cls = labeler_for_modality(m, teacher=teachers.get(m))
         by_name.setdefault(cls.name, []).append(m)
     for name in list(weights) + list(options):
-        if name != "*":
-            get_labeler_class(name)  # unknown names raise, listing the valid ones
-            if name not in by_name:
-                raise ConfigError(f"--weights/--option name teacher {name!r}, which this job does not run "
-                                  f"(teachers: {', '.join(by_name)})")
+        if name != "*" and name not in by_name:
+            raise ConfigError(f"--weights/--option name teacher {name!r}, which this job does not run "
+                              f"(teachers: {', '.join(by_name)})")
     produced: dict[str, str] = {}  # modality -> fingerprint of the job's teacher writing it
-    teachers = []
+    resolved = []
     for name in _run_order(by_name, set(modalities)):
         cls, mods = get_labeler_class(name), by_name[name]
         w = weights.get(name, weights.get("*", TINY))
         opts = dict(options.get(name, {}))
         if not cls.learned:
             cls(weights=w, modalities=tuple(mods), **opts)  # cheap: bad options fail here, before any work
-        identity = dict(cls.identity(weights=w, **opts))
+        identity = dict(cls.identity(weights=w, **opts))  # validates options and weights without loading a model
         input_fps = {}
         for m in (*cls.requires, *cls.optional_inputs):
             fps = {produced[m]} if m in produced else (_committed_fingerprints(root, m) if root else set())
@@ -148,11 +189,11 @@ def resolve_teachers(modalities: tuple[str, ...], weights: Mapping[str, str],
             identity["inputs"] = input_fps
         fingerprint = Labeler.fingerprint_of(identity)
         produced.update({m: fingerprint for m in mods})
-        teachers.append(Teacher(name=name, cls=cls, modalities=tuple(mods), weights=w, options=opts,
+        resolved.append(Teacher(name=name, cls=cls, modalities=tuple(mods), weights=w, options=opts,
                                 fingerprint=fingerprint, identity=identity, infos={m: MODALITIES[m] for m in mods},
                                 requires=tuple(cls.requires), optional=tuple(cls.optional_inputs),
                                 input_infos={m: MODALITIES[m] for m in (*cls.requires, *cls.optional_inputs)}))
-    return teachers
+    return resolved
 
 
 def _run_order(by_name: Mapping[str, list[str]], job_modalities: set[str]) -> list[str]:
@@ -185,6 +226,7 @@ class LabelConfig:
     input: str | None = None
     weights: Mapping[str, str] = field(default_factory=lambda: {"*": TINY})
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    teachers: Mapping[str, str] = field(default_factory=dict)  # modality -> teacher, when not its default
     storage_size: int = 512
     max_pixels: int = 64_000_000
     batch_size: int = 16
@@ -540,7 +582,8 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     t_start = time.time()
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     root = storage.normalize(cfg.output)  # listed URIs are normalized: compare like with like
-    teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options, root=root)  # bad checkpoints fail here
+    teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers,
+                                root=root)  # bad options and checkpoints fail here
     if cfg.input is not None:
         manifest = plan(PlanConfig(input=cfg.input, output=root, shard_size=cfg.shard_size, format=cfg.format),
                         ray_address=ray_address, progress_bar=cfg.progress)
@@ -592,6 +635,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
 def _config_for_record(cfg: LabelConfig) -> dict:
     out = {k: v for k, v in cfg.__dict__.items() if k != "progress"}
     out["modalities"], out["weights"], out["options"] = list(cfg.modalities), dict(cfg.weights), dict(cfg.options)
+    out["teachers"] = dict(cfg.teachers)
     return out
 
 

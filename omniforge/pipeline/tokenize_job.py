@@ -71,6 +71,7 @@ class TokenizeConfig:
     crops: CropConfig = field(default_factory=CropConfig)
     weights: dict[str, str] = field(default_factory=lambda: {"*": "tiny"})  # feature teachers for crops 1..
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teachers: dict[str, str] = field(default_factory=dict)  # modality -> teacher for crops 1.., when not its default
     batch_size: int = 32
     actors: int | None = None
     device: str = "auto"
@@ -89,6 +90,9 @@ class TokenizeConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        from omniforge.pipeline.label import check_teacher_args
+
+        check_teacher_args(self.weights, self.options, self.teachers)  # names, option keys and values
 
 
 @dataclass
@@ -358,19 +362,21 @@ def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str,
     from omniforge.labelers import labeler_for_modality
     from omniforge.pipeline.label import resolve_teachers
 
-    # the label job's --weights/--option may name other teachers too: keep those of the feature teachers
-    names = {labeler_for_modality(m).name for m in wanted}
+    # the label job's --weights/--option/--teacher may name other teachers too: keep those of the feature teachers
+    chosen = {m: t for m, t in cfg.teachers.items() if m in wanted}
+    names = {labeler_for_modality(m, teacher=chosen.get(m)).name for m in wanted}
     weights = {k: v for k, v in cfg.weights.items() if k == "*" or k in names}
     options = {k: v for k, v in cfg.options.items() if k in names}
-    teachers = resolve_teachers(wanted, weights, options, root=root)
+    teachers = resolve_teachers(wanted, weights, options, teachers=chosen, root=root)
     for t in teachers:
         for m in t.modalities:
             recorded = {fp for (mod, _), fps in label_fps.items() if mod == m for fp in fps}
             if recorded and recorded != {t.fingerprint}:
-                raise ConfigError(f"{m} labels were made with other teacher weights or options than --weights "
-                                  f"{cfg.weights.get(t.name, cfg.weights['*'])} gives (fingerprint {t.fingerprint} vs "
-                                  f"{', '.join(sorted(recorded))}): pass the --weights/--option of the label job so "
-                                  f"crops 1.. use the same teacher as crop 0")
+                raise ConfigError(f"{m} labels were made with another teacher, other weights or other options than "
+                                  f"{t.name} with --weights {cfg.weights.get(t.name, cfg.weights['*'])} gives "
+                                  f"(fingerprint {t.fingerprint} vs {', '.join(sorted(recorded))}): pass the "
+                                  f"--teacher/--weights/--option of the label job so crops 1.. use the same teacher "
+                                  f"as crop 0")
     return tuple(teachers)
 
 

@@ -114,7 +114,7 @@ def test_pretrained_download_failure_is_a_weights_error(monkeypatch):
 def test_options_are_validated():
     with pytest.raises(ConfigError, match="unknown pretrained_tag"):
         ClipLabeler(weights="tiny", pretrained_tag="not-a-tag")
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ConfigError, match="unknown option batch_size; its options are"):
         ClipLabeler(weights="tiny", batch_size=4)
     with pytest.raises(ConfigError):
         ClipLabeler(weights="tiny", modalities=("dinov2",))

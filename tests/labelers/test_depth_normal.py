@@ -14,9 +14,10 @@ pytest.importorskip("timm")
 skimage_data = pytest.importorskip("skimage.data")
 
 from omniforge.errors import ConfigError, SampleError, WeightsError  # noqa: E402
-from omniforge.labelers import Sample, create_labeler, get_labeler_class  # noqa: E402
+from omniforge.labelers import (Sample, create_labeler, get_labeler_class, labeler_for_modality,  # noqa: E402
+                                labelers_for_modality)
 from omniforge.labelers import _dpt  # noqa: E402
-from omniforge.labelers.depth_normal import DepthLabeler, NormalLabeler  # noqa: E402
+from omniforge.labelers.depth_normal import DepthAnythingLabeler, NormalLabeler, OmnidataDepthLabeler  # noqa: E402
 
 
 def photos() -> list[Sample]:
@@ -27,7 +28,7 @@ def photos() -> list[Sample]:
 # -- Depth Anything V2 (transformers) ------------------------------------------------------------------------
 
 def documented_depth(disparity: np.ndarray) -> np.ndarray:
-    """The conversion DepthLabeler's docstring documents, written out independently."""
+    """The conversion DepthAnythingLabeler's docstring documents, written out independently."""
     d = np.maximum(disparity.astype(np.float64), 0)
     depth = 1.0 / (d + 0.01 * d.max())
     return (depth - depth.min()) / (depth.max() - depth.min()) * 65535.0
@@ -81,7 +82,7 @@ def test_depth_anything_folder_matches_transformers(depth_anything_folder):
 
 def test_depth_anything_tiny_contract_and_determinism():
     a = create_labeler("depth", weights="tiny").label(photos())
-    b = DepthLabeler(weights="tiny").label(photos())
+    b = DepthAnythingLabeler(weights="tiny").label(photos())
     for x, y, s in zip(a, b, photos()):
         assert x["depth"].shape == s.image.shape[:2] and x["depth"].dtype == np.uint16
         assert x["depth"].max() == 65535
@@ -89,50 +90,67 @@ def test_depth_anything_tiny_contract_and_determinism():
     assert get_labeler_class("depth").learned and get_labeler_class("normal").learned
 
 
+LARGE_HUB_ID = "depth-anything/Depth-Anything-V2-Large-hf"
+
+
+def test_depth_has_two_teachers_and_depth_anything_is_the_default():
+    assert [cls.name for cls in labelers_for_modality("depth")] == ["depth", "omnidata"]
+    assert labeler_for_modality("depth") is DepthAnythingLabeler
+    assert labeler_for_modality("depth", teacher="omnidata") is OmnidataDepthLabeler
+    with pytest.raises(ConfigError, match="teachers of depth: depth, omnidata"):
+        labeler_for_modality("depth", teacher="normal")
+
+
 def test_depth_options_are_validated_and_fingerprinted(tmp_path):
-    with pytest.raises(ConfigError, match="model="):
-        DepthLabeler(weights="tiny", model="midas")
+    with pytest.raises(ConfigError, match="model was removed.*--teacher depth=omnidata"):
+        DepthAnythingLabeler(weights="tiny", model="omnidata_dpt_hybrid")
+    with pytest.raises(ConfigError, match="omnidata takes no options"):
+        OmnidataDepthLabeler(weights="tiny", hub_id="depth-anything/Depth-Anything-V2-Small-hf")
     with pytest.raises(ConfigError, match="hub_id"):
-        DepthLabeler(weights="tiny", model="omnidata_dpt_hybrid", hub_id="depth-anything/Depth-Anything-V2-Small-hf")
-    prints = {DepthLabeler.fingerprint(weights="pretrained"),
-              DepthLabeler.fingerprint(weights="pretrained", hub_id="depth-anything/Depth-Anything-V2-Large-hf"),
-              DepthLabeler.fingerprint(weights="pretrained", model="omnidata_dpt_hybrid"),
-              DepthLabeler.fingerprint(weights="tiny")}
-    assert len(prints) == 4
-    default = DepthLabeler.fingerprint(weights="tiny", model="depth_anything_v2")
-    assert DepthLabeler.fingerprint(weights="tiny") == default
+        DepthAnythingLabeler(weights="tiny", hub_id="")
+    prints = {DepthAnythingLabeler.fingerprint(weights="pretrained"),
+              DepthAnythingLabeler.fingerprint(weights="pretrained", hub_id=LARGE_HUB_ID),
+              OmnidataDepthLabeler.fingerprint(weights="pretrained"),
+              DepthAnythingLabeler.fingerprint(weights="tiny"),
+              OmnidataDepthLabeler.fingerprint(weights="tiny")}
+    assert len(prints) == 5
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    first = DepthLabeler.fingerprint(weights=str(folder))
+    first = DepthAnythingLabeler.fingerprint(weights=str(folder))
     (folder / "model.safetensors").write_bytes(b"weights")  # file hashes are cached per path: add a file
-    assert DepthLabeler.fingerprint(weights=str(folder)) != first
+    assert DepthAnythingLabeler.fingerprint(weights=str(folder)) != first
+    with pytest.raises(WeightsError, match="not a folder"):  # Depth Anything loads a folder, Omnidata one file
+        DepthAnythingLabeler.fingerprint(weights=str(folder / "model.safetensors"))
+    file_identity = OmnidataDepthLabeler.identity(weights=str(folder / "model.safetensors"))
+    assert file_identity["weights"].startswith("file-sha256:")
 
 
 def test_depth_missing_or_broken_weights(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="--weights depth="):
-        DepthLabeler(weights=str(tmp_path / "nope"))
+        DepthAnythingLabeler(weights=str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="cannot load"):
-        DepthLabeler(weights=str(tmp_path / "empty"))
+        DepthAnythingLabeler(weights=str(tmp_path / "empty"))
 
     def offline(*args, **kwargs):
         raise OSError("no network")
 
     monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", offline)
     with pytest.raises(WeightsError, match="--weights depth=.*--weights tiny"):
-        DepthLabeler(weights="pretrained")
+        DepthAnythingLabeler(weights="pretrained")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(WeightsError, match="--weights depth=/path/to/omnidata_dpt_depth_v2.ckpt"):
-        DepthLabeler(weights="pretrained", model="omnidata_dpt_hybrid")
+    with pytest.raises(WeightsError, match="--weights omnidata=/path/to/omnidata_dpt_depth_v2.ckpt"):
+        OmnidataDepthLabeler(weights="pretrained")
     with pytest.raises(WeightsError, match="--weights normal=/path/to/omnidata_dpt_normal_v2.ckpt"):
         NormalLabeler(weights="pretrained")
 
 
 def test_bad_image_is_a_sample_error():
-    for labeler in (DepthLabeler(weights="tiny"), NormalLabeler(weights="tiny")):
+    for cls in (DepthAnythingLabeler, OmnidataDepthLabeler, NormalLabeler):
+        labeler = cls(weights="tiny")
         out = labeler.label([photos()[1], Sample("gray", skimage_data.camera())])
-        assert labeler.name in out[0]
+        assert set(out[0]) == set(labeler.modalities)
         assert isinstance(out[1], SampleError) and out[1].error_type == "bad_image"
 
 
@@ -220,7 +238,7 @@ def test_omnidata_depth_checkpoint_matches_model(tiny_architecture, tmp_path):
     model = random_tiny_dpt(1)
     path = tmp_path / "omnidata_dpt_depth_v2.ckpt"
     torch.save(publisher_checkpoint(model), path)
-    out = create_labeler("depth", weights=str(path), model="omnidata_dpt_hybrid").label(photos()[1:])
+    out = create_labeler("omnidata", weights=str(path)).label(photos()[1:])
     for o, s in zip(out, photos()[1:]):
         ref = reference(model, s.image, normalize=True, mode="bicubic")[0]
         assert ref.std() > 0.01

@@ -164,7 +164,7 @@ def test_det_options_and_fingerprints(tmp_path, rtdetr_folder):
     for bad in (dict(threshold=1.5), dict(threshold="high"), dict(max_detections=0), dict(hub_id="")):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             DetLabeler(weights="tiny", **bad)
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ConfigError, match="unknown option nms; its options are hub_id, threshold, max_detections"):
         DetLabeler(weights="tiny", nms=0.5)
     ft = DetLabeler.fingerprint(weights="tiny")
     assert DetLabeler.fingerprint(weights="tiny", threshold=0.3, max_detections=100) == ft  # defaults are explicit

@@ -134,7 +134,7 @@ def test_options_are_validated():
         ImageBindLabeler(weights="tiny", model_name="ViT-Q-99")
     with pytest.raises(ConfigError, match="needs a pretrained_tag"):
         ImageBindLabeler(weights="pretrained", pretrained_tag=None)
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ConfigError, match="unknown option batch_size; its options are"):
         ImageBindLabeler(weights="tiny", batch_size=4)
     with pytest.raises(ConfigError):
         ImageBindLabeler(weights="tiny", modalities=("clip",))

@@ -164,7 +164,7 @@ def test_options_are_validated_and_fingerprinted(tmp_path):
         SamInstanceLabeler(weights="tiny", pred_iou_thresh=1.5)
     with pytest.raises(ConfigError, match="points_per_side"):
         SamInstanceLabeler.fingerprint(weights="tiny", points_per_side=0)
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ConfigError, match="unknown option batch_size; its options are"):
         SamInstanceLabeler(weights="tiny", batch_size=4)
     tiny = SamInstanceLabeler.identity(weights="tiny")["options"]
     assert tiny["points_per_side"] == 4 and tiny["pred_iou_thresh"] == 0.0 and tiny["model_type"] == "vit_h"

@@ -180,7 +180,7 @@ def test_options_are_validated():
             SemsegCocoLabeler(weights="tiny", **bad)
         with pytest.raises(ConfigError):
             SemsegCocoLabeler.fingerprint(weights="tiny", **bad)
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(ConfigError, match="unknown option batch_size; its options are"):
         SemsegCocoLabeler(weights="tiny", batch_size=4)
 
 

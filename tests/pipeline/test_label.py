@@ -284,3 +284,81 @@ def test_verify_reports_a_truncated_tar_instead_of_crashing(labeled, tmp_path):
     text = "\n".join(report.lines())
     assert "clip/shard-000000" in text and "is not a readable tar" in text
     assert verify(copy, ["rgb", "caption"]).ok  # the other modalities are untouched
+
+
+# -- teacher options and teacher choice are checked on the driver, before any work ----------------------------
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything starts Ray (every module's ensure_ray, and ray.init)."""
+    import ray
+
+    from omniforge.pipeline import _ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray work started")
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "ensure_ray", None) is _ray.ensure_ray:
+            monkeypatch.setattr(module, "ensure_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--modalities", "rgb,clip", "--option", "clip.bogus=1"],
+     "clip: unknown option bogus; its options are pretrained_tag"),
+    (["--modalities", "det", "--option", "det.threshold=high"],
+     "det: option threshold=\"high\" is not valid: expected a number in [0.0, 1.0]"),
+    (["--modalities", "sam_instance", "--option", "sam_instance.model_type=vit_q"], 'one of "vit_h", "vit_l", "vit_b"'),
+    (["--modalities", "rgb", "--option", "telepathy.level=3"], "unknown labeler 'telepathy'; registered labelers: "),
+    (["--modalities", "rgb", "--option", "clip.pretrained_tag=openai"], "which this job does not run"),
+    (["--modalities", "depth", "--option", "depth.model=omnidata_dpt_hybrid"],
+     "depth: option model was removed: Depth Anything V2 and Omnidata are two teachers of depth now"),
+    (["--modalities", "depth", "--teacher", "depth=normal"], "'normal' does not write it; teachers of depth: depth, "
+                                                            "omnidata"),
+    (["--modalities", "depth", "--teacher", "depth=midas"], "'midas' is not a registered labeler; teachers of depth"),
+    (["--modalities", "rgb", "--teacher", "depth=omnidata"], "--teacher names depth, which this job does not label"),
+    (["--modalities", "depth", "--teacher", "depth=omnidata", "--weights", "tiny,depth=/x"],
+     "name teacher 'depth', which this job does not run (teachers: omnidata)"),
+])
+def test_a_bad_teacher_option_or_choice_is_one_line_before_any_work(args, expected, tmp_path, capsys, no_ray):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo_bytes("chelsea", 32))
+    out = tmp_path / "out"
+    code = cli_main(["label", "--input", str(folder), "--output", str(out), "--no-progress", *args])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2 and "\n" not in err and not captured.out, err
+    assert err.startswith("omniforge label: error: ") and expected in err
+    assert not out.exists()  # not planned: no manifest, nothing written
+
+
+def test_tokenize_checks_teacher_options_before_any_work(tmp_path, capsys, no_ray):
+    base = ["tokenize", "--input", str(tmp_path / "labels"), "--tokenizers", str(tmp_path), "--modalities", "clip"]
+    for args, expected in ((["--option", "clip.bogus=1"], "clip: unknown option bogus; its options are pretrained_tag"),
+                           (["--option", "dinov2.size=3"], "dinov2: unknown option size; dinov2 takes no options"),
+                           (["--teacher", "clip=omnidata"], "'omnidata' does not write it; teachers of clip: clip")):
+        assert cli_main(base + args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("omniforge tokenize: error: ") and expected in err, err
+
+
+def test_the_omnidata_depth_teacher_keeps_the_fingerprint_of_depth_model_omnidata(tmp_path, ray_address):
+    """A corpus labeled with `--option depth.model=omnidata_dpt_hybrid` by release 1fda641 counts as done when
+    labeled with `--teacher depth=omnidata` now: the status rows carry 1fda641's fingerprint."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        (folder / f"{name}.jpg").write_bytes(photo_bytes(name, 48))
+    root = tmp_path / "out"
+    assert cli_main(["label", "--input", str(folder), "--output", str(root), "--modalities", "rgb,depth", "--teacher",
+                     "depth=omnidata", "--no-progress", "--ray-address", ray_address]) == 0
+    status = shards.read_status(shards.status_uri(str(root), "depth", 0)).to_pylist()
+    assert [r["ok"] for r in status] == [True, True]
+    assert {r["fingerprint"] for r in status} == {"c8617e058f5f7e2e"}  # 1fda641, depth with model=omnidata_dpt_hybrid
+    record = json.loads(next((root / "manifest" / "runs").glob("*.json")).read_text())
+    assert record["teachers"]["omnidata"]["modalities"] == ["depth"] and record["config"]["teachers"] == {
+        "depth": "omnidata"}
+    depth = codecs.decode("png", dict(shards.iter_tar(shards.tar_uri(str(root), "depth", 0)))["chelsea.png"])
+    assert depth.dtype == np.uint16 and depth.max() == 65535

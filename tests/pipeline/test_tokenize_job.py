@@ -160,3 +160,36 @@ def test_features_need_the_label_jobs_teacher(labels, tokenizer_dir):
                          options={"clip": {"pretrained_tag": "laion2b_s34b_b88k"}}, progress=False)
     with pytest.raises(ConfigError, match="same teacher"):
         tokenize(cfg)
+
+
+def test_crops_run_the_teacher_the_label_job_chose(monkeypatch, tmp_path):
+    """With several teachers for a feature modality, crops 1.. run the one named by --teacher, and its fingerprint
+    must be the label job's."""
+    from omniforge.labelers import _registry
+    from omniforge.labelers.clip import ClipLabeler
+    from omniforge.pipeline.tokenize_job import _resolve_teachers
+
+    monkeypatch.setattr(_registry, "_LABELERS", dict(_registry._LABELERS))
+    monkeypatch.setattr(_registry, "_DEFAULTS", dict(_registry._DEFAULTS))
+
+    class SecondClip(ClipLabeler):
+        """clip: a second clip teacher (a test teacher: ClipLabeler under another name)."""
+
+        name = "clip_b"
+        default_for = ()
+
+    _registry.register_labeler(SecondClip)
+    base = dict(input=str(tmp_path), tokenizers=str(tmp_path), modalities=("clip", "depth"), crops=CROPS,
+                progress=False)
+    chosen = TokenizeConfig(**base, teachers={"clip": "clip_b", "depth": "omnidata"},  # depth: not re-run
+                            options={"clip_b": {"pretrained_tag": "laion2b_s34b_b88k"}})
+    fp_b = SecondClip.fingerprint(weights="tiny", pretrained_tag="laion2b_s34b_b88k")
+    (teacher,) = _resolve_teachers(chosen, str(tmp_path), {("clip", 0): [fp_b]})
+    assert teacher.cls is SecondClip and teacher.fingerprint == fp_b
+    default = TokenizeConfig(**base)
+    with pytest.raises(ConfigError, match="--teacher/--weights/--option of the label job"):
+        _resolve_teachers(default, str(tmp_path), {("clip", 0): [fp_b]})  # labeled by clip_b, re-run by clip
+    (teacher,) = _resolve_teachers(default, str(tmp_path), {("clip", 0): [ClipLabeler.fingerprint(weights="tiny")]})
+    assert teacher.cls is ClipLabeler
+    with pytest.raises(ConfigError, match="'midas' is not a registered labeler; teachers of clip: clip, clip_b"):
+        TokenizeConfig(**base, teachers={"clip": "midas"})

@@ -1,0 +1,123 @@
+"""Fingerprints stay those of earlier releases: an upgrade must not make every labeled shard stale.
+
+Every expected value below was computed by the release before typed teacher options and several teachers per
+modality (commit 1fda641), with `cls.fingerprint(weights=..., **options)` and `resolve_teachers`, on the same
+weights files this test writes. Never edit a value to make a test pass: a changed value means that corpora
+labeled with that teacher would be relabeled from scratch.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from omniforge.labelers import get_labeler_class
+from omniforge.pipeline.label import resolve_teachers
+
+LARGE = "depth-anything/Depth-Anything-V2-Large-hf"
+
+# (teacher, weights, options, fingerprint at 1fda641). FILE and DIR are the checkpoints `_weights` writes.
+RECORDED = [
+    ("rgb", "tiny", {}, "542b90c60911b482"),
+    ("rgb", "pretrained", {}, "542b90c60911b482"),
+    ("caption", "tiny", {}, "82a2a0113113d0a1"),
+    ("canny_edge", "tiny", {}, "046cba0e01b00bea"),
+    ("canny_edge", "pretrained", {}, "046cba0e01b00bea"),
+    ("canny_edge", "tiny", {"low": 50}, "6817f8f935524c9b"),
+    ("canny_edge", "tiny", {"low": 100}, "511e58ec8aa91f06"),  # classical: a default spelled out is in it
+    ("canny_edge", "tiny", {"low": 50, "high": 150, "blur": 0}, "9d0d5013fad7de9d"),
+    ("color_palette", "tiny", {}, "b5f159e192804641"),
+    ("color_palette", "tiny", {"num_colors": 3}, "1fb6a332f2e1765f"),
+    ("color_palette", "tiny", {"max_pixels": 1024}, "49c237d3c075711f"),
+    ("color_palette", "tiny", {"num_colors": None}, "38fa86d4c1c5599f"),
+    ("metadata", "tiny", {}, "a3f2db41381d73a8"),
+    ("metadata", "pretrained", {}, "2b12a1a4682e5fc4"),
+    ("sam_edge", "tiny", {}, "a64bc8937b99beaa"),
+    ("sam_edge", "pretrained", {}, "a64bc8937b99beaa"),
+    ("clip", "tiny", {}, "5d099157b91c3297"),
+    ("clip", "pretrained", {}, "ed9cac570fbd5270"),
+    ("clip", "FILE", {}, "3f96ddfb0c7a653b"),
+    ("clip", "tiny", {"pretrained_tag": "laion2b_s34b_b88k"}, "1972c5c7cb1e54b7"),
+    ("clip", "pretrained", {"pretrained_tag": "openai"}, "ed9cac570fbd5270"),
+    ("dinov2", "tiny", {}, "b6ee190146d78923"),
+    ("dinov2", "pretrained", {}, "135f4b6362d4e7e6"),
+    ("dinov2", "FILE", {}, "9c49b5b3d48f4f39"),
+    ("imagebind", "tiny", {}, "c157fbceeb9355ed"),
+    ("imagebind", "pretrained", {}, "3bfd0e71f6d86269"),
+    ("imagebind", "FILE", {"pretrained_tag": None}, "24685685aa25f6e4"),
+    ("imagebind", "tiny", {"model_name": "ViT-L-14", "pretrained_tag": "laion2b_s32b_b82k"}, "4a9a4febd1084c9a"),
+    ("sam_instance", "tiny", {}, "cf7eca14e434a5f6"),
+    ("sam_instance", "pretrained", {}, "6f6723147dcc9d61"),
+    ("sam_instance", "FILE", {}, "7d9e451fca8abb9c"),
+    ("sam_instance", "tiny", {"points_per_side": 8}, "c16c4634032d9c56"),
+    ("sam_instance", "tiny", {"points_per_side": 4}, "cf7eca14e434a5f6"),
+    ("sam_instance", "pretrained", {"model_type": "vit_b", "pred_iou_thresh": 1}, "b5fcba73bb326331"),
+    ("sam_instance", "tiny", {"points_per_side": None, "crop_n_layers": 1}, "52e0ee8de014cec1"),
+    ("depth", "tiny", {}, "16570dae2971d68b"),  # also 1fda641's depth with model=depth_anything_v2 spelled out
+    ("depth", "pretrained", {}, "9ff4b70cfd064519"),
+    ("depth", "DIR", {}, "40967a79ac61185e"),
+    ("depth", "pretrained", {"hub_id": LARGE}, "9f0c21807523f507"),
+    # 1fda641: the depth teacher with --option depth.model=omnidata_dpt_hybrid (and --weights depth=...)
+    ("omnidata", "tiny", {}, "c8617e058f5f7e2e"),
+    ("omnidata", "pretrained", {}, "c8afcb08aa4fbf2b"),
+    ("omnidata", "FILE", {}, "97187bc3aeb7ee81"),
+    ("normal", "tiny", {}, "8d739cbfafb8ab76"),
+    ("normal", "pretrained", {}, "a7cd254844593844"),
+    ("normal", "FILE", {}, "69277c9e71844687"),
+    ("det", "tiny", {}, "d3261e0e65180bee"),
+    ("det", "pretrained", {}, "cac296582283c3b0"),
+    ("det", "DIR", {}, "914ac6922ecba500"),
+    ("det", "tiny", {"threshold": 0}, "02f077f2f1c34189"),
+    ("det", "pretrained", {"hub_id": "facebook/detr-resnet-50", "max_detections": 10}, "d8927f6ebe585d79"),
+    ("human_poses", "tiny", {}, "504816462b4a232a"),
+    ("human_poses", "pretrained", {}, "a4e2c9623d004354"),
+    ("human_poses", "tiny", {"person_threshold": 0.5}, "70f7c9a7d57c0f95"),
+    ("human_poses", "DIR", {"max_persons": 5}, "b4494869aa1f24ea"),
+    ("semseg_coco", "tiny", {}, "6f156fe300c8f4eb"),
+    ("semseg_coco", "pretrained", {}, "e5504e7b8db9d226"),
+    ("semseg_coco", "DIR", {}, "2460bf7bb72e1b04"),
+    ("semseg_coco", "tiny", {"threshold": 0.5}, "9eaf23fab98710f0"),
+    ("semseg_coco", "pretrained", {"inference": "semantic", "mask_threshold": 0}, "e04e4c6814b0df99"),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """The weights files of the recording: a file and a folder with fixed contents (identified by content)."""
+    tmp = tmp_path_factory.mktemp("weights")
+    (tmp / "weights.bin").write_bytes(b"omniforge fingerprint compatibility weights\n")
+    folder = tmp / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_bytes(b'{"model_type": "test"}\n')
+    (folder / "sub" / "model.safetensors").write_bytes(b"not really tensors\n")
+    return {"FILE": str(tmp / "weights.bin"), "DIR": str(folder)}
+
+
+@pytest.mark.parametrize("teacher,weights,options,expected", RECORDED,
+                         ids=[f"{t}-{w}-{','.join(o) or 'defaults'}" for t, w, o, _ in RECORDED])
+def test_fingerprints_are_those_of_release_1fda641(teacher, weights, options, expected, checkpoints):
+    cls = get_labeler_class(teacher)
+    assert cls.fingerprint(weights=checkpoints.get(weights, weights), **options) == expected
+
+
+def test_every_builtin_teacher_is_covered():
+    import omniforge.labelers as labelers
+
+    builtin = {n for n in labelers.list_labelers() if get_labeler_class(n).__module__.startswith("omniforge.")}
+    assert builtin <= {t for t, *_ in RECORDED}
+
+
+def test_job_fingerprints_of_derived_teachers_are_unchanged():
+    # 1fda641: resolve_teachers(MODALITIES, {"*": "tiny"}, {"canny_edge": {"low": 50}})
+    teachers = resolve_teachers(("rgb", "canny_edge", "color_palette", "sam_instance", "sam_edge", "depth",
+                                 "metadata", "det"), {"*": "tiny"}, {"canny_edge": {"low": 50}})
+    assert {m: t.fingerprint for t in teachers for m in t.modalities} == {
+        "rgb": "542b90c60911b482", "canny_edge": "6817f8f935524c9b", "color_palette": "b5f159e192804641",
+        "sam_instance": "cf7eca14e434a5f6", "depth": "16570dae2971d68b", "det": "d3261e0e65180bee",
+        "sam_edge": "25deae276dd97495", "metadata": "41b2d9c7d9641e74"}
+    # 1fda641: resolve_teachers(..., {"*": "pretrained"}, {"depth": {"model": "omnidata_dpt_hybrid"}}); today the
+    # same teacher is chosen with --teacher depth=omnidata
+    teachers = resolve_teachers(("rgb", "depth", "normal", "metadata"), {"*": "pretrained"}, {},
+                                teachers={"depth": "omnidata"})
+    assert {m: t.fingerprint for t in teachers for m in t.modalities} == {
+        "rgb": "542b90c60911b482", "depth": "c8afcb08aa4fbf2b", "normal": "a7cd254844593844",
+        "metadata": "802742e627846eae"}
