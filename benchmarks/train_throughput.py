@@ -250,7 +250,7 @@ def measure_loader(cfg, warmup: int, batches: int) -> dict[str, float]:
     """Loader only: the trainer's DataConfig and masker (built as _Run builds them), no model."""
     from omniforge.model.data import DataConfig, make_loader
     from omniforge.model.masking import Masker
-    from omniforge.model.train import build_masking, build_specs
+    from omniforge.model._build import build_masking, build_specs
 
     specs, text = build_specs(cfg)
     masker = Masker(build_masking(cfg), specs, sentinel_ids=text.sentinel_ids if text else [],
@@ -305,9 +305,9 @@ def timed_steps(run, batches: _Counting, start: int, warmup: int, steps: int) ->
     t0 = time.perf_counter()
     for _ in range(steps):
         ts = time.perf_counter()
-        entry = run.step(step, batches)  # float(loss) inside synchronizes with the device every step
+        metrics = run.step(step, batches)  # its one host copy synchronizes with the device every step
         per_step.append(time.perf_counter() - ts)
-        logged.append(entry["tokens_per_s"])
+        logged.append(metrics.tokens_per_s)
         step += 1
     _sync(run.device)
     seconds = time.perf_counter() - t0
@@ -315,7 +315,7 @@ def timed_steps(run, batches: _Counting, start: int, warmup: int, steps: int) ->
     return {"seconds": seconds, "steps": steps, "samples": samples, "tokens": tokens,
             "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "step_s": seconds / steps,
             "step_s_median": statistics.median(per_step), "logged_tokens_per_s_median": statistics.median(logged),
-            "loss": float(entry["loss"]), "next_step": step}
+            "loss": metrics.loss, "next_step": step}
 
 
 # --------------------------------------------------------------------------------------------------

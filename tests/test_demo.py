@@ -38,7 +38,7 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     import numpy as np
 
     from omniforge.jobs.demo import DEMO_TRAIN_STEPS
-    from omniforge.model.train import latest_checkpoint
+    from omniforge.model.checkpoint import latest_checkpoint
 
     checkpoint = latest_checkpoint(str(tmp_path / "train"))
     assert checkpoint is not None and checkpoint.endswith(f"checkpoint-{DEMO_TRAIN_STEPS}")

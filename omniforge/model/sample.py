@@ -20,7 +20,6 @@ Draws use ``temperature`` (<= 0: greedy), ``top_k`` (0: off) and ``top_p`` (nucl
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -31,15 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from omniforge.errors import ConfigError, WeightsError
-from omniforge.model.fm import FourM, ModelConfig
+from omniforge.errors import ConfigError
+from omniforge.model.checkpoint import load_model
+from omniforge.model.fm import FourM
 from omniforge.model._cli import ORDERS, SCHEDULES
 from omniforge.model._cli import add_sample_cli as add_cli  # noqa: F401 - tests and callers
 from omniforge.model.specs import ModalitySpec, patchify, resolve_folder, unpatchify
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-LATEST_FILE = "latest"
 
 Row = dict[str, Tensor]
 
@@ -283,65 +279,6 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
     return out
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def resolve_checkpoint(path: str) -> str:
-    """The checkpoint directory of ``path``: itself when it holds model.safetensors, else the one its
-    ``latest`` pointer ({"step": N, "path": "checkpoint-N"}) names."""
-    hint = "pass a training run directory (with `latest`) or one of its checkpoint-<step> directories"
-    if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-        return path
-    latest = os.path.join(path, LATEST_FILE)
-    if not os.path.isfile(latest):
-        raise WeightsError(f"{path} holds neither {WEIGHTS_FILE} nor a `{LATEST_FILE}` pointer: {hint}")
-    try:
-        with open(latest, encoding="utf-8") as f:
-            pointer = json.load(f)
-        target = pointer["path"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{latest} is not a checkpoint pointer ({type(e).__name__}: {e}): {hint}") from None
-    directory = os.path.join(path, str(target))
-    if not os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
-        raise WeightsError(f"{latest} points to {directory}, which has no {WEIGHTS_FILE}: {hint}")
-    return directory
-
-
-def load_checkpoint(path: str, device: str = "cpu") -> tuple[FourM, dict[str, ModalitySpec], dict[str, Any]]:
-    """(model in eval mode, specs, config dict) of a trainer checkpoint: a run directory or a
-    ``checkpoint-<step>`` directory holding model.safetensors and config.json
-    ({"model": ModelConfig fields, "specs": {folder: ModalitySpec fields}, ...})."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = resolve_checkpoint(path)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-        model_cfg = ModelConfig.from_dict(config["model"])
-        specs = {}
-        for folder, fields in config["specs"].items():
-            specs[folder] = ModalitySpec(**{"name": folder, **fields})
-    except FileNotFoundError:
-        raise WeightsError(f"checkpoint {directory} has no {CONFIG_FILE}: it was not written by the trainer") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise WeightsError(f"checkpoint config {config_path} is invalid ({type(e).__name__}: {e}); "
-                           "it should hold {\"model\": ModelConfig fields, \"specs\": {folder: ModalitySpec fields}}"
-                           ) from None
-    weights_path = os.path.join(directory, WEIGHTS_FILE)
-    try:
-        state = load_file(weights_path, device="cpu")
-    except (OSError, SafetensorError, ValueError) as e:
-        raise WeightsError(f"checkpoint weights {weights_path} cannot be read ({e})") from None
-    model = FourM(model_cfg, specs)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "mismatch"
-        raise WeightsError(f"checkpoint weights {weights_path} do not match its config.json ({first})") from None
-    return model.to(device).eval(), specs, config
-
-
 # ------------------------------------------------------------------------------------------------------ CLI
 
 def _shard_of(root: str, key: str) -> int:
@@ -460,7 +397,7 @@ def sample_keys(checkpoint: str, root: str, keys: Sequence[str], sources: Sequen
     if not keys:
         raise ConfigError("no key to sample: pass --key KEY (or several, comma-separated)")
     cfg = cfg or SampleConfig()
-    model, specs, _ = load_checkpoint(checkpoint, device=device)
+    model, specs, _ = load_model(checkpoint, device=device)
     lines: list[str] = []
     for key in keys:
         lines += _sample_one(model, specs, root, key, sources, targets, out, tokenizers=tokenizers,
@@ -529,5 +466,5 @@ def sample_cli(args: Any) -> int:
     return 0
 
 
-__all__ = ["SampleConfig", "generate", "token_schedule", "filter_logits", "load_checkpoint", "resolve_checkpoint",
-           "read_input", "decode_output", "sample_key", "sample_keys", "add_cli", "sample_cli"]
+__all__ = ["SampleConfig", "generate", "token_schedule", "filter_logits", "read_input", "decode_output", "sample_key",
+           "sample_keys", "add_cli", "sample_cli"]

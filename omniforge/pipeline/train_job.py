@@ -18,7 +18,11 @@ import time
 from typing import Any
 
 from omniforge.errors import ConfigError, OmniforgeError
-from omniforge.model.train import LOG, TrainConfig, TrainResult, check_config, latest_checkpoint, read_log
+from omniforge.model._build import check_config
+from omniforge.model.checkpoint import checkpoint_step, latest_checkpoint
+from omniforge.model.train import TrainResult
+from omniforge.model.train_config import TrainConfig
+from omniforge.model.train_log import LOG, read_log
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 
 _PATH_FIELDS = ("out", "tokenizers", "masking", "eval_data")
@@ -63,7 +67,7 @@ def train_on_ray(cfg: TrainConfig, *, workers: int, ray_address: str | None = No
         use_gpu = cfg.device != "cpu" and cluster_gpus() > 0
     if cfg.device.startswith("cuda") and not use_gpu:
         raise ConfigError(f"--device {cfg.device} but the Ray cluster has no GPU: pass --device cpu or add GPU nodes")
-    start = _step_of(latest_checkpoint(cfg.out))
+    start = checkpoint_step(latest_checkpoint(cfg.out))
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
@@ -129,12 +133,6 @@ def _read_new(path: str, offset: int) -> tuple[int, list[dict[str, Any]]]:
     end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
     lines = data[:end].decode("utf-8").splitlines()
     return offset + end, [json.loads(line) for line in lines if line.strip()]
-
-
-def _step_of(checkpoint: str | None) -> int:
-    if checkpoint is None:
-        return 0
-    return int(os.path.basename(checkpoint.rstrip("/")).split("-")[-1])
 
 
 def _last_line(error: BaseException) -> str:

@@ -15,7 +15,8 @@ import torch
 
 from omniforge.errors import ConfigError
 from omniforge.model._cli import add_train_cli
-from omniforge.model.train import TrainConfig, config_from_args, latest_checkpoint, load_model, main, train
+from omniforge.model.checkpoint import latest_checkpoint, load_model
+from omniforge.model.train import TrainConfig, config_from_args, main, train
 from omniforge import shards
 from omniforge.tokenize.text import train_wordpiece
 
@@ -110,8 +111,7 @@ def test_exact_resume(corpus, tmp_path):
     split_log = [json.loads(x)["loss"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert split_log == pytest.approx([e["loss"] for e in full.losses], abs=1e-6)
     # so are the final weights
-    a, _ = load_model(str(tmp_path / "full"))
-    b, _ = load_model(str(tmp_path / "split"))
+    a, b = load_model(str(tmp_path / "full")).model, load_model(str(tmp_path / "split")).model
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb
         torch.testing.assert_close(va, vb, rtol=0, atol=1e-6)
@@ -138,7 +138,7 @@ def test_checkpoint_reloads(corpus, tmp_path):
     assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "optimizer.safetensors",
                                         "rng.safetensors", "trainer_state.json"]
     assert json.loads((tmp_path / "run" / "latest").read_text()) == {"step": 2, "path": "checkpoint-2"}
-    model, config = load_model(str(ckpt))
+    model, _, config = load_model(str(ckpt))
     assert set(config["specs"]) == {DEPTH, CAP}
     assert config["specs"][DEPTH]["kind"] == "image" and config["specs"][CAP]["kind"] == "sequence"
     assert config["model"]["dim"] == 64 and config["train"]["modalities"] == [DEPTH, CAP]
@@ -208,13 +208,13 @@ def test_held_out_loss_repeats_and_follows_the_weights(corpus, tmp_path):
     rng = torch.get_rng_state()
     a, b = run.evaluate(0), run.evaluate(0)
     assert torch.equal(rng, torch.get_rng_state())
-    assert a == b and a["samples"] == 8 and set(a["losses"]) == {DEPTH, CAP}
-    assert a["loss"] == pytest.approx(np.mean(list(a["losses"].values())))
+    assert a == b and a.samples == 8 and set(a.losses) == {DEPTH, CAP}
+    assert a.loss == pytest.approx(np.mean(list(a.losses.values())))
     batches = iter(run.loader)
     for step in range(3):
         run.step(step, batches)
     c = run.evaluate(3)
-    assert c["loss"] != a["loss"] and c["samples"] == a["samples"]
+    assert c.loss != a.loss and c.samples == a.samples
 
 
 @pytest.mark.slow
@@ -234,8 +234,7 @@ def test_compiled_blocks_train_like_eager(corpus, tmp_path):
     assert counters["stats"]["unique_graphs"] == 2  # one encoder-block graph, one decoder-block graph
     assert not counters["recompiles"] and not counters["graph_break"], (dict(counters["recompiles"]),
                                                                         dict(counters["graph_break"]))
-    a, _ = load_model(str(tmp_path / "eager"))
-    b, _ = load_model(str(tmp_path / "compiled"))
+    a, b = load_model(str(tmp_path / "eager")).model, load_model(str(tmp_path / "compiled")).model
     assert a.state_dict().keys() == b.state_dict().keys()
     torch._dynamo.reset()
 

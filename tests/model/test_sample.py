@@ -1,5 +1,6 @@
 """Any-to-any generation on a tiny random FourM: valid ids, greedy = argmax, EOS, chaining, schedules,
-and checkpoint loading from a directory the test writes in the trainer's layout."""
+and checkpoint loading (omniforge.model.checkpoint.load_model) from a directory the test writes in the
+trainer's layout."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from omniforge.errors import ConfigError, WeightsError
+from omniforge.model.checkpoint import load_model
 from omniforge.model.fm import FourM, ModelConfig
-from omniforge.model.sample import SampleConfig, add_cli, filter_logits, generate, load_checkpoint, token_schedule
+from omniforge.model.sample import SampleConfig, add_cli, filter_logits, generate, token_schedule
 from omniforge.model.specs import ModalitySpec
 from omniforge import shards
 
@@ -258,11 +260,11 @@ def _write_checkpoint(run: str, model: FourM, step: int) -> str:
     return ckpt
 
 
-def test_load_checkpoint(model, tmp_path):
+def test_load_model(model, tmp_path):
     run = str(tmp_path / "run")
     ckpt = _write_checkpoint(run, model, 7)
     for path in (run, ckpt):
-        loaded, specs, config = load_checkpoint(path)
+        loaded, specs, config = load_model(path)
         assert specs == SPECS and config["step"] == 7 and not loaded.training
         assert loaded.config == model.config
         for k, v in model.state_dict().items():
@@ -272,10 +274,10 @@ def test_load_checkpoint(model, tmp_path):
                           generate(model, SPECS, inputs, [IMG], GREEDY, **TEXT)[IMG])
 
     with pytest.raises(WeightsError, match="latest"):
-        load_checkpoint(str(tmp_path))
+        load_model(str(tmp_path))
     os.remove(os.path.join(ckpt, "config.json"))
     with pytest.raises(WeightsError, match="config.json"):
-        load_checkpoint(run)
+        load_model(run)
     other = FourM(ModelConfig(dim=32, encoder_depth=2, decoder_depth=1, heads=2), SPECS)
     run2 = str(tmp_path / "run2")
     ckpt2 = _write_checkpoint(run2, other, 1)
@@ -285,7 +287,7 @@ def test_load_checkpoint(model, tmp_path):
     with open(os.path.join(ckpt2, "config.json"), "w") as f:
         json.dump(config, f)
     with pytest.raises(WeightsError, match="do not match"):
-        load_checkpoint(run2)
+        load_model(run2)
 
 
 def test_sample_cli_writes_token_rows(model, tmp_path, capsys):
