@@ -50,6 +50,8 @@ ROLES = ("both", "input", "target")
 DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "text", "boxes", "poses", "palette", "json")
 NO_TOKENIZER = "none"
 TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
+# What `omniforge label` labels when --modalities is not given: the cheap teachers and the common features.
+DEFAULT_LABEL_MODALITIES = ("rgb", "caption", "canny_edge", "color_palette", "clip", "dinov2", "dinov2_global")
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _FOLDER_RE = re.compile(r"^[A-Za-z0-9_@.-]+$")
@@ -425,5 +427,5 @@ def by_pixel_folder(folder: str) -> ModalityInfo | None:
     return next((m for m in all_modalities() if m.pixel_modality == folder), None)
 
 
-__all__ = ["ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES", "ModalityInfo", "all_modalities", "by_pixel_folder",
+__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES", "ModalityInfo", "all_modalities", "by_pixel_folder",
            "by_token_folder", "get_modality", "load_entry_points", "register_modality"]

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from omniforge.errors import OmniforgeError
+from omniforge.modalities import DEFAULT_LABEL_MODALITIES
 from omniforge.model._cli import add_sample_cli, add_train_cli
 from omniforge.tokenize._cli import add_cli as add_tokenizer_cli
 
-DEFAULT_MODALITIES = "rgb,caption,canny_edge,color_palette,clip,dinov2,dinov2_global"
+DEFAULT_MODALITIES = ",".join(DEFAULT_LABEL_MODALITIES)
 
 
 def _csv(value: str) -> tuple[str, ...]:

@@ -11,8 +11,9 @@ def add_cli(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one tokenizer on label shards and report its reconstruction quality")
     t.add_argument("--data", required=True, help="label root holding <modality>/shard-*.tar (local or s3://)")
-    t.add_argument("--modality", required=True, help="label modality to train on: depth, rgb, clip, dinov2_global, "
-                   "semseg_coco, ..., sam_instance (the sam_mask tokenizer) or caption (the text tokenizer)")
+    t.add_argument("--modality", required=True, help="label modality whose tokenizer to train (`omniforge list`); its "
+                   "tokenizer kind decides what: a VQ-VAE, a Memcodes MLP, the SAM mask tokenizer, or the shared "
+                   "WordPiece vocabulary from a plain-text modality")
     t.add_argument("--out", required=True, help="tokenizers directory: the tokenizer lands in OUT/<name>/")
     t.add_argument("--config", default="tiny", choices=["tiny", "base"], help="model size (default tiny)")
     t.add_argument("--epochs", type=int, default=10)
@@ -26,7 +27,6 @@ def add_cli(subparsers: Any) -> None:
     t.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_cmd_train)
-
 
 
 def _cmd_train(args: Any) -> int:

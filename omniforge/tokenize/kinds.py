@@ -488,7 +488,7 @@ class MemcodesKind(FeaturesKind):
 def text_artifact() -> Artifact:
     """The shared WordPiece vocabulary, trained from the first plain-text sequence modality (the captions)."""
     source = next((m.name for m in all_modalities() if m.tokenizer == WordPieceKind.name and m.ext == "txt"),
-                  "caption")
+                  "<a plain-text modality>")
     return Artifact(TEXT_FOLDER, TEXT_FILES, source)
 
 
