@@ -111,11 +111,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{name:<15} {'learned' if cls.learned else 'classical':<9} "
               f"{', '.join(_modality_mark(m, cls) for m in cls.modalities)}")
     labelable = {m for n in list_labelers() for m in get_labeler_class(n).modalities}
-    print(f"\n{'modality':<17} {'file':<10} {'tokens':<24} format")
+    print(f"\n{'modality':<17} {'file':<10} {'tokens':<25} {'tokenizer':<13} format")
     for m in all_modalities():
         mark = "" if m.name in labelable else "  (no labeler yet)"
         tokens = f"{m.token_modality} ({m.num_tokens})" if m.tokenized else "(no tokens)"
-        print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<24} {m.description}{mark}")
+        print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<25} {m.tokenizer:<13} {m.description}{mark}")
     print("\n`omniforge list TEACHER` shows a teacher's options; where a modality has several teachers, "
           "--teacher MODALITY=TEACHER chooses another than its default")
     return 0

@@ -16,16 +16,20 @@ from omniforge.labelers._registry import (
 )
 from omniforge.labelers.base import PRETRAINED, TINY, Labeler, LabelerOptions, OptionDoc, Sample, option
 
-# Built-in labelers register themselves on import. Heavy dependencies are imported lazily inside them.
-from omniforge.labelers import classical as _classical  # noqa: E402,F401
-from omniforge.labelers import clip as _clip  # noqa: E402,F401
-from omniforge.labelers import dinov2 as _dinov2  # noqa: E402,F401
-from omniforge.labelers import sam as _sam  # noqa: E402,F401
-from omniforge.labelers import depth_normal as _depth_normal  # noqa: E402,F401
-from omniforge.labelers import detection as _detection  # noqa: E402,F401
-from omniforge.labelers import semseg as _semseg  # noqa: E402,F401
-from omniforge.labelers import imagebind as _imagebind  # noqa: E402,F401
-from omniforge.labelers import metadata as _metadata  # noqa: E402,F401
+
+
+def _import_builtin_teachers() -> None:
+    """Every public module of this package is one or more teachers that register themselves on import (a new
+    in-tree teacher is its module, nothing more). Heavy dependencies are imported lazily inside them."""
+    import importlib
+    import pkgutil
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        if not module.startswith("_") and module != "base":
+            importlib.import_module(f"{__name__}.{module}")
+
+
+_import_builtin_teachers()
 
 __all__ = [
     "ENTRY_POINT_GROUP", "PRETRAINED", "TINY", "Labeler", "LabelerOptions", "OptionDoc", "Sample", "create_labeler",
