@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/omniforge demo --out demo_out
 
 test: $(STAMP)
+	$(BIN)/ruff check omniforge tests benchmarks
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from label_overhead import _write_corpus  # noqa: E402 - the same photos as the label benchmark
+from label_overhead import _write_corpus
 
 
 def _label(corpus: Path, root: str) -> None:

@@ -16,7 +16,6 @@ import textwrap
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

@@ -1,4 +1,5 @@
-"""COCO label tables shared by the teachers that speak COCO (det, human_poses) and the tokenizers that serialize them."""
+"""COCO label tables shared by the teachers that speak COCO (det, human_poses) and the tokenizers that
+serialize them."""
 
 from __future__ import annotations
 

@@ -427,5 +427,6 @@ def by_pixel_folder(folder: str) -> ModalityInfo | None:
     return next((m for m in all_modalities() if m.pixel_modality == folder), None)
 
 
-__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES", "ModalityInfo", "all_modalities", "by_pixel_folder",
-           "by_token_folder", "get_modality", "load_entry_points", "register_modality"]
+__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES", "ModalityInfo",
+           "all_modalities", "by_pixel_folder", "by_token_folder", "get_modality", "load_entry_points",
+           "register_modality"]

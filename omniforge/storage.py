@@ -463,7 +463,7 @@ def exists(uri: str) -> bool:
             try:
                 client.head_bucket(Bucket=bucket)
                 return True
-            except Exception as exc:  # noqa: BLE001 - translated below
+            except Exception as exc:
                 if isinstance(_s3_error(uri, exc), ObjectNotFound):
                     return False
                 raise
@@ -471,12 +471,12 @@ def exists(uri: str) -> bool:
             try:
                 client.head_object(Bucket=bucket, Key=key)
                 return True
-            except Exception as exc:  # noqa: BLE001 - translated below
+            except Exception as exc:
                 if not isinstance(_s3_error(uri, exc), ObjectNotFound):
                     raise
         try:
             response = client.list_objects_v2(Bucket=bucket, Prefix=_dir_prefix(key), MaxKeys=1)
-        except Exception as exc:  # noqa: BLE001 - translated below
+        except Exception as exc:
             if isinstance(_s3_error(uri, exc), ObjectNotFound):
                 return False
             raise

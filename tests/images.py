@@ -102,14 +102,14 @@ def png_bomb(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
 
 
-def write_bad_corpus(dir: Path) -> dict[str, str]:  # noqa: A002 - the name is part of the contract
-    """Write good and nasty image files under `dir`; return {relative posix path: expected outcome}.
+def write_bad_corpus(folder: Path) -> dict[str, str]:
+    """Write good and nasty image files under `folder`; return {relative posix path: expected outcome}.
 
     The outcome is "ok" or the SampleError error_type that decode_image(data,
     max_pixels=BAD_CORPUS_MAX_PIXELS) must raise. Names include nested folders, spaces, unicode and
     multiple dots.
     """
-    dir = Path(dir)
+    folder = Path(folder)
     photo = sample_photo("chelsea", 120)
     truncated_source = photo_bytes("astronaut", 256)
     files: dict[str, tuple[bytes, str]] = {
@@ -137,7 +137,7 @@ def write_bad_corpus(dir: Path) -> dict[str, str]:  # noqa: A002 - the name is p
     }
     expected: dict[str, str] = {}
     for rel, (payload, outcome) in files.items():
-        path = dir / rel
+        path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(payload)
         expected[rel] = outcome

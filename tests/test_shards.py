@@ -50,7 +50,8 @@ def test_a_truncated_tar_yields_what_it_can_then_says_which_file(tmp_path):
     uri = str(tmp_path / "shard-000003.tar")
     members = [(f"k{i}.npy", codecs.encode("npy", np.full(300, i, np.int16))) for i in range(4)]
     shards.write_tar(uri, members)
-    data = open(uri, "rb").read()
+    with open(uri, "rb") as f:
+        data = f.read()
     with open(uri, "wb") as f:
         body = len(members[0][1])
         f.write(data[:2 * (512 + -(-body // 512) * 512) + 512 + 100])  # two whole members, then a cut body

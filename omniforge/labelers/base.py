@@ -48,11 +48,11 @@ class Sample:
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
-def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None, ge: float | None = None,
+def option(default: Any, meaning: str, *, choices: tuple[Any, ...] | None = None, ge: float | None = None,
            le: float | None = None) -> Any:
     """Declare one teacher option: a dataclass field with its default, what it means (`omniforge list TEACHER`
     prints it) and its valid values, which `LabelerOptions.__post_init__` checks with the field's type."""
-    return field(default=default, metadata={"help": help, "choices": choices, "ge": ge, "le": le})
+    return field(default=default, metadata={"help": meaning, "choices": choices, "ge": ge, "le": le})
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class OptionDoc:
 class LabelerOptions:
     """Base of every teacher's options: a frozen, keyword-only dataclass whose fields are the options.
 
-    Declare each option once, as a field made by `option(default, help, choices=..., ge=..., le=...)` and
+    Declare each option once, as a field made by `option(default, meaning, choices=..., ge=..., le=...)` and
     annotated `int`, `float`, `str` or `bool` (optionally `| None`). `__post_init__` checks every field against
     its type (a `str` must be non-empty; a `float` takes an int and stores it as a float; `bool` is never an
     int) and its choices and bounds; subclasses add checks between fields in their own `__post_init__`

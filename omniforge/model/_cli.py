@@ -73,8 +73,8 @@ def add_sample_cli(subparsers: Any) -> None:
     p.add_argument("--key", dest="keys", required=True, type=_csv,
                    help="sample key, or several comma-separated (crop 0 of its token shards is used)")
     p.add_argument("--from", dest="sources", required=True, type=_csv,
-                   help="comma-separated inputs: modality names (rgb: raw pixels when the model takes rgb@224, else its "
-                        "tokens) or folders, e.g. rgb or tok_rgb@224,tok_caption")
+                   help="comma-separated inputs: modality names (rgb: raw pixels when the model takes rgb@224, else "
+                        "its tokens) or folders, e.g. rgb or tok_rgb@224,tok_caption")
     p.add_argument("--to", dest="targets", required=True, type=_csv,
                    help="comma-separated modalities or token folders to generate, in order (chained), e.g. "
                         "depth,normal,caption")

@@ -4,7 +4,8 @@ Reads ``ROOT/<folder>/shard-NNNNNN.tar`` (members ``<key>.npy``, int16 (n_crops,
 every requested token folder. A raw-pixel folder (``rgb@224``) is read from the ``rgb`` label tar joined
 by key with ``crop_settings``: the JPEG is cropped with the sample's crop (the crop its tokens were made
 from) to 224 x 224 and cut into uint8 patches. A shard counts for a folder once its ``_status`` table
-exists (the commit marker; for pixels, both tables); the shards read are the union over folders. One stream of samples per (rank, DataLoader worker):
+exists (the commit marker; for pixels, both tables); the shards read are the union over folders. One stream
+of samples per (rank, DataLoader worker):
 
 - epoch e permutes the shard list with ``(seed, e)`` (the same on every rank); stream g of G = world_size x
   workers takes every G-th shard of that order (so at least G shards are needed);
@@ -22,9 +23,10 @@ Exact resume: a stream's position is (epoch, start of the current block as shard
 of the block already yielded); nothing else is random. ``state_dict()`` gives every stream's position after
 the last batch handed out; a loader built with the same config, rank and world size and given that state
 re-reads the current block (and the start of the shard it begins in) and yields exactly the batches the
-uninterrupted loader would have. With several workers the DataLoader takes batches from the workers in turn, so the state also holds how
-many batches were handed out, and the resumed loader starts at the worker whose turn it was: exact for
-endless loaders; a finite loader whose workers run out at different times is exact with one worker.
+uninterrupted loader would have. With several workers the DataLoader takes batches from the workers in turn,
+so the state also holds how many batches were handed out, and the resumed loader starts at the worker whose
+turn it was: exact for endless loaders; a finite loader whose workers run out at different times is exact
+with one worker.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ A batch is ``dict[folder, dict[str, Tensor]]`` in the shared format (see ``omnif
 - Decoder: one query per target position (target_mask False): a learned mask token (images, globals,
   and the first target of a sequence) or the previous target token of the same sequence (teacher
   forcing), plus position and modality embeddings; each sample's queries are packed to the left across
-  modalities, so the decoder computes about one slot per real target, not one per modality's longest row. Self-attention stays inside one modality:
+  modalities, so the decoder computes about one slot per real target, not one per modality's longest row.
+  Self-attention stays inside one modality:
   bidirectional for image and global modalities, causal over a sequence modality's targets (the
   attention pattern comes from the spec's kind; ``decoder_attention_mask`` is not read). Every block
   also cross-attends to the encoder output.

@@ -34,7 +34,7 @@ from omniforge.errors import ConfigError
 from omniforge.model.checkpoint import load_model
 from omniforge.model.fm import FourM
 from omniforge.model._cli import ORDERS, SCHEDULES
-from omniforge.model._cli import add_sample_cli as add_cli  # noqa: F401 - tests and callers
+from omniforge.model._cli import add_sample_cli as add_cli
 from omniforge.model.specs import ModalitySpec, patchify, resolve_folder, unpatchify
 
 Row = dict[str, Tensor]
@@ -246,7 +246,8 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
     """Generate ``targets`` (in order, chained) for ONE sample from ``inputs``.
 
     ``inputs``: folder -> token ids (image/global: (num_tokens,); sequence: ids without padding, with or
-    without a final [EOS]; pixels: uint8 (num_tokens, patch_dim) patches). Returns folder -> int64 ids: image/global (num_tokens,) in [0, vocab_size);
+    without a final [EOS]; pixels: uint8 (num_tokens, patch_dim) patches). Returns folder -> int64 ids:
+    image/global (num_tokens,) in [0, vocab_size);
     sequence: the generated ids up to and including [EOS] (at most ``num_tokens``; no [EOS] when that many
     were drawn without one). Each generated target is an input of the following ones.
     """

@@ -109,7 +109,8 @@ def pixel_spec(info: ModalityInfo) -> ModalitySpec:
 
 
 def patchify(image: np.ndarray, patch: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H/p * W/p, p * p * 3) uint8 patches in row-major order, each flattened (row, col, channel)."""
+    """(H, W, 3) uint8 -> (H/p * W/p, p * p * 3) uint8 patches in row-major order, each flattened (row, col,
+    channel)."""
     h, w, c = image.shape
     if h % patch or w % patch:
         raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch}")

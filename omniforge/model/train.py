@@ -30,7 +30,7 @@ from torch import nn
 
 from omniforge._torch_run import Dist, all_reduce_sum, barrier, resolve_device, setup_distributed, warmup_cosine
 from omniforge.model._build import TEXT_TOKENIZER, _check_shards, build_masking, build_specs
-from omniforge.model._cli import add_train_cli as add_cli  # noqa: F401 - `python -m` entry point and tests
+from omniforge.model._cli import add_train_cli as add_cli
 from omniforge.model.checkpoint import (TrainState, latest_checkpoint, load_training_state, run_config,
                                         save_checkpoint)
 from omniforge.model.data import DataConfig, TokenShardDataset, make_loader

@@ -93,7 +93,8 @@ def _check_array(value: object, spec: tuple[int, np.dtype]) -> str | None:
     return None
 
 
-def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: bool) -> tuple[int, int, str | None, list[str]]:
+def _check_shard(root: str, modality: str, shard: int, keys: list[str],
+                 decode: bool) -> tuple[int, int, str | None, list[str]]:
     """Returns (labeled, failed, fingerprint, problems) for one (modality, shard)."""
     where = f"{modality}/{shards.shard_name(shard)}"
     status_uri, tar_uri = shards.status_uri(root, modality, shard), shards.tar_uri(root, modality, shard)
@@ -117,7 +118,8 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
         problems.append(f"{where}: {len(fps)} fingerprints in one shard")
     ok_keys = [r["key"] for r in status if r["ok"]]
     if not storage.exists(tar_uri):
-        return len(ok_keys), len(status) - len(ok_keys), next(iter(fps), None), problems + [f"{where}: status without tar"]
+        problems.append(f"{where}: status without tar")
+        return len(ok_keys), len(status) - len(ok_keys), next(iter(fps), None), problems
     token_spec = _token_folders().get(modality)
     info = None if token_spec else _label_info(modality)
     ext = "npy" if token_spec else (info.ext if info is not None else None)
@@ -142,7 +144,8 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str], decode: 
     if any(a >= b for a, b in zip(tar_keys, tar_keys[1:])):
         problems.append(f"{where}: members are not sorted by key or a key has several members")
     if sorted(set(tar_keys)) != sorted(ok_keys):
-        problems.append(f"{where}: tar members ({len(tar_keys)}) differ from the labeled keys in status ({len(ok_keys)})")
+        problems.append(f"{where}: tar members ({len(tar_keys)}) differ from the labeled keys in status "
+                        f"({len(ok_keys)})")
     return len(ok_keys), len(status) - len(ok_keys), next(iter(fps), None), problems
 
 
@@ -176,7 +179,7 @@ def verify(root: str, modalities: list[str] | None = None, *, decode: bool = Tru
     jobs = [(m, s) for m in modalities for s in sorted(keys_by_shard)]
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(lambda job: _check_shard(root, job[0], job[1], keys_by_shard[job[1]], decode), jobs)
-        for (m, s), (labeled, failed, fp, problems) in zip(jobs, results):
+        for (m, _), (labeled, failed, fp, problems) in zip(jobs, results):
             r = report.modalities.setdefault(m, ModalityReport())
             r.labeled += labeled
             r.failed += failed

@@ -29,8 +29,8 @@ def register_kind(cls: type[TokenizerKind]) -> type[TokenizerKind]:
         raise TypeError(f"tokenizer kind {cls.__qualname__} must set the class attribute `name` (not 'none')")
     existing = _KINDS.get(name)
     if existing is not None and existing is not cls:
-        raise ConfigError(f"tokenizer kind {name!r} is registered twice ({existing.__module__}.{existing.__qualname__}, "
-                          f"{cls.__module__}.{cls.__qualname__})")
+        raise ConfigError(f"tokenizer kind {name!r} is registered twice ({existing.__module__}."
+                          f"{existing.__qualname__}, {cls.__module__}.{cls.__qualname__})")
     _KINDS[name] = cls
     return cls
 

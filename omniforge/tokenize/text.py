@@ -144,7 +144,7 @@ class TextTokenizer:
 
         try:
             tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for missing and malformed files alike
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for missing and malformed files
             reason = " ".join(str(e).split()) or type(e).__name__
             raise WeightsError(f"text tokenizer {path} cannot be loaded ({reason}): pass a tokenizer.json written "
                                f"by `omniforge tokenizer train` (TextTokenizer.save)") from None

@@ -70,7 +70,7 @@ def iter_values(shard: LabelShard, ext: str, wanted: frozenset[str] | None = Non
             continue
         try:
             yield key, codecs.decode(ext, data)
-        except Exception as e:  # noqa: BLE001 - a corrupt committed label is a corpus problem: stop and say where
+        except Exception as e:
             raise CorpusError(f"cannot decode {shard.uri} member {member}: {e}; run `omniforge verify` on the "
                               f"label root and re-label the failing shard") from e
 

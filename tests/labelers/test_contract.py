@@ -95,7 +95,7 @@ def test_labeler_options_contract(name):
     defaults = cls.make_options()
     assert isinstance(defaults, options) and defaults == options()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        setattr(defaults, "x", 1)
+        defaults.x = 1
     identity = cls.identity(weights="tiny")
     assert json.loads(json.dumps(identity)) == identity  # JSON without a default= fallback
     assert identity["version"] == cls.version and isinstance(identity["options"], dict)

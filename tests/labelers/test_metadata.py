@@ -16,12 +16,13 @@ def test_image_statistics_on_known_images():
     assert s["entropy"] == 1.0 and abs(s["contrast"] - 0.5) < 1e-3
     red = np.zeros((8, 8, 3), np.uint8)
     red[..., 0] = 255
-    assert image_statistics(red)["colorfulness"] > image_statistics(data.camera()[:8, :8, None].repeat(3, 2))["colorfulness"]
+    gray = data.camera()[:8, :8, None].repeat(3, 2)
+    assert image_statistics(red)["colorfulness"] > image_statistics(gray)["colorfulness"]
 
 
 def test_caption_semseg_and_normal_statistics():
-    assert caption_statistics("Two cats. On a mat!") == {"caption_n_chars": len("Two cats. On a mat!"), "caption_n_words": 5,
-                                                        "caption_n_sentences": 2}
+    assert caption_statistics("Two cats. On a mat!") == {"caption_n_chars": len("Two cats. On a mat!"),
+                                                        "caption_n_words": 5, "caption_n_sentences": 2}
     from omniforge.labelers._coco_panoptic import COCO_PANOPTIC_CLASSES
 
     classes = np.full((4, 4), 255, np.uint8)

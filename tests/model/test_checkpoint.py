@@ -121,7 +121,8 @@ def test_resume_refuses_another_format_or_world_size(tmp_path):
     out = str(tmp_path / "run")
     directory = _save(out, _state(0), 1)
     path = os.path.join(directory, "trainer_state.json")
-    meta = json.loads(open(path).read())
+    with open(path) as f:
+        meta = json.load(f)
     with open(path, "w") as f:
         json.dump({**meta, "world_size": 2}, f)
     with pytest.raises(ConfigError, match="saved by 2 ranks.*same number of processes"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 import derived_labeler
@@ -19,7 +18,8 @@ cloudpickle.register_pickle_by_value(derived_labeler)
 
 
 def _members(root, modality, n_shards):
-    return {shards.member_key(n): d for s in range(n_shards) for n, d in shards.iter_tar(shards.tar_uri(root, modality, s))}
+    return {shards.member_key(n): d for s in range(n_shards)
+            for n, d in shards.iter_tar(shards.tar_uri(root, modality, s))}
 
 
 @pytest.fixture
@@ -77,7 +77,8 @@ def test_metadata_fields_come_only_from_sources_that_ran(corpus, tmp_path, ray_a
     meta = {k: json.loads(d) for k, d in _members(root, "metadata", 2).items()}
     assert len(meta) == 5
     m = meta["img1"]
-    assert m["caption_n_words"] == 4 and m["caption_n_sentences"] == 2 and m["caption_n_chars"] == len("A photo. Number 1!")
+    assert m["caption_n_words"] == 4 and m["caption_n_sentences"] == 2
+    assert m["caption_n_chars"] == len("A photo. Number 1!")
     assert m["original_width"] > 0 and 0 <= m["brightness"] <= 1 and 0 <= m["entropy"] <= 8
     for absent in ("n_humans", "n_sam_masks", "n_coco_instances", "walkability", "geometric_complexity"):
         assert absent not in m

@@ -18,6 +18,7 @@ import pytest
 import failing_labeler
 from images import BAD_CORPUS_MAX_PIXELS, photo_bytes, write_bad_corpus
 from omniforge import codecs
+from omniforge.errors import ConfigError
 from omniforge.jobs.cli import main as cli_main
 from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, show, verify
 from omniforge import shards, storage
@@ -239,7 +240,7 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert cli_main(["label", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--modalities", "canny_edge",
                      "--option", "canny_edge.low=900"]) == 2
     assert "low <= high" in capsys.readouterr().err and not (tmp_path / "o").exists()  # refused before any work
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError):
         parse_weights("clip=")
 
 

@@ -20,7 +20,7 @@ from omniforge.jobs.cli import main as cli_main
 from omniforge.jobs.demo_corpus import build_demo_corpus
 from omniforge.labelers import Sample, create_labeler
 from omniforge import shards
-from omniforge.pipeline import LabelConfig, label, load_manifest, parse_weights, verify
+from omniforge.pipeline import LabelConfig, label, parse_weights, verify
 from omniforge.tokenize import crops as C
 from omniforge.tokenize import models, text
 from omniforge.tokenize.kinds import kind_for
@@ -113,8 +113,8 @@ def test_every_modality_gets_the_same_crop(labels, tokenizer_dir, tokenized):
                 assert tok.decode(tok_det[key][i].tolist()) == tok.decode(tok.encode_units(boxes, 256).tolist())
                 checked_boxes += len(boxes)
             # crop 0 reuses the label job's features; crops 1.. run the same teacher on the cropped image
-            feats = [clip[key]] + [clip_teacher.label([Sample(key=key, image=C.crop_image(rgb[key], c, 224))])[0]["clip"]
-                                   for c in cs[1:]]
+            feats = [clip[key]] + [
+                clip_teacher.label([Sample(key=key, image=C.crop_image(rgb[key], c, 224))])[0]["clip"] for c in cs[1:]]
             expected = clip_tok.encode(kind_for("clip").prepare(feats)).numpy()
             np.testing.assert_array_equal(tok_clip[key], expected)
     assert checked_boxes > 0  # the det comparison saw real boxes

@@ -215,7 +215,8 @@ def test_missing_data_is_a_config_error(tmp_path, depth_root):
 def test_config_validation(tmp_path):
     with pytest.raises(ConfigError, match="unknown modality"):
         TrainConfig(data=str(tmp_path), modality="nope", out=str(tmp_path))
-    with pytest.raises(ConfigError, match="det is tokenized with the shared text tokenizer, trained with --modality caption"):
+    with pytest.raises(ConfigError, match="det is tokenized with the shared text tokenizer, trained with --modality "
+                                          "caption"):
         TrainConfig(data=str(tmp_path), modality="det", out=str(tmp_path))
     with pytest.raises(ConfigError, match="epochs"):
         TrainConfig(data=str(tmp_path), modality="depth", out=str(tmp_path), epochs=0)
