@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
     p.add_argument("--actors-per-teacher", type=int, default=None, help="actor pool size per learned teacher "
                    "(default: the cluster's GPUs shared across teachers, else 1)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per teacher actor")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs (and torch threads) per teacher actor (default: on CPU, the learned teachers share the "
+                        "node's CPUs less those the decode and write tasks need; on GPU, 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_corpus_args(p)
