@@ -402,15 +402,6 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
         if not storage.list_files(storage.join(root, shards.STATUS_DIR, m)):
             raise ConfigError(f"no {m} labels under {root}: run `omniforge label --output {root} --modalities {m}` "
                               f"first")
-    ensure_ray(ray_address)
-    # before any work: every node's workers read the labels and write the tokens
-    if out == root:
-        _job.check_shared_output(root, "--input")  # the tokens go beside the labels
-    else:
-        _job.check_shared_input(root, "--input", shards.manifest_uri(root))
-        _job.check_shared_output(out, "--output")
-        if not storage.exists(shards.manifest_uri(out)):
-            storage.write_bytes(shards.manifest_uri(out), storage.read_bytes(shards.manifest_uri(root)))
     keys_by_shard: dict[int, list[str]] = defaultdict(list)
     for k, s in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
         keys_by_shard[s].append(k)
@@ -419,11 +410,21 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
     store = TokenizerStore(tokenizers_dir)
     tok_fps = {art.folder: store.fingerprint(art) for m in cfg.modalities for art in kind_for(m).artifacts}
     label_fps = _label_fingerprints(root, (IMAGE_MODALITY, *cfg.modalities), shard_ids)
-    teachers = _resolve_teachers(cfg, root, label_fps)
+    teachers = _resolve_teachers(cfg, root, label_fps)  # config errors so far: one line, before Ray starts
     folders = [CROP_SETTINGS] + [get_modality(m).token_modality for m in cfg.modalities]
     fps = {s: _shard_fingerprint(cfg, s, label_fps, tok_fps, teachers) for s in shard_ids}
     done = _job.committed(out, [(f, s, fps[s]) for s in shard_ids for f in folders])
     pending = [s for s in shard_ids if not all((f, s) in done for f in folders)]
+    if pending:
+        ensure_ray(ray_address)
+        # before any work: every node's workers read the labels and write the tokens
+        if out == root:
+            _job.check_shared_output(root, "--input")  # the tokens go beside the labels
+        else:
+            _job.check_shared_input(root, "--input", shards.manifest_uri(root))
+            _job.check_shared_output(out, "--output")
+    if out != root and not storage.exists(shards.manifest_uri(out)):
+        storage.write_bytes(shards.manifest_uri(out), storage.read_bytes(shards.manifest_uri(root)))
     summary = TokenizeSummary(run_id=run_id, output=out, seconds=0.0, samples=manifest.num_rows)
     summary.skipped = sum(len(keys_by_shard[s]) for s in shard_ids if s not in pending)
     _job.delete_partial_writes(out, folders)
