@@ -550,13 +550,13 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     root = storage.normalize(cfg.output)  # listed URIs are normalized: compare like with like
     teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers,
                                 root=root)  # bad options and checkpoints fail here
+    if cfg.input is None:
+        manifest = load_manifest(root)  # an unplanned root is a one-line error before Ray starts
     ensure_ray(ray_address)
     _job.check_shared_output(root, "--output")  # before any work: every node must see a local output
     if cfg.input is not None:
         manifest = plan(PlanConfig(input=cfg.input, output=root, shard_size=cfg.shard_size, format=cfg.format),
                         ray_address=ray_address, progress_bar=cfg.progress)
-    else:
-        manifest = load_manifest(root)
     fingerprints = {m: t.fingerprint for t in teachers for m in t.modalities}
     shard_col = manifest.column("shard").to_pylist()
     shard_sizes = Counter(shard_col)
@@ -670,62 +670,86 @@ def _stream(cfg: LabelConfig, root: str, pending: pa.Table, shard_sizes: Counter
     blocks = iter([pending.slice(i, chunk) for i in range(0, pending.num_rows, chunk)])
     slots = sum(s.pool.size * s.pool.calls_per_actor for s in steps if s.pool is not None)
     window = min(MAX_BATCHES_IN_FLIGHT, max(4, slots + int(ray.cluster_resources().get("CPU", 1))))
-    finalize = ray.remote(num_cpus=0.5, max_retries=3)(_finalize)
-    todo_pairs = {(m, s) for s, todo in zip(pending.column("shard").to_pylist(), pending.column("todo").to_pylist())
-                  for m in _row_modalities(todo)}
-    expected = {(m, s): shard_sizes[s] for (m, s) in todo_pairs}
-    parts: dict[tuple[str, int], list[str]] = defaultdict(list)
-    statuses: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    commits = _Commits(root, pending, shard_sizes, summary)
     running: dict[Any, int] = {}  # object reference -> the step producing it
     waiting: dict[int, deque] = {i: deque() for i, s in enumerate(steps) if s.pool is not None}
-    inflight: list = []  # finalize tasks
     live = 0  # batches in flight
     progress = Progress(total=pending.num_rows, unit="img", enabled=cfg.progress)
     t_start = time.time()
-    while True:
-        while live < window and (block := next(blocks, None)) is not None:
-            running[steps[0].submit(block)] = 0
-            live += 1
-        for i, queue in waiting.items():
-            while queue and steps[i].pool.has_room():
-                running[steps[i].submit(queue.popleft())] = i
-        if not running:
-            break
-        refs = list(running)
-        ready, rest = ray.wait(refs, num_returns=1, fetch_local=False)
-        if rest:
-            ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
-        for ref in ready:
-            i = running.pop(ref)
-            if steps[i].pool is not None:
-                steps[i].pool.done(ref)
-            if i + 1 < len(steps):
-                if steps[i + 1].pool is not None:
+    try:
+        while True:
+            while live < window and (block := next(blocks, None)) is not None:
+                running[steps[0].submit(block)] = 0
+                live += 1
+            for i, queue in waiting.items():
+                while queue and steps[i].pool.has_room():
+                    running[steps[i].submit(queue.popleft())] = i
+            if not running:
+                break
+            ready, rest = ray.wait(list(running), num_returns=1, fetch_local=False)
+            if rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
+            for ref in ready:
+                i = running.pop(ref)
+                if steps[i].pool is not None:
+                    steps[i].pool.done(ref)
+                if i + 1 == len(steps):  # written
+                    live -= 1
+                    if not summary.processed:
+                        summary.startup_seconds = time.time() - t_start
+                    progress.update(commits.add(ray.get(ref)))
+                elif steps[i + 1].pool is not None:
                     waiting[i + 1].append(ref)
                 else:
                     running[steps[i + 1].submit(ref)] = i + 1
-                continue
-            live -= 1
-            written = ray.get(ref)
-            if not summary.processed:
-                summary.startup_seconds = time.time() - t_start
-            summary.processed += written["n"]
-            progress.update(written["n"])
-            for row in written["parts"]:
-                pair = (row["modality"], row["shard"])
-                if row["part"]:
-                    parts[pair].append(row["part"])
-                statuses[pair].extend(row["status"])
-                if len(statuses[pair]) == expected[pair]:
-                    inflight.append(finalize.remote(root, pair[0], pair[1], parts.pop(pair, []), statuses[pair]))
-                    _count(summary, pair[0], statuses.pop(pair))
-        if len(inflight) > 64:
-            _, inflight = ray.wait(inflight, num_returns=len(inflight) - 32)
-    ray.get(inflight)
-    progress.close()
-    if statuses:
-        raise RuntimeError(f"internal error: {len(statuses)} (modality, shard) pairs incomplete after the job: "
-                           f"{sorted(statuses)[:5]}; re-run the command to finish them")
+        commits.wait()
+    finally:
+        progress.close()
+
+
+class _Commits:
+    """The driver's side of the commit protocol: collects the part tars and status rows of each (modality,
+    shard) from the write step's results, and once all its samples are accounted for, starts a finalize task
+    (merged tar, then status) and counts the outcomes into the summary."""
+
+    def __init__(self, root: str, pending: pa.Table, shard_sizes: Counter, summary: LabelSummary):
+        import ray
+
+        self.root, self.summary = root, summary
+        self.expected = {(m, s): shard_sizes[s] for s, todo in zip(pending.column("shard").to_pylist(),
+                                                                   pending.column("todo").to_pylist())
+                         for m in _row_modalities(todo)}
+        self.parts: dict[tuple[str, int], list[str]] = defaultdict(list)
+        self.statuses: dict[tuple[str, int], list[dict]] = defaultdict(list)
+        self.finalizing: list = []
+        self._finalize = ray.remote(num_cpus=0.5, max_retries=3)(_finalize)
+
+    def add(self, written: dict[str, Any]) -> int:
+        """Take one write step's result; returns the samples it covered."""
+        import ray
+
+        self.summary.processed += written["n"]
+        for row in written["parts"]:
+            pair = (row["modality"], row["shard"])
+            if row["part"]:
+                self.parts[pair].append(row["part"])
+            self.statuses[pair].extend(row["status"])
+            if len(self.statuses[pair]) == self.expected[pair]:
+                self.finalizing.append(self._finalize.remote(self.root, *pair, self.parts.pop(pair, []),
+                                                             self.statuses[pair]))
+                _count(self.summary, pair[0], self.statuses.pop(pair))
+        if len(self.finalizing) > 64:
+            _, self.finalizing = ray.wait(self.finalizing, num_returns=len(self.finalizing) - 32)
+        return written["n"]
+
+    def wait(self) -> None:
+        """Wait for every commit; a (modality, shard) still missing samples is an internal error."""
+        import ray
+
+        ray.get(self.finalizing)
+        if self.statuses:
+            raise RuntimeError(f"internal error: {len(self.statuses)} (modality, shard) pairs incomplete after the "
+                               f"job: {sorted(self.statuses)[:5]}; re-run the command to finish them")
 
 
 def _count(summary: LabelSummary, modality: str, status: list[dict]) -> None:
