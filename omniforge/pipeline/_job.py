@@ -197,18 +197,24 @@ def actor_resources(n_actors: int, device: str, *, cpus_per_actor: float | None 
     import ray
 
     n_actors = max(1, n_actors)
-    largest = max(node_cpus(), default=1.0)
-    reserve = max(1.0, largest / 8) if reserve_cpus is None else reserve_cpus
-    fit = max(0.05, (largest - reserve) / n_actors)
-    if device == "cuda":
+    nodes = node_cpus()
+    if device == "cuda":  # the actors spread over the GPU nodes
+        reserve = 1.0 if reserve_cpus is None else reserve_cpus
+        fit = max(0.05, (sum(nodes) - reserve) / n_actors)
         gpus = float(ray.cluster_resources().get("GPU", 0))
         num_gpus = min(1.0, gpus / n_actors)
         num_cpus = min(cpus_per_actor or 1.0, fit)
-    else:
+    else:  # sized so that they all fit on one node
+        largest = max(nodes, default=1.0)
+        reserve = max(1.0, largest / 8) if reserve_cpus is None else reserve_cpus
+        fit = max(0.05, (largest - reserve) / n_actors)
         num_gpus = 0.0
         num_cpus = fit if cpus_per_actor is None else min(cpus_per_actor, fit)
-    if (cpus_per_actor is not None and num_cpus < cpus_per_actor) or (device == "cuda" and num_gpus < 1):
-        log.warning("%d actors share the cluster: %.2f CPUs and %.2f GPUs each", n_actors, num_cpus, num_gpus)
+    if cpus_per_actor is not None and num_cpus < cpus_per_actor:
+        log.warning("--cpus-per-actor %g: %d actors would not fit in the cluster; %.2f CPUs each", cpus_per_actor,
+                    n_actors, num_cpus)
+    if num_gpus and num_gpus < 1:
+        log.info("%d actors share %g GPUs: %.2f GPUs each", n_actors, gpus, num_gpus)
     return ActorResources(num_cpus=round(num_cpus, 4), num_gpus=round(num_gpus, 4))
 
 

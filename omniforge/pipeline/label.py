@@ -636,8 +636,6 @@ def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teach
                   shard_sizes: Counter, fingerprints: dict[str, str], summary: LabelSummary) -> dict[str, Any]:
     """Stream the pending rows through the job in batches; returns the teacher actors' resources (for the
     run record)."""
-    import ray
-
     gpus = cluster_gpus()
     device = _job.choose_device(cfg.device, gpus)
     learned = [t for t in teachers if t.cls.learned]
