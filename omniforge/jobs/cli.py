@@ -28,7 +28,8 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path-column", help="parquet: column with image paths")
     p.add_argument("--caption-column", help="parquet: column with captions")
     p.add_argument("--key-column", help="parquet: column with sample keys")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local "
+                   "cluster)")
 
 
 def _plan_config(args: argparse.Namespace, output: str):
@@ -209,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="corpus to plan first (not needed when --output is planned already)")
     p.add_argument("--output", required=True, help="corpus root (local or s3://)")
     p.add_argument("--modalities", default=DEFAULT_MODALITIES, help=f"comma list (default {DEFAULT_MODALITIES})")
-    p.add_argument("--weights", default="tiny", help="tiny | pretrained, plus TEACHER=tiny|pretrained|/path/to/checkpoint "
-                   "overrides, comma separated (default tiny: random weights)")
+    p.add_argument("--weights", default="tiny", help="tiny | pretrained, plus "
+                   "TEACHER=tiny|pretrained|/path/to/checkpoint overrides, comma separated (default tiny: random "
+                   "weights)")
     p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
                    help="teacher option, e.g. clip.pretrained_tag=laion2b_s34b_b88k (repeatable; `omniforge list "
                         "TEACHER` lists them)")
@@ -222,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
     p.add_argument("--actors-per-teacher", type=int, default=None, help="actor pool size per learned teacher "
                    "(default: the cluster's GPUs shared across teachers, else 1)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per teacher actor")
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs (and torch threads) per teacher actor (default: on CPU, the learned teachers share the "
+                        "node's CPUs less those the decode and write tasks need; on GPU, 1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_corpus_args(p)
@@ -232,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="label root (local or s3://)")
     p.add_argument("--output", default=None, help="token root (default: the label root, beside the labels)")
     p.add_argument("--modalities", required=True, help="comma list of label modalities, e.g. depth,normal,caption,det")
-    p.add_argument("--tokenizers", required=True, help="folder of trained tokenizers (`omniforge tokenizer train --out`)")
-    p.add_argument("--crops", type=int, default=1, help="crops per sample: crop 0 centred, the others random (default 1)")
+    p.add_argument("--tokenizers", required=True,
+                   help="folder of trained tokenizers (`omniforge tokenizer train --out`)")
+    p.add_argument("--crops", type=int, default=1,
+                   help="crops per sample: crop 0 centred, the others random (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
     p.add_argument("--weights", default="tiny", help="feature teachers for crops 1.. (as `omniforge label --weights`; "
                    "must match the label job)")
@@ -244,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="samples per tokenizer batch (default 32)")
     p.add_argument("--actors", type=int, default=None, help="shard workers (default: one per GPU, else CPUs / 2)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local "
+                   "cluster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_tokenize)
 

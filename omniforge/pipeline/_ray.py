@@ -9,8 +9,9 @@ from omniforge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Logical CPUs for a local cluster: teacher actors each hold a CPU for the whole job, so a 2-core laptop
-# still needs room for decode and write tasks beside them. Torch threads are sized per actor.
+# Logical CPUs for a local cluster: teacher actors hold their CPUs for the whole job, so a 2-core laptop
+# still needs room for decode and write tasks beside them. An actor's torch threads are its CPUs scaled to
+# the cores the node really has (`_job.torch_threads`), so a lone teacher on 2 cores gets 2 threads.
 MIN_LOCAL_CPUS = 4
 
 

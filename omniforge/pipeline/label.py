@@ -1,6 +1,6 @@
-"""`omniforge label`: run teachers over a planned corpus on Ray Data and commit aligned label shards.
+"""`omniforge label`: run teachers over a planned corpus on Ray and commit aligned label shards.
 
-The dataflow, one streaming Ray Data pipeline:
+The dataflow, one stream of batches the driver keeps in flight (at most a window of them at a time):
 
     pending manifest rows (only the (shard, modality) pairs not already done with these weights)
       -> decode tasks: fetch bytes, decode each image once, run the cheap classical labelers
@@ -11,22 +11,20 @@ The dataflow, one streaming Ray Data pipeline:
          parts into <modality>/shard-NNNNNN.tar (atomic) and then writes _status/<modality>/... (the
          commit marker)
 
-Only part names and small status rows reach the driver; labels flow worker to storage. A killed driver
-loses nothing committed: re-running finds the committed (modality, shard) pairs by their status files
-and redoes the rest.
+Only object references, part names and small status rows reach the driver; labels flow worker to storage.
+A killed driver loses nothing committed: re-running finds the committed (modality, shard) pairs by their
+status files and redoes the rest. A teacher actor whose process dies is rebuilt by Ray and its batches
+retried (`omniforge.pipeline._job.ActorPool`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import json
 import logging
-import re
-import sys
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,14 +33,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from omniforge import codecs, errors
-from omniforge.errors import ConfigError, OmniforgeError, SampleError
+from omniforge import codecs
+from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers import Labeler, Sample, labeler_for_modality, get_labeler_class
 from omniforge.labelers.base import TINY
 from omniforge.modalities import MODALITIES, ModalityInfo
 from omniforge import shards, storage
 from omniforge.pipeline import corpus
 from omniforge._progress import Progress
+from omniforge.pipeline import _job
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.pipeline.decode import decode_image
 from omniforge.pipeline.plan import PlanConfig, plan
@@ -50,7 +49,7 @@ from omniforge.shards import load_manifest
 
 log = logging.getLogger(__name__)
 
-_BATCH_ROW = "__batch__"  # summary row carrying the number of samples a write task handled
+MAX_BATCHES_IN_FLIGHT = 256  # the most batches one job keeps in flight, whatever the cluster's size
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -233,7 +232,7 @@ class LabelConfig:
     shard_size: int = 1000
     format: str = "auto"
     actors_per_teacher: int | None = None
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None  # None: sized from the cluster (see _job.actor_resources)
     device: str = "auto"
     progress: bool = True
 
@@ -248,6 +247,10 @@ class LabelConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.actors_per_teacher is not None and self.actors_per_teacher < 1:
+            raise ConfigError(f"--actors-per-teacher must be >= 1, got {self.actors_per_teacher}")
 
 
 @dataclass
@@ -343,7 +346,8 @@ def _encode_checked(info: ModalityInfo, value: Any) -> bytes:
     return codecs.encode(info.ext, value)
 
 
-def _samples_for(batch: pa.Table, teacher: Teacher, root: str) -> tuple[list[int], list[Sample], dict[int, SampleError]]:
+def _samples_for(batch: pa.Table, teacher: Teacher,
+                 root: str) -> tuple[list[int], list[Sample], dict[int, SampleError]]:
     """Rows of a decoded batch that need this teacher and have an image, as Samples (zero-copy images).
 
     Derived teachers get their inputs: from this batch when this job labeled them for the row, else from
@@ -460,7 +464,8 @@ def _decode_stage(batch: pa.Table, *, storage_size: int, max_pixels: int, teache
         etypes.append(etype)
         emsgs.append(emsg)
     out = batch.select(["key", "shard", "todo", "caption"]).append_column("image", pa.array(images, pa.binary()))
-    out = out.append_column("height", pa.array(heights, pa.int32())).append_column("width", pa.array(widths, pa.int32()))
+    out = out.append_column("height", pa.array(heights, pa.int32()))
+    out = out.append_column("width", pa.array(widths, pa.int32()))
     out = out.append_column("orig_width", batch.column("width")).append_column("orig_height", batch.column("height"))
     out = out.append_column("decode_etype", pa.array(etypes, pa.string()))
     out = out.append_column("decode_emsg", pa.array(emsgs, pa.string()))
@@ -475,28 +480,36 @@ def _task_stage(batch: pa.Table, *, teachers: list[Teacher], root: str) -> pa.Ta
 
 
 class _TeacherStage:
-    """Ray Data actor: holds one learned teacher (weights loaded once) and labels batches."""
+    """An actor holding one learned teacher (weights loaded once) that labels batches.
 
-    def __init__(self, teacher: Teacher, device: str, num_threads: int, root: str):
+    Its constructor arguments are small (the Teacher record, a few scalars): they travel inline, so Ray can
+    rebuild the actor from them when its process dies (see `_job.ActorPool`)."""
+
+    def __init__(self, teacher: Teacher, device: str, num_cpus: float, root: str):
         import torch
 
-        torch.set_num_threads(max(1, num_threads))
+        self.threads = _job.torch_threads(num_cpus)
+        torch.set_num_threads(self.threads)
         self.teacher, self.root = teacher, root
         self.labeler = teacher.build(device=device)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def label(self, batch: pa.Table) -> pa.Table:
         return _run_teacher(batch, self.teacher, self.labeler, self.root)
+
+    def torch_threads(self) -> int:
+        return self.threads
 
 
 def _write_stage(batch: pa.Table, *, root: str, run_id: str, fingerprints: dict[str, str],
-                 exts: dict[str, str]) -> pa.Table:
-    """Write one key-sorted part tar per (modality, shard) in this batch; return summary rows only."""
+                 exts: dict[str, str]) -> dict[str, Any]:
+    """Write one key-sorted part tar per (modality, shard) in this batch; return what the driver needs only:
+    {"n": samples in the batch, "parts": [{"modality", "shard", "part" (None when no member), "status"}]}."""
     rows = batch.drop_columns(["image"]).to_pylist()
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for row in rows:
         for m in _row_modalities(row["todo"]):
             groups[(m, row["shard"])].append(row)
-    summary = {"modality": [_BATCH_ROW], "shard": [-1], "part": [None], "status": [None], "n": [len(rows)]}
+    parts = []
     for (m, shard), group in sorted(groups.items()):
         group.sort(key=lambda r: r["key"])
         ext, fp = exts[m], fingerprints[m]
@@ -517,11 +530,8 @@ def _write_stage(batch: pa.Table, *, root: str, run_id: str, fingerprints: dict[
         if members:
             part = storage.join(root, shards.TMP_DIR, run_id, m, shards.shard_name(shard), f"{uuid.uuid4().hex}.tar")
             shards.write_tar(part, members)
-        for col, value in (("modality", m), ("shard", shard), ("part", part), ("status", json.dumps(status)),
-                           ("n", len(group))):
-            summary[col].append(value)
-    return pa.table(summary, schema=pa.schema([("modality", pa.string()), ("shard", pa.int64()),
-                                               ("part", pa.string()), ("status", pa.string()), ("n", pa.int64())]))
+        parts.append({"modality": m, "shard": shard, "part": part, "status": status})
+    return {"n": len(rows), "parts": parts}
 
 
 def _finalize(root: str, modality: str, shard: int, parts: list[str], status: list[dict]) -> dict:
@@ -535,100 +545,51 @@ def _finalize(root: str, modality: str, shard: int, parts: list[str], status: li
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def _done_pairs(root: str, teachers: list[Teacher], shard_ids: list[int]) -> dict[str, set[int]]:
-    """(modality -> shards) already committed with the current fingerprint."""
-    existing = {u for u, _ in storage.list_files(storage.join(root, shards.STATUS_DIR))}
-    checks = [(m, s, t.fingerprint) for t in teachers for m in t.modalities for s in shard_ids
-              if shards.status_uri(root, m, s) in existing]
-
-    def is_done(check: tuple[str, int, str]) -> bool:
-        m, s, fp = check
-        if not storage.exists(shards.tar_uri(root, m, s)):
-            return False
-        return shards.status_fingerprints(shards.status_uri(root, m, s)) == {fp}
-
-    done: dict[str, set[int]] = defaultdict(set)
-    with ThreadPoolExecutor(16) as pool:
-        for (m, s, _), ok in zip(checks, pool.map(is_done, checks)):
-            if ok:
-                done[m].add(s)
-    return done
-
-
-def _delete_partial_writes(root: str, modalities: tuple[str, ...]) -> None:
-    """Remove the temporary files of writes a killed run left half done (they never count as committed)."""
-    for m in modalities:
-        for folder in (storage.join(root, m), storage.join(root, shards.STATUS_DIR, m)):
-            for uri, _ in storage.list_files(folder):
-                if storage.is_partial_write(uri):
-                    storage.delete(uri)
-
-
-def _package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("omniforge", "torch", "torchvision", "timm", "open_clip_torch", "ray", "numpy", "pillow",
-                "opencv-python-headless", "pyarrow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     """Label the corpus planned at `cfg.output` (planning it from `cfg.input` first when needed)."""
     t_start = time.time()
-    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = _job.new_run_id()
     root = storage.normalize(cfg.output)  # listed URIs are normalized: compare like with like
     teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers,
                                 root=root)  # bad options and checkpoints fail here
+    if cfg.input is None:
+        manifest = load_manifest(root)  # an unplanned root is a one-line error before Ray starts
+    ensure_ray(ray_address)
+    _job.check_shared_output(root, "--output")  # before any work: every node must see a local output
     if cfg.input is not None:
         manifest = plan(PlanConfig(input=cfg.input, output=root, shard_size=cfg.shard_size, format=cfg.format),
                         ray_address=ray_address, progress_bar=cfg.progress)
-    else:
-        manifest = load_manifest(root)
-    ensure_ray(ray_address)
     fingerprints = {m: t.fingerprint for t in teachers for m in t.modalities}
     shard_col = manifest.column("shard").to_pylist()
     shard_sizes = Counter(shard_col)
-    done = _done_pairs(root, teachers, sorted(shard_sizes))
-    todo_by_shard = {s: [m for m in cfg.modalities if s not in done.get(m, set())] for s in shard_sizes}
+    done = _job.committed(root, [(m, s, fingerprints[m]) for m in cfg.modalities for s in sorted(shard_sizes)])
+    todo_by_shard = {s: [m for m in cfg.modalities if (m, s) not in done] for s in shard_sizes}
     summary = LabelSummary(run_id=run_id, output=root, seconds=0.0, samples=manifest.num_rows, processed=0)
     for m in cfg.modalities:
-        summary.skipped_samples[m] = sum(shard_sizes[s] for s in done.get(m, ()))
+        summary.skipped_samples[m] = sum(n for s, n in shard_sizes.items() if (m, s) in done)
         summary.labeled[m] = 0
 
     pending_mask = [bool(todo_by_shard[s]) for s in shard_col]
     pending = manifest.filter(pa.array(pending_mask))
     pending = pending.append_column("todo", pa.array([",".join(todo_by_shard[s]) for s in
                                                      pending.column("shard").to_pylist()], pa.string()))
-    record_uri = storage.join(root, shards.RUNS_DIR, f"{run_id}.json")
-    record = {"run_id": run_id, "command": sys.argv, "config": _config_for_record(cfg),
-              "packages": _package_versions(), "teachers": {t.name: {"fingerprint": t.fingerprint,
-                                                                      "modalities": list(t.modalities),
-                                                                      "identity": t.identity} for t in teachers},
-              "start": _dt.datetime.now(_dt.timezone.utc).isoformat(), "end": None}
-    _delete_partial_writes(root, cfg.modalities)
+    record = _job.RunRecord(root, run_id, run_id=run_id, job="label", config=_config_for_record(cfg),
+                            teachers={t.name: {"fingerprint": t.fingerprint, "modalities": list(t.modalities),
+                                               "identity": t.identity} for t in teachers})
+    _job.delete_partial_writes(root, cfg.modalities)
+    actors: dict[str, Any] = {}
     if pending.num_rows:
         storage.delete_tree(storage.join(root, shards.TMP_DIR))  # orphans of killed runs
-        storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
-        try:
-            _run_pipeline(cfg, root, run_id, teachers, pending, shard_sizes, fingerprints, summary)
-        except Exception as e:
-            user_error = _user_error(e)
-            if user_error is None:
-                raise
-            raise user_error from None  # one line for the CLI; Ray's worker trace is in its logs
+        record.write()
+        with _job.omniforge_errors():  # one line for the CLI; Ray's worker trace is in its logs
+            actors = _run_pipeline(cfg, root, run_id, teachers, pending, shard_sizes, fingerprints, summary)
         storage.delete_tree(storage.join(root, shards.TMP_DIR, run_id))
         if not storage.list_files(storage.join(root, shards.TMP_DIR)):
             storage.delete_tree(storage.join(root, shards.TMP_DIR))
     summary.seconds = time.time() - t_start
-    record.update(end=_dt.datetime.now(_dt.timezone.utc).isoformat(), seconds=summary.seconds,
+    record.finish(seconds=summary.seconds, actors=actors,
                   counts={"samples": summary.samples, "processed": summary.processed, "labeled": summary.labeled,
                           "failed": summary.failed, "skipped_samples": summary.skipped_samples})
-    storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
     return summary
 
 
@@ -639,124 +600,156 @@ def _config_for_record(cfg: LabelConfig) -> dict:
     return out
 
 
-def _user_error(exc: BaseException) -> OmniforgeError | None:
-    """The omniforge error (a bad checkpoint, unreadable storage...) behind an exception raised in Ray."""
-    seen = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OmniforgeError):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    # An actor whose constructor raised (e.g. a teacher loading a bad checkpoint) reaches the driver as
-    # an ActorDiedError that keeps only the text of the original exception.
-    found = re.findall(r"omniforge\.errors\.(\w+Error): ([^\n]+)", str(exc))
-    if found:
-        name, message = found[-1]
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, OmniforgeError):
-            return cls(message)
-    return None
+@dataclass
+class _Step:
+    """One step of a batch's way through the job: a Ray task, or a call to an actor pool."""
+
+    task: Any = None  # a Ray remote function, called with the batch and `kwargs`
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    pool: _job.ActorPool | None = None
+
+    def submit(self, arg: Any) -> Any:
+        return self.pool.submit("label", arg) if self.pool is not None else self.task.remote(arg, **self.kwargs)
 
 
-def _actor_resources(cpus_per_actor: float, n_actors: int, device: str, gpus: float) -> tuple[float, float]:
-    """CPUs and GPUs per teacher actor such that every actor pool fits in the cluster at once.
-
-    Streaming needs every stage running: an actor pool that cannot be placed stalls the whole pipeline.
-    With more teacher actors than GPUs, teachers share GPUs (fractional num_gpus); on CPU-only clusters the
-    actors share the CPUs, keeping one free for the decode and write tasks.
-    """
+def _steps(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teacher], fingerprints: dict[str, str],
+           pools: Mapping[str, _job.ActorPool]) -> list[_Step]:
+    """Decode (with the first cheap labelers), then in run order: consecutive cheap labelers in one task step,
+    each learned teacher its actor pool; then write."""
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    fit_cpus = max(0.05, (cpus - 1) / max(1, n_actors))
-    actor_cpus = min(cpus_per_actor, fit_cpus)
-    actor_gpus = min(1.0, gpus / max(1, n_actors)) if device == "cuda" else 0.0
-    if actor_cpus < cpus_per_actor or (device == "cuda" and actor_gpus < 1):
-        log.warning("%d teacher actors share %.0f CPUs and %.0f GPUs: %.2f CPUs and %.2f GPUs each", n_actors, cpus,
-                    gpus, actor_cpus, actor_gpus)
-    return actor_cpus, actor_gpus
+    task = ray.remote(num_cpus=1)
+    steps = [_Step(task=task(_decode_stage), kwargs=dict(storage_size=cfg.storage_size, max_pixels=cfg.max_pixels,
+                                                         teachers=[], root=root))]
+    for t in teachers:
+        if t.cls.learned:
+            steps.append(_Step(pool=pools[t.name]))
+        elif steps[-1].pool is None:
+            steps[-1].kwargs["teachers"].append(t)
+        else:
+            steps.append(_Step(task=task(_task_stage), kwargs=dict(teachers=[t], root=root)))
+    exts = {m: t.infos[m].ext for t in teachers for m in t.modalities}
+    steps.append(_Step(task=ray.remote(num_cpus=0.5)(_write_stage),
+                       kwargs=dict(root=root, run_id=run_id, fingerprints=fingerprints, exts=exts)))
+    return steps
 
 
 def _run_pipeline(cfg: LabelConfig, root: str, run_id: str, teachers: list[Teacher], pending: pa.Table,
-                  shard_sizes: Counter, fingerprints: dict[str, str], summary: LabelSummary) -> None:
-    import ray
-    import ray.data
-
+                  shard_sizes: Counter, fingerprints: dict[str, str], summary: LabelSummary) -> dict[str, Any]:
+    """Stream the pending rows through the job in batches; returns the teacher actors' resources (for the
+    run record)."""
     gpus = cluster_gpus()
-    device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)) else "cpu"
-    if device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda but the Ray cluster has no GPUs: use --device cpu or auto")
-    n_learned = sum(t.cls.learned for t in teachers)
-    n_actors = cfg.actors_per_teacher or (max(1, int(gpus // max(1, n_learned))) if device == "cuda" else 1)
-    actor_cpus, actor_gpus = _actor_resources(cfg.cpus_per_actor, n_learned * n_actors, device, gpus)
+    device = _job.choose_device(cfg.device, gpus)
+    learned = [t for t in teachers if t.cls.learned]
+    n_actors = cfg.actors_per_teacher or (max(1, int(gpus // max(1, len(learned)))) if device == "cuda" else 1)
+    resources = _job.actor_resources(len(learned) * n_actors, device, cpus_per_actor=cfg.cpus_per_actor)
+    pools: dict[str, _job.ActorPool] = {}
+    try:
+        for t in learned:
+            pools[t.name] = _job.ActorPool(_TeacherStage, n_actors, resources,
+                                           dict(teacher=t, device=device, num_cpus=resources.num_cpus, root=root))
+        steps = _steps(cfg, root, run_id, teachers, fingerprints, pools)
+        _stream(cfg, root, pending, shard_sizes, steps, summary)
+        return {name: {"actors": pool.size, "device": device, "num_cpus": resources.num_cpus,
+                       "num_gpus": resources.num_gpus, "torch_threads": pool.call_all("torch_threads")}
+                for name, pool in pools.items()}
+    finally:
+        for pool in pools.values():
+            pool.close()
 
-    # Run order -> stages: consecutive cheap labelers share one task stage (the first fused with decode),
-    # each learned teacher gets its own actor pool.
-    stages: list[list[Teacher] | Teacher] = [[]]
-    for t in teachers:
-        if t.cls.learned:
-            stages.append(t)
-        elif isinstance(stages[-1], list):
-            stages[-1].append(t)
-        else:
-            stages.append([t])
+
+def _stream(cfg: LabelConfig, root: str, pending: pa.Table, shard_sizes: Counter, steps: list[_Step],
+            summary: LabelSummary) -> None:
+    """Keep a window of batches in flight through `steps`; commit each (modality, shard) once complete.
+
+    A batch waits (as an object reference) for a free actor of a pool; an error anywhere reaches the write
+    step's result and is raised here."""
+    import ray
+
     chunk = max(cfg.batch_size, 1)
-    blocks = [pending.slice(i, chunk) for i in range(0, pending.num_rows, chunk)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(_decode_stage, batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                        fn_kwargs=dict(storage_size=cfg.storage_size, max_pixels=cfg.max_pixels, teachers=stages[0],
-                                       root=root))
-    for stage in stages[1:]:
-        if isinstance(stage, list):
-            ds = ds.map_batches(_task_stage, batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                                fn_kwargs=dict(teachers=stage, root=root))
-            continue
-        ds = ds.map_batches(_TeacherStage, batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                            fn_constructor_kwargs=dict(teacher=stage, device=device, root=root,
-                                                       num_threads=max(1, int(actor_cpus))),
-                            compute=ray.data.ActorPoolStrategy(size=n_actors),
-                            num_gpus=actor_gpus, num_cpus=actor_cpus)
-    ds = ds.map_batches(_write_stage, batch_size=cfg.batch_size, batch_format="pyarrow",
-                        fn_kwargs=dict(root=root, run_id=run_id, fingerprints=fingerprints,
-                                       exts={m: t.infos[m].ext for t in teachers for m in t.modalities}))
-
-    finalize = ray.remote(num_cpus=0.5, max_retries=3)(_finalize)
-    todo_pairs = set()
-    for s, todo in zip(pending.column("shard").to_pylist(), pending.column("todo").to_pylist()):
-        for m in _row_modalities(todo):
-            todo_pairs.add((m, s))
-    expected = {(m, s): shard_sizes[s] for (m, s) in todo_pairs}
-    parts: dict[tuple[str, int], list[str]] = defaultdict(list)
-    statuses: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    inflight: list = []
+    blocks = iter([pending.slice(i, chunk) for i in range(0, pending.num_rows, chunk)])
+    slots = sum(s.pool.size * s.pool.calls_per_actor for s in steps if s.pool is not None)
+    window = min(MAX_BATCHES_IN_FLIGHT, max(4, slots + int(ray.cluster_resources().get("CPU", 1))))
+    commits = _Commits(root, pending, shard_sizes, summary)
+    running: dict[Any, int] = {}  # object reference -> the step producing it
+    waiting: dict[int, deque] = {i: deque() for i, s in enumerate(steps) if s.pool is not None}
+    live = 0  # batches in flight
     progress = Progress(total=pending.num_rows, unit="img", enabled=cfg.progress)
     t_start = time.time()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in batch.to_pylist():
-            if row["modality"] == _BATCH_ROW:
-                if not summary.processed:
-                    summary.startup_seconds = time.time() - t_start
-                summary.processed += row["n"]
-                progress.update(row["n"])
-                continue
+    try:
+        while True:
+            while live < window and (block := next(blocks, None)) is not None:
+                running[steps[0].submit(block)] = 0
+                live += 1
+            for i, queue in waiting.items():
+                while queue and steps[i].pool.has_room():
+                    running[steps[i].submit(queue.popleft())] = i
+            if not running:
+                break
+            ready, rest = ray.wait(list(running), num_returns=1, fetch_local=False)
+            if rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)[0]
+            for ref in ready:
+                i = running.pop(ref)
+                if steps[i].pool is not None:
+                    steps[i].pool.done(ref)
+                if i + 1 == len(steps):  # written
+                    live -= 1
+                    if not summary.processed:
+                        summary.startup_seconds = time.time() - t_start
+                    progress.update(commits.add(ray.get(ref)))
+                elif steps[i + 1].pool is not None:
+                    waiting[i + 1].append(ref)
+                else:
+                    running[steps[i + 1].submit(ref)] = i + 1
+        commits.wait()
+    finally:
+        progress.close()
+
+
+class _Commits:
+    """The driver's side of the commit protocol: collects the part tars and status rows of each (modality,
+    shard) from the write step's results, and once all its samples are accounted for, starts a finalize task
+    (merged tar, then status) and counts the outcomes into the summary."""
+
+    def __init__(self, root: str, pending: pa.Table, shard_sizes: Counter, summary: LabelSummary):
+        import ray
+
+        self.root, self.summary = root, summary
+        self.expected = {(m, s): shard_sizes[s] for s, todo in zip(pending.column("shard").to_pylist(),
+                                                                   pending.column("todo").to_pylist())
+                         for m in _row_modalities(todo)}
+        self.parts: dict[tuple[str, int], list[str]] = defaultdict(list)
+        self.statuses: dict[tuple[str, int], list[dict]] = defaultdict(list)
+        self.finalizing: list = []
+        self._finalize = ray.remote(num_cpus=0.5, max_retries=3)(_finalize)
+
+    def add(self, written: dict[str, Any]) -> int:
+        """Take one write step's result; returns the samples it covered."""
+        import ray
+
+        self.summary.processed += written["n"]
+        for row in written["parts"]:
             pair = (row["modality"], row["shard"])
             if row["part"]:
-                parts[pair].append(row["part"])
-            statuses[pair].extend(json.loads(row["status"]))
-            if len(statuses[pair]) == expected[pair]:
-                inflight.append(finalize.remote(root, pair[0], pair[1], parts.pop(pair, []), statuses[pair]))
-                _count(summary, pair[0], statuses.pop(pair))
-        if len(inflight) > 64:
-            _, inflight = ray.wait(inflight, num_returns=len(inflight) - 32)
-    ray.get(inflight)
-    progress.close()
-    if statuses:
-        raise RuntimeError(f"internal error: {len(statuses)} (modality, shard) pairs incomplete after the job: "
-                           f"{sorted(statuses)[:5]}; re-run the command to finish them")
+                self.parts[pair].append(row["part"])
+            self.statuses[pair].extend(row["status"])
+            if len(self.statuses[pair]) == self.expected[pair]:
+                self.finalizing.append(self._finalize.remote(self.root, *pair, self.parts.pop(pair, []),
+                                                             self.statuses[pair]))
+                _count(self.summary, pair[0], self.statuses.pop(pair))
+        if len(self.finalizing) > 64:
+            _, self.finalizing = ray.wait(self.finalizing, num_returns=len(self.finalizing) - 32)
+        return written["n"]
+
+    def wait(self) -> None:
+        """Wait for every commit; a (modality, shard) still missing samples is an internal error."""
+        import ray
+
+        ray.get(self.finalizing)
+        if self.statuses:
+            raise RuntimeError(f"internal error: {len(self.statuses)} (modality, shard) pairs incomplete after the "
+                               f"job: {sorted(self.statuses)[:5]}; re-run the command to finish them")
 
 
 def _count(summary: LabelSummary, modality: str, status: list[dict]) -> None:

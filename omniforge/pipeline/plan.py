@@ -23,6 +23,7 @@ from omniforge.errors import ConfigError, CorpusError
 from omniforge import shards, storage
 from omniforge.pipeline import corpus
 from omniforge._progress import Progress
+from omniforge.pipeline._job import check_shared_output
 from omniforge.pipeline._ray import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def plan(cfg: PlanConfig, *, ray_address: str | None = None, progress_bar: bool 
                               caption_column=cfg.caption_column, key_column=cfg.key_column,
                               path_column=cfg.path_column)
     ensure_ray(ray_address)
+    check_shared_output(storage.normalize(cfg.output), "--output")  # the label job's workers write there
     import ray.data
 
     ds = ray.data.from_items([asdict(u) for u in units], override_num_blocks=max(1, len(units)))

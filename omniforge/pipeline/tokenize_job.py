@@ -24,14 +24,11 @@ centred square) and crops 1.. run the same teacher, with the same weights, on th
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import logging
-import sys
 import time
-import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +41,7 @@ from omniforge.errors import ConfigError, SampleError
 from omniforge.modalities import IMAGE_MODALITY, ModalityInfo, all_modalities, get_modality
 from omniforge import shards, storage
 from omniforge._progress import Progress
+from omniforge.pipeline import _job
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.shards import load_manifest
 from omniforge.tokenize.crops import CropConfig, crop_settings
@@ -341,15 +339,16 @@ def _count_tokens(kind: TokenizerKind, ids: np.ndarray) -> int:
 
 
 class _ShardStage:
-    """Ray Data actor: one ShardTokenizer per actor, one shard per call."""
+    """An actor holding one ShardTokenizer (tokenizers and feature teachers loaded once), one shard per call.
 
-    def __init__(self, spec: ShardSpec, device: str, num_threads: int):
-        self.worker = ShardTokenizer(spec, device=device, num_threads=num_threads)
+    Its constructor arguments are small (the ShardSpec, two scalars): they travel inline, so Ray can rebuild
+    the actor from them when its process dies (see `_job.ActorPool`)."""
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        results = [self.worker.run(int(s), list(k), str(fp))
-                   for s, k, fp in zip(batch["shard"], batch["keys"], batch["fingerprint"])]
-        return {"result": [json.dumps(r) for r in results]}
+    def __init__(self, spec: ShardSpec, device: str, num_cpus: float):
+        self.worker = ShardTokenizer(spec, device=device, num_threads=_job.torch_threads(num_cpus))
+
+    def run(self, shard: int, keys: list[str], fingerprint: str) -> dict[str, Any]:
+        return self.worker.run(shard, keys, fingerprint)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -392,106 +391,105 @@ def _shard_fingerprint(cfg: TokenizeConfig, shard: int, label_fps: dict[tuple[st
     })
 
 
-def _is_done(out: str, folders: list[str], shard: int, fingerprint: str) -> bool:
-    for folder in folders:
-        uri = shards.status_uri(out, folder, shard)
-        if not storage.exists(uri) or not storage.exists(shards.tar_uri(out, folder, shard)):
-            return False
-        if shards.status_fingerprints(uri) != {fingerprint}:
-            return False
-    return True
-
-
 def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> TokenizeSummary:
     """Tokenize the label shards under `cfg.input` into token shards under `cfg.output` (default: the same root)."""
     t_start = time.time()
-    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = _job.new_run_id()
     root = storage.normalize(cfg.input)
     out = storage.normalize(cfg.output or cfg.input)
     manifest = load_manifest(root)
-    if out != root and not storage.exists(shards.manifest_uri(out)):
-        storage.write_bytes(shards.manifest_uri(out), storage.read_bytes(shards.manifest_uri(root)))
-    keys_by_shard: dict[int, list[str]] = defaultdict(list)
-    for k, s in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
-        keys_by_shard[s].append(k)
-    shard_ids = sorted(keys_by_shard)
     for m in (IMAGE_MODALITY, *cfg.modalities):
         if not storage.list_files(storage.join(root, shards.STATUS_DIR, m)):
             raise ConfigError(f"no {m} labels under {root}: run `omniforge label --output {root} --modalities {m}` "
                               f"first")
+    keys_by_shard: dict[int, list[str]] = defaultdict(list)
+    for k, s in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
+        keys_by_shard[s].append(k)
+    shard_ids = sorted(keys_by_shard)
     tokenizers_dir = storage.normalize(cfg.tokenizers)
     store = TokenizerStore(tokenizers_dir)
     tok_fps = {art.folder: store.fingerprint(art) for m in cfg.modalities for art in kind_for(m).artifacts}
     label_fps = _label_fingerprints(root, (IMAGE_MODALITY, *cfg.modalities), shard_ids)
-    teachers = _resolve_teachers(cfg, root, label_fps)
+    teachers = _resolve_teachers(cfg, root, label_fps)  # config errors so far: one line, before Ray starts
     folders = [CROP_SETTINGS] + [get_modality(m).token_modality for m in cfg.modalities]
     fps = {s: _shard_fingerprint(cfg, s, label_fps, tok_fps, teachers) for s in shard_ids}
-    with ThreadPoolExecutor(16) as pool:
-        done = list(pool.map(lambda s: _is_done(out, folders, s, fps[s]), shard_ids))
-    pending = [s for s, d in zip(shard_ids, done) if not d]
+    done = _job.committed(out, [(f, s, fps[s]) for s in shard_ids for f in folders])
+    pending = [s for s in shard_ids if not all((f, s) in done for f in folders)]
+    if pending:
+        ensure_ray(ray_address)
+        # before any work: every node's workers read the labels and write the tokens
+        if out == root:
+            _job.check_shared_output(root, "--input")  # the tokens go beside the labels
+        else:
+            _job.check_shared_input(root, "--input", shards.manifest_uri(root))
+            _job.check_shared_output(out, "--output")
+    if out != root and not storage.exists(shards.manifest_uri(out)):
+        storage.write_bytes(shards.manifest_uri(out), storage.read_bytes(shards.manifest_uri(root)))
     summary = TokenizeSummary(run_id=run_id, output=out, seconds=0.0, samples=manifest.num_rows)
     summary.skipped = sum(len(keys_by_shard[s]) for s in shard_ids if s not in pending)
-    for folder in folders:  # writes a killed run left half done never count; remove them
-        for uri, _ in storage.list_files(storage.join(out, folder)):
-            if storage.is_partial_write(uri):
-                storage.delete(uri)
-    record_uri = storage.join(out, shards.RUNS_DIR, f"tokenize-{run_id}.json")
-    record = {"run_id": run_id, "command": sys.argv, "job": "tokenize",
-              "config": {"input": root, "output": out, "modalities": list(cfg.modalities), "tokenizers": tokenizers_dir,
-                         "crops": cfg.crops.to_dict(), "weights": dict(cfg.weights)},
-              "tokenizer_fingerprints": tok_fps, "start": _dt.datetime.now(_dt.timezone.utc).isoformat(), "end": None}
+    _job.delete_partial_writes(out, folders)
+    record = _job.RunRecord(out, f"tokenize-{run_id}", run_id=run_id, job="tokenize",
+                            config={"input": root, "output": out, "modalities": list(cfg.modalities),
+                                    "tokenizers": tokenizers_dir, "crops": cfg.crops.to_dict(),
+                                    "weights": dict(cfg.weights), "options": dict(cfg.options),
+                                    "teachers": dict(cfg.teachers), "batch_size": cfg.batch_size,
+                                    "actors": cfg.actors, "device": cfg.device},
+                            tokenizer_fingerprints=tok_fps,
+                            feature_teachers={t.name: {"fingerprint": t.fingerprint, "modalities": list(t.modalities),
+                                                       "identity": t.identity} for t in teachers})
+    actors: dict[str, Any] = {}
     if pending:
-        storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+        record.write()
         infos = tuple(get_modality(m) for m in dict.fromkeys((IMAGE_MODALITY, *cfg.modalities)))
         spec = ShardSpec(input=root, output=out, modalities=tuple(cfg.modalities), infos=infos,
                          tokenizers=tokenizers_dir, crops=cfg.crops, batch_size=cfg.batch_size, teachers=teachers)
-        try:
-            _run(cfg, spec, pending, keys_by_shard, fps, summary, ray_address)
-        except Exception as e:
-            from omniforge.pipeline.label import _user_error
-
-            user_error = _user_error(e)
-            if user_error is None:
-                raise
-            raise user_error from None
+        with _job.omniforge_errors():  # one line for the CLI; Ray's worker trace is in its logs
+            actors = _run(cfg, spec, pending, keys_by_shard, fps, summary)
     summary.seconds = time.time() - t_start
-    record.update(end=_dt.datetime.now(_dt.timezone.utc).isoformat(), seconds=summary.seconds,
-                  counts={"samples": summary.samples, "written": summary.written, "left_out": dict(summary.left_out),
-                          "skipped": summary.skipped, "tokens": dict(summary.tokens)})
     if pending:
-        storage.write_bytes(record_uri, json.dumps(record, indent=2).encode())
+        record.finish(seconds=summary.seconds, actors=actors,
+                      counts={"samples": summary.samples, "written": summary.written,
+                              "left_out": dict(summary.left_out), "skipped": summary.skipped,
+                              "tokens": dict(summary.tokens)})
     return summary
 
 
 def _run(cfg: TokenizeConfig, spec: ShardSpec, pending: list[int], keys_by_shard: dict[int, list[str]],
-         fps: dict[int, str], summary: TokenizeSummary, ray_address: str | None) -> None:
+         fps: dict[int, str], summary: TokenizeSummary) -> dict[str, Any]:
+    """One shard per call on a pool of shard workers; returns the workers' resources (for the run record)."""
     import ray
-    import ray.data
 
-    ensure_ray(ray_address)
     gpus = cluster_gpus()
-    device = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)) else "cpu"
-    if device == "cuda" and gpus == 0:
-        raise ConfigError("--device cuda but the Ray cluster has no GPUs: use --device cpu or auto")
+    device = _job.choose_device(cfg.device, gpus)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     n_actors = cfg.actors or (int(gpus) if device == "cuda" else max(1, int(cpus) // 2))
     n_actors = max(1, min(n_actors, len(pending)))
-    actor_cpus = max(0.5, min(2.0, (cpus - 0.5) / n_actors))
-    items = [{"shard": s, "keys": keys_by_shard[s], "fingerprint": fps[s]} for s in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_ShardStage, batch_size=1, batch_format="numpy",
-                        fn_constructor_kwargs=dict(spec=spec, device=device, num_threads=max(1, int(actor_cpus))),
-                        compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=actor_cpus,
-                        num_gpus=1 if device == "cuda" else 0)
+    # the workers do all the work (read, crop, tokenize, write): they leave half a CPU for the driver's tasks
+    resources = _job.actor_resources(n_actors, device, reserve_cpus=0.5)
+    pool = _job.ActorPool(_ShardStage, n_actors, resources,
+                          dict(spec=spec, device=device, num_cpus=resources.num_cpus), calls_per_actor=1)
     progress = Progress(total=sum(len(keys_by_shard[s]) for s in pending), unit="img", desc="tokenize",
                         enabled=cfg.progress)
-    for row in ds.iter_rows():
-        r = json.loads(row["result"])
-        summary.written += r["written"]
-        summary.left_out.update(r["left_out"])
-        summary.tokens.update(r["tokens"])
-        progress.update(r["samples"])
-    progress.close()
+    try:
+        todo = deque(pending)
+        running: list = []
+        while todo or running:
+            while todo and pool.has_room():
+                s = todo.popleft()
+                running.append(pool.submit("run", s, keys_by_shard[s], fps[s]))
+            ready, running = ray.wait(running, num_returns=1)
+            for ref in ready:
+                pool.done(ref)
+                r = ray.get(ref)
+                summary.written += r["written"]
+                summary.left_out.update(r["left_out"])
+                summary.tokens.update(r["tokens"])
+                progress.update(r["samples"])
+        return {"shard_workers": {"actors": pool.size, "device": device, "num_cpus": resources.num_cpus,
+                                  "num_gpus": resources.num_gpus}}
+    finally:
+        progress.close()
+        pool.close()
 
 
 def parse_crops(n: int, *, seed: int = 0, size: int = 224) -> CropConfig:

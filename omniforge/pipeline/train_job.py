@@ -4,7 +4,8 @@ Ray Train starts N workers (a GPU each when the cluster has GPUs), sets up their
 the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), and each worker runs the same
 :func:`omniforge.model.train.train` a torchrun launch runs: DDP or FSDP, the same checkpoints, the same
 exact resume. A worker that dies restarts the group (``max_failures``), and the trainer resumes from the
-last checkpoint in ``--out``: on several nodes, ``--out`` must be a directory every node sees (NFS).
+last checkpoint in ``--out``: on several nodes, ``--out`` must be s3:// or a directory every node sees (NFS);
+a local ``--out`` that some node cannot see is refused before the workers start.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from omniforge.model.checkpoint import checkpoint_step, latest_checkpoint
 from omniforge.model.train import TrainResult
 from omniforge.model.train_config import TrainConfig
 from omniforge.model.train_log import LOG, read_log
+from omniforge.pipeline._job import check_shared_output
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 
 _PATH_FIELDS = ("out", "tokenizers", "masking", "eval_data")
@@ -63,6 +65,7 @@ def train_on_ray(cfg: TrainConfig, *, workers: int, ray_address: str | None = No
     check_config(cfg)  # config and shard errors in one line here, not as a failed worker group
     t0 = time.perf_counter()
     ensure_ray(ray_address)
+    check_shared_output(cfg.out, "--out")  # every worker writes checkpoints there; rank 0 resumes from them
     if use_gpu is None:
         use_gpu = cfg.device != "cpu" and cluster_gpus() > 0
     if cfg.device.startswith("cuda") and not use_gpu:

@@ -144,6 +144,32 @@ def test_rerun_skips_and_a_new_tokenizer_redoes(labels, tokenizer_dir, tokenized
     assert hashlib.sha256((out / "tok_depth@224" / "shard-000000.tar").read_bytes()).hexdigest() == digest
 
 
+def test_the_cli_prints_only_its_progress_and_records_the_teacher_flags(labels, tokenizer_dir, ray_address, tmp_path):
+    """`omniforge tokenize` with a feature teacher on crops 1.. (an actor pool): stderr holds the progress bar
+    only, and the run record keeps the --weights, --option and --teacher the teacher was chosen by."""
+    import json
+    import subprocess
+    import sys
+
+    from progress_lines import assert_only_progress_on_stderr
+
+    out = tmp_path / "tokens"
+    proc = subprocess.run([sys.executable, "-m", "omniforge.jobs.cli", "tokenize", "--input", labels, "--output",
+                           str(out), "--tokenizers", tokenizer_dir, "--modalities", "clip", "--crops", "2",
+                           "--option", "clip.pretrained_tag=openai", "--teacher", "clip=clip", "--weights", "tiny",
+                           "--ray-address", ray_address], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 tokenized with every modality" in proc.stdout
+    assert_only_progress_on_stderr(proc.stderr)
+    records = list((out / shards.RUNS_DIR).glob("tokenize-*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["job"] == "tokenize" and record["end"]
+    assert record["config"]["options"] == {"clip": {"pretrained_tag": "openai"}}
+    assert record["config"]["teachers"] == {"clip": "clip"} and record["config"]["weights"] == {"*": "tiny"}
+    assert set(record["feature_teachers"]) == {"clip"}
+
+
 def test_missing_tokenizer_or_labels_fail_with_one_line(labels, tmp_path, capsys):
     with pytest.raises(ConfigError, match="tokenizer train"):
         tokenize(TokenizeConfig(input=labels, tokenizers=str(tmp_path), modalities=("depth",), progress=False))
