@@ -51,7 +51,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_label(args: argparse.Namespace) -> int:
     from omniforge.pipeline import LabelConfig, label, parse_options, parse_teachers, parse_weights, plan
-    from omniforge.pipeline.label import resolve_teachers
+    from omniforge.pipeline.teachers import resolve_teachers
 
     cfg = LabelConfig(output=args.output, modalities=_csv(args.modalities), weights=parse_weights(args.weights),
                       options=parse_options(args.option), teachers=parse_teachers(args.teacher),

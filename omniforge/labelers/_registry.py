@@ -15,7 +15,7 @@ from typing import Any
 
 from omniforge.errors import ConfigError
 from omniforge.labelers.base import Labeler, LabelerOptions
-from omniforge.modalities import MODALITIES, register_modality
+from omniforge.modalities import MODALITIES, load_entry_points, register_modality
 
 ENTRY_POINT_GROUP = "omniforge.labelers"
 
@@ -35,10 +35,13 @@ def register_labeler(cls: type[Labeler]) -> type[Labeler]:
             raise TypeError(f"labeler {cls.__qualname__} must set the class attribute {attr!r}")
     _check_options_class(cls)
     new = {info.name for info in getattr(cls, "new_modalities", ())}
+    if any(m not in MODALITIES and m not in new for m in cls.modalities):
+        load_entry_points()  # a plugin's modality may be declared through the omniforge.modalities group
     for m in cls.modalities:
         if m not in MODALITIES and m not in new:
             raise TypeError(f"labeler {cls.__qualname__} writes {m!r}, which is not a known modality: declare it in "
-                            f"the class attribute new_modalities = (ModalityInfo(...),)")
+                            f"the class attribute new_modalities = (ModalityInfo(...),) or an omniforge.modalities "
+                            f"entry point")
     existing = _LABELERS.get(cls.name)
     if existing is cls:
         return cls

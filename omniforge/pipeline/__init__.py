@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from omniforge.pipeline.label import (LabelConfig, LabelSummary, label, parse_options, parse_teachers,
-                                      parse_weights)
+from omniforge.pipeline.label import LabelConfig, LabelSummary, label
 from omniforge.pipeline.plan import PlanConfig, plan
 from omniforge.shards import load_manifest
 from omniforge.pipeline.show import load_sample, show
+from omniforge.pipeline.teachers import parse_options, parse_teachers, parse_weights
 from omniforge.pipeline.tokenize_job import TokenizeConfig, TokenizeSummary, tokenize
 from omniforge.pipeline.verify import VerifyReport, verify
 

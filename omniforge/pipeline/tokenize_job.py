@@ -88,7 +88,7 @@ class TokenizeConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        from omniforge.pipeline.label import check_teacher_args
+        from omniforge.pipeline.teachers import check_teacher_args
 
         check_teacher_args(self.weights, self.options, self.teachers)  # names, option keys and values
 
@@ -147,7 +147,7 @@ class ShardSpec:
     tokenizers: str
     crops: CropConfig
     batch_size: int
-    teachers: tuple = ()  # omniforge.pipeline.label.Teacher for feature modalities (crops 1..)
+    teachers: tuple = ()  # omniforge.pipeline.teachers.Teacher for feature modalities (crops 1..)
 
 
 class _TarCursor:
@@ -359,7 +359,7 @@ def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str,
     if cfg.crops.n_crops < 2 or not wanted:
         return ()
     from omniforge.labelers import labeler_for_modality
-    from omniforge.pipeline.label import resolve_teachers
+    from omniforge.pipeline.teachers import resolve_teachers
 
     # the label job's --weights/--option/--teacher may name other teachers too: keep those of the feature teachers
     chosen = {m: t for m, t in cfg.teachers.items() if m in wanted}

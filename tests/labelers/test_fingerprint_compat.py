@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from omniforge.labelers import get_labeler_class
-from omniforge.pipeline.label import resolve_teachers
+from omniforge.pipeline.teachers import resolve_teachers
 
 LARGE = "depth-anything/Depth-Anything-V2-Large-hf"
 
