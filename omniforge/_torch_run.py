@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,3 +88,18 @@ def write_text(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def split_optimizer_state(state: dict, tensor_name: Callable[[Any, str], str]
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """An optimizer state ({param key: {name: value}}) as safetensors tensors and JSON scalars (no pickles):
+    tensors named `tensor_name(param key, name)`, on the CPU; scalars grouped by str(param key)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for key, param_state in state.items():
+        for k, v in param_state.items():
+            if torch.is_tensor(v):
+                tensors[tensor_name(key, k)] = v.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(key), {})[k] = v
+    return tensors, scalars

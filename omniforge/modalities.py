@@ -26,12 +26,12 @@ ranks) knows its modalities without importing its teachers.
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
+from omniforge._plugins import load_group
 from omniforge.errors import ConfigError
 
 ENTRY_POINT_GROUP = "omniforge.modalities"
@@ -65,7 +65,7 @@ class ModalityInfo:
     name: folder name under the corpus root and the modality name on the CLI ([a-z][a-z0-9_]*).
     ext: extension of the one member per key in the label shard ("<key>.<ext>"): jpg, png, npy, json, txt.
     description: the raw format as stored, shown by `omniforge list`.
-    tokenizer: the tokenizer kind ("vqvae", "segmentation", "features", "memcodes", "sam_instance",
+    tokenizer: the tokenizer kind ("vqvae", "segmentation", "features", "memcodes", "sam_mask",
         "wordpiece", a plugin's kind), or "none" for a label-only modality.
     token_modality: folder of the token shards; default tok_<name>@224 for image-like crops ("dense",
         "features"), tok_<name> otherwise, None for label-only modalities.
@@ -325,7 +325,7 @@ MODALITIES: dict[str, ModalityInfo] = {
             serializer="omniforge.tokenize.text:pose_crop_units",
             description="JSON per person: bbox, keypoints, optional SMPL parameters"),
         ModalityInfo(
-            name="sam_instance", ext="json", tokenizer="sam_instance", num_tokens=290, draw="boxes",
+            name="sam_instance", ext="json", tokenizer="sam_mask", num_tokens=290, draw="boxes",
             description="JSON COCO RLE masks, XYXY boxes and scores"),
         ModalityInfo(
             name="sam_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192,
@@ -369,9 +369,6 @@ MODALITIES: dict[str, ModalityInfo] = {
     ]
 }
 
-_entry_points_loaded = False
-
-
 def register_modality(info: ModalityInfo) -> ModalityInfo:
     """Add a modality defined outside omniforge (a teacher plugin). Re-registering the same info is a no-op."""
     if not isinstance(info, ModalityInfo):
@@ -392,15 +389,13 @@ def register_modality(info: ModalityInfo) -> ModalityInfo:
 
 
 def load_entry_points() -> None:
-    """Register the modalities of installed plugins (entry-point group `omniforge.modalities`), once."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        value = ep.load()
+    """Register the modalities of installed plugins (entry-point group `omniforge.modalities`), once: an entry
+    names a ModalityInfo or a sequence of them."""
+    def register(value: Any) -> None:
         for info in (value if isinstance(value, Iterable) else [value]):
             register_modality(info)
+
+    load_group(ENTRY_POINT_GROUP, register)
 
 
 def get_modality(name: str) -> ModalityInfo:

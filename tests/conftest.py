@@ -15,3 +15,15 @@ def ray_address(s3_server):  # noqa: F811 - the S3 env must exist before Ray sta
     ensure_ray(None)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: two OpenMP threads on a shared 2-core machine stall on every small op (one
+    is 10-70x faster here). Modules of small-tensor tests use it with `pytestmark`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

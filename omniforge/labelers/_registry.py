@@ -10,9 +10,9 @@ existing modality is one more teacher of it, never a silent replacement.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 from typing import Any
 
+from omniforge._plugins import load_group
 from omniforge.errors import ConfigError
 from omniforge.labelers.base import Labeler, LabelerOptions
 from omniforge.modalities import MODALITIES, load_entry_points, register_modality
@@ -21,7 +21,6 @@ ENTRY_POINT_GROUP = "omniforge.labelers"
 
 _LABELERS: dict[str, type[Labeler]] = {}  # name -> class, in registration order
 _DEFAULTS: dict[str, str] = {}  # modality -> name of the teacher claiming to be its default
-_entry_points_loaded = False
 
 
 def register_labeler(cls: type[Labeler]) -> type[Labeler]:
@@ -78,14 +77,7 @@ def _check_options_class(cls: type[Labeler]) -> None:
 
 
 def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        cls = ep.load()
-        if isinstance(cls, type) and issubclass(cls, Labeler):
-            register_labeler(cls)  # the same class twice is a no-op; another class under a taken name an error
+    load_group(ENTRY_POINT_GROUP, register_labeler)  # the same class twice is a no-op; a taken name an error
 
 
 def list_labelers() -> list[str]:

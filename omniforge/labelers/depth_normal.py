@@ -91,7 +91,7 @@ class _OmnidataMixin:
                                f"e.g. {unexpected[:3]}); pass omnidata_dpt_{self.omnidata_task}_v2.ckpt")
         return model
 
-    def _omnidata_pretrained(self) -> tuple[Any, Callable]:
+    def build_pretrained(self) -> tuple[Any, Callable]:
         import torch
 
         url = OMNIDATA_URLS[self.omnidata_task]
@@ -99,13 +99,13 @@ class _OmnidataMixin:
                                                         file_name=url.rsplit("/", 1)[1])
         return self._omnidata_from_checkpoint(checkpoint), _omnidata_transform(self.omnidata_task == "depth")
 
-    def _omnidata_file(self, path: str) -> tuple[Any, Callable]:
+    def build_from_file(self, path: str) -> tuple[Any, Callable]:
         import torch
 
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         return self._omnidata_from_checkpoint(checkpoint), _omnidata_transform(self.omnidata_task == "depth")
 
-    def _omnidata_tiny(self) -> tuple[Any, Callable]:
+    def build_tiny(self) -> tuple[Any, Callable]:
         from omniforge.labelers._dpt import build_dpt
 
         return build_dpt(channels=self.omnidata_channels, tiny=True), _omnidata_transform(self.omnidata_task == "depth")
@@ -272,15 +272,6 @@ class OmnidataDepthLabeler(_OmnidataMixin, TorchLabeler):
     def identity_options(cls, options: LabelerOptions, *, weights: str, given: tuple[str, ...]) -> dict[str, Any]:
         return _depth_identity_options(OMNIDATA, options)
 
-    def build_pretrained(self) -> tuple[Any, Callable]:
-        return self._omnidata_pretrained()
-
-    def build_from_file(self, path: str) -> tuple[Any, Callable]:
-        return self._omnidata_file(path)
-
-    def build_tiny(self) -> tuple[Any, Callable]:
-        return self._omnidata_tiny()
-
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
         return [p if isinstance(p, SampleError) else (_check_finite(self.name, p) or {"depth": to_uint16(p[0])})
                 for p in self._omnidata_predict(samples)]
@@ -306,15 +297,6 @@ class NormalLabeler(_OmnidataMixin, TorchLabeler):
     checkpoint_format = "omnidata_dpt_normal_v2.ckpt"
     omnidata_task = "normal"
     omnidata_channels = 3
-
-    def build_pretrained(self) -> tuple[Any, Callable]:
-        return self._omnidata_pretrained()
-
-    def build_from_file(self, path: str) -> tuple[Any, Callable]:
-        return self._omnidata_file(path)
-
-    def build_tiny(self) -> tuple[Any, Callable]:
-        return self._omnidata_tiny()
 
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
         out: list[Any] = []

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from omniforge._torch_run import Dist, barrier, write_text
+from omniforge._torch_run import Dist, barrier, split_optimizer_state, write_text
 from omniforge.errors import ConfigError, WeightsError
 from omniforge.model.fm import FourM, ModelConfig
 from omniforge.model.specs import ModalitySpec
@@ -140,14 +140,7 @@ def save_checkpoint(out: str, step: int, state: TrainState, *, schedule: dict[st
         return directory
     os.makedirs(directory, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model_sd.items()}, os.path.join(directory, MODEL_FILE))
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for fqn, param_state in optim_sd["state"].items():
-        for k, v in param_state.items():
-            if torch.is_tensor(v):
-                tensors[f"{fqn}{_SEP}{k}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(fqn, {})[k] = v
+    tensors, scalars = split_optimizer_state(optim_sd["state"], lambda fqn, k: f"{fqn}{_SEP}{k}")
     save_file(tensors, os.path.join(directory, OPTIM_FILE))
     rng_tensors = {f"torch.{r}": s["torch"] for r, s in enumerate(rng_all)}
     rng_tensors.update({f"cuda.{r}": s["cuda"] for r, s in enumerate(rng_all) if s["cuda"] is not None})

@@ -7,9 +7,9 @@ with `@register_kind` in-tree or through the entry-point group.
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import TYPE_CHECKING
 
+from omniforge._plugins import load_group
 from omniforge.errors import ConfigError
 from omniforge.modalities import ModalityInfo, get_modality
 
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "omniforge.tokenizers"
 
 _KINDS: dict[str, type[TokenizerKind]] = {}
-_entry_points_loaded = False
 
 
 def register_kind(cls: type[TokenizerKind]) -> type[TokenizerKind]:
@@ -36,16 +35,9 @@ def register_kind(cls: type[TokenizerKind]) -> type[TokenizerKind]:
 
 
 def _load() -> None:
-    global _entry_points_loaded
     import omniforge.tokenize.kinds  # noqa: F401 - the built-in kinds register themselves on import
 
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        cls = ep.load()
-        if getattr(cls, "name", None) not in _KINDS:
-            register_kind(cls)
+    load_group(ENTRY_POINT_GROUP, register_kind)  # the same class twice is a no-op; a taken name an error
 
 
 def list_kinds() -> list[str]:

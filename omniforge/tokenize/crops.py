@@ -274,21 +274,21 @@ def _crop_box(box: Any, top: int, left: int, h: int, w: int, flip: bool, height:
     return [cx0, cy0, cx1, cy1], visible / ((x1 - x0) * (y1 - y0))
 
 
-def _instances(label: Any, modality: str) -> list[dict[str, Any]]:
+def _instances(label: Any, what: str) -> list[dict[str, Any]]:
     instances = label.get("instances") if isinstance(label, dict) else None
     if not isinstance(instances, list) or not all(isinstance(i, dict) for i in instances):
-        raise SampleError("bad_input", f'{modality} label is not {{"instances": [{{...}}, ...]}}')
+        raise SampleError("bad_input", f'a {what} is not {{"instances": [{{...}}, ...]}}')
     return instances
 
 
-def _box(inst: dict[str, Any], field: str, modality: str) -> list[float]:
+def _box(inst: dict[str, Any], field: str, what: str) -> list[float]:
     box = inst.get(field)
     try:
         values = [float(v) for v in box]
     except (TypeError, ValueError):
         values = []
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise SampleError("bad_input", f"{modality} instance {field} must be 4 finite numbers, got {box!r}")
+        raise SampleError("bad_input", f"a {what}'s {field} must be 4 finite numbers, got {box!r}")
     return values
 
 
@@ -303,8 +303,8 @@ def crop_det(label: dict[str, Any], crop: np.ndarray, height: int, width: int, *
     """
     top, left, h, w, flip = _unpack(crop, height, width)
     out = []
-    for inst in _instances(label, "det"):
-        cropped = _crop_box(_box(inst, "boxes", "det"), top, left, h, w, flip, height, width)
+    for inst in _instances(label, "box label"):
+        cropped = _crop_box(_box(inst, "boxes", "box"), top, left, h, w, flip, height, width)
         if cropped is None or cropped[1] < min_visibility:
             continue
         out.append({**inst, "boxes": cropped[0]})
@@ -338,11 +338,11 @@ def crop_poses(label: dict[str, Any], crop: np.ndarray, height: int, width: int)
     top, left, h, w, flip = _unpack(crop, height, width)
     names = label.get("keypoint_names", list(COCO_KEYPOINTS)) if isinstance(label, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise SampleError("bad_input", "human_poses keypoint_names must be a list of names")
+        raise SampleError("bad_input", "pose keypoint_names must be a list of names")
     perm = _mirror_permutation(names) if flip else list(range(len(names)))
     people = []
-    for inst in _instances(label, "human_poses"):
-        cropped = _crop_box(_box(inst, "bbox", "human_poses"), top, left, h, w, flip, height, width)
+    for inst in _instances(label, "pose label"):
+        cropped = _crop_box(_box(inst, "bbox", "person"), top, left, h, w, flip, height, width)
         if cropped is None:
             continue
         person = {**inst, "bbox": cropped[0]}
@@ -365,7 +365,7 @@ def _keypoints(value: Any, n: int) -> list[tuple[float, float, float]]:
     except (TypeError, ValueError):
         kps = []
     if len(kps) != n:
-        raise SampleError("bad_input", f"human_poses keypoints must be {n} [x, y, score] triples")
+        raise SampleError("bad_input", f"pose keypoints must be {n} [x, y, score] triples")
     return kps
 
 
@@ -452,12 +452,12 @@ def crop_sam(label: dict[str, Any], crop: np.ndarray, height: int, width: int, *
         raise ConfigError(f"crop_sam max_instances must be None or >= 0, got {max_instances}")
     top, left, h, w, flip = _unpack(crop, height, width)
     kept: list[tuple[int, int, SamInstance]] = []
-    for index, inst in enumerate(_instances(label, "sam_instance")):
+    for index, inst in enumerate(_instances(label, "SAM label")):
         seg = inst.get("segmentation")
         if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
-            raise SampleError("bad_input", "sam_instance segmentation must be a COCO RLE {'size', 'counts'}")
+            raise SampleError("bad_input", "SAM segmentation must be a COCO RLE {'size', 'counts'}")
         if [int(v) for v in seg["size"]] != [height, width]:
-            raise SampleError("bad_input", f"sam_instance mask of size {seg['size']} on a {height}x{width} image")
+            raise SampleError("bad_input", f"SAM mask of size {seg['size']} on a {height}x{width} image")
         if _box_misses_crop(inst.get("bbox"), top, left, h, w):
             continue
         counts = seg["counts"]
@@ -467,9 +467,9 @@ def crop_sam(label: dict[str, Any], crop: np.ndarray, height: int, width: int, *
                 raise ValueError("empty or non-string counts")
             decoded = mask_utils.decode({"size": [height, width], "counts": counts})
         except ValueError as e:
-            raise SampleError("bad_input", f"sam_instance {index} has an invalid COCO RLE: {e}") from None
+            raise SampleError("bad_input", f"SAM instance {index} has an invalid COCO RLE: {e}") from None
         if decoded.max(initial=0) > 1:
-            raise SampleError("bad_input", f"sam_instance {index} RLE does not decode to a 0/1 mask")
+            raise SampleError("bad_input", f"SAM instance {index} RLE does not decode to a 0/1 mask")
         region = decoded[top:top + h, left:left + w]
         if not region.any():
             continue

@@ -11,7 +11,7 @@ it. The built-in kinds:
     segmentation  class maps (png)               int64 (B, 224, 224) class ids        196, ViT VQ-VAE
     features      (h, w, C) teacher features     float (B, C, h, w)                   h * w, ViT VQ-VAE
     memcodes      (D,) global vectors            float (B, D)                         16, Memcodes MLP
-    sam_instance  SAM instances (json)           float (B, 1, 64, 64) masks           text + 16 per instance
+    sam_mask      SAM instances (json)           float (B, 1, 64, 64) masks           text + 16 per instance
     wordpiece     json / txt via a serializer    text units                           WordPiece ids
 
 Data flows through three spaces:
@@ -402,18 +402,35 @@ class SegmentationKind(VQVAEKind):
         return super().crop_inputs(np.asarray(label), row, size)  # a P-mode png -> its class ids
 
 
+class _StoredKind(TokenizerKind):
+    """Teacher outputs the label job stores for crop 0 (feature maps, global vectors): the model reads them as
+    stored; quality is their mean cosine similarity (per position, or per vector)."""
+
+    summary_metrics = ("cosine",)
+
+    def input_layout(self) -> tuple[tuple[int, ...], str]:
+        return tuple(self.info.shape), "float"
+
+    def quality(self, x: Tensor, recon: Tensor) -> dict[str, float]:
+        import torch.nn.functional as F
+
+        cos = F.cosine_similarity(recon.detach().cpu().float(), x.detach().cpu().float(), dim=1)
+        return {"cosine": float(cos.mean())}
+
+    def crop_inputs(self, label: Any, row: np.ndarray, size: int) -> list[np.ndarray]:
+        return [np.asarray(label)]
+
+
 @register_kind
-class FeaturesKind(_ImageKind):
+class FeaturesKind(_StoredKind, _ImageKind):
     """(h, w, C) teacher feature maps (clip, dinov2, imagebind), stored for crop 0 only.
 
-    Model space: float (B, C, h, w) as stored, patch size 1; trained with smooth-L1 plus cosine distance;
-    quality is the mean cosine similarity per position.
+    Model space: float (B, C, h, w) as stored, patch size 1; trained with smooth-L1 plus cosine distance.
     """
 
     name = "features"
     crops = ("features",)
     model_kind = "features"
-    summary_metrics = ("cosine",)
 
     def check(self) -> None:
         h, w, _ = self.info.shape
@@ -427,9 +444,6 @@ class FeaturesKind(_ImageKind):
         return _vq_config(self.info.name, self.model_kind, in_channels=c, image_size=h, patch_size=1,
                           codebook=self.info.vocab_size, size=size)
 
-    def input_layout(self) -> tuple[tuple[int, ...], str]:
-        return tuple(self.info.shape), "float"
-
     def prepare(self, arrays: list[np.ndarray]) -> Tensor:
         import torch
 
@@ -439,18 +453,9 @@ class FeaturesKind(_ImageKind):
         batch = x.detach().float().cpu().numpy().astype(np.float16).transpose(0, 2, 3, 1)  # (B, h, w, C)
         return [np.ascontiguousarray(a) for a in batch]
 
-    def quality(self, x: Tensor, recon: Tensor) -> dict[str, float]:
-        import torch.nn.functional as F
-
-        cos = F.cosine_similarity(recon.detach().cpu().float(), x.detach().cpu().float(), dim=1)
-        return {"cosine": float(cos.mean())}
-
-    def crop_inputs(self, label: Any, row: np.ndarray, size: int) -> list[np.ndarray]:
-        return [np.asarray(label)]
-
 
 @register_kind
-class MemcodesKind(FeaturesKind):
+class MemcodesKind(_StoredKind):
     """(D,) global vectors (dinov2_global, imagebind_global): a bottleneck MLP to `num_tokens` Memcodes
     positions and back. Model space float (B, D); quality is the mean cosine similarity per vector."""
 
@@ -458,9 +463,6 @@ class MemcodesKind(FeaturesKind):
     crops = ("global",)
     model_kind = "global"
     draws_reconstruction = False
-
-    def check(self) -> None:
-        pass
 
     def config(self, size: str = "tiny") -> TokenizerConfig:
         from omniforge.tokenize.models import TokenizerConfig
@@ -532,12 +534,12 @@ class WordPieceKind(TokenizerKind):
 
 @register_kind
 class SamInstanceKind(TokenizerKind):
-    """SAM instances (sam_instance): 4M-21's query points, each followed by the instances containing it,
+    """SAM instances: 4M-21's query points, each followed by the instances containing it,
     every instance a box and the 16 tokens of its mask (a ViT VQ-VAE on 64 x 64 binary masks, trained on
     every instance of every sample). Mask model space: float (B, 1, 64, 64) in {0, 1}; quality: mask IoU.
     """
 
-    name = "sam_instance"
+    name = "sam_mask"
     crops = ("sequence",)
     sequence = True
     model_kind = "mask"

@@ -37,14 +37,19 @@ class TokenizerStore:
     def path(self, folder: str, *parts: str) -> str:
         return storage.join(self.directory, folder, *parts)
 
-    def fingerprint(self, artifact: Artifact) -> str:
-        """Content hash of a trained tokenizer's files; ConfigError saying how to train it when missing."""
-        h = hashlib.sha256()
-        for name in artifact.files:
-            uri = self.path(artifact.folder, name)
+    def require(self, artifact: Artifact) -> list[str]:
+        """The URIs of a trained tokenizer's files; ConfigError saying how to train it when one is missing."""
+        uris = [self.path(artifact.folder, name) for name in artifact.files]
+        for uri in uris:
             if not storage.exists(uri):
                 raise ConfigError(f"no {artifact.folder} tokenizer in {self.directory} ({uri} is missing): "
                                   f"{artifact.train_hint(self.directory)}")
+        return uris
+
+    def fingerprint(self, artifact: Artifact) -> str:
+        """Content hash of a trained tokenizer's files."""
+        h = hashlib.sha256()
+        for uri in self.require(artifact):
             h.update(storage.read_bytes(uri))
         return h.hexdigest()[:16]
 
@@ -54,10 +59,7 @@ class TokenizerStore:
             from omniforge.tokenize.kinds import text_artifact
             from omniforge.tokenize.text import TextTokenizer
 
-            art = text_artifact()
-            uri = self.path(art.folder, art.files[0])
-            if not storage.exists(uri):
-                raise ConfigError(f"no text tokenizer at {uri}: {art.train_hint(self.directory)}")
+            (uri,) = self.require(text_artifact())
             self._text = TextTokenizer.from_file(_local(uri))
         return self._text
 
@@ -65,7 +67,7 @@ class TokenizerStore:
         """The trained model of a kind's artifact (cached per folder)."""
         folder = kind.artifact.folder
         if folder not in self._models:
-            self.fingerprint(kind.artifact)  # a clear "train it with ..." when it is missing
+            self.require(kind.artifact)  # a clear "train it with ..." when it is missing
             self._models[folder] = kind.load(_local(self.path(folder)), device=self.device)
         return self._models[folder]
 

@@ -223,8 +223,9 @@ def _parse_value(word: str) -> tuple[int, int] | None:
         return None
 
 
-def _bad(modality: str, message: str) -> SampleError:
-    return SampleError("bad_label", f"{modality}: {message}")
+def _bad(message: str) -> SampleError:
+    """A label a serializer cannot read; the tokenize job prefixes the modality's name."""
+    return SampleError("bad_label", message)
 
 
 def _check_bins(bins: int) -> None:
@@ -264,9 +265,9 @@ def det_units(instances: list[dict], *, order: str = "dist_to_orig", bins: int =
             box = [float(c) for c in inst["boxes"]]
             name, score = str(inst["class_name"]), float(inst.get("score", 1.0))
         except (KeyError, TypeError, ValueError) as e:
-            raise _bad("det", f"malformed instance {inst!r} ({e})") from None
+            raise _bad(f"malformed box instance {inst!r} ({e})") from None
         if len(box) != 4 or not all(math.isfinite(c) for c in box) or not name.strip():
-            raise _bad("det", f"malformed instance {inst!r}: need 4 finite box coordinates and a class name")
+            raise _bad(f"malformed box instance {inst!r}: need 4 finite box coordinates and a class name")
         if score >= min_score:
             boxes.append((box, name, score))
     key, descending = _DET_ORDERS[order]
@@ -304,7 +305,7 @@ def parse_det(text: str, bins: int = 1000) -> list[dict]:
 def palette_units(colors: list[list[int]]) -> list[str]:
     """color_palette -> one unit "v1=<n> v0=R v0=G v0=B ..." (n colours, each channel 0..255), as 4M-21."""
     if not isinstance(colors, (list, tuple)) or not 1 <= len(colors) <= 7:
-        raise _bad("color_palette", f"need a list of 1..7 RGB colours, got {colors!r}")
+        raise _bad(f"a palette needs a list of 1..7 RGB colours, got {colors!r}")
     words = [_value(1, len(colors))]
     for color in colors:
         try:
@@ -312,7 +313,7 @@ def palette_units(colors: list[list[int]]) -> list[str]:
         except (TypeError, ValueError):
             rgb = []
         if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-            raise _bad("color_palette", f"colour {color!r} is not [R, G, B] in 0..255")
+            raise _bad(f"palette colour {color!r} is not [R, G, B] in 0..255")
         words += [_value(0, c) for c in rgb]
     return [" ".join(words)]
 
@@ -433,9 +434,9 @@ def pose_units(label: dict, *, bins: int = 1000) -> list[str]:
             box = [float(c) for c in inst["bbox"]]
             kps = [[float(c) for c in kp] for kp in inst.get("keypoints", [])]
         except (KeyError, TypeError, ValueError) as e:
-            raise _bad("human_poses", f"malformed instance ({e})") from None
+            raise _bad(f"malformed person ({e})") from None
         if len(box) != 4 or any(len(kp) != 3 for kp in kps):
-            raise _bad("human_poses", "a person needs a bbox [xmin, ymin, xmax, ymax] and [x, y, score] keypoints")
+            raise _bad("a person needs a bbox [xmin, ymin, xmax, ymax] and [x, y, score] keypoints")
         words = ["human", *(_value(k, _bin(c, bins)) for k, c in enumerate(box))]
         for name in COCO_KEYPOINTS:
             i = index.get(name)
@@ -507,9 +508,9 @@ def sam_units(points: Sequence[tuple[int, int]],
         tokens = [int(t) for t in tokens]
         box = [int(round(float(c))) for c in bbox]
         if mask.ndim != 2 or len(box) != 4:
-            raise _bad("sam_instance", f"instance {idx}: need an XYXY bbox and a 2-D mask")
+            raise _bad(f"SAM instance {idx}: need an XYXY bbox and a 2-D mask")
         if not all(0 <= t < SAM_MASK_VOCAB for t in tokens):
-            raise _bad("sam_instance", f"instance {idx}: mask tokens must be in 0..{SAM_MASK_VOCAB - 1}")
+            raise _bad(f"SAM instance {idx}: mask tokens must be in 0..{SAM_MASK_VOCAB - 1}")
         box = [min(max(c, 0), COORD_BINS - 1) for c in box]
         head = " ".join(["polygon", *(_value(k, c) for k, c in enumerate(box))])
         text = " ".join([head, *map(_sam_token, tokens)])

@@ -10,11 +10,10 @@ from omniforge import storage
 from omniforge.errors import ConfigError
 from omniforge.modalities import all_modalities, get_modality
 from omniforge.tokenize.crops import CropConfig
+from omniforge.tokenize.kinds import SIZES
 
 if TYPE_CHECKING:
     from omniforge.tokenize.kinds import TokenizerKind
-
-SIZES = ("tiny", "base")
 
 
 @dataclass(kw_only=True)

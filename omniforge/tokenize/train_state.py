@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from omniforge._torch_run import write_text
+from omniforge._torch_run import split_optimizer_state, write_text
 from omniforge.errors import ConfigError
 from omniforge.tokenize.kinds import TokenizerKind
 from omniforge.tokenize.train_config import TokenizerTrainConfig
@@ -38,14 +38,7 @@ def save_checkpoint(directory: str, model: torch.nn.Module, optimizer: torch.opt
 
     kind.save(model, directory)
     sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for k, v in state.items():
-            if torch.is_tensor(v):
-                tensors[f"optimizer.{idx}.{k}"] = v.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
+    tensors, scalars = split_optimizer_state(sd["state"], lambda idx, k: f"optimizer.{idx}.{k}")
     tensors["rng.torch"] = torch.get_rng_state()
     tmp = os.path.join(directory, STATE_TENSORS + ".tmp")
     save_file(tensors, tmp)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from omniforge import codecs
+from omniforge import _plugins, codecs
 from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers import (Labeler, LabelerOptions, Sample, _registry, create_labeler, get_labeler_class,
                                 labeler_for_modality, labelers_for_modality, list_labelers, option)
@@ -230,14 +230,14 @@ def test_an_entry_point_plugin_never_replaces_a_builtin_teacher(registry, monkey
         assert group == registry.ENTRY_POINT_GROUP
         return plugins
 
-    monkeypatch.setattr(registry.importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(_plugins.importlib.metadata, "entry_points", entry_points)
     plugins = [EntryPoint(PluginEdges)]
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(_plugins, "_loaded", set())
     assert "plugin_edges" in registry.list_labelers()
     assert labeler_for_modality("canny_edge").name == "canny_edge"  # one more teacher, not a replacement
     assert labeler_for_modality("canny_edge", teacher="plugin_edges") is PluginEdges
     plugins = [EntryPoint(PluginRgb)]
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(_plugins, "_loaded", set())
     with pytest.raises(ConfigError, match="labeler name 'rgb' is registered twice"):
         registry.list_labelers()
     assert get_labeler_class("rgb").__module__ == "omniforge.labelers.classical"

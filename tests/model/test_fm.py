@@ -21,12 +21,7 @@ SPECS = {
 SEQ_BUDGET = SPECS[SEQ].num_tokens + 1  # targets of a sequence start at this position
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _subset(spec: ModalitySpec, n_in: int, n_tgt: int, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -33,12 +33,7 @@ TEXT = dict(sentinel_ids=SENTINELS, eos_id=EOS, pad_id=PAD)
 GREEDY = SampleConfig(temperature=0.0, steps=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,11 @@ SEQUENCE_PAIRS = [(k, m) for k, m in PAIRS if get_kind(k).sequence]
 PHOTO = np.ascontiguousarray(data.astronaut()[::2, ::2])  # 256 x 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_kind_is_used_or_usable():
-    assert {"vqvae", "segmentation", "features", "memcodes", "sam_instance", "wordpiece"} <= set(list_kinds())
+    assert {"vqvae", "segmentation", "features", "memcodes", "sam_mask", "wordpiece"} <= set(list_kinds())
     assert {k for k, _ in PAIRS} <= set(list_kinds())
     with pytest.raises(ConfigError, match="unknown tokenizer kind 'nope'.*registered kinds"):
         get_kind("nope")

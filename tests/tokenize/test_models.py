@@ -69,13 +69,7 @@ def quality(name, x, recon):
     return _kind(name).quality(x, recon)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two OpenMP threads on a shared 2-core machine stall on every small op; one thread is 10-70x faster here
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(name, n, seed=0):
