@@ -35,7 +35,8 @@ def ensure_ray(address: str | None = None) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **kwargs)
+            # "local": a new cluster of this process's own, even when another Ray cluster runs on this machine
+            ray.init(address="local", num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **kwargs)
     except ConnectionError as e:
         raise ConfigError(f"cannot connect to the Ray cluster at {address}: {e}; check --ray-address / RAY_ADDRESS "
                           f"or leave both unset to start a local cluster") from None
