@@ -3,4 +3,4 @@
 Pseudo-label image corpora with specialist teachers on Ray, tokenize the labels, train 4M-21-style models.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

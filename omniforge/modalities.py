@@ -13,7 +13,10 @@ by a plugin flows from its teacher to a trained model with no edit to omniforge:
 - the tokenizer input: `channels`, `dtype`, the `value_range` mapped to [-1, 1], `num_classes` of class maps;
 - masking in the trainer: `chunks` never split by span masking, `shuffle_chunks`, the default `keep` scheme,
   and the `role` the trainer may give it (input, target or both); `pixel_modality` names a raw-pixel input;
-- drawing: the `draw` style `omniforge show` uses.
+- drawing: the `draw` style `omniforge show` uses;
+- checking: the `schema` every decoded label must satisfy (`omniforge verify` runs it; array labels are also
+  checked against shape, channels and dtype), and the `format_version` of the raw format, bumped when the
+  stored format changes so that labels written in an older one are refused, never misread.
 
 Fields a plugin does not set get defaults derived from `ext`, `shape` and `tokenizer` (see `ModalityInfo`).
 Folder names are the 4M-21 modality names, so ml-4m's own webdataset loader reads omniforge output unchanged.
@@ -93,6 +96,10 @@ class ModalityInfo:
     keep: default keep scheme of span masking: "random", "all" or "binary" (whole or fully masked).
     role: what the trainer may use the token folder as: "both", "input" (never a target), "target".
     draw: how `omniforge show` draws the label; default from ext and shape.
+    schema: "module:function" (or the function) raising SampleError("bad_label", ...) unless a decoded label
+        is well formed (see `omniforge.schemas`); None: only the array checks of `omniforge.schemas.check_array`.
+    format_version: version of the raw label format (1 unless it changed); the label job records it, and
+        readers refuse shards written under an older one with the command that rewrites them.
     """
 
     name: str
@@ -116,6 +123,8 @@ class ModalityInfo:
     keep: str = "random"
     role: str = "both"
     draw: str | None = None
+    schema: str | Callable[[Any], None] | None = None
+    format_version: int = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -189,6 +198,12 @@ class ModalityInfo:
         default("draw", self._default_draw())
         if self.draw not in DRAWS:
             raise bad("draw", f"is not one of {', '.join(DRAWS)}")
+        if self.schema is not None and not callable(self.schema) and not (
+                isinstance(self.schema, str) and _REF_RE.match(self.schema)):
+            raise bad("schema", "must be a function or 'package.module:function'")
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool) \
+                or self.format_version < 1:
+            raise bad("format_version", "must be a positive integer")
 
     # -- defaults
 
@@ -294,6 +309,14 @@ class ModalityInfo:
             return self.serializer
         return _import_ref(self.serializer, f"the serializer of modality {self.name!r}")
 
+    def resolve_schema(self) -> Callable[[Any], None]:
+        """The schema function (imported on first use when given as 'module:function'); a no-op without one."""
+        if self.schema is None:
+            return lambda label: None
+        if callable(self.schema):
+            return self.schema
+        return _import_ref(self.schema, f"the schema of modality {self.name!r}")
+
 
 def _import_ref(ref: str, what: str) -> Any:
     import importlib
@@ -307,6 +330,7 @@ def _import_ref(ref: str, what: str) -> Any:
 
 _IMAGE = "vqvae"
 _TEXT = "wordpiece"
+_SCHEMA = "omniforge.schemas:"
 
 MODALITIES: dict[str, ModalityInfo] = {
     m.name: m
@@ -315,17 +339,20 @@ MODALITIES: dict[str, ModalityInfo] = {
             name="rgb", ext="jpg", tokenizer=_IMAGE, vocab_size=16384, pixel_modality="rgb@224", resample="bicubic",
             description="JPEG, EXIF-rotated RGB, shorter side at most the storage size (512)"),
         ModalityInfo(
-            name="caption", ext="txt", tokenizer=_TEXT, num_tokens=256, description="UTF-8 text, the corpus alt-text"),
+            name="caption", ext="txt", tokenizer=_TEXT, num_tokens=256, schema=_SCHEMA + "check_caption",
+            description="UTF-8 text, the corpus alt-text"),
         ModalityInfo(
             name="det", ext="json", tokenizer=_TEXT, num_tokens=256, draw="boxes",
-            serializer="omniforge.tokenize.text:det_crop_units",
-            description='JSON {"instances": [{"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name", "score"}]}'),
+            serializer="omniforge.tokenize.text:det_crop_units", schema=_SCHEMA + "check_det",
+            description='JSON {"instances": [{"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name", "score"}]}, '
+                        "every box the teacher kept (the serializer keeps score >= 0.6, as ml-4m)"),
         ModalityInfo(
             name="human_poses", ext="json", tokenizer=_TEXT, num_tokens=275, draw="poses",
-            serializer="omniforge.tokenize.text:pose_crop_units",
+            serializer="omniforge.tokenize.text:pose_crop_units", schema=_SCHEMA + "check_human_poses",
             description="JSON per person: bbox, keypoints, optional SMPL parameters"),
         ModalityInfo(
             name="sam_instance", ext="json", tokenizer="sam_mask", num_tokens=290, draw="boxes",
+            schema=_SCHEMA + "check_sam_instance",
             description="JSON COCO RLE masks, XYXY boxes and scores"),
         ModalityInfo(
             name="sam_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192,
@@ -361,11 +388,14 @@ MODALITIES: dict[str, ModalityInfo] = {
         ModalityInfo(
             name="color_palette", ext="json", tokenizer=_TEXT, num_tokens=23, chunks=(1, 3), keep="binary",
             draw="palette", serializer="omniforge.tokenize.text:palette_crop_units",
-            description="JSON list of 1..7 [R, G, B] colours, largest cluster first"),
+            schema=_SCHEMA + "check_color_palette", format_version=2,
+            description='JSON [{"1": [[R, G, B]], ..., "7": [7 colours]}], the palette for every k = 1..7, largest '
+                        "cluster first (ml-4m's format; the trainer draws k per sample)"),
         ModalityInfo(
             name="metadata", ext="json", tokenizer=_TEXT, num_tokens=40, chunks=(2, 2), shuffle_chunks=True,
-            serializer="omniforge.tokenize.text:metadata_crop_units",
-            description="JSON object of the 4M-21 metadata fields"),
+            serializer="omniforge.tokenize.text:metadata_crop_units", schema=_SCHEMA + "check_metadata",
+            format_version=2,
+            description="JSON object of the 4M-21 metadata fields, ml-4m's names and units"),
     ]
 }
 

@@ -10,7 +10,7 @@ from omniforge.modalities import ModalityInfo
 
 @register_labeler
 class PaletteSize(Labeler):
-    """palette_size: npy float16 (1,), the number of colours in the sample's color_palette."""
+    """palette_size: npy float16 (1,), the number of colours in the sample's 7-colour palette."""
 
     name = "palette_size"
     modalities = ("palette_size",)
@@ -20,4 +20,4 @@ class PaletteSize(Labeler):
         token_modality="palette_size", num_tokens=0, vocab_size=None, tokenizer="none", shape=(1,)),)
 
     def label(self, samples):
-        return [{"palette_size": np.array([len(s.inputs["color_palette"])], np.float16)} for s in samples]
+        return [{"palette_size": np.array([len(s.inputs["color_palette"][0]["7"])], np.float16)} for s in samples]

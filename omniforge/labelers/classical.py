@@ -5,7 +5,6 @@ rgb, caption, canny_edge and color_palette run as plain CPU tasks in the label j
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +13,7 @@ import numpy as np
 from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers.base import Labeler, LabelerOptions, Sample, option
-
-MAX_COLORS = 7  # color_palette: palettes of 1..7 colours, as 4M-21
+from omniforge.tokenize.text import MAX_PALETTE_COLORS as MAX_COLORS  # palettes for k = 1..7, as 4M-21
 
 
 class _ClassicalLabeler(Labeler):
@@ -113,43 +111,48 @@ class CannyEdgeLabeler(_ClassicalLabeler):
 
 @dataclass(frozen=True, kw_only=True)
 class ColorPaletteOptions(LabelerOptions):
-    num_colors: int | None = option(None, "colours per palette; null: drawn per sample from 1..7 by a hash of its key",
-                                    ge=1, le=MAX_COLORS)
     max_pixels: int = option(4096, "k-means runs on at most this many pixels (a strided subsample)", ge=1)
+
+    removed = {
+        "num_colors": "a color_palette label holds the palettes for every k = 1..7 and the trainer draws k per "
+                      "sample, as 4M-21; drop the option"}
 
 
 @register_labeler
 class ColorPaletteLabeler(_ClassicalLabeler):
-    """color_palette: the image's dominant colours by k-means (OpenCV) in RGB.
+    """color_palette: the image's dominant colours by k-means (OpenCV) in RGB, for every k = 1..7.
 
-    Output: JSON list of 1..7 [R, G, B] integer colours, largest cluster first. The number of colours is
-    `num_colors` when set, otherwise drawn per sample from 1..7 by a hash of the key (deterministic, as
-    4M-21 samples palette sizes). Clustering runs on at most `max_pixels` pixels (a strided subsample).
+    Output: ml-4m's format, a one-element list [{"1": [[R, G, B]], "2": [[R, G, B], [R, G, B]], ..., "7":
+    [...]}] of integer colours, largest cluster first (ml-4m's ColorPaletteTransform reads `label[0][str(k)]`
+    for the k it draws per training sample). An image with fewer than k distinct colours gets a palette of
+    its distinct colours for that k. Clustering (k-means++, 3 attempts, OpenCV's RNG seeded, so a label is
+    the same in every process) runs on at most `max_pixels` pixels (a strided subsample).
     """
 
     name = "color_palette"
+    version = "2"  # 1: one palette of a k drawn by key (a bare list of colours)
     modalities = default_for = ("color_palette",)
     options_class = ColorPaletteOptions
     options: ColorPaletteOptions
 
-    def _k_for(self, key: str) -> int:
-        if self.options.num_colors is not None:
-            return self.options.num_colors
-        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % MAX_COLORS + 1
-
-    def label_one(self, sample: Sample) -> list[list[int]]:
-        import cv2
-
+    def label_one(self, sample: Sample) -> list[dict[str, list[list[int]]]]:
         pixels = sample.image.reshape(-1, 3)
         stride = max(1, len(pixels) // self.options.max_pixels)
         pixels = np.ascontiguousarray(pixels[::stride], dtype=np.float32)
-        k = min(self._k_for(sample.key), len(np.unique(pixels, axis=0)))
-        cv2.setRNGSeed(0)
-        criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
-        _, labels, centers = cv2.kmeans(pixels, k, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
-        counts = np.bincount(labels.ravel(), minlength=k)
-        order = np.argsort(-counts, kind="stable")
-        return [[int(round(c)) for c in np.clip(centers[i], 0, 255)] for i in order]
+        distinct = len(np.unique(pixels, axis=0))
+        return [{str(k): palette(pixels, min(k, distinct)) for k in range(1, MAX_COLORS + 1)}]
+
+
+def palette(pixels: np.ndarray, k: int) -> list[list[int]]:
+    """The k colours of `pixels` (float32 (N, 3)) by k-means, largest cluster first."""
+    import cv2
+
+    cv2.setRNGSeed(0)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+    _, labels, centers = cv2.kmeans(pixels, k, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
+    counts = np.bincount(labels.ravel(), minlength=k)
+    order = np.argsort(-counts, kind="stable")
+    return [[int(round(c)) for c in np.clip(centers[i], 0, 255)] for i in order]
 
 
 __all__ = ["CannyEdgeLabeler", "CannyEdgeOptions", "CaptionLabeler", "ColorPaletteLabeler", "ColorPaletteOptions",

@@ -29,20 +29,22 @@ WALKABLE_CLASSES = frozenset({
 class MetadataLabeler(Labeler):
     """metadata: a JSON object of the 4M-21 metadata fields computable from this job's modalities.
 
+    Field names and units are ml-4m's (its MetadataTransform reads the label as it is).
+
     Always (from the decoded rgb image and the manifest):
       original_width, original_height  size of the source image as stored in the corpus (pixels)
       colorfulness      Hasler & Suesstrunk (2003) M = sqrt(sd_rg^2 + sd_yb^2) + 0.3 sqrt(mu_rg^2 + mu_yb^2),
                         rg = R - G, yb = (R + G) / 2 - B, on 0..255 values
-      brightness        mean Rec.601 luma, 0..1
-      contrast          RMS contrast: standard deviation of the Rec.601 luma, 0..1
-      saturation        mean HSV saturation (OpenCV), 0..1
+      brightness        mean Rec.601 luma, 0..255
+      contrast          RMS contrast: standard deviation of the Rec.601 luma, 0..255 (at most 127.5)
+      saturation        mean HSV saturation (OpenCV), 0..255
       entropy           Shannon entropy of the 8-bit luma histogram, bits (0..8)
     From caption (when present): caption_n_chars, caption_n_words, caption_n_sentences (runs of text
       ended by . ! ? or the end).
     From human_poses: n_humans (crowdedness), the number of detected people.
-    From sam_instance: n_sam_masks (SAM clutter), the number of SAM instances.
-    From det: n_coco_instances (COCO clutter) and n_coco_classes (COCO instance diversity), the number of
-      detections and of distinct classes among them.
+    From sam_instance: n_sam_instances (SAM clutter), the number of SAM instances.
+    From det: n_coco_instances (COCO clutter) and coco_instance_diversity, the number of detections and of
+      distinct classes among them.
     From semseg_coco (pixels labeled 255 = none are left out of every fraction):
       walkability       fraction of labeled pixels whose class is walkable (WALKABLE_CLASSES)
       objectness        fraction of labeled pixels that belong to a "thing" (countable) class
@@ -52,6 +54,7 @@ class MetadataLabeler(Labeler):
     """
 
     name = "metadata"
+    version = "2"  # 1: omniforge's own field names (n_sam_masks, n_coco_classes) and brightness etc. in 0..1
     modalities = default_for = ("metadata",)
     options_class = LabelerOptions
     optional_inputs = ("human_poses", "sam_instance", "det", "semseg_coco", "normal")
@@ -71,11 +74,11 @@ class MetadataLabeler(Labeler):
         if "human_poses" in inputs:
             out["n_humans"] = len(inputs["human_poses"].get("instances", []))
         if "sam_instance" in inputs:
-            out["n_sam_masks"] = len(inputs["sam_instance"].get("instances", []))
+            out["n_sam_instances"] = len(inputs["sam_instance"].get("instances", []))
         if "det" in inputs:
             instances = inputs["det"].get("instances", [])
             out["n_coco_instances"] = len(instances)
-            out["n_coco_classes"] = len({i["class_name"] for i in instances})
+            out["coco_instance_diversity"] = len({i["class_name"] for i in instances})
         if "semseg_coco" in inputs:
             out.update(semseg_statistics(np.asarray(inputs["semseg_coco"])))
         if "normal" in inputs:
@@ -95,9 +98,9 @@ def image_statistics(image: np.ndarray) -> dict[str, float]:
     saturation = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1]
     return {
         "colorfulness": round(float(colorfulness), 4),
-        "brightness": round(float(luma.mean() / 255.0), 4),
-        "contrast": round(float(luma.std() / 255.0), 4),
-        "saturation": round(float(saturation.mean() / 255.0), 4),
+        "brightness": round(float(luma.mean()), 4),
+        "contrast": round(float(luma.std()), 4),
+        "saturation": round(float(saturation.mean()), 4),
         "entropy": round(float(shannon_entropy(luma)), 4),
     }
 

@@ -410,6 +410,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
                                                      pending.column("shard").to_pylist()], pa.string()))
     record = _job.RunRecord(root, run_id, run_id=run_id, job="label", config=_config_for_record(cfg),
                             teachers={t.name: {"fingerprint": t.fingerprint, "modalities": list(t.modalities),
+                                               "formats": {m: t.infos[m].format_version for m in t.modalities},
                                                "identity": t.identity} for t in teachers})
     _job.delete_partial_writes(root, cfg.modalities)
     actors: dict[str, Any] = {}

@@ -41,7 +41,7 @@ from omniforge.errors import ConfigError, SampleError
 from omniforge.modalities import IMAGE_MODALITY, ModalityInfo, all_modalities, get_modality
 from omniforge import shards, storage
 from omniforge._progress import Progress
-from omniforge.pipeline import _job
+from omniforge.pipeline import _job, formats
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.shards import load_manifest
 from omniforge.tokenize.crops import CropConfig, crop_settings
@@ -103,6 +103,8 @@ class TokenizeSummary:
     left_out: Counter = field(default_factory=Counter)  # reason -> samples
     skipped: int = 0  # samples of shards already done
     tokens: Counter = field(default_factory=Counter)  # token folder -> tokens written
+    cut_crops: Counter = field(default_factory=Counter)  # token folder -> crops whose units the budget cut
+    cut_units: Counter = field(default_factory=Counter)  # token folder -> units (boxes, fields, ...) cut
 
     def lines(self) -> list[str]:
         out = [f"tokenize {self.run_id}: {self.samples} samples: {self.written} tokenized with every modality, "
@@ -112,6 +114,9 @@ class TokenizeSummary:
             out.append(f"  left out {n:>6}  {reason}")
         for folder, n in sorted(self.tokens.items()):
             out.append(f"  {folder:<24} {n:>10} tokens")
+        for folder, n in sorted(self.cut_crops.items()):
+            out.append(f"  {folder:<24} token budget cut {self.cut_units[folder]} units from {n} crops "
+                       "(the serialization did not fit; the trainer's raw folders re-draw what is cut per sample)")
         out.append(f"  outputs: {self.output}")
         return out
 
@@ -218,6 +223,7 @@ class ShardTokenizer:
         cursors = {m: _TarCursor(shards.tar_uri(spec.input, m, shard)) for m in inputs} if candidates else {}
         tokens: dict[str, dict[str, np.ndarray]] = {m: {} for m in spec.modalities}
         crops: dict[str, np.ndarray] = {}
+        self._cut: Counter = Counter()  # (modality, "crops" | "units") -> count, for this shard
         for start in range(0, len(candidates), spec.batch_size):
             batch = candidates[start:start + spec.batch_size]
             labels = self._read(batch, inputs, cursors, failures)
@@ -237,7 +243,9 @@ class ShardTokenizer:
         kept = [k for k in candidates if k not in failures]
         self._commit(shard, keys, kept, failures, crops, tokens, fingerprint)
         left_out = Counter(failures[k][0] for k in keys if k in failures)
-        return {"shard": shard, "samples": len(keys), "written": len(kept), "left_out": dict(left_out),
+        cut = {self.infos[m].token_modality: (self._cut[m, "crops"], self._cut[m, "units"])
+               for m in spec.modalities if self._cut[m, "crops"]}
+        return {"shard": shard, "samples": len(keys), "written": len(kept), "left_out": dict(left_out), "cut": cut,
                 "tokens": {self.infos[m].token_modality: int(sum(_count_tokens(self.kinds[m], tokens[m][k])
                                                                   for k in kept))
                            for m in spec.modalities}}
@@ -308,14 +316,18 @@ class ShardTokenizer:
         value = labels[m][key]
         h, w = labels[IMAGE_MODALITY][key].shape[:2]
         text = self.store.text()
-        rows = []
+        rows, cuts = [], []
         try:
             for i, c in enumerate(crops_k):
                 crop = Crop(row=c, height=h, width=w, size=self.spec.crops.size, key=key, index=i,
                             seed=self.spec.crops.seed)
-                rows.append(text.encode_units(kind.units(value, crop, self.store), info.num_tokens))
+                ids, cut = text.pack(kind.units(value, crop, self.store), info.num_tokens)
+                rows.append(ids)
+                cuts.append(cut)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             return SampleError("bad_label", f"{m}: cannot serialize: {type(e).__name__}: {e}")
+        self._cut[m, "crops"] += sum(1 for c in cuts if c)
+        self._cut[m, "units"] += sum(cuts)
         return np.stack(rows).astype(np.int16)
 
     def _commit(self, shard: int, keys: list[str], kept: list[str], failures: dict, crops: dict, tokens: dict,
@@ -406,6 +418,7 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
     for k, s in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
         keys_by_shard[s].append(k)
     shard_ids = sorted(keys_by_shard)
+    formats.check_formats(root, cfg.modalities, shard_ids)
     tokenizers_dir = storage.normalize(cfg.tokenizers)
     store = TokenizerStore(tokenizers_dir)
     tok_fps = {art.folder: store.fingerprint(art) for m in cfg.modalities for art in kind_for(m).artifacts}
@@ -450,7 +463,8 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
         record.finish(seconds=summary.seconds, actors=actors,
                       counts={"samples": summary.samples, "written": summary.written,
                               "left_out": dict(summary.left_out), "skipped": summary.skipped,
-                              "tokens": dict(summary.tokens)})
+                              "tokens": dict(summary.tokens), "cut_crops": dict(summary.cut_crops),
+                              "cut_units": dict(summary.cut_units)})
     return summary
 
 
@@ -484,6 +498,9 @@ def _run(cfg: TokenizeConfig, spec: ShardSpec, pending: list[int], keys_by_shard
                 summary.written += r["written"]
                 summary.left_out.update(r["left_out"])
                 summary.tokens.update(r["tokens"])
+                for folder, (n_crops, n_units) in r["cut"].items():
+                    summary.cut_crops[folder] += n_crops
+                    summary.cut_units[folder] += n_units
                 progress.update(r["samples"])
         return {"shard_workers": {"actors": pool.size, "device": device, "num_cpus": resources.num_cpus,
                                   "num_gpus": resources.num_gpus}}

@@ -3,8 +3,9 @@
 Checks, per modality and shard of the plan: the status table exists (the commit marker) and lists exactly
 the shard's keys, each labeled xor failed with a reason; the tar holds exactly the labeled keys, one
 member `<key>.<ext>` each, sorted by key (so every key's members are adjacent and key order agrees across
-modalities); every member decodes (and arrays have the modality's shape); one teacher fingerprint per
-modality. Nothing is repaired: the report says what to re-run.
+modalities); every member decodes and matches its modality's schema (`omniforge.schemas`: arrays their
+shape, channels and dtype; JSON labels their format); one teacher fingerprint per modality; no shard is in
+an older raw format (`pipeline.formats`). Nothing is repaired: the report says what to re-run.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omniforge import codecs
-from omniforge.errors import CorruptShardError
-from omniforge.modalities import ModalityInfo, all_modalities
-from omniforge import shards, storage
+from omniforge import codecs, schemas, shards, storage
+from omniforge.errors import CorruptShardError, SampleError
+from omniforge.modalities import ModalityInfo, all_modalities, get_modality
+from omniforge.pipeline import formats
 from omniforge.shards import load_manifest
 
 MAX_LISTED = 20
@@ -139,6 +140,10 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str],
                 bad = _check_array(value, token_spec) if token_spec else None
                 if bad:
                     problems.append(f"{where}: {name} {bad}")
+                if info is not None:
+                    schemas.check_label(info, value)
+            except SampleError as e:
+                problems.append(f"{where}: {name} does not match the {modality} schema: {e.message}")
             except Exception as e:  # noqa: BLE001 - any decode failure is a finding, not a crash
                 problems.append(f"{where}: {name} does not decode: {type(e).__name__}: {e}")
     if any(a >= b for a, b in zip(tar_keys, tar_keys[1:])):
@@ -192,6 +197,10 @@ def verify(root: str, modalities: list[str] | None = None, *, decode: bool = Tru
         if len(r.fingerprints) > 1:
             report.problems.append(f"{m}: shards labeled with {len(r.fingerprints)} different teacher fingerprints "
                                    f"({dict(r.fingerprints)}): re-run `omniforge label` to relabel stale shards")
+    for m, stale in sorted(formats.stale_shards(root, modalities).items()):
+        report.problems.append(f"{m}: {len(stale)} shard(s) in raw format {min(stale.values())}, this omniforge "
+                               f"reads format {get_modality(m).format_version}: run "
+                               f"`{formats.migrate_command(root, [m])}` to rewrite them")
     _check_extra_shards(root, modalities, set(keys_by_shard), report)
     _check_token_alignment(root, modalities, sorted(keys_by_shard), report)
     return report

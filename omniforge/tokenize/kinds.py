@@ -27,7 +27,6 @@ tokenizer train --modality <name>` writes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -608,8 +607,7 @@ class SamInstanceKind(TokenizerKind):
 
         instances = crop_sam(label, crop.row, crop.height, crop.width, size=crop.size, mask_size=self.MASK_SIZE)
         tokens = store.encode(self, [i.mask for i in instances]) if instances else []
-        seed = int.from_bytes(hashlib.sha256(f"{crop.seed}/{crop.key}/{crop.index}".encode()).digest()[:8], "little")
-        points = text.sam_query_points(np.random.default_rng(seed), size=crop.size)
+        points = text.sam_query_points(crop.generator(text.DRAW_SAM), size=crop.size)
         return text.sam_units(points, [(i.bbox, t.tolist(), i.full) for i, t in zip(instances, tokens)])
 
     def decode(self, ids: np.ndarray, store: TokenizerStore) -> str:

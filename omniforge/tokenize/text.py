@@ -11,13 +11,16 @@ interchangeable with ml-4m's:
   metadata chunk) that must never be split. ``" ".join(units)`` is the 4M-21 string;
   `TextTokenizer.encode_units` packs whole units into the fixed token budget of the modality.
 
-The serializers are pure and deterministic (4M-21 shuffles some orders at training time; the trainer does
-that, not the stored shards). Each has a parser that reads the string (or the tokenizer's decoded,
-lower-cased string) back.
+What 4M-21 draws per training sample (the palette size k, the metadata order, SAM's query points and the
+order of their instances) the serializers draw from `Crop.generator()`: the trainer hands every sample its
+own generator, so two epochs see different draws as in ml-4m; the tokenize job, which freezes one draw into
+the token shards, gets a generator seeded by (crop seed, key, crop index), the same in every process. Each
+serializer has a parser that reads the string (or the tokenizer's decoded, lower-cased string) back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -165,12 +168,19 @@ class TextTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_units(self, units: Sequence[str], max_tokens: int) -> np.ndarray:
-        """Pack `units` into exactly `max_tokens` ids: int16 (max_tokens,).
+        """Pack `units` into exactly `max_tokens` ids: int16 (max_tokens,); see `pack`."""
+        return self.pack(units, max_tokens)[0]
+
+    def pack(self, units: Sequence[str], max_tokens: int) -> tuple[np.ndarray, int]:
+        """Pack `units` into exactly `max_tokens` ids: (int16 (max_tokens,), number of units cut).
 
         Whole units are taken in order while they fit in `max_tokens - 1` tokens (packing stops at the first
         unit that does not fit), then [EOS], then [PAD] up to `max_tokens`. A first unit that alone is longer
         than the budget is cut at `max_tokens - 1` tokens: that is the caption case (a caption is one unit),
-        and 4M-21's own truncation of an over-long sequence.
+        and 4M-21's own truncation of an over-long sequence. The count of units left out (the cut first
+        unit counts as kept) is returned so that callers report what a budget drops, never silently.
+        (ml-4m keeps chunks while they and a final [EOS] fit, so an over-full metadata loses its [EOS] and
+        one chunk fewer; omniforge always ends a sequence with [EOS].)
         """
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens={max_tokens!r}: must be a positive integer")
@@ -178,6 +188,7 @@ class TextTokenizer:
         ids: list[int] = []
         units = [str(u) for u in units]
         encoded = self._tok.encode_batch(units, add_special_tokens=False) if units else []
+        cut = 0
         for i, enc in enumerate(encoded):
             unit = enc.ids
             if len(ids) + len(unit) <= budget:
@@ -185,11 +196,12 @@ class TextTokenizer:
             else:
                 if i == 0:
                     ids = unit[:budget]
+                cut = len(encoded) - max(i, 1)
                 break
         out = np.full(max_tokens, self.pad_id, dtype=np.int16)
         out[: len(ids)] = ids
         out[len(ids)] = self.eos_id
-        return out
+        return out, cut
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`, up to the first [EOS]; [PAD] and [SOS] are skipped, every other token kept
@@ -302,10 +314,13 @@ def parse_det(text: str, bins: int = 1000) -> list[dict]:
 # color_palette
 
 
+MAX_PALETTE_COLORS = 7  # 4M-21 keeps one palette for every k = 1..7
+
+
 def palette_units(colors: list[list[int]]) -> list[str]:
-    """color_palette -> one unit "v1=<n> v0=R v0=G v0=B ..." (n colours, each channel 0..255), as 4M-21."""
-    if not isinstance(colors, (list, tuple)) or not 1 <= len(colors) <= 7:
-        raise _bad(f"a palette needs a list of 1..7 RGB colours, got {colors!r}")
+    """One palette -> one unit "v1=<n> v0=R v0=G v0=B ..." (n colours, each channel 0..255), as 4M-21."""
+    if not isinstance(colors, (list, tuple)) or not 1 <= len(colors) <= MAX_PALETTE_COLORS:
+        raise _bad(f"a palette needs a list of 1..{MAX_PALETTE_COLORS} RGB colours, got {colors!r}")
     words = [_value(1, len(colors))]
     for color in colors:
         try:
@@ -316,6 +331,29 @@ def palette_units(colors: list[list[int]]) -> list[str]:
             raise _bad(f"palette colour {color!r} is not [R, G, B] in 0..255")
         words += [_value(0, c) for c in rgb]
     return [" ".join(words)]
+
+
+def palettes_of(label: Any) -> dict[int, list[list[int]]]:
+    """The palettes of a color_palette label, by k.
+
+    The label is ml-4m's format: a one-element list holding {"1": [[R, G, B]], "2": [...], ..., "7": [...]}
+    (ml-4m's ColorPaletteTransform reads `label[0][str(k)]`); a palette may hold fewer than k colours when
+    the image has fewer distinct ones.
+    """
+    if not (isinstance(label, list) and len(label) == 1 and isinstance(label[0], dict)):
+        raise _bad("a color_palette label is [{\"1\": [[R, G, B]], ..., \"7\": [...]}] (one palette for every k "
+                   "= 1..7, as ml-4m reads it); a bare list of colours is the format of omniforge 0.1: "
+                   "re-run `omniforge label --output ROOT --modalities color_palette` to rewrite it")
+    by_k = label[0]
+    wanted = [str(k) for k in range(1, MAX_PALETTE_COLORS + 1)]
+    if sorted(by_k, key=str) != sorted(wanted):
+        raise _bad(f"a color_palette label needs the palettes for k = {', '.join(wanted)}, got keys {sorted(by_k)}")
+    return {int(k): by_k[k] for k in wanted}
+
+
+def palette_draw(rng: np.random.Generator) -> int:
+    """4M-21's palette size: k uniform in 1..7, drawn per sample."""
+    return int(rng.integers(1, MAX_PALETTE_COLORS + 1))
 
 
 def parse_palette(text: str) -> list[list[int]]:
@@ -347,16 +385,6 @@ _MIN_MAX_BINS = {  # (vmin, vmax, number of bins)
     "saturation": (0, 255, 50), "entropy": (0, 10, 50), "walkability": (0, 1, 50), "objectness": (0, 1, 50),
     "geometric_complexity": (0, 0.75, 50), "occlusion_score": (0, 0.25, 50),
 }
-# omniforge metadata field -> (4M-21 field, factor to 4M-21's units)
-_FROM_OMNIFORGE = {
-    "n_sam_masks": ("n_sam_instances", 1.0),
-    "n_coco_classes": ("coco_instance_diversity", 1.0),
-    "brightness": ("brightness", 255.0),
-    "contrast": ("contrast", 255.0),
-    "saturation": ("saturation", 255.0),
-}
-
-
 def _metadata_bin(field: str, value: float) -> int:
     vmax = COORD_BINS - 1
     if field in _IMAGE_DIM_FIELDS:
@@ -369,14 +397,11 @@ def _metadata_bin(field: str, value: float) -> int:
     return int((max(lo, min(value, hi)) - lo) / (hi - lo) * (bins - 1))
 
 
-def metadata_units(metadata: dict) -> list[str]:
-    """metadata -> 4M-21 chunks "v1=<field id> v0=<bin>", one unit per field, in field-id order.
+def metadata_units(metadata: dict, order: Sequence[str] | None = None) -> list[str]:
+    """metadata -> 4M-21 chunks "v1=<field id> v0=<bin>", one unit per field, in `order` (default: field-id order).
 
-    omniforge's fields are first put in 4M-21's names and units:
-      n_sam_masks -> n_sam_instances; n_coco_classes -> coco_instance_diversity;
-      brightness, contrast, saturation (0..1) -> x 255 (4M-21's 0..255 luma mean, luma standard deviation,
-      HSV saturation); every other field keeps its name and value (4M-21 names are accepted as they are).
-    Then 4M-21's MetadataTransform rules, field ids in METADATA_FIELD_IDS:
+    `metadata` is ml-4m's format: 4M-21 field names (METADATA_FIELD_IDS) and units. The rules are 4M-21's
+    MetadataTransform:
       original_width/height: pixels // 32; caption_n_*, n_humans, n_sam_instances, n_coco_instances,
       coco_instance_diversity, semantic_diversity: the integer, clamped to 0..999; watermark_score: bin 0
       below 0.5, else 1; aesthetic_score: 0 below 4.5, 1 below 5.5, else 2; every other field: clipped to
@@ -384,19 +409,32 @@ def metadata_units(metadata: dict) -> list[str]:
       colorfulness (0, 150, 50), brightness (0, 255, 50), contrast (0, 127, 50), saturation (0, 255, 50),
       entropy (0, 10, 50), walkability and objectness (0, 1, 50), geometric_complexity (0, 0.75, 50),
       occlusion_score (0, 0.25, 50).
-    Unknown fields and missing or non-finite values are skipped. 4M-21 shuffles the chunks when training;
-    the trainer does it, so the stored order is fixed.
+    An unknown field or a value that is not a finite number is a bad label (ml-4m's transform raises on
+    it). `order` names the fields in the order to write them (4M-21 shuffles them per training sample; see
+    `metadata_crop_units`); it must hold exactly the label's fields.
     """
-    fields: dict[str, float] = {}
+    check_metadata(metadata)
+    fields = list(metadata) if order is None else list(order)
+    if order is not None and sorted(fields) != sorted(metadata):
+        raise ValueError(f"order {fields} must name exactly the label's fields {sorted(metadata)}")
+    if order is None:
+        fields.sort(key=METADATA_FIELD_IDS.__getitem__)
+    return [f"{_value(1, METADATA_FIELD_IDS[f])} {_value(0, _metadata_bin(f, metadata[f]))}" for f in fields]
+
+
+def check_metadata(metadata: Any) -> None:
+    """Raise a bad-label SampleError unless `metadata` is ml-4m's format: {4M-21 field name: finite number}."""
+    if not isinstance(metadata, dict):
+        raise _bad(f"a metadata label is a JSON object of 4M-21 fields, got {type(metadata).__name__}")
+    unknown = sorted(set(metadata) - set(METADATA_FIELD_IDS))
+    if unknown:
+        legacy = {"n_sam_masks", "n_coco_classes"} & set(unknown)
+        hint = (": the field names of omniforge 0.1; re-run `omniforge label --output ROOT --modalities "
+                "metadata` to rewrite it" if legacy else f"; 4M-21's fields are {', '.join(METADATA_FIELD_IDS)}")
+        raise _bad(f"metadata fields {', '.join(unknown)} are not 4M-21 fields{hint}")
     for name, value in metadata.items():
-        target, factor = _FROM_OMNIFORGE.get(name, (name, 1.0))
-        if target not in METADATA_FIELD_IDS or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value):
-            continue
-        fields[target] = value * factor
-    ordered = sorted(fields, key=METADATA_FIELD_IDS.__getitem__)
-    return [f"{_value(1, METADATA_FIELD_IDS[f])} {_value(0, _metadata_bin(f, fields[f]))}" for f in ordered]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _bad(f"metadata field {name}={value!r} is not a finite number")
 
 
 def parse_metadata(text: str) -> dict[str, int]:
@@ -563,6 +601,12 @@ def parse_sam(text: str) -> list[dict]:
 # Serializers: (label, crop) -> units, as ModalityInfo.serializer names them
 
 
+DET_MIN_SCORE = 0.6  # ml-4m's DetectionTransform keeps boxes scoring at least this (4M-21's det_threshold)
+
+# Purposes of the draws of one crop: each gets its own stream, so adding a draw never shifts another.
+DRAW_PALETTE, DRAW_METADATA, DRAW_SAM = 1, 2, 3
+
+
 @dataclass(frozen=True)
 class Crop:
     """One crop of one sample, as a sequence serializer receives it.
@@ -570,7 +614,7 @@ class Crop:
     row: int32 (5,) top, left, h, w, hflip in the pixel frame of the sample's rgb label (see crops.py);
     height, width: that frame's size (every label of a sample shares it); size: side of the cropped image in
     pixels; key, index, seed: the sample key, the crop index (0 = the centre crop) and the crop-settings
-    seed, for serializers that draw per crop (SAM's query points).
+    seed; rng: the trainer's generator for this sample, when it draws per training sample.
     """
 
     row: np.ndarray
@@ -580,6 +624,15 @@ class Crop:
     key: str = ""
     index: int = 0
     seed: int = 0
+    rng: np.random.Generator | None = None
+
+    def generator(self, purpose: int) -> np.random.Generator:
+        """The stream a serializer draws from (one per `purpose`, DRAW_*): a child of the trainer's per-sample
+        generator, or, for the tokenize job's frozen draw, one seeded by (seed, key, crop index, purpose)."""
+        if self.rng is not None:
+            return np.random.default_rng(self.rng.integers(0, 2**63))
+        digest = hashlib.sha256(f"{self.seed}/{self.key}/{self.index}/{purpose}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def text_units(label: Any, crop: Crop) -> list[str]:
@@ -588,10 +641,11 @@ def text_units(label: Any, crop: Crop) -> list[str]:
 
 
 def det_crop_units(label: dict, crop: Crop) -> list[str]:
-    """det boxes inside the crop (crops.crop_det), serialized by :func:`det_units`."""
+    """det boxes inside the crop (crops.crop_det) scoring at least DET_MIN_SCORE, closest to the origin first,
+    serialized by :func:`det_units`: ml-4m's DetectionTransform as 4M-21 configured it."""
     from omniforge.tokenize.crops import crop_det
 
-    return det_units(crop_det(label, crop.row, crop.height, crop.width))
+    return det_units(crop_det(label, crop.row, crop.height, crop.width), min_score=DET_MIN_SCORE)
 
 
 def pose_crop_units(label: dict, crop: Crop) -> list[str]:
@@ -602,19 +656,26 @@ def pose_crop_units(label: dict, crop: Crop) -> list[str]:
 
 
 def palette_crop_units(label: list, crop: Crop) -> list[str]:
-    """The palette of the whole image (4M-21 does not crop it), serialized by :func:`palette_units`."""
-    return palette_units(label)
+    """The palette of a k drawn per sample (:func:`palette_draw`) for the whole image (4M-21 does not crop
+    it), serialized by :func:`palette_units`."""
+    palettes = palettes_of(label)
+    return palette_units(palettes[palette_draw(crop.generator(DRAW_PALETTE))])
 
 
 def metadata_crop_units(label: dict, crop: Crop) -> list[str]:
-    """The metadata of the whole image, serialized by :func:`metadata_units`."""
-    return metadata_units(label)
+    """The metadata of the whole image in an order drawn per sample (4M-21 shuffles its fields), serialized
+    by :func:`metadata_units`."""
+    check_metadata(label)
+    fields = sorted(label, key=METADATA_FIELD_IDS.__getitem__)
+    order = [fields[i] for i in crop.generator(DRAW_METADATA).permutation(len(fields))]
+    return metadata_units(label, order)
 
 
 __all__ = [
-    "COORD_BINS", "Crop", "EOS", "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS", "PAD",
-    "POSE_TOKENS_PER_PERSON", "SERIALIZER_WORDS", "SOS", "TextTokenizer", "UNK", "det_units", "metadata_units",
-    "palette_units", "parse_det", "parse_metadata", "parse_palette", "parse_poses", "parse_sam", "pose_units",
-    "sam_query_points", "sam_units", "train_wordpiece", "text_units", "det_crop_units", "pose_crop_units",
-    "palette_crop_units", "metadata_crop_units",
+    "COORD_BINS", "Crop", "DET_MIN_SCORE", "DRAW_METADATA", "DRAW_PALETTE", "DRAW_SAM", "EOS", "MAX_PALETTE_COLORS",
+    "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS", "PAD", "POSE_TOKENS_PER_PERSON", "SERIALIZER_WORDS",
+    "SOS", "TextTokenizer", "UNK", "check_metadata", "det_crop_units", "det_units", "metadata_crop_units",
+    "metadata_units", "palette_crop_units", "palette_draw", "palette_units", "palettes_of", "parse_det",
+    "parse_metadata", "parse_palette", "parse_poses", "parse_sam", "pose_crop_units", "pose_units",
+    "sam_query_points", "sam_units", "text_units", "train_wordpiece",
 ]

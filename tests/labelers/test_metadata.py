@@ -9,11 +9,11 @@ def test_image_statistics_on_known_images():
     gray = np.full((8, 8, 3), 128, np.uint8)
     s = image_statistics(gray)
     assert s["colorfulness"] == 0 and s["saturation"] == 0 and s["contrast"] == 0 and s["entropy"] == 0
-    assert abs(s["brightness"] - 128 / 255) < 1e-3
+    assert s["brightness"] == 128  # ml-4m's units: 0..255
     half = np.zeros((8, 8, 3), np.uint8)
     half[:, 4:] = 255
     s = image_statistics(half)
-    assert s["entropy"] == 1.0 and abs(s["contrast"] - 0.5) < 1e-3
+    assert s["entropy"] == 1.0 and abs(s["contrast"] - 127.5) < 1e-3
     red = np.zeros((8, 8, 3), np.uint8)
     red[..., 0] = 255
     gray = data.camera()[:8, :8, None].repeat(3, 2)
@@ -48,5 +48,5 @@ def test_metadata_uses_only_the_inputs_it_gets():
                          {"boxes": [0, 0, .2, .2], "class_name": "dog", "score": 0.7}]}
     full = labeler.label([Sample(key="a", image=image, caption="An astronaut.", inputs={"det": det},
                                  meta={"orig_width": 1024, "orig_height": 1024})])[0]["metadata"]
-    assert full["n_coco_instances"] == 3 and full["n_coco_classes"] == 2
+    assert full["n_coco_instances"] == 3 and full["coco_instance_diversity"] == 2
     assert full["original_width"] == 1024 and full["caption_n_words"] == 2

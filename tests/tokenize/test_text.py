@@ -88,25 +88,40 @@ def test_metadata_bins_by_hand():
         "original_width": 1000,  # 1000 // 32 = 31
         "original_height": 40000,  # 1250 -> clamped 999
         "caption_n_words": 12,
-        "n_sam_masks": 1500,  # -> n_sam_instances (id 6), clamped 999
-        "n_coco_classes": 3,  # -> coco_instance_diversity (id 8)
+        "n_sam_instances": 1500,  # clamped 999
+        "coco_instance_diversity": 3,
         "colorfulness": 30.0,  # 30 / 150 * 49 = 9.8 -> 9
-        "brightness": 0.5,  # 127.5 / 255 * 49 = 24.5 -> 24
-        "contrast": 0.2,  # 51 / 127 * 49 = 19.68 -> 19
-        "saturation": 1.0,  # 255 -> 49
+        "brightness": 127.5,  # 127.5 / 255 * 49 = 24.5 -> 24
+        "contrast": 51,  # 51 / 127 * 49 = 19.68 -> 19
+        "saturation": 255.0,  # 49
         "entropy": 7.5,  # 0.75 * 49 = 36.75 -> 36
         "walkability": -0.1,  # clipped to 0 -> 0
         "geometric_complexity": 0.3,  # 0.4 * 49 = 19.6 -> 19
         "watermark_score": 0.7,  # >= 0.5 -> 1
         "aesthetic_score": 5.0,  # in [4.5, 5.5) -> 1
-        "unknown_field": 3,
-        "n_humans": None,
-        "objectness": float("nan"),
     }
     assert metadata_units(meta) == [
         "v1=0 v0=31", "v1=1 v0=999", "v1=3 v0=12", "v1=6 v0=999", "v1=8 v0=3", "v1=9 v0=9", "v1=10 v0=24",
         "v1=11 v0=19", "v1=12 v0=49", "v1=13 v0=36", "v1=14 v0=0", "v1=17 v0=19", "v1=19 v0=1", "v1=20 v0=1",
     ]
+    # an order is honoured as given and must name exactly the label's fields
+    assert metadata_units({"brightness": 0, "original_width": 64}, ["brightness", "original_width"]) == [
+        "v1=10 v0=0", "v1=0 v0=2"]
+    with pytest.raises(ValueError):
+        metadata_units({"brightness": 0}, ["brightness", "entropy"])
+
+
+@pytest.mark.parametrize("label,why", [
+    ({"n_sam_masks": 3}, "omniforge 0.1"),  # the old field names name the command that rewrites them
+    ({"unknown_field": 3}, "4M-21's fields are"),
+    ({"n_humans": None}, "not a finite number"),
+    ({"objectness": float("nan")}, "not a finite number"),
+    ({"n_humans": True}, "not a finite number"),
+    ([1, 2], "JSON object"),
+])
+def test_metadata_refuses_what_ml4m_cannot_read(label, why):
+    with pytest.raises(SampleError, match=why):
+        metadata_units(label)
 
 
 @pytest.mark.parametrize("field,value,expected", [
@@ -125,7 +140,7 @@ _4M_IDS = {"original_width": 0, "caption_n_chars": 2, "colorfulness": 9, "occlus
 
 
 def test_metadata_parse():
-    text = " ".join(metadata_units({"n_coco_classes": 4, "brightness": 1.0, "original_height": 64}))
+    text = " ".join(metadata_units({"coco_instance_diversity": 4, "brightness": 255.0, "original_height": 64}))
     assert text == "v1=1 v0=2 v1=8 v0=4 v1=10 v0=49"
     assert parse_metadata(text) == {"original_height": 2, "coco_instance_diversity": 4, "brightness": 49}
     assert parse_metadata("v1=8 v0=4 v1=10") == {"coco_instance_diversity": 4}

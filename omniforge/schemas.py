@@ -1,0 +1,132 @@
+"""Schemas of the raw labels: what a decoded label of each format must be.
+
+A modality names its schema in the registry (`ModalityInfo.schema`, "module:function"): a function that
+takes one decoded label (`omniforge.codecs.decode`) and raises SampleError("bad_label", <what is wrong>)
+unless the label is well formed. `omniforge verify` runs it on every label; the readers (tokenize, the
+trainer's raw sequence folders, `export`) run the serializers, which check the same rules as they read.
+Array labels (images, maps, feature vectors) are checked against the registry's own fields by
+`check_array`, so a plugin modality gets that check without writing a schema.
+
+The JSON formats are the ones ml-4m's transforms read (fourm/data/modality_transforms.py), except
+sam_instance, whose ml-4m form needs a pickle (`omniforge export --dialect ml4m` writes that one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from omniforge.errors import SampleError
+from omniforge.modalities import ModalityInfo
+
+
+def _bad(message: str) -> SampleError:
+    return SampleError("bad_label", message)
+
+
+def _numbers(value: Any, n: int) -> list[float] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+        return None
+    return [float(v) for v in value]
+
+
+def _instances(label: Any, what: str) -> list[Any]:
+    if not isinstance(label, dict) or not isinstance(label.get("instances"), list):
+        raise _bad(f"a {what} label is a JSON object with an \"instances\" list")
+    return label["instances"]
+
+
+def check_caption(label: Any) -> None:
+    if not isinstance(label, str) or not label.strip():
+        raise _bad("a caption is non-empty UTF-8 text")
+
+
+def check_det(label: Any) -> None:
+    """{"instances": [{"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name": str, "score": 0..1}]}."""
+    for i, inst in enumerate(_instances(label, "det")):
+        box = _numbers(inst.get("boxes") if isinstance(inst, dict) else None, 4)
+        if box is None or not all(0.0 <= c <= 1.0 for c in box) or box[0] > box[2] or box[1] > box[3]:
+            raise _bad(f"det instance {i}: \"boxes\" must be [xmin, ymin, xmax, ymax] in 0..1 with min <= max")
+        if not isinstance(inst.get("class_name"), str) or not inst["class_name"].strip():
+            raise _bad(f"det instance {i}: \"class_name\" must be a non-empty string")
+        score = _numbers([inst.get("score")], 1)
+        if score is None or not 0.0 <= score[0] <= 1.0:
+            raise _bad(f"det instance {i}: \"score\" must be a number in 0..1")
+
+
+def check_metadata(label: Any) -> None:
+    """{4M-21 field name: finite number}, ml-4m's names and units (see `text.metadata_units`)."""
+    from omniforge.tokenize.text import check_metadata as check
+
+    check(label)
+
+
+def check_color_palette(label: Any) -> None:
+    """[{"1": [[R, G, B]], ..., "7": [...]}]: for every k, 1..k colours in 0..255 (see `text.palettes_of`)."""
+    from omniforge.tokenize.text import palette_units, palettes_of
+
+    for k, colors in palettes_of(label).items():
+        palette_units(colors)
+        if len(colors) > k:
+            raise _bad(f"color_palette: the palette for k={k} has {len(colors)} colours")
+
+
+def check_sam_instance(label: Any) -> None:
+    """{"instances": [{"segmentation": COCO RLE {"size": [H, W], "counts": str}, "bbox": XYXY pixels, "score",
+    ...}], "image_size": [H, W]}."""
+    instances = _instances(label, "sam_instance")
+    size = _numbers(label.get("image_size"), 2)
+    if size is None or not all(s >= 1 and s == int(s) for s in size):
+        raise _bad("sam_instance: \"image_size\" must be [H, W] in pixels")
+    for i, inst in enumerate(instances):
+        seg = inst.get("segmentation") if isinstance(inst, dict) else None
+        if not isinstance(seg, dict) or _numbers(seg.get("size"), 2) != size or not isinstance(seg.get("counts"), str):
+            raise _bad(f"sam_instance instance {i}: \"segmentation\" must be a COCO compressed RLE of the image size")
+        if _numbers(inst.get("bbox"), 4) is None or _numbers([inst.get("score")], 1) is None:
+            raise _bad(f"sam_instance instance {i}: needs a \"bbox\" [xmin, ymin, xmax, ymax] and a \"score\"")
+
+
+def check_human_poses(label: Any) -> None:
+    """{"instances": [{"bbox": 4 numbers, "keypoints": [[x, y, score], ...], ...}], ...}."""
+    for i, inst in enumerate(_instances(label, "human_poses")):
+        if not isinstance(inst, dict) or _numbers(inst.get("bbox"), 4) is None:
+            raise _bad(f"human_poses person {i}: needs a \"bbox\" of 4 numbers")
+        kps = inst.get("keypoints", [])
+        if not isinstance(kps, list) or any(_numbers(kp, 3) is None for kp in kps):
+            raise _bad(f"human_poses person {i}: \"keypoints\" must be [x, y, score] triples")
+
+
+_DTYPES = {"uint8": (np.uint8,), "uint16": (np.uint16,), "float": (np.float16, np.float32)}
+
+
+def check_array(info: ModalityInfo, value: Any) -> None:
+    """An image, map or vector label against the registry: its shape, channels and dtype."""
+    if info.ext not in ("jpg", "png", "npy") or info.crop not in ("dense", "features", "global"):
+        return
+    arr = np.asarray(value)
+    if info.shape is not None:
+        if arr.shape != info.shape:
+            raise _bad(f"{info.name}: shape {arr.shape}, expected {info.shape}")
+    elif info.crop == "dense":
+        channels = 1 if arr.ndim == 2 else (arr.shape[2] if arr.ndim == 3 else None)
+        if channels != info.channels or min(arr.shape[:2], default=0) < 1:
+            raise _bad(f"{info.name}: a map of shape {arr.shape}, expected (H, W) with {info.channels} channel(s)")
+    if info.dtype in _DTYPES and arr.dtype.type not in _DTYPES[info.dtype] and info.ext != "png":
+        raise _bad(f"{info.name}: dtype {arr.dtype}, expected {info.dtype}")
+    if info.dtype == "float" and not np.isfinite(arr).all():
+        raise _bad(f"{info.name}: holds NaN or infinite values")
+
+
+def check_label(info: ModalityInfo, label: Any) -> None:
+    """Raise SampleError("bad_label", ...) unless `label` (decoded) is a well-formed label of `info`."""
+    check_array(info, label)
+    if info.schema is not None:
+        info.resolve_schema()(label)
+
+
+__all__ = ["check_array", "check_caption", "check_color_palette", "check_det", "check_human_poses", "check_label",
+           "check_metadata", "check_sam_instance"]
