@@ -1,0 +1,76 @@
+"""Label schemas (omniforge.schemas) and the refusal of labels in an older raw format (pipeline.formats)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage import data
+
+from omniforge import shards, storage
+from omniforge.errors import SampleError
+from omniforge.labelers import Sample, create_labeler
+from omniforge.modalities import get_modality
+from omniforge.pipeline import formats
+from omniforge.schemas import check_label
+
+
+def _photo() -> Sample:
+    return Sample(key="chelsea", image=np.ascontiguousarray(data.chelsea()), caption="A cat.")
+
+
+@pytest.mark.parametrize("teacher", ["color_palette", "metadata", "canny_edge", "rgb", "caption"])
+def test_what_the_labelers_write_matches_its_schema(teacher):
+    out = create_labeler(teacher).label([_photo()])[0]
+    for m, label in out.items():
+        check_label(get_modality(m), label)
+
+
+@pytest.mark.parametrize("modality,label,why", [
+    ("color_palette", [[1, 2, 3]], "omniforge 0.1"),  # the bare list of omniforge 0.1
+    ("color_palette", [{str(k): [[0, 0, 0]] for k in range(1, 7)}], "k = 1, 2"),  # k=7 missing
+    ("color_palette", [{**{str(k): [[0, 0, 0]] for k in range(1, 8)}, "2": [[0, 0, 0]] * 3}], "k=2 has 3"),
+    ("metadata", {"n_coco_classes": 2}, "omniforge 0.1"),
+    ("det", {"instances": [{"boxes": [0.5, 0, 0.4, 1], "class_name": "dog", "score": 0.9}]}, "min <= max"),
+    ("det", {"instances": [{"boxes": [0, 0, 1, 1], "class_name": "", "score": 0.9}]}, "class_name"),
+    ("det", {"boxes": []}, "instances"),
+    ("caption", "   ", "non-empty"),
+    ("sam_instance", {"instances": [], "image_size": [0, 4]}, "image_size"),
+    ("canny_edge", np.zeros((4, 4, 3), np.uint8), "channel"),
+    ("dinov2", np.zeros((16, 16, 4), np.float16), "shape"),
+    ("dinov2_global", np.full((768,), np.nan, np.float16), "NaN"),
+])
+def test_bad_labels_are_named(modality, label, why):
+    with pytest.raises(SampleError, match=why):
+        check_label(get_modality(modality), label)
+
+
+def _run(root: str, name: str, fingerprint: str, formats_: dict | None) -> None:
+    teacher = {"fingerprint": fingerprint, "modalities": ["metadata"]}
+    if formats_ is not None:
+        teacher["formats"] = formats_
+    storage.write_bytes(storage.join(root, "manifest/runs", f"{name}.json"),
+                        json.dumps({"job": "label", "teachers": {"metadata": teacher}}).encode())
+
+
+def _status(root: str, shard: int, fingerprint: str) -> None:
+    shards.write_status(shards.status_uri(root, "metadata", shard), [
+        {"key": "a", "ok": True, "error_type": None, "error_message": None, "fingerprint": fingerprint,
+         "seconds": 0.0}])
+
+
+def test_shards_of_an_older_format_are_refused_with_the_command_that_rewrites_them(tmp_path):
+    root = str(tmp_path)
+    _run(root, "old", "f-old", None)  # omniforge 0.1 recorded no formats: format 1
+    _run(root, "new", "f-new", {"metadata": 2})
+    _status(root, 0, "f-new")
+    formats.check_formats(root, ["metadata"])  # current shards pass
+    _status(root, 1, "f-old")
+    assert formats.stale_shards(root, ["metadata", "caption"]) == {"metadata": {1: 1}}
+    with pytest.raises(formats.LegacyFormatError, match=r"1 shard in format 1.*reads format 2.*"
+                                                        rf"omniforge label --output {root} --modalities metadata"):
+        formats.check_formats(root, ["metadata"])
+    formats.check_formats(root, ["metadata"], [0])  # only the shards asked about count
+    _status(root, 1, "f-unknown")  # no run records the fingerprint: nothing proves it old
+    formats.check_formats(root, ["metadata"])
