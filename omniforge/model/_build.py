@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from omniforge.errors import ConfigError
 from omniforge.model.data import committed_shards
 from omniforge.model.masking import MaskingConfig
-from omniforge.model.specs import ModalitySpec, pixel_source, specs_for
+from omniforge.model.specs import ModalitySpec, label_source, pixel_source, specs_for
 
 if TYPE_CHECKING:
     from omniforge.model.train_config import TrainConfig
@@ -31,9 +31,10 @@ def _text_tokenizer(cfg: TrainConfig, sequence_folders: list[str]):
 
 def _is_sequence(folder: str) -> bool:
     from omniforge.modalities import by_token_folder
+    from omniforge.model.specs import raw_sequence_info
 
     info = by_token_folder(folder)
-    return info is not None and info.crop == "sequence"
+    return (info is not None and info.crop == "sequence") or raw_sequence_info(folder) is not None
 
 
 def build_specs(cfg: TrainConfig) -> tuple[dict[str, ModalitySpec], Any]:
@@ -61,7 +62,7 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
     store = TokenizerStore(cfg.tokenizers)
     out = dict(specs)
     for folder, spec in specs.items():
-        if spec.kind in ("sequence", "pixels"):
+        if spec.kind in ("sequence", "pixels") or spec.raw:
             continue
         codebook = store.codebook_size(kind_for(by_token_folder(folder)))
         if codebook is not None:
@@ -72,6 +73,11 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
 def _check_shards(cfg: TrainConfig) -> None:
     # A folder must exist somewhere; a root without it gives samples with that modality masked.
     missing = [f for f in cfg.modalities if not any(committed_shards(root, f) for root in cfg.roots)]
+    raw = [f for f in missing if label_source(f) and not pixel_source(f)]
+    if raw:
+        raise ConfigError(f"{', '.join(raw)} {'are raw label folders' if len(raw) > 1 else 'is a raw label folder'}"
+                          f" read with the root's rgb labels and crop_settings, and {', '.join(cfg.roots)} has no "
+                          f"shard with all three: label {', '.join(raw)} and tokenize (any modality) first")
     pixels = [f for f in missing if pixel_source(f)]
     if pixels:
         raise ConfigError(f"{', '.join(pixels)} crops the {pixel_source(pixels[0])} labels (in the token root, or in "

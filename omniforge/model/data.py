@@ -3,8 +3,14 @@
 Reads ``ROOT/<folder>/shard-NNNNNN.tar`` (members ``<key>.npy``, int16 (n_crops, N), sorted by key) for
 every requested token folder. A raw-pixel folder (``rgb@224``) is read from the ``rgb`` label tar joined
 by key with ``crop_settings``: the JPEG is cropped with the sample's crop (the crop its tokens were made
-from) to 224 x 224 and cut into uint8 patches. A shard counts for a folder once its ``_status`` table
-exists (the commit marker; for pixels, both tables); the shards read are the union over folders. One stream
+from) to 224 x 224 and cut into uint8 patches. A raw sequence folder (``det``, ``metadata``,
+``color_palette``, ``caption``: the label folder itself, as ml-4m reads them) is joined with
+``crop_settings`` and ``rgb`` (for the frame the crop is in) and serialized per sample with the registry's
+serializer, the sample's crop and its generator (palette k, metadata order: new draws every epoch, the same
+draws after a resume), then tokenized with the text tokenizer of ``DataConfig.tokenizers``; what a token
+budget cuts is counted in ``batch["__cut__"]`` (folder -> int64 (B,) units cut). A shard counts for a folder
+once its ``_status`` table exists (the commit marker; for pixels, both tables; for raw sequences, the label's,
+rgb's and crop_settings'); the shards read are the union over folders. One stream
 of samples per (rank, DataLoader worker):
 
 - epoch e permutes the shard list with ``(seed, e)`` (the same on every rank); stream g of G = world_size x
@@ -32,6 +38,7 @@ with one worker.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
@@ -47,8 +54,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from omniforge import codecs, storage
 from omniforge import shards as _shards
 from omniforge.errors import ConfigError, CorpusError, SampleError
+from omniforge.modalities import IMAGE_MODALITY, get_modality
 from omniforge.model.masking import Masker, collate
-from omniforge.model.specs import ModalitySpec, patchify, pixel_source
+from omniforge.model.specs import PIXEL_SIZE, ModalitySpec, label_source, patchify
 
 STATE_VERSION = 2
 _SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
@@ -71,6 +79,7 @@ class DataConfig:
     # (with several roots every batch has "__source__": int64 (B,), the index of each sample's root)
     pin_memory: bool = False  # page-locked batches, so that host-to-GPU copies can overlap compute
     weights: tuple[float, ...] | None = None  # with several roots: the share of samples drawn from each
+    tokenizers: str | None = None  # tokenizers directory (text/tokenizer.json): needed by raw sequence folders
 
     def __post_init__(self) -> None:
         self.root = self.root if isinstance(self.root, str) else tuple(self.root)
@@ -135,10 +144,14 @@ def parse_shards(spec: str) -> list[int]:
 def committed_shards(root: str, folder: str) -> set[int]:
     """Shards of a folder whose status table exists (the commit marker of the tar); for a raw-pixel folder,
     the shards committed in both its label folder (see :func:`labels_root`) and crop_settings."""
-    source = pixel_source(folder)
-    if source is not None:
-        return _status_shards(labels_root(root, folder), source) & _status_shards(root, _shards.CROP_SETTINGS)
-    return _status_shards(root, folder)
+    source = label_source(folder)
+    if source is None:
+        return _status_shards(root, folder)
+    labels = labels_root(root, folder)
+    found = _status_shards(labels, source) & _status_shards(root, _shards.CROP_SETTINGS)
+    if source != IMAGE_MODALITY:  # a raw sequence is cropped in the rgb label's frame
+        found &= _status_shards(labels, IMAGE_MODALITY)
+    return found
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,7 +159,7 @@ def labels_root(root: str, folder: str) -> str:
     """The root holding the labels a raw-pixel folder is cropped from: ``root`` itself when it has them (the
     default layout: tokens beside their labels), else the label root that ``omniforge tokenize --output
     root`` read, as named by the tokenize run records in ``root``. Other folders: ``root``."""
-    source = pixel_source(folder)
+    source = label_source(folder)
     if source is None or _status_shards(root, source):
         return root
     inputs: list[str] = []
@@ -236,6 +249,16 @@ class TokenShardDataset(IterableDataset):
         self._states: dict[int, dict[str, Any]] = {w: _worker_state(len(self.sources))
                                                    for w in range(max(1, cfg.num_workers))}
         self._first_worker = 0
+        self._text_tokenizer: Any = None  # loaded on first use, in the process that reads
+        raw = [spec.source for spec in masker.specs.values() if spec.raw and spec.kind == "sequence"]
+        if raw and not cfg.tokenizers:
+            raise ConfigError(f"{', '.join(raw)} are raw label folders the loader serializes: pass the tokenizers "
+                              "directory holding text/tokenizer.json (--tokenizers)")
+        if raw:
+            from omniforge.pipeline.formats import check_formats
+
+            for src in self.sources:
+                check_formats(labels_root(src.root, raw[0]), raw, src.shards)
 
     @property
     def shards(self) -> list[int]:
@@ -280,10 +303,14 @@ class TokenShardDataset(IterableDataset):
 
     def _folder_members(self, root: str, folder: str, shard: int) -> Iterator[tuple[str, Any]]:
         spec = self.masker.specs[folder]
-        if spec.kind != "pixels":
+        if not spec.raw:
             return _keyed(_shards.tar_uri(root, folder, shard))
-        return _joined(_keyed(_shards.tar_uri(labels_root(root, folder), spec.source, shard)),
-                       _keyed(_shards.tar_uri(root, _shards.CROP_SETTINGS, shard)))
+        labels = labels_root(root, folder)
+        streams = [_keyed(_shards.tar_uri(labels, spec.source, shard)),
+                   _keyed(_shards.tar_uri(root, _shards.CROP_SETTINGS, shard))]
+        if spec.kind == "sequence":
+            streams.append(_keyed(_shards.tar_uri(labels, IMAGE_MODALITY, shard)))
+        return _joined(*streams)
 
     def _epoch_shards(self, src: int, epoch: int, stream: int) -> list[int]:
         shards = self.sources[src].shards
@@ -307,12 +334,12 @@ class TokenShardDataset(IterableDataset):
         rng = np.random.default_rng(seq)
         specs = self.masker.specs
         present = {f: b for f, b in rec.members.items() if b is not None}
-        arrays = {f: _decode(b if specs[f].kind != "pixels" else b[1], rec.root,
-                             f if specs[f].kind != "pixels" else _shards.CROP_SETTINGS, rec)
+        arrays = {f: _decode(b[1] if specs[f].raw else b, rec.root,
+                             _shards.CROP_SETTINGS if specs[f].raw else f, rec)
                   for f, b in present.items()}
         n_crops = min(a.shape[0] for a in arrays.values())
         for f, a in arrays.items():
-            if specs[f].kind == "pixels":
+            if specs[f].raw:
                 continue
             expected = specs[f].num_tokens
             if a.shape[1] != expected:
@@ -321,9 +348,42 @@ class TokenShardDataset(IterableDataset):
                                   "re-tokenize the shard or fix the spec")
         crop = int(rng.integers(n_crops))
         sample = {f: (arrays[f][crop] if f in arrays else None) for f in self.cfg.folders}
-        for f, (jpg, _) in ((f, b) for f, b in present.items() if specs[f].kind == "pixels"):
-            sample[f] = _pixels(jpg, arrays[f][crop], specs[f], rec.root, rec)
-        return {"key": rec.key, "crop": crop, "source": src, "masked": self.masker(sample, rng)}
+        cut: dict[str, int] = {}
+        for f, members in ((f, b) for f, b in present.items() if specs[f].raw):
+            if specs[f].kind == "pixels":
+                sample[f] = _pixels(members[0], arrays[f][crop], specs[f], rec.root, rec)
+            else:
+                sample[f], cut[f] = self._serialize(f, members, arrays[f], crop, rec, rng)
+        return {"key": rec.key, "crop": crop, "source": src, "cut": cut, "masked": self.masker(sample, rng)}
+
+    def _serialize(self, folder: str, members: tuple[bytes, bytes, bytes], crops: np.ndarray, crop: int,
+                   rec: _Record, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        """(token ids (num_tokens,), units cut) of a raw sequence label, serialized for this sample's crop."""
+        from PIL import Image
+
+        from omniforge.tokenize.text import Crop
+
+        spec, info = self.masker.specs[folder], get_modality(self.masker.specs[folder].source)
+        uri = _shards.tar_uri(labels_root(rec.root, folder), spec.source, rec.shard)
+        label_bytes, _, jpg = members
+        try:
+            label = codecs.decode(info.ext, label_bytes)
+            width, height = Image.open(io.BytesIO(jpg)).size
+            units = info.resolve_serializer()(label, Crop(row=crops[crop], height=height, width=width,
+                                                          size=PIXEL_SIZE, key=rec.key, index=crop, rng=rng))
+        except SampleError as e:
+            raise CorpusError(f"{uri}: {rec.key}: {e.message} (`omniforge verify` lists every such label)") from None
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            raise CorpusError(f"{uri}: {rec.key}.{info.ext} cannot be serialized ({type(e).__name__}: {e}): "
+                              "`omniforge verify` lists every such label") from None
+        return self._text().pack(units, spec.num_tokens)
+
+    def _text(self) -> Any:
+        if self._text_tokenizer is None:
+            from omniforge.tokenize.store import TokenizerStore
+
+            self._text_tokenizer = TokenizerStore(self.cfg.tokenizers).text()
+        return self._text_tokenizer
 
     def _stream(self, stream: int, state: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(sample, stream position after it): one root's samples, or several roots mixed by cfg.weights (each
@@ -390,6 +450,9 @@ class TokenShardDataset(IterableDataset):
 
     def _collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = collate([r["masked"] for r in rows])
+        raw = [f for f, spec in self.masker.specs.items() if spec.raw and spec.kind == "sequence"]
+        if raw:
+            batch["__cut__"] = {f: torch.tensor([r["cut"].get(f, 0) for r in rows], dtype=torch.int64) for f in raw}
         if self.cfg.keys:
             batch["__key__"] = [r["key"] for r in rows]
             batch["__crop__"] = torch.tensor([r["crop"] for r in rows], dtype=torch.int64)
@@ -471,17 +534,18 @@ def _decode(data: bytes, root: str, folder: str, rec: _Record) -> np.ndarray:
     return arr
 
 
-def _joined(images: Iterator[tuple[str, bytes]], crops: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, Any]]:
-    """(key, (image bytes, crop settings bytes)) for the keys in both key-sorted streams: an image without
-    crop settings was not tokenized (its tokenize status says why) and is not a training sample."""
-    crop = next(crops, None)
-    for key, data in images:
-        while crop is not None and crop[0] < key:
-            crop = next(crops, None)
-        if crop is None:
+def _joined(labels: Iterator[tuple[str, bytes]], *others: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, Any]]:
+    """(key, (label bytes, bytes of each other stream)) for the keys in every key-sorted stream: a label
+    without crop settings was not tokenized (its tokenize status says why) and is not a training sample."""
+    heads = [next(it, None) for it in others]
+    for key, data in labels:
+        for i, it in enumerate(others):
+            while heads[i] is not None and heads[i][0] < key:
+                heads[i] = next(it, None)
+        if any(h is None for h in heads):
             return
-        if crop[0] == key:
-            yield key, (data, crop[1])
+        if all(h[0] == key for h in heads):
+            yield key, (data, *(h[1] for h in heads))
 
 
 def _pixels(jpg: bytes, crop: np.ndarray, spec: ModalitySpec, root: str, rec: _Record) -> np.ndarray:

@@ -76,13 +76,18 @@ class StepMetrics:
     tokens_per_s: float  # encoder inputs + decoder targets of every rank, over the step's wall time
     grad_norm: float  # the global gradient norm before clipping
     dataset_losses: dict[str, float] | None = None  # with several data roots: the loss of each root's samples
+    # with raw sequence folders: per folder, the units (boxes, metadata fields) its token budget cut this step
+    budget_cuts: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The log.jsonl entry (``dataset_losses`` only when mixing roots)."""
+        """The log.jsonl entry (``dataset_losses`` only when mixing roots, ``budget_cuts`` only with raw
+        sequence folders)."""
         entry = {"step": self.step, "loss": self.loss, "losses": self.losses, "lr": self.lr,
                  "tokens_per_s": self.tokens_per_s, "grad_norm": self.grad_norm}
         if self.dataset_losses is not None:
             entry["dataset_losses"] = self.dataset_losses
+        if self.budget_cuts is not None:
+            entry["budget_cuts"] = self.budget_cuts
         return entry
 
 

@@ -7,7 +7,10 @@ A folder is one of four kinds:
 - ``"global"``: Memcodes folders (a short fixed-length code, 16 tokens), masked like images but with 1-D
   positions;
 - ``"sequence"``: WordPiece folders (caption, det, metadata, ...), span-masked T5 style, sharing one
-  text vocabulary;
+  text vocabulary. Either a token folder (``tok_det``: the serialization the tokenize job froze) or, as
+  ml-4m reads them, the raw label folder itself (``det``, ``metadata``, ``color_palette``, ``caption``):
+  the loader serializes the label per training sample, with that sample's crop and draws (palette k,
+  metadata order), so every epoch sees new draws;
 - ``"pixels"``: raw-pixel input (``rgb@224``, ml-4m's name): the rgb label cropped with the sample's
   ``crop_settings`` to 224 x 224 and cut into 16 x 16 patches, uint8 (196, 768) with each patch flattened
   as (row, column, channel). Input-only: the encoder embeds patches linearly, nothing predicts them.
@@ -40,7 +43,7 @@ class ModalitySpec:
     vocab_size: int  # 0 for pixels (nothing to predict)
     grid: int = 0  # sqrt(num_tokens) for images and pixels, 0 otherwise
     patch: int = 0  # pixels: side of one patch; 0 otherwise
-    source: str = ""  # pixels: the label folder the pixels come from ("rgb"); "" otherwise
+    source: str = ""  # pixels, raw sequences: the label folder read ("rgb", "det"); "" for token folders
     chunks: tuple[int, int] | None = None  # sequences: span masking never cuts these chunks (ModalityInfo.chunks)
     shuffle_chunks: bool = False  # sequences: chunks shuffled per sample before masking
     keep: str = "random"  # sequences: the default span-masking keep scheme
@@ -58,8 +61,9 @@ class ModalitySpec:
                                  f"source={self.source!r})")
         elif self.vocab_size <= 0:
             raise ValueError(f"ModalitySpec {self.name!r}: vocab_size must be positive, got {self.vocab_size}")
-        elif self.patch or self.source:
-            raise ValueError(f"ModalitySpec {self.name!r}: patch and source are for pixel folders only")
+        elif self.patch or (self.source and self.kind != "sequence"):
+            raise ValueError(f"ModalitySpec {self.name!r}: patch is for pixel folders, source for pixel and raw "
+                             "sequence folders")
         if self.kind in ("image", "pixels"):
             if self.grid * self.grid != self.num_tokens:
                 raise ValueError(
@@ -89,6 +93,11 @@ class ModalitySpec:
     def patch_dim(self) -> int:
         """Values in one flattened pixel patch (3 * patch * patch); 0 for token folders."""
         return 3 * self.patch * self.patch
+
+    @property
+    def raw(self) -> bool:
+        """A raw label folder serialized per sample by the loader (pixels, raw sequences)."""
+        return bool(self.source)
 
     @property
     def input_only(self) -> bool:
@@ -144,8 +153,26 @@ def spec_for_info(info: ModalityInfo, text_vocab_size: int) -> ModalitySpec:
                         grid=grid, role=info.role)
 
 
+def raw_sequence_spec(info: ModalityInfo, text_vocab_size: int) -> ModalitySpec:
+    """The spec of a sequence modality read from its raw label folder (``det``) and serialized per sample.
+    The serializer draws the chunk order itself (metadata), so the masker does not shuffle again."""
+    if info.crop != "sequence" or info.tokenizer != "wordpiece" or info.serializer is None:
+        raise ValueError(f"modality {info.name!r} cannot be read raw: only WordPiece sequences with a serializer "
+                         f"are serialized by the loader; train on {info.token_modality or 'its token folder'}")
+    return ModalitySpec(name=info.name, kind="sequence", num_tokens=info.num_tokens, vocab_size=text_vocab_size,
+                        source=info.name, chunks=info.chunks, shuffle_chunks=False, keep=info.keep, role=info.role)
+
+
+def raw_sequence_info(folder: str) -> ModalityInfo | None:
+    """The modality whose raw label folder `folder` is, when the loader can serialize it per sample."""
+    info = next((m for m in all_modalities() if m.name == folder), None)
+    if info is None or info.crop != "sequence" or info.tokenizer != "wordpiece" or info.serializer is None:
+        return None
+    return info
+
+
 def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpec]:
-    """Specs of the given token folders (e.g. ``["tok_rgb@224", "tok_caption"]``), in the given order."""
+    """Specs of the given folders (e.g. ``["tok_rgb@224", "tok_caption", "det"]``), in the given order."""
     if text_vocab_size <= 0:
         raise ValueError(f"text_vocab_size must be positive, got {text_vocab_size}")
     out: dict[str, ModalitySpec] = {}
@@ -154,11 +181,17 @@ def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpe
         if pixels is not None:
             out[folder] = pixel_spec(pixels)
             continue
+        raw_info = raw_sequence_info(folder)
+        if raw_info is not None:
+            out[folder] = raw_sequence_spec(raw_info, text_vocab_size)
+            continue
         info = by_token_folder(folder)
         if info is None:
             known = ", ".join(m.token_modality for m in all_modalities() if m.tokenized)
             raw = ", ".join(m.pixel_modality for m in all_modalities() if m.pixel_modality)
-            raise KeyError(f"unknown folder {folder!r}; known token folders: {known}; raw-pixel input folders: {raw}")
+            seqs = ", ".join(m.name for m in all_modalities() if raw_sequence_info(m.name))
+            raise KeyError(f"unknown folder {folder!r}; known token folders: {known}; raw-pixel input folders: {raw}; "
+                           f"raw sequence folders: {seqs}")
         out[folder] = spec_for_info(info, text_vocab_size)
     return out
 
@@ -166,6 +199,15 @@ def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpe
 def pixel_source(folder: str) -> str | None:
     """The label folder a raw-pixel folder is read from (rgb@224 -> rgb); None for any other folder."""
     info = by_pixel_folder(folder)
+    return info.name if info is not None else None
+
+
+def label_source(folder: str) -> str | None:
+    """The label folder a raw folder is read from: rgb@224 -> rgb, det -> det; None for token folders."""
+    source = pixel_source(folder)
+    if source is not None:
+        return source
+    info = raw_sequence_info(folder)
     return info.name if info is not None else None
 
 

@@ -134,12 +134,12 @@ class _Run:
         data_cfg = DataConfig(root=cfg.data, weights=cfg.data_weights, folders=cfg.modalities,
                               batch_size=cfg.batch_size, seed=cfg.seed,
                               num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-                              pin_memory=device.type == "cuda")
+                              pin_memory=device.type == "cuda", tokenizers=cfg.tokenizers)
         self.loader = make_loader(data_cfg, masker, rank=d.rank, world_size=d.world_size)
         self.eval_data = None
         if cfg.eval_data is not None:  # read in order, unshuffled, endless: every rank runs eval_batches batches
             eval_cfg = DataConfig(root=cfg.eval_data, folders=cfg.modalities, batch_size=cfg.batch_size,
-                                  seed=cfg.seed, num_workers=0, shuffle_buffer=1)
+                                  seed=cfg.seed, num_workers=0, shuffle_buffer=1, tokenizers=cfg.tokenizers)
             self.eval_data = TokenShardDataset(eval_cfg, masker, rank=d.rank, world_size=d.world_size)
             self._eval_start = self.eval_data.state_dict()
         self.model_config = model_config(cfg.model)
@@ -188,9 +188,13 @@ class _Run:
         # With several roots: per root and modality, the summed target-token cross-entropy and the token count.
         root_ce, root_tokens = torch.zeros(r, n, **zeros), torch.zeros(r, n, **zeros)
         batches_with, tokens = [0.0] * n, 0  # per modality: micro-batches with its targets; tokens processed
+        raw = [m for m in names if self.specs[m].raw and self.specs[m].kind == "sequence"]
+        cut = [0] * len(raw)  # per raw sequence folder: units its token budget cut (data.py: "__cut__")
         for micro in range(cfg.grad_accum):
             host_batch = next(batches)
             tokens += _batch_tokens(host_batch)  # counted on the host copy: no device sync
+            for j, m in enumerate(raw):
+                cut[j] += int(host_batch["__cut__"][m].sum())
             batch = _to_device(host_batch, self.device)
             sync = micro == cfg.grad_accum - 1 or d.world_size == 1 or cfg.strategy == "fsdp"
             ctx = contextlib.nullcontext() if sync else self.runner.no_sync()
@@ -220,10 +224,11 @@ class _Run:
             grad_norm=norm.detach(), loss=loss_sum / cfg.grad_accum, ce=ce, root_ce=root_ce,
             root_tokens=root_tokens).tolist())
         # Summed over ranks (the norm is already global).
-        summed = Layout(loss=(), tokens=(), ce=(n,), batches_with=(n,), root_ce=(r, n), root_tokens=(r, n))
+        summed = Layout(loss=(), tokens=(), ce=(n,), batches_with=(n,), root_ce=(r, n), root_tokens=(r, n),
+                        cut=(len(raw),))
         sums = _sum_over_ranks(summed, dict(loss=local["loss"], tokens=tokens, ce=local["ce"],
                                             batches_with=batches_with, root_ce=local["root_ce"],
-                                            root_tokens=local["root_tokens"]), self.device, d)
+                                            root_tokens=local["root_tokens"], cut=cut), self.device, d)
         seconds = time.perf_counter() - t0
         metrics = StepMetrics(step=step + 1, loss=sums["loss"] / d.world_size,
                               losses=per_modality(names, sums["ce"], sums["batches_with"]), lr=lr,
@@ -231,6 +236,8 @@ class _Run:
         if mixed:
             metrics.dataset_losses = {root: mean_loss(sums["root_ce"][k], sums["root_tokens"][k])
                                       for k, root in enumerate(roots) if sums["root_tokens"][k].any()}
+        if raw:
+            metrics.budget_cuts = {m: int(c) for m, c in zip(raw, sums["cut"])}
         return metrics
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from omniforge import shards, storage
 from omniforge.errors import ConfigError
-from omniforge.modalities import get_modality
+from omniforge.modalities import all_modalities, get_modality
 
 RUNS_DIR = "manifest/runs"
 
@@ -49,13 +49,14 @@ def stale_shards(root: str, modalities: Iterable[str], shard_ids: Iterable[int] 
 
     A shard whose fingerprint no label run records (a record lost) counts as current: the check refuses what
     it can prove old, it does not guess."""
-    wanted = [m for m in modalities if get_modality(m).format_version > 1]
+    infos = {info.name: info for info in all_modalities()}  # folders that are no label modality are skipped
+    wanted = [m for m in modalities if m in infos and infos[m].format_version > 1]
     if not wanted:
         return {}
     formats = recorded_formats(root) if known is None else known
     out: dict[str, dict[int, int]] = {}
     for m in wanted:
-        current = get_modality(m).format_version
+        current = infos[m].format_version
         ids = sorted(shard_ids) if shard_ids is not None else _status_shards(root, m)
         for s in ids:
             uri = shards.status_uri(root, m, s)
