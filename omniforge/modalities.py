@@ -383,8 +383,9 @@ MODALITIES: dict[str, ModalityInfo] = {
             name="imagebind", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 1280),
             description="npy float16 (16, 16, 1280), ImageBind-H/14 patch features"),
         ModalityInfo(
-            name="imagebind_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(1024,),
-            description="npy float16 (1024,), ImageBind-H/14 global embedding"),
+            name="imagebind_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(1280,),
+            description="npy float16 (1280,), ImageBind-H/14 class token after the final LayerNorm, not projected "
+                        "(4M-21's ImageBind-H14-global)"),
         ModalityInfo(
             name="color_palette", ext="json", tokenizer=_TEXT, num_tokens=23, chunks=(1, 3), keep="binary",
             draw="palette", serializer="omniforge.tokenize.text:palette_crop_units",

@@ -33,6 +33,9 @@ class OpenClipLabeler(TorchLabeler):
 
     checkpoint_format = "open_clip_pytorch_model.bin"
     tiny_cfg: ClassVar[dict[str, Any]]
+    # False: `encode` returns the pooled class token after ln_post as it is, not `@ proj` (the tower's `proj` is
+    # dropped once built)
+    project_pooled: ClassVar[bool] = True
     model_name: str
     pretrained_tag: str | None
 
@@ -64,7 +67,13 @@ class OpenClipLabeler(TorchLabeler):
             image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"), **kwargs)
         visual = model.visual  # the text tower is not needed
         visual.output_tokens = True
-        return visual, preprocess
+        return self._tower(visual), preprocess
+
+    def _tower(self, visual: Any) -> Any:
+        """The built image tower as `encode` runs it: without `proj` unless `project_pooled`."""
+        if not self.project_pooled:
+            visual.proj = None  # open_clip's VisionTransformer then returns the pooled token unprojected
+        return visual
 
     def build_pretrained(self) -> tuple[Any, Callable]:
         if self.pretrained_tag is None:
@@ -82,7 +91,8 @@ class OpenClipLabeler(TorchLabeler):
     # -- features ------------------------------------------------------------------------------------------
 
     def encode(self, x: Any) -> tuple[Any, Any]:
-        """(pooled @ proj: (B, embed_dim), last-layer patch tokens after ln_post: (B, grid_h, grid_w, width))."""
+        """(the class token after ln_post, @ proj when `project_pooled`: (B, embed_dim) or (B, width); the
+        last-layer patch tokens after ln_post: (B, grid_h, grid_w, width))."""
         pooled, tokens = self.model(x)  # tokens: (B, grid_h * grid_w, width), class token removed
         grid_h, grid_w = self.model.grid_size
         return pooled, tokens.reshape(tokens.shape[0], grid_h, grid_w, tokens.shape[-1])

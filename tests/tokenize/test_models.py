@@ -25,7 +25,7 @@ LABELS = {
     "dinov2": ((16, 16, 768), np.float16),
     "imagebind": ((16, 16, 1280), np.float16),
     "dinov2_global": ((768,), np.float16),
-    "imagebind_global": ((1024,), np.float16),
+    "imagebind_global": ((1280,), np.float16),
     "sam_mask": ((64, 64), np.uint8),
 }
 # (prepared batch shape without B, dtype, tokens, decode() output shape without B)
@@ -40,7 +40,7 @@ MODEL_SPACE = {
     "dinov2": ((768, 16, 16), torch.float32, 256, (768, 16, 16)),
     "imagebind": ((1280, 16, 16), torch.float32, 256, (1280, 16, 16)),
     "dinov2_global": ((768,), torch.float32, 16, (768,)),
-    "imagebind_global": ((1024,), torch.float32, 16, (1024,)),
+    "imagebind_global": ((1280,), torch.float32, 16, (1280,)),
     "sam_mask": ((1, 64, 64), torch.float32, 16, (1, 64, 64)),
 }
 
