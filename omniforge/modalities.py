@@ -50,6 +50,7 @@ RESAMPLES = ("bicubic", "bilinear", "nearest", "normal")
 DTYPES = ("uint8", "uint16", "float")
 KEEPS = ("random", "all", "binary")
 ROLES = ("both", "input", "target")
+ML4M = ("direct", "export", "none")
 DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "text", "boxes", "poses", "palette", "json")
 NO_TOKENIZER = "none"
 TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
@@ -100,6 +101,9 @@ class ModalityInfo:
         is well formed (see `omniforge.schemas`); None: only the array checks of `omniforge.schemas.check_array`.
     format_version: version of the raw label format (1 unless it changed); the label job records it, and
         readers refuse shards written under an older one with the command that rewrites them.
+    ml4m: how ml-4m's own loader gets this folder: "direct" (it reads omniforge's files as they are),
+        "export" (`omniforge export --dialect ml4m` writes ml-4m's form, e.g. a pickle omniforge never writes)
+        or "none" (omniforge's label is not ml-4m's modality); `ml4m_note` says what differs, in words.
     """
 
     name: str
@@ -125,6 +129,8 @@ class ModalityInfo:
     draw: str | None = None
     schema: str | Callable[[Any], None] | None = None
     format_version: int = 1
+    ml4m: str = "direct"
+    ml4m_note: str = ""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -204,6 +210,10 @@ class ModalityInfo:
         if not isinstance(self.format_version, int) or isinstance(self.format_version, bool) \
                 or self.format_version < 1:
             raise bad("format_version", "must be a positive integer")
+        if self.ml4m not in ML4M:
+            raise bad("ml4m", f"is not one of {', '.join(ML4M)}")
+        if self.ml4m == "none" and not self.ml4m_note:
+            raise bad("ml4m_note", "must say why ml-4m cannot read the folder")
 
     # -- defaults
 
@@ -345,14 +355,17 @@ MODALITIES: dict[str, ModalityInfo] = {
             name="det", ext="json", tokenizer=_TEXT, num_tokens=256, draw="boxes",
             serializer="omniforge.tokenize.text:det_crop_units", schema=_SCHEMA + "check_det",
             description='JSON {"instances": [{"boxes": [xmin, ymin, xmax, ymax] in 0..1, "class_name", "score"}]}, '
-                        "every box the teacher kept (the serializer keeps score >= 0.6, as ml-4m)"),
+                        "every box the teacher kept (the serializer keeps score >= 0.6, as ml-4m)",
+            ml4m_note="every box the teacher kept; ml-4m's transform and omniforge's serializer keep score >= 0.6"),
         ModalityInfo(
             name="human_poses", ext="json", tokenizer=_TEXT, num_tokens=275, draw="poses",
             serializer="omniforge.tokenize.text:pose_crop_units", schema=_SCHEMA + "check_human_poses",
+            ml4m="none", ml4m_note="ViTPose COCO-17 keypoints; ml-4m's human_poses are HMR2.0 SMPL parameters",
             description="JSON per person: bbox, keypoints, optional SMPL parameters"),
         ModalityInfo(
             name="sam_instance", ext="json", tokenizer="sam_mask", num_tokens=290, draw="boxes",
-            schema=_SCHEMA + "check_sam_instance",
+            schema=_SCHEMA + "check_sam_instance", ml4m="export",
+            ml4m_note="ml-4m reads it pre-tokenized per crop, a pickled npy (polygons, SAM-mask tokens, boxes)",
             description="JSON COCO RLE masks, XYXY boxes and scores"),
         ModalityInfo(
             name="sam_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192,
@@ -372,10 +385,12 @@ MODALITIES: dict[str, ModalityInfo] = {
             description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none"),
         ModalityInfo(
             name="clip", ext="npy", tokenizer="features", vocab_size=8192, shape=(14, 14, 512),
-            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features"),
+            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features",
+            ml4m_note="ml-4m's tokenizer training names this folder CLIP-B16"),
         ModalityInfo(
             name="dinov2", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 768),
-            description="npy float16 (16, 16, 768), DINOv2 ViT-B/14 patch features at 224"),
+            description="npy float16 (16, 16, 768), DINOv2 ViT-B/14 patch features at 224",
+            ml4m_note="ml-4m's tokenizer training names this folder DINOv2-B14"),
         ModalityInfo(
             name="dinov2_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(768,),
             description="npy float16 (768,), DINOv2 ViT-B/14 CLS token"),

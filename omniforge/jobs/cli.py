@@ -90,6 +90,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from omniforge.pipeline.export import ExportConfig, export
+
+    summary = export(ExportConfig(root=args.root, out=args.out, dialect=args.dialect, tokenizers=args.tokenizers,
+                                  folders=_csv(args.modalities) if args.modalities else None, copy=args.copy,
+                                  progress=not args.no_progress))
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from omniforge.pipeline import show
 
@@ -272,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", help="comma list (default: every modality found)")
     p.add_argument("--no-decode", action="store_true", help="skip decoding every member (faster)")
     p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("export", help="write the corpus as another codebase's loader reads it (ml-4m)")
+    p.add_argument("root", help="corpus root (labels, tokens, crop_settings)")
+    p.add_argument("out", help="new root to write (local or s3://)")
+    p.add_argument("--dialect", required=True, choices=["ml4m"], help="ml4m: apple/ml-4m's webdataset loader")
+    p.add_argument("--tokenizers", default=None, help="tokenizers directory: the SAM-mask tokenizer that "
+                   "sam_instance is exported with (ml-4m reads it pre-tokenized)")
+    p.add_argument("--modalities", help="comma list of folders (default: every folder with committed shards)")
+    p.add_argument("--copy", action="store_true", help="copy tars instead of symlinking them (S3: always copied)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("show", help="draw every modality of one sample into a PNG")
     p.add_argument("root")

@@ -229,6 +229,12 @@ class TokenizerKind:
 
         return train_model(cfg, self, progress=progress, verbose=verbose)
 
+    def ml4m_form(self, label: Any, crops: np.ndarray, store: TokenizerStore) -> Any:
+        """The label in ml-4m's form for `omniforge export --dialect ml4m`, for kinds whose modality has
+        `ml4m="export"` (the value is saved as a `.npy`, pickled when it is an object array)."""
+        raise ConfigError(f"{self.info.name}: the {self.name} tokenizer kind has no ml-4m export form: set the "
+                          "modality's ml4m to 'direct' or 'none'")
+
     def decode(self, ids: np.ndarray, store: TokenizerStore) -> Any:
         """Token ids of one crop -> what `show` and `sample` draw: a label array, or text for sequences."""
         import torch
@@ -607,8 +613,27 @@ class SamInstanceKind(TokenizerKind):
 
         instances = crop_sam(label, crop.row, crop.height, crop.width, size=crop.size, mask_size=self.MASK_SIZE)
         tokens = store.encode(self, [i.mask for i in instances]) if instances else []
-        points = text.sam_query_points(crop.generator(text.DRAW_SAM), size=crop.size)
-        return text.sam_units(points, [(i.bbox, t.tolist(), i.full) for i, t in zip(instances, tokens)])
+        polygons = [(text.sam_contours(i.full)[0], t.tolist()) for i, t in zip(instances, tokens)]
+        return text.sam_draw_units(polygons, crop.generator(text.DRAW_SAM), size=crop.size)
+
+    def ml4m_form(self, label: Any, crops: np.ndarray, store: TokenizerStore) -> np.ndarray:
+        """ml-4m's pre-tokenized sam_instance of one sample: an object array with one dict per crop, "points"
+        (per instance, its polygons in the size x size crop, int32 (n, 1, 2) [x, y], largest first),
+        "token_ids" (int32 (instances, 16), this kind's SAM-mask tokens) and "bbox" (int32 (instances, 4)
+        [ymin, xmin, ymax, xmax], the first polygon's box): what ml-4m's SAMInstanceTokTransform loads."""
+        from omniforge.tokenize import text
+        from omniforge.tokenize.crops import crop_sam
+
+        height, width = self.label_size(label)
+        out = np.empty(len(crops), dtype=object)
+        for c, row in enumerate(np.asarray(crops)):
+            instances = crop_sam(label, row, height, width, size=IMAGE_SIZE, mask_size=self.MASK_SIZE)
+            tokens = store.encode(self, [i.mask for i in instances]) if instances else np.zeros((0, 16))
+            polygons = [text.sam_contours(i.full) for i in instances]
+            boxes = [text.sam_bbox(p[0]) for p in polygons]  # (xmin, ymin, xmax, ymax)
+            out[c] = {"points": polygons, "token_ids": np.asarray(tokens, np.int32).reshape(len(instances), -1),
+                      "bbox": np.asarray([[b[1], b[0], b[3], b[2]] for b in boxes], np.int32).reshape(-1, 4)}
+        return out
 
     def decode(self, ids: np.ndarray, store: TokenizerStore) -> str:
         return store.text().decode(np.asarray(ids).tolist())

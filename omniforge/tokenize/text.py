@@ -529,44 +529,89 @@ def _sam_token(t: int) -> str:
     return _value(0, t) if t < _SAM_HALF else _value(1, t - _SAM_HALF)
 
 
-def sam_units(points: Sequence[tuple[int, int]],
-              instances: Sequence[tuple[Sequence[int], Sequence[int], np.ndarray]]) -> list[str]:
-    """sam_instance in 4M-21's form: one unit per query point (x, y).
+def sam_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """The outer contours of a boolean instance mask in its crop, int32 (n, 1, 2) [x, y] pixels each, largest
+    area first (ties: OpenCV's order): the polygons ml-4m's sam_instance files hold (its transform tests query
+    points against the first)."""
+    import cv2
 
-    A unit is "point v0=<y> v1=<x>" (4M-21 writes the row first) followed, for every instance whose mask
-    contains the point, by "polygon v0=<xmin> v1=<ymin> v2=<xmax> v3=<ymax>" and its mask tokens, each
-    "v0=<t>" when t < 512 else "v1=<t - 512>"; or by "none" when no instance contains it.
-    `instances` are (bbox XYXY in pixels of the crop, mask token ids in 0..1023 (16 of them), boolean mask
-    (size, size) in the crop). Instances of a point are ordered by mask area, largest first, ties in input
-    order; a repeated query point is written once (4M-21 keys points by their coordinates).
-    """
+    found, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    order = sorted(range(len(found)), key=lambda i: -cv2.contourArea(found[i]))
+    return [found[i].astype(np.int32) for i in order]
+
+
+def sam_bbox(contour: np.ndarray) -> tuple[int, int, int, int]:
+    """(xmin, ymin, xmax, ymax) of a contour's points, inclusive, as ml-4m takes an instance's box."""
+    xy = np.asarray(contour).reshape(-1, 2)
+    return int(xy[:, 0].min()), int(xy[:, 1].min()), int(xy[:, 0].max()), int(xy[:, 1].max())
+
+
+def _sam_prepared(instances: Sequence[tuple[np.ndarray, Sequence[int]]]) -> list[tuple[np.ndarray, str]]:
     prepared = []
-    for idx, (bbox, tokens, mask) in enumerate(instances):
-        mask = np.asarray(mask, dtype=bool)
+    for idx, (contour, tokens) in enumerate(instances):
+        contour = np.asarray(contour)
         tokens = [int(t) for t in tokens]
-        box = [int(round(float(c))) for c in bbox]
-        if mask.ndim != 2 or len(box) != 4:
-            raise _bad(f"SAM instance {idx}: need an XYXY bbox and a 2-D mask")
+        if contour.ndim != 3 or contour.shape[1:] != (1, 2) or len(contour) < 1:
+            raise _bad(f"SAM instance {idx}: need a contour of shape (n, 1, 2)")
         if not all(0 <= t < SAM_MASK_VOCAB for t in tokens):
             raise _bad(f"SAM instance {idx}: mask tokens must be in 0..{SAM_MASK_VOCAB - 1}")
-        box = [min(max(c, 0), COORD_BINS - 1) for c in box]
+        box = [min(max(c, 0), COORD_BINS - 1) for c in sam_bbox(contour)]
         head = " ".join(["polygon", *(_value(k, c) for k, c in enumerate(box))])
-        text = " ".join([head, *map(_sam_token, tokens)])
-        prepared.append((-int(mask.sum()), idx, mask, text))
-    prepared.sort(key=lambda p: (p[0], p[1]))
+        prepared.append((contour.astype(np.int32), " ".join([head, *map(_sam_token, tokens)])))
+    return prepared
 
-    units, seen = [], set()
+
+def _sam_hits(points: Sequence[tuple[int, int]], prepared: list[tuple[np.ndarray, str]]
+              ) -> list[tuple[tuple[int, int], list[str]]]:
+    """The distinct points (first occurrence kept) and the instances whose polygon holds each, in instance
+    order: inside or on the border (cv2.pointPolygonTest >= 0), as ml-4m tests them."""
+    import cv2
+
+    out, seen = [], set()
     for x, y in points:
-        x, y = int(x), int(y)
-        if (x, y) in seen:
+        point = (int(x), int(y))
+        if point in seen:
             continue
-        seen.add((x, y))
-        words = ["point", _value(0, y), _value(1, x)]
-        hits = [text for _, _, mask, text in prepared
-                if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x]]
-        words += hits or ["none"]
-        units.append(" ".join(words))
+        seen.add(point)
+        out.append((point, [t for contour, t in prepared if cv2.pointPolygonTest(contour, point, False) >= 0]))
+    return out
+
+
+def sam_units(points: Sequence[tuple[int, int]], instances: Sequence[tuple[np.ndarray, Sequence[int]]],
+              orders: Sequence[Sequence[int]] | None = None) -> list[str]:
+    """sam_instance in 4M-21's form: one unit per distinct query point (x, y), in the order given.
+
+    A unit is "point v0=<y> v1=<x>" (4M-21 writes the row first) followed, for every instance whose polygon
+    holds the point (:func:`_sam_hits`), by "polygon v0=<xmin> v1=<ymin> v2=<xmax> v3=<ymax>" (the polygon's
+    box, :func:`sam_bbox`) and its mask tokens, each "v0=<t>" when t < 512 else "v1=<t - 512>"; or by "none"
+    when no instance holds it. `instances` are (contour int (n, 1, 2) [x, y] in the crop's pixels, mask token
+    ids in 0..1023). `orders[j]` orders the instances holding the j-th distinct point (indices into them, in
+    instance order); None keeps instance order. A repeated query point is written once (4M-21 keys points by
+    their coordinates).
+    """
+    hits = _sam_hits(points, _sam_prepared(instances))
+    if orders is not None and len(orders) != len(hits):
+        raise ValueError(f"orders has {len(orders)} entries for {len(hits)} distinct points")
+    units = []
+    for j, ((x, y), texts) in enumerate(hits):
+        order = list(range(len(texts))) if orders is None else [int(i) for i in orders[j]]
+        if sorted(order) != list(range(len(texts))):
+            raise ValueError(f"orders[{j}]={order} is not a permutation of the {len(texts)} instances at ({x}, {y})")
+        units.append(" ".join(["point", _value(0, y), _value(1, x), *([texts[i] for i in order] or ["none"])]))
     return units
+
+
+def sam_draw_units(instances: Sequence[tuple[np.ndarray, Sequence[int]]], rng: np.random.Generator,
+                   size: int = 224) -> list[str]:
+    """sam_instance with 4M-21's per-sample draws: 7 random query points (:func:`sam_query_points`), the
+    distinct ones in a random order, each point's instances in a random order (ml-4m's SAMInstanceTokTransform
+    with point_order="random")."""
+    prepared = _sam_prepared(instances)
+    hits = _sam_hits(sam_query_points(rng, size=size), prepared)
+    points = [hits[i][0] for i in rng.permutation(len(hits))]
+    by_point = dict(hits)
+    orders = [rng.permutation(len(by_point[p])).tolist() for p in points]
+    return sam_units(points, instances, orders)
 
 
 def parse_sam(text: str) -> list[dict]:
@@ -677,5 +722,5 @@ __all__ = [
     "SOS", "TextTokenizer", "UNK", "check_metadata", "det_crop_units", "det_units", "metadata_crop_units",
     "metadata_units", "palette_crop_units", "palette_draw", "palette_units", "palettes_of", "parse_det",
     "parse_metadata", "parse_palette", "parse_poses", "parse_sam", "pose_crop_units", "pose_units",
-    "sam_query_points", "sam_units", "text_units", "train_wordpiece",
+    "sam_bbox", "sam_contours", "sam_draw_units", "sam_query_points", "sam_units", "text_units", "train_wordpiece",
 ]

@@ -117,3 +117,41 @@ def test_metadata_budget_cuts_are_counted(ml4m_vocab):
     kept = ml4m_vocab.decode(ids).split()
     assert len(kept) == 38 and ids[38] == ml4m_vocab.eos_id
     assert ml4m_vocab.pack(units[:19], 40)[1] == 0
+
+
+def _sam_instances(key: str, i: int) -> list[tuple[np.ndarray, list[int]]]:
+    crop = LABELS[key]["sam_ml4m"][i]
+    return [(np.asarray(polygons[0], np.int32), tokens) for polygons, tokens in zip(crop["points"], crop["token_ids"])]
+
+
+def _ml4m_draws(parsed: list[dict], instances: list) -> tuple[list, list]:
+    """The query points ml-4m drew (in its shuffled order) and, per point, the order it gave the instances
+    holding the point, as indices into them in instance order."""
+    boxes = [text.sam_bbox(contour) for contour, _ in instances]
+    points, orders = [], []
+    for p in parsed:
+        listed = []
+        for inst in p["instances"]:
+            match = [j for j, (b, (_, t)) in enumerate(zip(boxes, instances))
+                     if b == inst["bbox"] and list(t) == inst["tokens"] and j not in listed]
+            listed.append(match[0])
+        points.append(p["point"])
+        orders.append([sorted(listed).index(j) for j in listed])
+    return points, orders
+
+
+@pytest.mark.parametrize("key,i", CASES)
+def test_sam_instance_matches_ml4m(key, i, ml4m_vocab):
+    """ml-4m's SAMInstanceTokTransform on the files `export --dialect ml4m` writes, and omniforge's serializer on
+    the same instances with the same draws (query points, their order, each point's instance order)."""
+    instances = _sam_instances(key, i)
+    assert instances
+    hits = 0
+    for draw in EXPECTED[key]["crops"][i]["draws"]:
+        parsed = text.parse_sam(draw["sam"])
+        points, orders = _ml4m_draws(parsed, instances)
+        units = text.sam_units(points, instances, orders)
+        assert " ".join(units) == draw["sam"]
+        assert ml4m_vocab.encode(" ".join(units)) == draw["sam_ids"]
+        hits += sum(len(p["instances"]) for p in parsed)
+    assert hits > 0

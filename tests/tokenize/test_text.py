@@ -10,7 +10,7 @@ from omniforge.modalities import all_modalities, get_modality
 from omniforge.tokenize.text import (
     EOS, NUM_SENTINELS, NUM_SPECIAL_TOKENS, PAD, SOS, UNK, TextTokenizer, det_units, metadata_units,
     palette_units, parse_det, parse_metadata, parse_palette, parse_poses, parse_sam, pose_units,
-    sam_query_points, sam_units, train_wordpiece,
+    sam_contours, sam_draw_units, sam_query_points, sam_units, train_wordpiece,
 )
 
 DOG = {"boxes": [0.1, 0.2, 0.5, 1.0], "class_name": "dog", "score": 0.9}
@@ -195,22 +195,48 @@ def _mask(y0, y1, x0, x1):
     return m
 
 
+def _polygon(y0, y1, x0, x1):
+    return sam_contours(_mask(y0, y1, x0, x1))[0]
+
+
 def test_sam_exact_string():
-    a = ((0, 0, 50, 50), [1, 511, 512, 1023] + [7] * 12, _mask(0, 50, 0, 50))  # area 2500
-    b = ((5, 10, 120, 130), [600] * 16, _mask(10, 130, 5, 120))  # area 13800
-    c = ((150, 0, 224, 10), [3] * 16, _mask(0, 10, 150, 224))  # a thin strip at the top right
-    points = [(10, 20), (100, 100), (10, 20), (5, 200), (200, 5)]
-    units = sam_units(points, [a, b, c])
-    poly_a = "polygon v0=0 v1=0 v2=50 v3=50 v0=1 v0=511 v1=0 v1=511" + " v0=7" * 12
-    poly_b = "polygon v0=5 v1=10 v2=120 v3=130" + " v1=88" * 16  # 600 - 512
-    poly_c = "polygon v0=150 v1=0 v2=224 v3=10" + " v0=3" * 16
+    a = (_polygon(0, 50, 0, 50), [1, 511, 512, 1023] + [7] * 12)
+    b = (_polygon(10, 130, 5, 120), [600] * 16)
+    c = (_polygon(0, 10, 150, 224), [3] * 16)  # a thin strip at the top right
+    points = [(10, 20), (100, 100), (10, 20), (5, 200), (200, 5), (49, 49)]
+    units = sam_units(points, [b, a, c])
+    poly_a = "polygon v0=0 v1=0 v2=49 v3=49 v0=1 v0=511 v1=0 v1=511" + " v0=7" * 12  # the box is inclusive
+    poly_b = "polygon v0=5 v1=10 v2=119 v3=129" + " v1=88" * 16  # 600 - 512
+    poly_c = "polygon v0=150 v1=0 v2=223 v3=9" + " v0=3" * 16
     assert units == [
-        "point v0=20 v1=10 " + poly_b + " " + poly_a,  # 4M writes y first; larger mask first
+        "point v0=20 v1=10 " + poly_b + " " + poly_a,  # 4M writes y first; instances in the order given
         "point v0=100 v1=100 " + poly_b,
         "point v0=200 v1=5 none",  # the repeated (10, 20) is written once
         "point v0=5 v1=200 " + poly_c,  # (x=200, y=5) is in the strip; (x=5, y=200) is not
+        "point v0=49 v1=49 " + poly_b + " " + poly_a,  # a point on a polygon's border is in it
     ]
     assert len(units[1].split()) == 3 + 21
+    reordered = sam_units(points, [b, a, c], orders=[[1, 0], [0], [], [0], [0, 1]])
+    assert reordered[0] == "point v0=20 v1=10 " + poly_a + " " + poly_b and reordered[1:4] == units[1:4]
+    with pytest.raises(ValueError):
+        sam_units(points, [b, a, c], orders=[[0, 0], [0], [], [0], [0, 1]])
+
+
+def test_sam_draws_are_ml4ms_kind_of_draw():
+    inst = [(_polygon(0, 224, 0, 112), [1] * 16), (_polygon(0, 224, 56, 224), [2] * 16)]
+    seen_orders, seen_points = set(), set()
+    for seed in range(40):
+        units = sam_draw_units(inst, np.random.default_rng(seed))
+        assert 1 <= len(units) <= 7
+        parsed = parse_sam(" ".join(units))
+        seen_points.add(tuple(p["point"] for p in parsed))
+        for p in parsed:
+            x = p["point"][0]
+            expected = ({1} if x <= 111 else set()) | ({2} if x >= 56 else set())
+            assert {i["tokens"][0] for i in p["instances"]} == expected
+            if len(p["instances"]) == 2:
+                seen_orders.add(tuple(i["tokens"][0] for i in p["instances"]))
+    assert seen_orders == {(1, 2), (2, 1)} and len(seen_points) == 40  # both orders, new points every draw
 
 
 def test_sam_round_trip_and_query_points():
@@ -221,14 +247,14 @@ def test_sam_round_trip_and_query_points():
     assert points == list(zip(xs.tolist(), ys.tolist()))
     assert all(0 <= x < 224 and 0 <= y < 224 for x, y in points)
 
-    inst = ((5, 10, 120, 130), list(range(500, 516)), _mask(10, 130, 5, 120))
+    inst = (_polygon(10, 130, 5, 120), list(range(500, 516)))
     parsed = parse_sam(" ".join(sam_units([(10, 20), (200, 200)], [inst])))
     assert parsed == [
-        {"point": (10, 20), "instances": [{"bbox": (5, 10, 120, 130), "tokens": list(range(500, 516))}]},
+        {"point": (10, 20), "instances": [{"bbox": (5, 10, 119, 129), "tokens": list(range(500, 516))}]},
         {"point": (200, 200), "instances": []},
     ]
     with pytest.raises(SampleError):
-        sam_units([(0, 0)], [((0, 0, 1, 1), [1024] * 16, _mask(0, 1, 0, 1))])
+        sam_units([(0, 0)], [(_polygon(0, 1, 0, 1), [1024] * 16)])
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
