@@ -74,3 +74,25 @@ def test_shards_of_an_older_format_are_refused_with_the_command_that_rewrites_th
     formats.check_formats(root, ["metadata"], [0])  # only the shards asked about count
     _status(root, 1, "f-unknown")  # no run records the fingerprint: nothing proves it old
     formats.check_formats(root, ["metadata"])
+
+
+def test_verify_names_a_label_that_breaks_its_schema(tmp_path):
+    import pyarrow as pa
+
+    from omniforge import codecs
+    from omniforge.pipeline import verify
+
+    root = str(tmp_path)
+    shards.write_parquet(shards.manifest_uri(root), pa.table({"key": ["a", "b"], "shard": [0, 0]}))
+    good = {"instances": [{"boxes": [0.1, 0.1, 0.5, 0.5], "class_name": "dog", "score": 0.9}]}
+    bad = {"instances": [{"boxes": [0.5, 0.1, 0.4, 0.5], "class_name": "dog", "score": 0.9}]}
+    shards.write_tar(shards.tar_uri(root, "det", 0), [("a.json", codecs.encode("json", good)),
+                                                       ("b.json", codecs.encode("json", bad))])
+    shards.write_status(shards.status_uri(root, "det", 0), [
+        {"key": k, "ok": True, "error_type": None, "error_message": None, "fingerprint": "fp", "seconds": 0.0}
+        for k in ("a", "b")])
+    report = verify(root)
+    assert not report.ok
+    assert [p for p in report.problems if "schema" in p] == [
+        "det/shard-000000: b.json does not match the det schema: det instance 0: \"boxes\" must be [xmin, ymin, "
+        "xmax, ymax] in 0..1 with min <= max"]

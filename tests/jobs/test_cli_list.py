@@ -34,7 +34,7 @@ def test_list_teacher_prints_its_summary_modalities_kind_and_options(capsys):
     assert "a number in [0.0, 1.0]" in options["threshold"]
     assert options["hub_id"].split()[1:4] == ["str", "default", '"PekingU/rtdetr_r50vd":']
     code, out, _ = _run(capsys, "color_palette")
-    assert "kind: classical" in out and "num_colors  int | None  default null:" in out
+    assert "kind: classical" in out and "max_pixels  int  default 4096:" in out
     code, out, _ = _run(capsys, "rgb")
     assert code == 0 and "  options: none" in out.splitlines()
 

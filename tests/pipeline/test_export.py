@@ -92,7 +92,8 @@ def test_export_writes_ml4ms_files_with_aligned_keys(corpus, tmp_path, capsys):
             assert set(crop) == {"points", "token_ids", "bbox"}
             n = len(crop["points"])
             assert n >= 1 and crop["token_ids"].shape == (n, 16) and crop["bbox"].shape == (n, 4)
-            assert crop["token_ids"].dtype == np.int32 and 0 <= crop["token_ids"].min() <= crop["token_ids"].max() < 1024
+            tokens = crop["token_ids"]
+            assert tokens.dtype == np.int32 and 0 <= tokens.min() <= tokens.max() < 1024
             for polygons, (ymin, xmin, ymax, xmax) in zip(crop["points"], crop["bbox"]):
                 xy = polygons[0].reshape(-1, 2)
                 assert polygons[0].shape[1:] == (1, 2) and xy.min() >= 0 and xy.max() <= 223
