@@ -4,10 +4,11 @@ Reads ``ROOT/<folder>/shard-NNNNNN.tar`` (members ``<key>.npy``, int16 (n_crops,
 every requested token folder. A raw-pixel folder (``rgb@224``) is read from the ``rgb`` label tar joined
 by key with ``crop_settings``: the JPEG is cropped with the sample's crop (the crop its tokens were made
 from) to 224 x 224 and cut into uint8 patches. A raw sequence folder (``det``, ``metadata``,
-``color_palette``, ``caption``: the label folder itself, as ml-4m reads them) is joined with
+``color_palette``, ``caption``, ``sam_instance``: the label folder itself, as ml-4m reads them) is joined with
 ``crop_settings`` and ``rgb`` (for the frame the crop is in) and serialized per sample with the registry's
-serializer, the sample's crop and its generator (palette k, metadata order: new draws every epoch, the same
-draws after a resume), then tokenized with the text tokenizer of ``DataConfig.tokenizers``; what a token
+serializer (SAM: its instances cropped and tokenized by the SAM-mask tokenizer), the sample's crop and its
+generator (palette k, metadata order, SAM query points and orders: new draws every epoch, the same draws
+after a resume), then tokenized with the text tokenizer of ``DataConfig.tokenizers``; what a token
 budget cuts is counted in ``batch["__cut__"]`` (folder -> int64 (B,) units cut). A shard counts for a folder
 once its ``_status`` table exists (the commit marker; for pixels, both tables; for raw sequences, the label's,
 rgb's and crop_settings'); the shards read are the union over folders. One stream
@@ -249,7 +250,7 @@ class TokenShardDataset(IterableDataset):
         self._states: dict[int, dict[str, Any]] = {w: _worker_state(len(self.sources))
                                                    for w in range(max(1, cfg.num_workers))}
         self._first_worker = 0
-        self._text_tokenizer: Any = None  # loaded on first use, in the process that reads
+        self._tokenizers: Any = None  # a TokenizerStore, loaded on first use in the process that reads
         raw = [spec.source for spec in masker.specs.values() if spec.raw and spec.kind == "sequence"]
         if raw and not cfg.tokenizers:
             raise ConfigError(f"{', '.join(raw)} are raw label folders the loader serializes: pass the tokenizers "
@@ -363,27 +364,30 @@ class TokenShardDataset(IterableDataset):
 
         from omniforge.tokenize.text import Crop
 
+        from omniforge.tokenize.kinds import kind_for
+
         spec, info = self.masker.specs[folder], get_modality(self.masker.specs[folder].source)
         uri = _shards.tar_uri(labels_root(rec.root, folder), spec.source, rec.shard)
         label_bytes, _, jpg = members
         try:
             label = codecs.decode(info.ext, label_bytes)
             width, height = Image.open(io.BytesIO(jpg)).size
-            units = info.resolve_serializer()(label, Crop(row=crops[crop], height=height, width=width,
-                                                          size=PIXEL_SIZE, key=rec.key, index=crop, rng=rng))
+            units = kind_for(info).units(label, Crop(row=crops[crop], height=height, width=width, size=PIXEL_SIZE,
+                                                     key=rec.key, index=crop, rng=rng), self._store())
         except SampleError as e:
             raise CorpusError(f"{uri}: {rec.key}: {e.message} (`omniforge verify` lists every such label)") from None
         except (ValueError, OSError, KeyError, TypeError) as e:
             raise CorpusError(f"{uri}: {rec.key}.{info.ext} cannot be serialized ({type(e).__name__}: {e}): "
                               "`omniforge verify` lists every such label") from None
-        return self._text().pack(units, spec.num_tokens)
+        return self._store().text().pack(units, spec.num_tokens)
 
-    def _text(self) -> Any:
-        if self._text_tokenizer is None:
+    def _store(self) -> Any:
+        """The tokenizers of the raw sequence folders (the text vocabulary; SAM's mask tokenizer)."""
+        if self._tokenizers is None:
             from omniforge.tokenize.store import TokenizerStore
 
-            self._text_tokenizer = TokenizerStore(self.cfg.tokenizers).text()
-        return self._text_tokenizer
+            self._tokenizers = TokenizerStore(self.cfg.tokenizers)
+        return self._tokenizers
 
     def _stream(self, stream: int, state: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(sample, stream position after it): one root's samples, or several roots mixed by cfg.weights (each

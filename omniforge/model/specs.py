@@ -156,19 +156,19 @@ def spec_for_info(info: ModalityInfo, text_vocab_size: int) -> ModalitySpec:
 def raw_sequence_spec(info: ModalityInfo, text_vocab_size: int) -> ModalitySpec:
     """The spec of a sequence modality read from its raw label folder (``det``) and serialized per sample.
     The serializer draws the chunk order itself (metadata), so the masker does not shuffle again."""
-    if info.crop != "sequence" or info.tokenizer != "wordpiece" or info.serializer is None:
-        raise ValueError(f"modality {info.name!r} cannot be read raw: only WordPiece sequences with a serializer "
-                         f"are serialized by the loader; train on {info.token_modality or 'its token folder'}")
+    if raw_sequence_info(info.name) is None:
+        raise ValueError(f"modality {info.name!r} cannot be read raw: it is no sequence modality; train on "
+                         f"{info.token_modality or 'its token folder'}")
     return ModalitySpec(name=info.name, kind="sequence", num_tokens=info.num_tokens, vocab_size=text_vocab_size,
                         source=info.name, chunks=info.chunks, shuffle_chunks=False, keep=info.keep, role=info.role)
 
 
 def raw_sequence_info(folder: str) -> ModalityInfo | None:
-    """The modality whose raw label folder `folder` is, when the loader can serialize it per sample."""
+    """The modality whose raw label folder `folder` is, when the loader can serialize it per sample: every
+    sequence modality (its tokenizer kind's `units`: the registry's serializer, or SAM's instances tokenized
+    by the SAM-mask tokenizer)."""
     info = next((m for m in all_modalities() if m.name == folder), None)
-    if info is None or info.crop != "sequence" or info.tokenizer != "wordpiece" or info.serializer is None:
-        return None
-    return info
+    return info if info is not None and info.crop == "sequence" else None
 
 
 def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpec]:

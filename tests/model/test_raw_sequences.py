@@ -23,11 +23,12 @@ from omniforge.model.data import DataConfig, TokenShardDataset, make_loader
 from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model.specs import specs_for
 from omniforge.pipeline.formats import LegacyFormatError
+from omniforge.tokenize.kinds import kind_for
 from omniforge.tokenize.text import METADATA_FIELD_IDS, TextTokenizer
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "ml4m"
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
-RAW = ("color_palette", "metadata", "det", "caption")
+RAW = ("color_palette", "metadata", "det", "caption", "sam_instance")
 EVERY_FIELD = "coffee"  # its metadata gets all 21 fields: 42 tokens, over the 40-token budget
 
 
@@ -40,7 +41,23 @@ def _write(root: str, folder: str, members: dict[str, bytes], fingerprint: str =
 
 
 _EXT = {"rgb": "jpg", "crop_settings": "npy", "det": "json", "metadata": "json", "color_palette": "json",
-        "caption": "txt"}
+        "caption": "txt", "sam_instance": "json"}
+
+
+def _sam_label(image: np.ndarray) -> dict:
+    """Two overlapping rectangles, in sam_instance's format (COCO RLE)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = image.shape[:2]
+    instances = []
+    for y0, y1, x0, x1 in [(0, h // 2, 0, w // 2), (h // 4, h, w // 4, w)]:
+        m = np.zeros((h, w), np.uint8)
+        m[y0:y1, x0:x1] = 1
+        rle = mask_utils.encode(np.asfortranarray(m))
+        instances.append({"segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                          "bbox": [x0, y0, x1 - 1, y1 - 1], "score": 0.9, "stability_score": 0.9,
+                          "area": int(m.sum())})
+    return {"instances": instances, "image_size": [h, w]}
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +66,17 @@ def corpus(tmp_path_factory) -> tuple[str, str]:
     _write(root, "rgb", {k: codecs.encode("jpg", np.ascontiguousarray(getattr(data, k)())) for k in LABELS})
     _write(root, "crop_settings", {k: codecs.encode("npy", np.asarray(v["crops"], np.int32))
                                    for k, v in LABELS.items()})
-    labels = {m: {k: v[m] for k, v in LABELS.items()} for m in RAW}
+    labels = {m: {k: v[m] for k, v in LABELS.items()} for m in RAW if m != "sam_instance"}
+    labels["sam_instance"] = {k: _sam_label(getattr(data, k)()) for k in LABELS}
     labels["metadata"][EVERY_FIELD] = {name: 1 for name in METADATA_FIELD_IDS}
     for m in RAW:
         _write(root, m, {k: codecs.encode(_EXT[m], v) for k, v in labels[m].items()})
     tokenizers = str(tmp_path_factory.mktemp("tokenizers"))
     storage.write_bytes(storage.join(tokenizers, "text", "tokenizer.json"), gzip.decompress(
         (FIXTURES / "text_tokenizer_4m_wordpiece_30k.json.gz").read_bytes()))
+    kind = kind_for("sam_instance")
+    torch.manual_seed(0)
+    kind.save(kind.build(kind.config("tiny")), storage.join(tokenizers, kind.artifact.folder))
     return root, tokenizers
 
 
@@ -78,17 +99,30 @@ def _palette_k(batch, i: int, tok: TextTokenizer) -> int | None:
     return next((sizes[t] for t in batch["color_palette"]["tensor"][i].tolist() if t in sizes), None)
 
 
+def _sam_points(batch, i: int, tok: TextTokenizer) -> frozenset:
+    """The query points (y, x) in row i's sam_instance tokens: a "point" token, then v0=<y> v1=<x>."""
+    point = tok.token_to_id("point")
+    value = {tok.token_to_id(f"v{k}={v}"): v for k in (0, 1) for v in range(224)}
+    ids = batch["sam_instance"]["tensor"][i].tolist()
+    return frozenset((value[a], value[b]) for p, a, b in zip(ids, ids[1:], ids[2:])
+                     if p == point and a in value and b in value)
+
+
 def test_every_epoch_draws_again_and_the_draws_cover_ml4ms(corpus):
     torch.set_num_threads(1)
     masker, tok = _masker(corpus[1])
-    ks = defaultdict(list)
+    ks, points = defaultdict(list), defaultdict(list)
     for batch in make_loader(_cfg(corpus, epochs=16), masker, rank=0, world_size=1):
         for i, key in enumerate(batch["__key__"]):
             k = _palette_k(batch, i, tok)
             if k is not None:
                 ks[key].append(k)
+            p = _sam_points(batch, i, tok)
+            if p:
+                points[key].append(p)
     assert sorted(ks) == sorted(LABELS) and all(len(v) >= 3 for v in ks.values())
     assert all(len(set(v)) > 1 for v in ks.values())  # the same sample, other palette sizes in other epochs
+    assert sorted(points) == sorted(LABELS) and all(len(set(v)) == len(v) >= 3 for v in points.values())
 
 
 def test_budget_cuts_are_counted_per_sample(corpus):
