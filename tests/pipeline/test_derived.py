@@ -78,7 +78,7 @@ def test_metadata_fields_come_only_from_sources_that_ran(corpus, tmp_path, ray_a
     m = meta["img1"]
     assert m["caption_n_words"] == 4 and m["caption_n_sentences"] == 2
     assert m["caption_n_chars"] == len("A photo. Number 1!")
-    assert m["original_width"] > 0 and 0 <= m["brightness"] <= 1 and 0 <= m["entropy"] <= 8
+    assert m["original_width"] > 0 and 0 <= m["brightness"] <= 255 and 0 <= m["entropy"] <= 8
     for absent in ("n_humans", "n_sam_instances", "n_coco_instances", "walkability", "geometric_complexity"):
         assert absent not in m
     assert verify(root).ok
