@@ -12,6 +12,7 @@ import colorsys
 import functools
 import json
 import math
+import warnings
 import textwrap
 from collections.abc import Callable, Mapping
 
@@ -66,8 +67,10 @@ def render_sample(
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     fig.suptitle(title or key, fontsize=13, fontweight="bold")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
-    canvas.draw()
+    with warnings.catch_warnings():  # text from any vocabulary (e.g. CJK word pieces): a missing glyph is a box
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+        canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return Image.fromarray(np.ascontiguousarray(rgba[:, :, :3]))
 
@@ -267,7 +270,21 @@ def _is_palette(value: object) -> bool:
     )
 
 
-def _draw_palette(ax: Axes, colors: list[list[int]]) -> str:
+def _draw_palette(ax: Axes, colors: list) -> str:
+    """One palette (a list of colours, e.g. decoded from tokens) as a row of swatches, or a color_palette
+    label (ml-4m's [{"1": [...], ..., "7": [...]}]) as one row per k."""
+    if isinstance(colors, list) and len(colors) == 1 and isinstance(colors[0], dict):
+        rows = [(int(k), v) for k, v in sorted(colors[0].items(), key=lambda kv: int(kv[0])) if _is_palette(v)]
+        if rows:
+            for r, (k, palette) in enumerate(rows):
+                for i, c in enumerate(palette):
+                    rgb = tuple(min(max(float(v) / 255.0, 0.0), 1.0) for v in c)
+                    ax.add_patch(Rectangle((i, -r), 1, 0.9, facecolor=rgb, edgecolor="white"))
+                ax.text(-0.1, -r + 0.45, f"k={k}", ha="right", va="center", fontsize=6)
+            ax.set_xlim(-0.8, max(len(p) for _, p in rows))
+            ax.set_ylim(-len(rows) + 0.9, 1)
+            ax.set_axis_off()
+            return f"palettes for k = 1..{rows[-1][0]}"
     if not _is_palette(colors):
         return _draw_json(ax, colors)
     for i, c in enumerate(colors):

@@ -23,7 +23,7 @@ def _sample() -> dict[str, object]:
         "canny_edge": cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), 100, 200),
         "clip": rng.standard_normal((14, 14, 512)).astype(np.float16),
         "dinov2_global": rng.standard_normal(768).astype(np.float16),
-        "color_palette": [[180, 120, 80], [40, 30, 20], [230, 220, 210]],
+        "color_palette": [{str(k): [[180, 120, 80], [40, 30, 20], [230, 220, 210]][:k] for k in range(1, 8)}],
         "depth": depth,
         "normal": np.full((*rgb.shape[:2], 3), (128, 128, 255), np.uint8),
         "semseg_coco": Image.fromarray(semseg).convert("P"),
@@ -43,6 +43,15 @@ def test_render_sample_is_a_reasonable_rgb_image() -> None:
     # the failure panel draws red text
     red = (arr[..., 0] > 180) & (arr[..., 1] < 60) & (arr[..., 2] < 60)
     assert red.sum() > 20
+
+
+def test_a_palette_label_is_drawn_as_swatches_for_every_k() -> None:
+    red, blue = [255, 0, 0], [0, 0, 255]
+    label = [{str(k): ([red] if k == 1 else [blue] * k) for k in range(1, 8)}]
+    arr = np.asarray(render_sample("k", {"color_palette": label})).astype(int)
+    is_red = (arr[..., 0] > 240) & (arr[..., 1] < 15) & (arr[..., 2] < 15)
+    is_blue = (arr[..., 2] > 240) & (arr[..., 0] < 15) & (arr[..., 1] < 15)
+    assert is_red.sum() > 50 and is_blue.sum() > 20 * is_red.sum()  # 27 blue swatches, 1 red
 
 
 def test_render_handles_empty_and_odd_values() -> None:

@@ -360,26 +360,10 @@ class TokenShardDataset(IterableDataset):
     def _serialize(self, folder: str, members: tuple[bytes, bytes, bytes], crops: np.ndarray, crop: int,
                    rec: _Record, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         """(token ids (num_tokens,), units cut) of a raw sequence label, serialized for this sample's crop."""
-        from PIL import Image
-
-        from omniforge.tokenize.text import Crop
-
-        from omniforge.tokenize.kinds import kind_for
-
-        spec, info = self.masker.specs[folder], get_modality(self.masker.specs[folder].source)
+        spec = self.masker.specs[folder]
         uri = _shards.tar_uri(labels_root(rec.root, folder), spec.source, rec.shard)
-        label_bytes, _, jpg = members
-        try:
-            label = codecs.decode(info.ext, label_bytes)
-            width, height = Image.open(io.BytesIO(jpg)).size
-            units = kind_for(info).units(label, Crop(row=crops[crop], height=height, width=width, size=PIXEL_SIZE,
-                                                     key=rec.key, index=crop, rng=rng), self._store())
-        except SampleError as e:
-            raise CorpusError(f"{uri}: {rec.key}: {e.message} (`omniforge verify` lists every such label)") from None
-        except (ValueError, OSError, KeyError, TypeError) as e:
-            raise CorpusError(f"{uri}: {rec.key}.{info.ext} cannot be serialized ({type(e).__name__}: {e}): "
-                              "`omniforge verify` lists every such label") from None
-        return self._store().text().pack(units, spec.num_tokens)
+        return serialize_raw(spec, members[0], members[2], crops[crop], key=rec.key, index=crop, rng=rng,
+                             store=self._store(), where=uri)
 
     def _store(self) -> Any:
         """The tokenizers of the raw sequence folders (the text vocabulary; SAM's mask tokenizer)."""
@@ -514,6 +498,31 @@ class TokenShardDataset(IterableDataset):
         self._first_worker = int(state["first_worker"])
 
 
+def serialize_raw(spec: ModalitySpec, label_bytes: bytes, jpg: bytes, crop: np.ndarray, *, key: str, index: int,
+                  rng: np.random.Generator | None, store: Any, where: str) -> tuple[np.ndarray, int]:
+    """A raw sequence label (its member's bytes) -> (token ids (num_tokens,), units the budget cut): serialized
+    by its tokenizer kind for `crop` (a crop_settings row in the frame of the rgb label `jpg`), drawing from
+    `rng` (None: the frozen draw of (key, index), as the tokenize job makes it). `where` names the label in
+    errors."""
+    from PIL import Image
+
+    from omniforge.tokenize.kinds import kind_for
+    from omniforge.tokenize.text import Crop
+
+    info = get_modality(spec.source)
+    try:
+        label = codecs.decode(info.ext, label_bytes)
+        width, height = Image.open(io.BytesIO(jpg)).size
+        units = kind_for(info).units(label, Crop(row=crop, height=height, width=width, size=PIXEL_SIZE, key=key,
+                                                 index=index, rng=rng), store)
+    except SampleError as e:
+        raise CorpusError(f"{where}: {key}: {e.message} (`omniforge verify` lists every such label)") from None
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise CorpusError(f"{where}: {key}.{info.ext} cannot be serialized ({type(e).__name__}: {e}): "
+                          "`omniforge verify` lists every such label") from None
+    return store.text().pack(units, spec.num_tokens)
+
+
 def _keyed(uri: str) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) of a token tar, checking the key order the merge relies on."""
     prev: str | None = None
@@ -623,4 +632,4 @@ def make_loader(cfg: DataConfig, masker: Masker, *, rank: int | None = None,
 
 
 __all__ = ["DataConfig", "TokenLoader", "TokenShardDataset", "committed_shards", "labels_root", "make_loader",
-           "parse_shards"]
+           "parse_shards", "serialize_raw"]

@@ -307,13 +307,30 @@ def _read_member(root: str, folder: str, shard: int, key: str, hint: str) -> byt
     raise ConfigError(f"{key!r} has no {folder} member in {uri} (its labeling or tokenization failed or is missing)")
 
 
-def read_input(root: str, spec: ModalitySpec, key: str) -> np.ndarray:
-    """Crop 0 of ``key`` as the trainer sees it: token ids (N,) from the token shard, or for a pixel folder the
-    label image cropped with crop 0 of its crop settings, as uint8 patches (N, patch_dim)."""
+def read_input(root: str, spec: ModalitySpec, key: str, tokenizers: str | None = None) -> np.ndarray:
+    """Crop 0 of ``key`` as the trainer sees it: token ids (N,) from the token shard; for a raw sequence folder
+    its label serialized for crop 0 with the tokenize job's frozen draw (needs ``tokenizers``); for a pixel
+    folder the label image cropped with crop 0 of its crop settings, as uint8 patches (N, patch_dim)."""
     from omniforge import codecs, shards
     from omniforge.tokenize.crops import crop_image
 
     shard = _shard_of(root, key)
+    if spec.raw and spec.kind == "sequence":
+        from omniforge.model.data import labels_root, serialize_raw
+        from omniforge.modalities import IMAGE_MODALITY
+        from omniforge.tokenize.store import TokenizerStore
+
+        if not tokenizers:
+            raise ConfigError(f"{spec.name} is a raw label folder: pass --tokenizers to serialize it")
+        labels = labels_root(root, spec.name)
+        crops = np.load(io.BytesIO(_read_member(root, shards.CROP_SETTINGS, shard, key,
+                                                "run `omniforge tokenize` first (it writes the crop settings)")),
+                        allow_pickle=False)
+        label = _read_member(labels, spec.source, shard, key, f"label {spec.source} first (`omniforge label`)")
+        jpg = _read_member(labels, IMAGE_MODALITY, shard, key, "label rgb first (`omniforge label`)")
+        ids, _ = serialize_raw(spec, label, jpg, crops[0], key=key, index=0, rng=None,
+                               store=TokenizerStore(tokenizers), where=shards.tar_uri(labels, spec.source, shard))
+        return ids.astype(np.int64)
     if spec.kind != "pixels":
         data = _read_member(root, spec.name, shard, key, f"tokenize {spec.name} first (`omniforge tokenize`)")
         return np.load(io.BytesIO(data), allow_pickle=False)[0].astype(np.int64)
@@ -422,7 +439,7 @@ def _sample_one(model: Any, specs: dict[str, ModalitySpec], root: str, key: str,
 
         text_tok = TokenizerStore(tokenizers).text()
     sentinel_ids, eos_id, pad_id = _text_ids(text_tok)
-    inputs = {m: read_input(root, specs[m], key) for m in sources}
+    inputs = {m: read_input(root, specs[m], key, tokenizers) for m in sources}
     generated = generate(model, specs, inputs, targets, cfg, sentinel_ids=sentinel_ids, eos_id=eos_id,
                          pad_id=pad_id)
     out_dir = os.path.join(out, key)

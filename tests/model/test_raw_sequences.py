@@ -62,7 +62,10 @@ def _sam_label(image: np.ndarray) -> dict:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[str, str]:
+    import pyarrow as pa
+
     root = str(tmp_path_factory.mktemp("raw"))
+    shards.write_parquet(shards.manifest_uri(root), pa.table({"key": sorted(LABELS), "shard": [0] * len(LABELS)}))
     _write(root, "rgb", {k: codecs.encode("jpg", np.ascontiguousarray(getattr(data, k)())) for k in LABELS})
     _write(root, "crop_settings", {k: codecs.encode("npy", np.asarray(v["crops"], np.int32))
                                    for k, v in LABELS.items()})
@@ -181,3 +184,12 @@ def test_the_trainer_trains_on_raw_folders_and_logs_the_cuts(corpus, tmp_path):
     assert len(log) == 3 and all(np.isfinite(e["loss"]) for e in log)
     assert all(set(e["budget_cuts"]) == set(RAW) for e in log)
     assert sum(e["budget_cuts"]["metadata"] for e in log) == 2 * 3  # every batch holds the 21-field sample
+
+    # sampling reads a raw input folder as the tokenize job would have frozen it (crop 0)
+    from omniforge.jobs.cli import main as cli_main
+
+    samples = tmp_path / "samples"
+    assert cli_main(["sample", "--checkpoint", str(out), "--input", root, "--key", "chelsea", "--from",
+                     "caption,color_palette", "--to", "det", "--out", str(samples), "--tokenizers", tokenizers,
+                     "--device", "cpu"]) == 0
+    assert (samples / "chelsea" / "det.npy").exists() and (samples / "chelsea" / "sample.png").exists()

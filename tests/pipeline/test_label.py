@@ -103,8 +103,10 @@ def test_labels_have_the_documented_formats(labeled):
     rgb = values["rgb"]
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and min(rgb.shape[:2]) <= 512
     assert values["canny_edge"].shape == rgb.shape[:2] and set(np.unique(values["canny_edge"])) <= {0, 255}
-    assert 1 <= len(values["color_palette"]) <= 7
-    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in values["color_palette"])
+    palettes = values["color_palette"][0]  # ml-4m's format: one palette for every k
+    assert sorted(palettes, key=int) == [str(k) for k in range(1, 8)]
+    assert all(len(colors) == int(k) for k, colors in palettes.items())  # a photo has >= 7 distinct colours
+    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for colors in palettes.values() for c in colors)
     assert values["clip"].shape == (14, 14, 512) and values["clip"].dtype == np.float16
     assert values["dinov2"].shape == (16, 16, 768) and values["dinov2_global"].shape == (768,)
 
@@ -116,6 +118,9 @@ def test_verify_passes_and_run_record_is_written(labeled):
     assert set(report.modalities) == set(ALL)
     record = json.loads(storage.read_bytes(storage.join(root, shards.RUNS_DIR, f"{summary.run_id}.json")))
     assert set(record["teachers"]) == {"rgb", "caption", "canny_edge", "color_palette", "clip", "dinov2"}
+    # the raw format each modality was written in: what readers check before they read (pipeline.formats)
+    assert record["teachers"]["color_palette"]["formats"] == {"color_palette": 2}
+    assert record["teachers"]["dinov2"]["formats"] == {"dinov2": 1, "dinov2_global": 1}
     assert record["end"] and record["counts"]["processed"] == summary.processed
     assert "torch" in record["packages"]
     assert not storage.list_files(storage.join(root, shards.TMP_DIR))
