@@ -139,14 +139,18 @@ class ColorPaletteLabeler(_ClassicalLabeler):
         pixels = sample.image.reshape(-1, 3)
         stride = max(1, len(pixels) // self.options.max_pixels)
         pixels = np.ascontiguousarray(pixels[::stride], dtype=np.float32)
-        distinct = len(np.unique(pixels, axis=0))
-        return [{str(k): palette(pixels, min(k, distinct)) for k in range(1, MAX_COLORS + 1)}]
+        return [{str(k): palette(pixels, k) for k in range(1, MAX_COLORS + 1)}]
 
 
 def palette(pixels: np.ndarray, k: int) -> list[list[int]]:
-    """The k colours of `pixels` (float32 (N, 3)) by k-means, largest cluster first."""
+    """The k colours of `pixels` (float32 (N, 3)) by k-means, largest cluster first; with at most k distinct
+    colours, those colours, most frequent first (k-means has nothing to cluster, and OpenCV misreads one row)."""
     import cv2
 
+    colors, counts = np.unique(pixels, axis=0, return_counts=True)
+    if len(colors) <= k:
+        order = np.argsort(-counts, kind="stable")
+        return [[int(round(c)) for c in np.clip(colors[i], 0, 255)] for i in order]
     cv2.setRNGSeed(0)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
     _, labels, centers = cv2.kmeans(pixels, k, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
