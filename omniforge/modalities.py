@@ -366,6 +366,14 @@ MODALITIES: dict[str, ModalityInfo] = {
             name="metadata", ext="json", tokenizer=_TEXT, num_tokens=40, chunks=(2, 2), shuffle_chunks=True,
             serializer="omniforge.tokenize.text:metadata_crop_units",
             description="JSON object of the 4M-21 metadata fields"),
+        ModalityInfo(
+            name="aesthetic_score", ext="json",
+            description="JSON number, the LAION aesthetic predictor's score of the image (an MLP on its CLIP ViT-L/14 "
+                        "embedding, trained on 1..10 ratings; higher = more aesthetic); label-only, read by metadata"),
+        ModalityInfo(
+            name="watermark_score", ext="json",
+            description="JSON number in [0, 1], the LAION-5B watermark detector's probability that the image carries "
+                        "a watermark; label-only, read by metadata"),
     ]
 }
 
