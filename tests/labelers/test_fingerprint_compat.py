@@ -77,6 +77,14 @@ RECORDED = [
     ("semseg_coco", "DIR", {}, "2460bf7bb72e1b04"),
     ("semseg_coco", "tiny", {"threshold": 0.5}, "9eaf23fab98710f0"),
     ("semseg_coco", "pretrained", {"inference": "semantic", "mask_threshold": 0}, "e04e4c6814b0df99"),
+    # teachers added after 1fda641 (issue 12): their fingerprints as first released
+    ("aesthetic", "tiny", {}, "a35d39e190cb4440"),
+    ("aesthetic", "pretrained", {}, "ca55d624703e7f5d"),
+    ("aesthetic", "FILE", {}, "1dd3b46fa2d978cb"),
+    ("aesthetic", "pretrained", {"model_name": "ViT-B-32", "pretrained_tag": "openai"}, "5fe8026d07e7302b"),
+    ("watermark", "tiny", {}, "f17e0390c6b4887d"),
+    ("watermark", "pretrained", {}, "3c1bced1dc87de39"),
+    ("watermark", "FILE", {}, "d3445a09ad1ef151"),
 ]
 
 
@@ -107,17 +115,29 @@ def test_every_builtin_teacher_is_covered():
 
 
 def test_job_fingerprints_of_derived_teachers_are_unchanged():
-    # 1fda641: resolve_teachers(MODALITIES, {"*": "tiny"}, {"canny_edge": {"low": 50}})
-    teachers = resolve_teachers(("rgb", "canny_edge", "color_palette", "sam_instance", "sam_edge", "depth",
-                                 "metadata", "det"), {"*": "tiny"}, {"canny_edge": {"low": 50}})
+    # 1fda641: resolve_teachers(MODALITIES, {"*": "tiny"}, {"canny_edge": {"low": 50}}), MODALITIES without depth
+    # (metadata reads depth since issue 12, below)
+    teachers = resolve_teachers(("rgb", "canny_edge", "color_palette", "sam_instance", "sam_edge", "metadata", "det"),
+                                {"*": "tiny"}, {"canny_edge": {"low": 50}})
     assert {m: t.fingerprint for t in teachers for m in t.modalities} == {
         "rgb": "542b90c60911b482", "canny_edge": "6817f8f935524c9b", "color_palette": "b5f159e192804641",
-        "sam_instance": "cf7eca14e434a5f6", "depth": "16570dae2971d68b", "det": "d3261e0e65180bee",
-        "sam_edge": "25deae276dd97495", "metadata": "41b2d9c7d9641e74"}
-    # 1fda641: resolve_teachers(..., {"*": "pretrained"}, {"depth": {"model": "omnidata_dpt_hybrid"}}); today the
-    # same teacher is chosen with --teacher depth=omnidata
+        "sam_instance": "cf7eca14e434a5f6", "det": "d3261e0e65180bee", "sam_edge": "25deae276dd97495",
+        "metadata": "41b2d9c7d9641e74"}
+    # 1fda641: resolve_teachers(("rgb", "normal", "metadata"), {"*": "pretrained"}, {})
+    teachers = resolve_teachers(("rgb", "normal", "metadata"), {"*": "pretrained"}, {})
+    assert {m: t.fingerprint for t in teachers for m in t.modalities} == {
+        "rgb": "542b90c60911b482", "normal": "a7cd254844593844", "metadata": "802742e627846eae"}
+
+
+def test_metadata_of_a_job_with_depth_is_relabeled_once_for_its_occlusion_score():
+    # Since issue 12 metadata reads depth (its occlusion_score), so a job with depth gives metadata a new
+    # fingerprint, once, and its metadata gains that field; the values are those of that release (1fda641 gave
+    # metadata 41b2d9c7d9641e74 and 802742e627846eae in these two jobs). Depth's own fingerprints are unchanged.
+    teachers = resolve_teachers(("rgb", "canny_edge", "color_palette", "sam_instance", "sam_edge", "depth",
+                                 "metadata", "det"), {"*": "tiny"}, {"canny_edge": {"low": 50}})
+    fingerprints = {m: t.fingerprint for t in teachers for m in t.modalities}
+    assert fingerprints["depth"] == "16570dae2971d68b" and fingerprints["metadata"] == "cc7cb9c2c50146c3"
     teachers = resolve_teachers(("rgb", "depth", "normal", "metadata"), {"*": "pretrained"}, {},
                                 teachers={"depth": "omnidata"})
-    assert {m: t.fingerprint for t in teachers for m in t.modalities} == {
-        "rgb": "542b90c60911b482", "depth": "c8afcb08aa4fbf2b", "normal": "a7cd254844593844",
-        "metadata": "802742e627846eae"}
+    fingerprints = {m: t.fingerprint for t in teachers for m in t.modalities}
+    assert fingerprints["depth"] == "c8afcb08aa4fbf2b" and fingerprints["metadata"] == "6b239a451fcb0385"
