@@ -41,7 +41,7 @@ AESTHETIC_TINY_CFG = dict(
 # -- the watermark detector (LAION-AI/LAION-5B-WatermarkDetection) --------------------------------------------
 
 # The publisher creates timm's "efficientnet_b3a"; timm >= 0.9 maps that deprecated name to efficientnet_b3,
-# the same network (b3a differed only in its pretrained input size).
+# the same network (timm's b3a had b3's width and depth multipliers, 1.2 and 1.4, and another default test size).
 WATERMARK_ARCH = "efficientnet_b3"
 WATERMARK_FILE = "watermark_model_v1.pt"
 WATERMARK_URL = f"https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/{WATERMARK_FILE}"
