@@ -412,6 +412,16 @@ MODALITIES: dict[str, ModalityInfo] = {
             serializer="omniforge.tokenize.text:metadata_crop_units", schema=_SCHEMA + "check_metadata",
             format_version=2,
             description="JSON object of the 4M-21 metadata fields, ml-4m's names and units"),
+        ModalityInfo(
+            name="aesthetic_score", ext="json", schema=_SCHEMA + "check_aesthetic_score",
+            ml4m="none", ml4m_note="label-only: ml-4m reads the score inside metadata (aesthetic_score)",
+            description="JSON number, the LAION aesthetic predictor's score of the image (an MLP on its CLIP ViT-L/14 "
+                        "embedding, trained on 1..10 ratings; higher = more aesthetic); label-only, read by metadata"),
+        ModalityInfo(
+            name="watermark_score", ext="json", schema=_SCHEMA + "check_watermark_score",
+            ml4m="none", ml4m_note="label-only: ml-4m reads the score inside metadata (watermark_score)",
+            description="JSON number in [0, 1], the LAION-5B watermark detector's probability that the image carries "
+                        "a watermark; label-only, read by metadata"),
     ]
 }
 

@@ -75,6 +75,23 @@ def check_color_palette(label: Any) -> None:
             raise _bad(f"color_palette: the palette for k={k} has {len(colors)} colours")
 
 
+def _score(label: Any, what: str, low: float | None = None, high: float | None = None) -> None:
+    value = _numbers([label], 1)
+    if value is None or (low is not None and value[0] < low) or (high is not None and value[0] > high):
+        bounds = f" in {low:g}..{high:g}" if low is not None and high is not None else ""
+        raise _bad(f"a {what} label is a JSON number{bounds}, got {label!r}")
+
+
+def check_aesthetic_score(label: Any) -> None:
+    """A finite JSON number (the LAION aesthetic predictor's score, about 1..10)."""
+    _score(label, "aesthetic_score")
+
+
+def check_watermark_score(label: Any) -> None:
+    """A JSON number in 0..1 (the LAION watermark detector's probability)."""
+    _score(label, "watermark_score", 0.0, 1.0)
+
+
 def check_sam_instance(label: Any) -> None:
     """{"instances": [{"segmentation": COCO RLE {"size": [H, W], "counts": str}, "bbox": XYXY pixels, "score",
     ...}], "image_size": [H, W]}."""
@@ -128,5 +145,5 @@ def check_label(info: ModalityInfo, label: Any) -> None:
         info.resolve_schema()(label)
 
 
-__all__ = ["check_array", "check_caption", "check_color_palette", "check_det", "check_human_poses", "check_label",
-           "check_metadata", "check_sam_instance"]
+__all__ = ["check_aesthetic_score", "check_array", "check_caption", "check_color_palette", "check_det",
+           "check_human_poses", "check_label", "check_metadata", "check_sam_instance", "check_watermark_score"]

@@ -40,6 +40,8 @@ def test_what_the_labelers_write_matches_its_schema(teacher):
     ("canny_edge", np.zeros((4, 4, 3), np.uint8), "channel"),
     ("dinov2", np.zeros((16, 16, 4), np.float16), "shape"),
     ("dinov2_global", np.full((768,), np.nan, np.float16), "NaN"),
+    ("watermark_score", 1.5, "in 0..1"),
+    ("aesthetic_score", "5", "JSON number"),
 ])
 def test_bad_labels_are_named(modality, label, why):
     with pytest.raises(SampleError, match=why):

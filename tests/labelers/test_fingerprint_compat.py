@@ -69,6 +69,14 @@ RECORDED = [
     ("semseg_coco", "DIR", {}, "2460bf7bb72e1b04"),
     ("semseg_coco", "tiny", {"threshold": 0.5}, "9eaf23fab98710f0"),
     ("semseg_coco", "pretrained", {"inference": "semantic", "mask_threshold": 0}, "e04e4c6814b0df99"),
+    # teachers added after 1fda641 (issue 12): their fingerprints as first released
+    ("aesthetic", "tiny", {}, "a35d39e190cb4440"),
+    ("aesthetic", "pretrained", {}, "ca55d624703e7f5d"),
+    ("aesthetic", "FILE", {}, "1dd3b46fa2d978cb"),
+    ("aesthetic", "pretrained", {"model_name": "ViT-B-32", "pretrained_tag": "openai"}, "5fe8026d07e7302b"),
+    ("watermark", "tiny", {}, "f17e0390c6b4887d"),
+    ("watermark", "pretrained", {}, "3c1bced1dc87de39"),
+    ("watermark", "FILE", {}, "d3445a09ad1ef151"),
 ]
 
 # Fingerprints changed on purpose, with the reason: (teacher, weights, options, fingerprint at 1fda641, today's).
