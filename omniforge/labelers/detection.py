@@ -17,7 +17,7 @@ from omniforge.errors import SampleError, WeightsError
 from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, require, to_pil
-from omniforge.labelers.base import LabelerOptions, Sample, option
+from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, Sample, option
 
 DET_HUB_ID = "PekingU/rtdetr_r50vd"  # RT-DETR R50-vd, COCO 2017 (53.1 AP)
 DET_THRESHOLD = 0.3  # RT-DETR's sigmoid scores: 0.3 keeps confident objects (transformers' RT-DETR/ViTPose docs use it)
@@ -106,6 +106,13 @@ class DetLabeler(_TransformersLabeler):
     options_class = DetOptions
     options: DetOptions
     model_class = "AutoModelForObjectDetection"
+    profiles = {PROFILE_4M21: Profile(
+        reference="ViTDet ViT-H with Cascade Mask R-CNN (detectron2), COCO boxes",
+        options={"hub_id": DET_HUB_ID, "threshold": DET_THRESHOLD, "max_detections": DET_MAX_DETECTIONS},
+        stand_in="ViTDet's Cascade Mask R-CNN runs only in detectron2, which has no PyPI release (a source build "
+                 "against a matching torch), and transformers has ViTDet's backbone but no detection head; RT-DETR "
+                 "R50-vd (transformers, COCO, 53.1 AP) writes the same COCO classes and box format, from a smaller, "
+                 "less accurate detector (the det serializer keeps boxes scoring >= 0.6, as ml-4m)")}
 
     def build_tiny(self) -> tuple[Any, Callable]:
         transformers = require(*_TRANSFORMERS)
