@@ -151,23 +151,24 @@ def _profile_lines(profile: str) -> list[str]:
 
     from omniforge.pipeline.teachers import profile_rows
 
-    rows = profile_rows(profile)
     cells = []
-    for row in rows:
+    for row in profile_rows(profile):
         if row.teacher is None or row.entry is None:
-            cells.append((row.modality, "-", "-", "-", f"not in profile {profile}: leave it out, or label it outside "
+            cells.append((row.modality, "-", "-", f"-  |  not in profile {profile}: leave it out, or label it outside "
                           f"the profile with --teacher {row.modality}=NAME"))
             continue
-        weights = row.entry.weights if row.teacher.learned else "-"
-        options = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+        options = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
                            for k, v in row.entry.options.items()) or "-"
-        text = row.entry.reference + (f"  STAND-IN: {row.entry.stand_in}" if row.entry.stand_in else "")
-        cells.append((row.modality, row.teacher.name, weights, options, text))
-    header = ("modality", "teacher", "weights", "options", f"reference ({profile})")
-    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(4)]
-    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(4)) + "  " + c[4] for c in [header, *cells]]
-    lines.append(f"\n`omniforge label --profile {profile}` runs these; --teacher, --weights and --option given with it "
-                 f"override the profile")
+        text = f"{options}  |  {row.entry.reference}"
+        if row.entry.stand_in:
+            text += f"  |  STAND-IN: {row.entry.stand_in}"
+        cells.append((row.modality, row.teacher.name, row.entry.weights if row.teacher.learned else "-", text))
+    header = ("modality", "teacher", "weights", f"options  |  reference ({profile})  |  STAND-IN: why omniforge's "
+              f"teacher differs")
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(3)]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in [header, *cells]]
+    lines.append(f"\n`omniforge label --profile {profile}` runs these teachers; --teacher, --weights and --option "
+                 f"given with it override the profile")
     return lines
 
 

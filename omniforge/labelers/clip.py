@@ -51,8 +51,8 @@ class ClipLabeler(OpenClipLabeler):
     options_class = ClipOptions
     options: ClipOptions
     profiles = {PROFILE_4M21: Profile(
-        reference="OpenAI CLIP ViT-B/16 (OpenAI's released weights, open_clip tag openai, QuickGELU): projected "
-                  "last-layer patch features of the 224 centre crop, CLIP preprocessing",
+        reference="OpenAI CLIP ViT-B/16, OpenAI's weights (open_clip tag openai): projected last-layer patch features "
+                  "of the 224 centre crop",
         options={"pretrained_tag": "openai"})}
     model_name = ARCH
     tiny_cfg = TINY_CFG

@@ -109,10 +109,9 @@ class DetLabeler(_TransformersLabeler):
     profiles = {PROFILE_4M21: Profile(
         reference="ViTDet ViT-H with Cascade Mask R-CNN (detectron2), COCO boxes",
         options={"hub_id": DET_HUB_ID, "threshold": DET_THRESHOLD, "max_detections": DET_MAX_DETECTIONS},
-        stand_in="ViTDet's Cascade Mask R-CNN runs only in detectron2, which has no PyPI release (a source build "
-                 "against a matching torch), and transformers has ViTDet's backbone but no detection head; RT-DETR "
-                 "R50-vd (transformers, COCO, 53.1 AP) writes the same COCO classes and box format, from a smaller, "
-                 "less accurate detector (the det serializer keeps boxes scoring >= 0.6, as ml-4m)")}
+        stand_in="ViTDet's Cascade Mask R-CNN runs only in detectron2, which has no PyPI release, and transformers "
+                 "ports ViTDet's backbone without its detection head; RT-DETR R50-vd (transformers, 53.1 COCO AP) "
+                 "writes the same COCO classes and boxes, from a smaller, less accurate detector")}
 
     def build_tiny(self) -> tuple[Any, Callable]:
         transformers = require(*_TRANSFORMERS)

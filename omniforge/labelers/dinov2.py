@@ -35,9 +35,8 @@ class DinoV2Labeler(TorchLabeler):
     learned = True
     checkpoint_format = "model.safetensors"
     profiles = {PROFILE_4M21: Profile(
-        reference="DINOv2 ViT-B/14 (facebookresearch/dinov2 dinov2_vitb14; timm's vit_base_patch14_dinov2.lvd142m is "
-                  "that checkpoint, dinov2_vitb14_pretrain.pth): last-layer patch tokens and CLS at 224, ImageNet "
-                  "normalization")}
+        reference="DINOv2 ViT-B/14 (dinov2_vitb14; timm's vit_base_patch14_dinov2.lvd142m is that checkpoint): "
+                  "last-layer patch tokens and CLS at 224")}
 
     # -- building ------------------------------------------------------------------------------------------
 

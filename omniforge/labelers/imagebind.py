@@ -74,11 +74,10 @@ class ImageBindLabeler(OpenClipLabeler):
     tiny_cfg = TINY_CFG
     project_pooled = False
     profiles = {PROFILE_4M21: Profile(
-        reference="ImageBind-H/14's image encoder: OpenCLIP ViT-H/14 laion2b_s32b_b79k, which ImageBind kept frozen, "
-                  "so open_clip's release ('pretrained') holds the same weights (ImageBind's tower runs its "
-                  "LayerNorms with eps 1e-6, open_clip's with 1e-5: --weights imagebind=/path/imagebind_huge.pth runs "
-                  "ImageBind's own file); patch tokens and the 1280-d class token after the final LayerNorm, 224 "
-                  "centre crop",
+        reference="ImageBind-H/14's image encoder, OpenCLIP ViT-H/14 laion2b_s32b_b79k, frozen in ImageBind: "
+                  "'pretrained' is that open_clip release (the same weights; ImageBind's own imagebind_huge.pth, "
+                  "LayerNorm eps 1e-6 instead of 1e-5, loads with --weights imagebind=PATH); patch tokens and the "
+                  "1280-d class token at 224",
         options={"model_name": ARCH, "pretrained_tag": DEFAULT_TAG})}
 
     @property

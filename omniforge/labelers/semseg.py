@@ -124,12 +124,12 @@ class SemsegCocoLabeler(TorchLabeler):
     which for the facebook/mask2former-* hub checkpoints is 384 x 384 with the aspect not kept, or, with the
     options shortest_edge and longest_edge, the shorter side to shortest_edge and the longer at most longest_edge,
     aspect kept, as Mask2Former's own evaluation at 800 / 1333; rounded up to a multiple of 32; no padding, each
-    image is run at its own size and images of the same processed size are batched) and the model; then, with inference="panoptic" (default), the
-    processor's `post_process_panoptic_segmentation` (Mask2Former's panoptic inference: queries whose
-    class score > `threshold`, masks binarized at `mask_threshold`, a query's segment kept when it wins more
-    than `overlap_mask_area_threshold` of its mask, stuff classes fused) at target size (H, W), and every
-    pixel takes the class of its segment; pixels in no segment are 255. This is the semantic map of the
-    panoptic prediction, as 4M-21 used. inference="semantic" uses `post_process_semantic_segmentation`
+    image is run at its own size and images of the same processed size are batched) and the model; then, with
+    inference="panoptic" (default), the processor's `post_process_panoptic_segmentation` (Mask2Former's panoptic
+    inference: queries whose class score > `threshold`, masks binarized at `mask_threshold`, a query's segment
+    kept when it wins more than `overlap_mask_area_threshold` of its mask, stuff classes fused) at target size
+    (H, W), and every pixel takes the class of its segment; pixels in no segment are 255. This is the semantic map
+    of the panoptic prediction, as 4M-21 used. inference="semantic" uses `post_process_semantic_segmentation`
     instead (argmax over classes of the query-weighted masks): every pixel gets a class, never 255.
     An image with no segment gives an all-255 map (a valid answer, not an error).
 
@@ -151,10 +151,9 @@ class SemsegCocoLabeler(TorchLabeler):
     options_class = SemsegCocoOptions
     options: SemsegCocoOptions
     profiles = {PROFILE_4M21: Profile(
-        reference="Mask2Former Swin-B, COCO panoptic (its model zoo checkpoint, on the hub as "
-                  "facebook/mask2former-swin-base-coco-panoptic) at Mask2Former's own COCO test size (shorter side "
-                  "800, longer at most 1333; the hub processor's 384 x 384 is not used): the semantic map of the "
-                  "panoptic prediction, Mask2Former's panoptic thresholds",
+        reference="Mask2Former Swin-B, COCO panoptic (facebook/mask2former-swin-base-coco-panoptic, the model zoo "
+                  "checkpoint) at Mask2Former's own test size, shorter side 800 (longer <= 1333), not the hub "
+                  "processor's 384 x 384: the semantic map of its panoptic prediction",
         options={"hub_id": HUB_ID, "inference": "panoptic", "threshold": 0.8, "mask_threshold": 0.5,
                  "overlap_mask_area_threshold": 0.8, "shortest_edge": MASK2FORMER_TEST_SIZE[0],
                  "longest_edge": MASK2FORMER_TEST_SIZE[1]})}
