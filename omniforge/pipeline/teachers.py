@@ -172,7 +172,7 @@ def apply_profile(profile: str, modalities: tuple[str, ...], weights: Mapping[st
         given_options = dict(options.get(name, {}))
         merged_options[name] = {**entry.options, **given_options}
         overrides: dict[str, Any] = {}
-        if given_weights is not None and given_weights != entry.weights:
+        if given_weights is not None and cls.identify_weights(given_weights) != cls.identify_weights(entry.weights):
             overrides["weights"] = given_weights
         changed = {k: v for k, v in given_options.items() if k not in entry.options or entry.options[k] != v}
         if changed:
