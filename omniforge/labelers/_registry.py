@@ -83,7 +83,7 @@ def _check_options_class(cls: type[Labeler]) -> None:
 def _check_profiles(cls: type[Labeler]) -> None:
     """Every profile entry of `cls` is a Profile whose options and weights the teacher accepts (checked without
     loading a model), and no other registered teacher of one of its modalities is in the same profile."""
-    for name, entry in cls.profiles.items():
+    for name, entry in cls.profile_entries().items():
         check_profile_name(name)
         if not isinstance(entry, Profile):
             raise TypeError(f"labeler {cls.__qualname__}: profiles[{name!r}] must be a Profile, got "
@@ -98,7 +98,7 @@ def _check_profiles(cls: type[Labeler]) -> None:
             raise ConfigError(f"labeler {cls.__qualname__}, profile {name!r}: {e}") from None
         for other in _LABELERS.values():
             shared = [m for m in cls.modalities if m in other.modalities]
-            if shared and name in other.profiles and other is not cls:
+            if shared and name in other.profile_entries() and other is not cls:
                 raise ConfigError(f"teachers {other.name!r} ({other.__module__}) and {cls.name!r} ({cls.__module__}) "
                                   f"are both in profile {name!r} for {', '.join(shared)}: a modality has one teacher "
                                   f"per profile; remove {name!r} from the profiles of one of them")
@@ -162,13 +162,13 @@ def default_teacher_name(modality: str) -> str | None:
 def list_profiles() -> list[str]:
     """The names of the teacher profiles the registered teachers declare, sorted."""
     _load_entry_points()
-    return sorted({name for cls in _LABELERS.values() for name in cls.profiles})
+    return sorted({name for cls in _LABELERS.values() for name in cls.profile_entries()})
 
 
 def profile_teacher(profile: str, modality: str) -> type[Labeler] | None:
     """The teacher that writes `modality` in `profile`, or None when the profile has none for it."""
     for cls in labelers_for_modality(modality):
-        if profile in cls.profiles:
+        if profile in cls.profile_entries():
             return cls
     return None
 

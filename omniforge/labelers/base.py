@@ -249,7 +249,8 @@ class Labeler:
       optional_inputs  modalities used when they exist for a sample (e.g. metadata from det)
       profiles    {profile name: Profile}: how it labels its modalities in each teacher profile it belongs to
                   (e.g. {PROFILE_4M21: Profile(reference=..., options=...)}); a modality has at most one teacher
-                  per profile, checked at registration
+                  per profile, checked at registration. Not inherited: a subclass registered under another name
+                  is in no profile unless it declares its own (`profile_entries`)
     and implement `label`.
     """
 
@@ -283,6 +284,14 @@ class Labeler:
         a SampleError when that one sample cannot be labeled. Raising fails the whole batch (the
         pipeline then retries the samples one by one to find the culprit)."""
         raise NotImplementedError
+
+    # -- profiles ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def profile_entries(cls) -> Mapping[str, Profile]:
+        """The profile entries this class declares itself: `profiles` is not inherited, since a subclass is
+        another teacher (another name), and a modality has one teacher per profile."""
+        return vars(cls).get("profiles", {})
 
     # -- options -------------------------------------------------------------------------------------------
 

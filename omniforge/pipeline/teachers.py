@@ -123,7 +123,7 @@ def profile_rows(profile: str) -> list[ProfileRow]:
         if not labelers_for_modality(m.name):
             continue
         cls = profile_teacher(profile, m.name)
-        rows.append(ProfileRow(m.name, cls, cls.profiles[profile] if cls is not None else None))
+        rows.append(ProfileRow(m.name, cls, cls.profile_entries()[profile] if cls is not None else None))
     return rows
 
 
@@ -159,7 +159,7 @@ def apply_profile(profile: str, modalities: tuple[str, ...], weights: Mapping[st
     for name in names:
         cls = get_labeler_class(name)
         given_weights = weights.get(name, weights.get("*"))
-        entry = cls.profiles.get(profile)
+        entry = cls.profile_entries().get(profile)
         if entry is None:
             if cls.learned and given_weights is None:
                 raise ConfigError(f"{name} runs outside profile {profile} (chosen with --teacher), so the profile "

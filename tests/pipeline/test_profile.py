@@ -117,6 +117,13 @@ def test_two_teachers_of_a_modality_in_one_profile_are_refused(scratch_registry)
     _registry.register_labeler(NewProfile)  # another profile: fine, and known from then on
     assert list_profiles() == sorted({PROFILE_4M21, "other"})
 
+    class CannyVariant(get_labeler_class("canny_edge")):  # a subclass is another teacher: it inherits no entry
+        name = "test_canny_variant"
+        default_for = ()
+
+    _registry.register_labeler(CannyVariant)
+    assert CannyVariant.profile_entries() == {} and profile_teacher(PROFILE_4M21, "canny_edge").name == "canny_edge"
+
 
 # -- resolution ---------------------------------------------------------------------------------------------------
 
