@@ -101,7 +101,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from omniforge.errors import ConfigError
-    from omniforge.labelers import get_labeler_class, list_labelers
+    from omniforge.labelers import get_labeler_class, list_labelers, list_profiles
     from omniforge.modalities import all_modalities
 
     if args.profile is not None:
@@ -125,7 +125,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         tokens = f"{m.token_modality} ({m.num_tokens})" if m.tokenized else "(no tokens)"
         print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<25} {m.tokenizer:<13} {m.description}{mark}")
     print("\n`omniforge list TEACHER` shows a teacher's options; where a modality has several teachers, "
-          "--teacher MODALITY=TEACHER chooses another than its default")
+          "--teacher MODALITY=TEACHER chooses another than its default; `omniforge list --profile NAME` shows a "
+          f"teacher profile ({', '.join(list_profiles())})")
     return 0
 
 
