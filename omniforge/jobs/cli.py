@@ -53,13 +53,13 @@ def cmd_label(args: argparse.Namespace) -> int:
     from omniforge.pipeline import LabelConfig, label, parse_options, parse_teachers, parse_weights, plan
     from omniforge.pipeline.teachers import resolve_teachers
 
-    cfg = LabelConfig(output=args.output, modalities=_csv(args.modalities), weights=parse_weights(args.weights),
-                      options=parse_options(args.option), teachers=parse_teachers(args.teacher),
+    cfg = LabelConfig(output=args.output, modalities=_csv(args.modalities), weights=parse_weights(args.weights or ""),
+                      options=parse_options(args.option), teachers=parse_teachers(args.teacher), profile=args.profile,
                       storage_size=args.storage_size, max_pixels=args.max_pixels, batch_size=args.batch_size,
                       shard_size=args.shard_size, format=args.format, actors_per_teacher=args.actors_per_teacher,
                       cpus_per_actor=args.cpus_per_actor, device=args.device, progress=not args.no_progress)
     # bad teachers, options and weights fail here, on the driver, before any scanning or Ray work
-    resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers)
+    resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers, profile=cfg.profile)
     if args.input:
         plan(_plan_config(args, args.output), ray_address=args.ray_address, progress_bar=not args.no_progress)
     summary = label(cfg, ray_address=args.ray_address)
@@ -73,8 +73,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     cfg = TokenizeConfig(input=args.input, output=args.output, tokenizers=args.tokenizers,
                          modalities=_csv(args.modalities), crops=parse_crops(args.crops, seed=args.seed),
-                         weights=parse_weights(args.weights), options=parse_options(args.option),
-                         teachers=parse_teachers(args.teacher),
+                         weights=parse_weights(args.weights or ""), options=parse_options(args.option),
+                         teachers=parse_teachers(args.teacher), profile=args.profile,
                          batch_size=args.batch_size, actors=args.actors, device=args.device,
                          progress=not args.no_progress)
     summary = tokenize(cfg, ray_address=args.ray_address)
@@ -110,9 +110,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from omniforge.labelers import get_labeler_class, list_labelers
+    from omniforge.errors import ConfigError
+    from omniforge.labelers import get_labeler_class, list_labelers, list_profiles
     from omniforge.modalities import all_modalities
 
+    if args.profile is not None:
+        if args.teacher:
+            raise ConfigError("give a teacher or --profile, not both: `omniforge list TEACHER` shows a teacher's "
+                              "options, `omniforge list --profile NAME` a profile's teachers")
+        print("\n".join(_profile_lines(args.profile)))
+        return 0
     if args.teacher:
         print("\n".join(_teacher_lines(get_labeler_class(args.teacher))))
         return 0
@@ -128,7 +135,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         tokens = f"{m.token_modality} ({m.num_tokens})" if m.tokenized else "(no tokens)"
         print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<25} {m.tokenizer:<13} {m.description}{mark}")
     print("\n`omniforge list TEACHER` shows a teacher's options; where a modality has several teachers, "
-          "--teacher MODALITY=TEACHER chooses another than its default")
+          "--teacher MODALITY=TEACHER chooses another than its default; `omniforge list --profile NAME` shows a "
+          f"teacher profile ({', '.join(list_profiles())})")
     return 0
 
 
@@ -144,6 +152,35 @@ def _modality_mark(modality: str, cls: type) -> str:
     except ConfigError:  # several teachers, none claiming it: every job must choose
         return f"{modality} (--teacher {modality}={cls.name}; no default)"
     return f"{modality} (default)" if default == cls.name else f"{modality} (--teacher {modality}={cls.name})"
+
+
+def _profile_lines(profile: str) -> list[str]:
+    """`omniforge list --profile NAME`: one line per labelable modality: its teacher in the profile, the
+    weights and options it runs with, what the profile's model family used, and STAND-IN with the reason where
+    omniforge's teacher is not that one."""
+    import json
+
+    from omniforge.pipeline.teachers import profile_rows
+
+    cells = []
+    for row in profile_rows(profile):
+        if row.teacher is None or row.entry is None:
+            cells.append((row.modality, "-", "-", f"-  |  not in profile {profile}: leave it out, or label it outside "
+                          f"the profile with --teacher {row.modality}=NAME"))
+            continue
+        options = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                           for k, v in row.entry.options.items()) or "-"
+        text = f"{options}  |  {row.entry.reference}"
+        if row.entry.stand_in:
+            text += f"  |  STAND-IN: {row.entry.stand_in}"
+        cells.append((row.modality, row.teacher.name, row.entry.weights if row.teacher.learned else "-", text))
+    header = ("modality", "teacher", "weights", f"options  |  reference ({profile})  |  STAND-IN: why omniforge's "
+              f"teacher differs")
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(3)]
+    lines = ["  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3] for c in [header, *cells]]
+    lines.append(f"\n`omniforge label --profile {profile}` runs these teachers; --teacher, --weights and --option "
+                 f"given with it override the profile")
+    return lines
 
 
 def _teacher_lines(cls: type) -> list[str]:
@@ -220,15 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="corpus to plan first (not needed when --output is planned already)")
     p.add_argument("--output", required=True, help="corpus root (local or s3://)")
     p.add_argument("--modalities", default=DEFAULT_MODALITIES, help=f"comma list (default {DEFAULT_MODALITIES})")
-    p.add_argument("--weights", default="tiny", help="tiny | pretrained, plus "
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="teacher profile: every modality's teacher, weights and options as a model family was "
+                        "labeled (4m21: 4M-21's teachers; `omniforge list --profile 4m21`); --teacher, --weights "
+                        "and --option given here override it")
+    p.add_argument("--weights", default=None, help="tiny | pretrained, plus "
                    "TEACHER=tiny|pretrained|/path/to/checkpoint overrides, comma separated (default tiny: random "
-                   "weights)")
+                   "weights; with --profile, the profile's)")
     p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
                    help="teacher option, e.g. clip.pretrained_tag=laion2b_s34b_b88k (repeatable; `omniforge list "
                         "TEACHER` lists them)")
     p.add_argument("--teacher", action="append", default=[], metavar="MODALITY=TEACHER",
                    help="the teacher of a modality that has several, e.g. depth=omnidata (default: the modality's "
-                        "default teacher; repeatable or comma separated)")
+                        "default teacher, or the profile's; repeatable or comma separated)")
     p.add_argument("--storage-size", type=int, default=512, help="shorter side of stored images (default 512)")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="pixel limit against decompression bombs")
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
@@ -251,8 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, default=1,
                    help="crops per sample: crop 0 centred, the others random (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
-    p.add_argument("--weights", default="tiny", help="feature teachers for crops 1.. (as `omniforge label --weights`; "
-                   "must match the label job)")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="feature teachers for crops 1.. from a teacher profile (as `omniforge label --profile`; must "
+                        "match the label job)")
+    p.add_argument("--weights", default=None, help="feature teachers for crops 1.. (as `omniforge label --weights`; "
+                   "must match the label job; default tiny, or the profile's)")
     p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
                    help="feature teacher option, as for `omniforge label` (repeatable)")
     p.add_argument("--teacher", action="append", default=[], metavar="MODALITY=TEACHER",
@@ -303,8 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "modality decoded back (a reconstruction beside its label)")
     p.set_defaults(fn=cmd_show)
 
-    p = sub.add_parser("list", help="registered labelers and modalities with their formats, or one teacher's options")
+    p = sub.add_parser("list", help="registered labelers and modalities with their formats, one teacher's options, or "
+                                    "a teacher profile")
     p.add_argument("teacher", nargs="?", help="a teacher: print its summary, modalities and options with defaults")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="print a teacher profile (e.g. 4m21): per modality its teacher, weights, options, the "
+                        "reference it reproduces, and STAND-IN with the reason where omniforge's teacher differs")
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("demo", help="label a small corpus of real photos end to end, verify it, draw a preview")

@@ -2,7 +2,8 @@
 
 Public API: `register_labeler`, `create_labeler`, `list_labelers`, `get_labeler_class`,
 `labeler_for_modality` (the default teacher of a modality, or the one named), `labelers_for_modality` (all
-of them), `Labeler`, `LabelerOptions` and `option` (a teacher's typed options), `Sample`.
+of them), `list_profiles` and `profile_teacher` (teacher profiles such as "4m21", declared by the teachers'
+`Profile` entries), `Labeler`, `LabelerOptions` and `option` (a teacher's typed options), `Sample`.
 """
 
 from omniforge.labelers._registry import (
@@ -12,9 +13,21 @@ from omniforge.labelers._registry import (
     labeler_for_modality,
     labelers_for_modality,
     list_labelers,
+    list_profiles,
+    profile_teacher,
     register_labeler,
 )
-from omniforge.labelers.base import PRETRAINED, TINY, Labeler, LabelerOptions, OptionDoc, Sample, option
+from omniforge.labelers.base import (
+    PRETRAINED,
+    PROFILE_4M21,
+    TINY,
+    Labeler,
+    LabelerOptions,
+    OptionDoc,
+    Profile,
+    Sample,
+    option,
+)
 
 
 
@@ -32,6 +45,7 @@ def _import_builtin_teachers() -> None:
 _import_builtin_teachers()
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "PRETRAINED", "TINY", "Labeler", "LabelerOptions", "OptionDoc", "Sample", "create_labeler",
-    "get_labeler_class", "labeler_for_modality", "labelers_for_modality", "list_labelers", "option", "register_labeler",
+    "ENTRY_POINT_GROUP", "PRETRAINED", "PROFILE_4M21", "TINY", "Labeler", "LabelerOptions", "OptionDoc", "Profile",
+    "Sample", "create_labeler", "get_labeler_class", "labeler_for_modality", "labelers_for_modality", "list_labelers",
+    "list_profiles", "option", "profile_teacher", "register_labeler",
 ]

@@ -5,6 +5,9 @@ the default; a modality with a single teacher needs no claim. A job runs the def
 modality unless it names another (`--teacher MODALITY=NAME`, `labeler_for_modality(m, teacher=NAME)`).
 Built-in teachers register on `import omniforge.labelers`, plugins after them: a plugin teacher for an
 existing modality is one more teacher of it, never a silent replacement.
+
+Teacher profiles (`Labeler.profiles`, e.g. "4m21") are declared by the teachers themselves: the known profiles
+are the union over registered teachers, and a modality has at most one teacher in each (`profile_teacher`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import dataclasses
 from typing import Any
 
 from omniforge._plugins import load_group
-from omniforge.errors import ConfigError
-from omniforge.labelers.base import Labeler, LabelerOptions
+from omniforge.errors import ConfigError, WeightsError
+from omniforge.labelers.base import Labeler, LabelerOptions, Profile, check_profile_name
 from omniforge.modalities import MODALITIES, load_entry_points, register_modality
 
 ENTRY_POINT_GROUP = "omniforge.labelers"
@@ -55,6 +58,7 @@ def register_labeler(cls: type[Labeler]) -> type[Labeler]:
             raise ConfigError(f"teachers {_DEFAULTS[m]!r} ({_LABELERS[_DEFAULTS[m]].__module__}) and {cls.name!r} "
                               f"({cls.__module__}) both claim to be the default teacher of {m!r}: remove {m!r} from "
                               f"the default_for of one of them (the other stays selectable with --teacher {m}=NAME)")
+    _check_profiles(cls)
     for info in getattr(cls, "new_modalities", ()):
         register_modality(info)
     _LABELERS[cls.name] = cls
@@ -74,6 +78,30 @@ def _check_options_class(cls: type[Labeler]) -> None:
         if f.default is dataclasses.MISSING:
             raise TypeError(f"labeler {cls.__qualname__}: option {f.name!r} needs a default")
     options()  # the defaults must be valid (and the annotations supported)
+
+
+def _check_profiles(cls: type[Labeler]) -> None:
+    """Every profile entry of `cls` is a Profile whose options and weights the teacher accepts (checked without
+    loading a model), and no other registered teacher of one of its modalities is in the same profile."""
+    for name, entry in cls.profile_entries().items():
+        check_profile_name(name)
+        if not isinstance(entry, Profile):
+            raise TypeError(f"labeler {cls.__qualname__}: profiles[{name!r}] must be a Profile, got "
+                            f"{type(entry).__name__}")
+        try:
+            if cls.options_type() is not None:
+                cls.make_options(**entry.options)
+            elif entry.options:
+                raise ConfigError(f"{cls.name} declares no options_class, so a profile cannot set its options")
+            cls.identify_weights(entry.weights)
+        except (ConfigError, WeightsError) as e:
+            raise ConfigError(f"labeler {cls.__qualname__}, profile {name!r}: {e}") from None
+        for other in _LABELERS.values():
+            shared = [m for m in cls.modalities if m in other.modalities]
+            if shared and name in other.profile_entries() and other is not cls:
+                raise ConfigError(f"teachers {other.name!r} ({other.__module__}) and {cls.name!r} ({cls.__module__}) "
+                                  f"are both in profile {name!r} for {', '.join(shared)}: a modality has one teacher "
+                                  f"per profile; remove {name!r} from the profiles of one of them")
 
 
 def _load_entry_points() -> None:
@@ -129,6 +157,20 @@ def default_teacher_name(modality: str) -> str | None:
         return labeler_for_modality(modality).name
     except ConfigError:
         return None
+
+
+def list_profiles() -> list[str]:
+    """The names of the teacher profiles the registered teachers declare, sorted."""
+    _load_entry_points()
+    return sorted({name for cls in _LABELERS.values() for name in cls.profile_entries()})
+
+
+def profile_teacher(profile: str, modality: str) -> type[Labeler] | None:
+    """The teacher that writes `modality` in `profile`, or None when the profile has none for it."""
+    for cls in labelers_for_modality(modality):
+        if profile in cls.profile_entries():
+            return cls
+    return None
 
 
 def create_labeler(name: str, **kwargs: Any) -> Labeler:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from omniforge.errors import ConfigError, SampleError, WeightsError
 
 TINY = "tiny"
 PRETRAINED = "pretrained"
+PROFILE_4M21 = "4m21"  # the built-in teacher profile: what 4M-21 pseudo-labeled CC12M with
+_PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 @dataclass
@@ -179,6 +182,48 @@ def _check_option(name: str, hint: Any, meta: Mapping[str, Any], value: Any) -> 
     return value
 
 
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """One teacher's entry in a teacher profile (`Labeler.profiles`): how this teacher labels the modalities it
+    writes when a job runs that profile (`omniforge label --profile NAME`).
+
+    weights    the weights kind the teacher loads, as `--weights TEACHER=...` takes it ("pretrained": the
+               publisher's weights its documentation names; the release itself is chosen by its options, e.g.
+               `hub_id` or `pretrained_tag`)
+    options    the teacher's options, as `--option TEACHER.KEY=VALUE` takes them; checked against its options
+               class when the teacher registers, so a typo fails on import
+    reference  what the profile's model family used for these modalities, in words (teacher, weights,
+               resolution, preprocessing, thresholds)
+    stand_in   None when this teacher is that reference; otherwise why omniforge runs this one instead and how
+               its labels may differ (`omniforge list --profile NAME` prints it as STAND-IN)
+    """
+
+    reference: str
+    weights: str = PRETRAINED
+    options: Mapping[str, Any] = field(default_factory=dict)
+    stand_in: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("reference", "weights"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise TypeError(f"Profile.{name} must be a non-empty string, got {value!r}")
+        if self.stand_in is not None and (not isinstance(self.stand_in, str) or not self.stand_in.strip()):
+            raise TypeError(f"Profile.stand_in must be None or a non-empty string (why this teacher stands in), "
+                            f"got {self.stand_in!r}")
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise TypeError(f"Profile.options must map option names to values, got {self.options!r}")
+        object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
+
+
+def check_profile_name(name: Any) -> str:
+    """A profile name: lower-case letters, digits, '_' and '-' (e.g. "4m21")."""
+    if not isinstance(name, str) or not _PROFILE_NAME.fullmatch(name):
+        raise ConfigError(f"profile name {name!r} is not valid: use lower-case letters, digits, _ and -, e.g. "
+                          f"{PROFILE_4M21}")
+    return name
+
+
 class Labeler:
     """Base class of every teacher.
 
@@ -202,6 +247,10 @@ class Labeler:
                   `Sample.inputs`; a sample whose required input failed is recorded as failed
                   ("missing_input") without calling the labeler
       optional_inputs  modalities used when they exist for a sample (e.g. metadata from det)
+      profiles    {profile name: Profile}: how it labels its modalities in each teacher profile it belongs to
+                  (e.g. {PROFILE_4M21: Profile(reference=..., options=...)}); a modality has at most one teacher
+                  per profile, checked at registration. Not inherited: a subclass registered under another name
+                  is in no profile unless it declares its own (`profile_entries`)
     and implement `label`.
     """
 
@@ -214,6 +263,7 @@ class Labeler:
     requires: ClassVar[tuple[str, ...]] = ()
     optional_inputs: ClassVar[tuple[str, ...]] = ()
     new_modalities: ClassVar[tuple[Any, ...]] = ()
+    profiles: ClassVar[Mapping[str, Profile]] = {}
 
     options: LabelerOptions
 
@@ -234,6 +284,14 @@ class Labeler:
         a SampleError when that one sample cannot be labeled. Raising fails the whole batch (the
         pipeline then retries the samples one by one to find the culprit)."""
         raise NotImplementedError
+
+    # -- profiles ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def profile_entries(cls) -> Mapping[str, Profile]:
+        """The profile entries this class declares itself: `profiles` is not inherited, since a subclass is
+        another teacher (another name), and a modality has one teacher per profile."""
+        return vars(cls).get("profiles", {})
 
     # -- options -------------------------------------------------------------------------------------------
 

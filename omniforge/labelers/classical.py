@@ -12,7 +12,7 @@ import numpy as np
 
 from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import Labeler, LabelerOptions, Sample, option
+from omniforge.labelers.base import PROFILE_4M21, Labeler, LabelerOptions, Profile, Sample, option
 from omniforge.tokenize.text import MAX_PALETTE_COLORS as MAX_COLORS  # palettes for k = 1..7, as 4M-21
 
 
@@ -49,6 +49,7 @@ class RgbLabeler(_ClassicalLabeler):
 
     name = "rgb"
     modalities = default_for = ("rgb",)
+    profiles = {PROFILE_4M21: Profile(reference="the corpus image, decoded and EXIF-rotated, in RGB")}
 
     def label_one(self, sample: Sample) -> np.ndarray:
         return sample.image
@@ -63,6 +64,7 @@ class CaptionLabeler(_ClassicalLabeler):
 
     name = "caption"
     modalities = default_for = ("caption",)
+    profiles = {PROFILE_4M21: Profile(reference="the corpus alt-text (CC12M's captions)")}
 
     def label_one(self, sample: Sample) -> str:
         text = " ".join((sample.caption or "").split())
@@ -98,6 +100,9 @@ class CannyEdgeLabeler(_ClassicalLabeler):
     modalities = default_for = ("canny_edge",)
     options_class = CannyEdgeOptions
     options: CannyEdgeOptions
+    # no options: ml-4m publishes no Canny thresholds, and options a job gives change a classical fingerprint
+    profiles = {PROFILE_4M21: Profile(reference="OpenCV Canny edges of the image (ml-4m publishes no thresholds: "
+                                                "omniforge's defaults apply, low 100, high 200, 3 x 3 blur)")}
 
     def label_one(self, sample: Sample) -> np.ndarray:
         import cv2
@@ -134,6 +139,12 @@ class ColorPaletteLabeler(_ClassicalLabeler):
     modalities = default_for = ("color_palette",)
     options_class = ColorPaletteOptions
     options: ColorPaletteOptions
+    profiles = {PROFILE_4M21: Profile(
+        reference="PyPalette (github.com/adamgrieger/pypalette): k-means++ on the image's RGB pixels, a palette for "
+                  "every k = 1..7",
+        stand_in="PyPalette has no PyPI release (PyPI's pypalette is an unrelated project); omniforge runs the same "
+                 "method with OpenCV's k-means++ (seeded, 3 attempts, on at most max_pixels pixels), so palettes can "
+                 "differ slightly from PyPalette's")}
 
     def label_one(self, sample: Sample) -> list[dict[str, list[list[int]]]]:
         pixels = sample.image.reshape(-1, 3)

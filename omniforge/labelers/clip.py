@@ -7,7 +7,7 @@ from typing import Any
 
 from omniforge.labelers._open_clip import OpenClipLabeler
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import LabelerOptions, option
+from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, option
 
 ARCH = "ViT-B-16"
 DEFAULT_TAG = "openai"
@@ -50,6 +50,10 @@ class ClipLabeler(OpenClipLabeler):
     learned = True
     options_class = ClipOptions
     options: ClipOptions
+    profiles = {PROFILE_4M21: Profile(
+        reference="OpenAI CLIP ViT-B/16, OpenAI's weights (open_clip tag openai): projected last-layer patch features "
+                  "of the 224 centre crop",
+        options={"pretrained_tag": "openai"})}
     model_name = ARCH
     tiny_cfg = TINY_CFG
 

@@ -13,7 +13,7 @@ import numpy as np
 from omniforge.errors import SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, require, to_pil
-from omniforge.labelers.base import TINY, LabelerOptions, Sample, option
+from omniforge.labelers.base import PROFILE_4M21, TINY, LabelerOptions, Profile, Sample, option
 
 # the names of the two depth models in their fingerprints (see _depth_identity_options)
 DEPTH_ANYTHING = "depth_anything_v2"
@@ -259,6 +259,8 @@ class OmnidataDepthLabeler(_OmnidataMixin, TorchLabeler):
     name = "omnidata"
     modalities = ("depth",)
     learned = True
+    profiles = {PROFILE_4M21: Profile(reference="Omnidata DPT-B-Hybrid v2 depth: the publisher's "
+                                                "omnidata_dpt_depth_v2.ckpt at Omnidata's 384 x 384 input")}
     checkpoint_format = "omnidata_dpt_depth_v2.ckpt"
     omnidata_task = "depth"
     omnidata_channels = 1
@@ -294,6 +296,8 @@ class NormalLabeler(_OmnidataMixin, TorchLabeler):
     name = "normal"
     modalities = default_for = ("normal",)
     learned = True
+    profiles = {PROFILE_4M21: Profile(reference="Omnidata DPT-B-Hybrid v2 surface normals: the publisher's "
+                                                "omnidata_dpt_normal_v2.ckpt at Omnidata's 384 x 384 input")}
     checkpoint_format = "omnidata_dpt_normal_v2.ckpt"
     omnidata_task = "normal"
     omnidata_channels = 3

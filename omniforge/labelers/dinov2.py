@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, require
+from omniforge.labelers.base import PROFILE_4M21, Profile
 
 ARCH = "vit_base_patch14_dinov2"
 IMG_SIZE = 224  # 16 x 16 patches of 14 pixels
@@ -33,6 +34,9 @@ class DinoV2Labeler(TorchLabeler):
     modalities = default_for = ("dinov2", "dinov2_global")
     learned = True
     checkpoint_format = "model.safetensors"
+    profiles = {PROFILE_4M21: Profile(
+        reference="DINOv2 ViT-B/14 (dinov2_vitb14; timm's vit_base_patch14_dinov2.lvd142m is that checkpoint): "
+                  "last-layer patch tokens and CLS at 224")}
 
     # -- building ------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from omniforge.labelers._imagebind import (build_imagebind_vision, imagebind_tra
                                            is_open_clip_state_dict, load_state_dict)
 from omniforge.labelers._open_clip import OpenClipLabeler
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import LabelerOptions, option
+from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, option
 
 ARCH = "ViT-H-14"
 DEFAULT_TAG = "laion2b_s32b_b79k"
@@ -73,6 +73,12 @@ class ImageBindLabeler(OpenClipLabeler):
     checkpoint_format = "imagebind_huge.pth or open_clip_pytorch_model.bin"
     tiny_cfg = TINY_CFG
     project_pooled = False
+    profiles = {PROFILE_4M21: Profile(
+        reference="ImageBind-H/14's image encoder, OpenCLIP ViT-H/14 laion2b_s32b_b79k, frozen in ImageBind: "
+                  "'pretrained' is that open_clip release (the same weights; ImageBind's own imagebind_huge.pth, "
+                  "LayerNorm eps 1e-6 instead of 1e-5, loads with --weights imagebind=PATH); patch tokens and the "
+                  "1280-d class token at 224",
+        options={"model_name": ARCH, "pretrained_tag": DEFAULT_TAG})}
 
     @property
     def model_name(self) -> str:

@@ -15,7 +15,7 @@ from omniforge.errors import ConfigError, SampleError, WeightsError
 from omniforge.labelers._open_clip import OpenClipLabeler
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, require, short_error
-from omniforge.labelers.base import TINY, LabelerOptions, Sample, option, weights_identity
+from omniforge.labelers.base import PROFILE_4M21, TINY, LabelerOptions, Profile, Sample, option, weights_identity
 
 SCORE_DECIMALS = 4  # a score is written rounded to this many decimals
 
@@ -131,6 +131,9 @@ class AestheticLabeler(_ScoreLabeler, OpenClipLabeler):
     learned = True
     options_class = AestheticOptions
     options: AestheticOptions
+    profiles = {PROFILE_4M21: Profile(
+        reference="the LAION aesthetic predictor (improved-aesthetic-predictor, sac+logos+ava1-l14-linearMSE.pth) on "
+                  "OpenAI CLIP ViT-L/14 image embeddings: metadata's aesthetic_score")}
     tiny_cfg = AESTHETIC_TINY_CFG
 
     @property
@@ -289,6 +292,9 @@ class WatermarkLabeler(_ScoreLabeler):
     name = "watermark"
     modalities = default_for = ("watermark_score",)
     learned = True
+    profiles = {PROFILE_4M21: Profile(
+        reference="the LAION-5B watermark detector (watermark_model_v1.pt, an EfficientNet-B3 with LAION's head): "
+                  "metadata's watermark_score")}
     checkpoint_format = WATERMARK_FILE
 
     # -- building ------------------------------------------------------------------------------------------

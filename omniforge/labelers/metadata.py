@@ -14,7 +14,7 @@ import numpy as np
 
 from omniforge.labelers._coco_panoptic import COCO_PANOPTIC_CLASSES, COCO_PANOPTIC_STUFF_IDS
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import Labeler, LabelerOptions, Sample
+from omniforge.labelers.base import PROFILE_4M21, Labeler, LabelerOptions, Profile, Sample
 from omniforge.errors import SampleError
 
 # Stuff classes a person can walk on: the walkability score counts their pixels.
@@ -61,6 +61,11 @@ class MetadataLabeler(Labeler):
     options_class = LabelerOptions
     optional_inputs = ("human_poses", "sam_instance", "det", "semseg_coco", "normal", "depth", "aesthetic_score",
                        "watermark_score")
+    profiles = {PROFILE_4M21: Profile(
+        reference="4M-21's 21 metadata fields, from the image, the caption and the other pseudo labels",
+        stand_in="4M-21's metadata code is not published: omniforge computes each field from the paper's "
+                 "definition (omniforge list metadata), only from the sources the job labeled; occlusion_score's "
+                 "edge threshold is omniforge's own (the paper gives none)")}
 
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
         return [{"metadata": self.label_one(s)} for s in samples]

@@ -11,7 +11,7 @@ import numpy as np
 from omniforge.errors import SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, check_image, require
-from omniforge.labelers.base import TINY, LabelerOptions, Sample, option
+from omniforge.labelers.base import PROFILE_4M21, TINY, LabelerOptions, Profile, Sample, option
 from omniforge.labelers.classical import _ClassicalLabeler
 
 PIP_NAME = "segment-anything"
@@ -199,6 +199,12 @@ class SamInstanceLabeler(TorchLabeler):
     options_class = SamInstanceOptions
     options: SamInstanceOptions
     checkpoint_format = "sam_vit_h_4b8939.pth"
+    # the generator options stay unset: SamAutomaticMaskGenerator's own defaults for real weights (DEFAULTS), the
+    # tiny variant's for --weights tiny (whose scores never pass the official thresholds)
+    profiles = {PROFILE_4M21: Profile(
+        reference="SAM ViT-H (sam_vit_h_4b8939.pth), segment-anything's automatic mask generator with its defaults: "
+                  "32 x 32 point grid, predicted IoU >= 0.88, stability >= 0.95, no crops",
+        options={"model_type": "vit_h"})}
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -329,6 +335,7 @@ class SamEdgeLabeler(_ClassicalLabeler):
     modalities = default_for = ("sam_edge",)
     learned = False
     requires = ("sam_instance",)
+    profiles = {PROFILE_4M21: Profile(reference="SAM edges: the boundaries of the SAM ViT-H instance masks")}
 
     def label_one(self, sample: Sample) -> np.ndarray:
         h, w = sample.image.shape[:2]

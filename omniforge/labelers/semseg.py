@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from omniforge.errors import SampleError, WeightsError
+from omniforge.errors import ConfigError, SampleError, WeightsError
 from omniforge.labelers._coco_panoptic import (
     COCO_PANOPTIC_CATEGORIES,
     COCO_PANOPTIC_CLASSES,
@@ -18,9 +18,13 @@ from omniforge.labelers._coco_panoptic import (
 )
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, require, short_error
-from omniforge.labelers.base import LabelerOptions, Sample, option
+from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, Sample, option
 
 HUB_ID = "facebook/mask2former-swin-base-coco-panoptic"
+# Mask2Former's own COCO evaluation size (its configs' INPUT.MIN_SIZE_TEST and MAX_SIZE_TEST); the hub checkpoints'
+# image processors resize to 384 x 384 instead
+MASK2FORMER_TEST_SIZE = (800, 1333)
+RESIZE_OPTIONS = ("shortest_edge", "longest_edge")  # in the fingerprint only when set (they came after release 1fda641)
 NONE = 255  # pixels in no segment
 INFERENCES = ("panoptic", "semantic")
 _TRANSFORMERS = ("transformers", "transformers>=4.40")
@@ -85,6 +89,26 @@ class SemsegCocoOptions(LabelerOptions):
     inference: str = option("panoptic", "panoptic (the semantic map of the panoptic prediction, as 4M-21) or "
                                         "semantic (argmax of the query-weighted masks: no pixel left as none)",
                             choices=INFERENCES)
+    shortest_edge: int | None = option(None, "resize the shorter side to this, aspect kept, the longer side at most "
+                                             "longest_edge (Mask2Former's own COCO test size: 800, with 1333); null = "
+                                             "the checkpoint's image processor's size (facebook/mask2former-*: "
+                                             "384 x 384, aspect not kept)", ge=32)
+    longest_edge: int | None = option(None, "with shortest_edge: the most the longer side may be", ge=32)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.shortest_edge is None) != (self.longest_edge is None):
+            raise ConfigError(f"options shortest_edge={self.shortest_edge}, longest_edge={self.longest_edge} are not "
+                              f"valid: give both (e.g. 800 and 1333) or neither")
+        if self.shortest_edge is not None and self.longest_edge < self.shortest_edge:
+            raise ConfigError(f"options shortest_edge={self.shortest_edge}, longest_edge={self.longest_edge} are not "
+                              f"valid: need longest_edge >= shortest_edge")
+
+    def processor_size(self) -> dict[str, int] | None:
+        """The `size` the image processor runs with, or None for the checkpoint processor's own."""
+        if self.shortest_edge is None:
+            return None
+        return {"shortest_edge": self.shortest_edge, "longest_edge": self.longest_edge}
 
 
 @register_labeler
@@ -96,14 +120,16 @@ class SemsegCocoLabeler(TorchLabeler):
     `omniforge.labelers._coco_panoptic.COCO_PANOPTIC_CLASSES` and of the checkpoint's id2label), 255 = none;
     the palette is fixed (class i -> the COCO panoptic API colour of class i, 255 -> black).
 
-    How: the whole image goes through the checkpoint's own image processor (resize to the processor's
-    shortest edge, rounded up to a multiple of 32; no padding, each image is run at its own size and images
-    of the same processed size are batched) and the model; then, with inference="panoptic" (default), the
-    processor's `post_process_panoptic_segmentation` (Mask2Former's panoptic inference: queries whose
-    class score > `threshold`, masks binarized at `mask_threshold`, a query's segment kept when it wins more
-    than `overlap_mask_area_threshold` of its mask, stuff classes fused) at target size (H, W), and every
-    pixel takes the class of its segment; pixels in no segment are 255. This is the semantic map of the
-    panoptic prediction, as 4M-21 used. inference="semantic" uses `post_process_semantic_segmentation`
+    How: the whole image goes through the checkpoint's own image processor (resized to the processor's own size,
+    which for the facebook/mask2former-* hub checkpoints is 384 x 384 with the aspect not kept, or, with the
+    options shortest_edge and longest_edge, the shorter side to shortest_edge and the longer at most longest_edge,
+    aspect kept, as Mask2Former's own evaluation at 800 / 1333; rounded up to a multiple of 32; no padding, each
+    image is run at its own size and images of the same processed size are batched) and the model; then, with
+    inference="panoptic" (default), the processor's `post_process_panoptic_segmentation` (Mask2Former's panoptic
+    inference: queries whose class score > `threshold`, masks binarized at `mask_threshold`, a query's segment
+    kept when it wins more than `overlap_mask_area_threshold` of its mask, stuff classes fused) at target size
+    (H, W), and every pixel takes the class of its segment; pixels in no segment are 255. This is the semantic map
+    of the panoptic prediction, as 4M-21 used. inference="semantic" uses `post_process_semantic_segmentation`
     instead (argmax over classes of the query-weighted masks): every pixel gets a class, never 255.
     An image with no segment gives an all-255 map (a valid answer, not an error).
 
@@ -115,7 +141,8 @@ class SemsegCocoLabeler(TorchLabeler):
     overlap_mask_area_threshold=0 to see segments). A checkpoint without 133 classes is refused.
 
     Options (`SemsegCocoOptions`, part of the fingerprint): hub_id, threshold (0.8), mask_threshold (0.5),
-    overlap_mask_area_threshold (0.8), inference ("panoptic" | "semantic").
+    overlap_mask_area_threshold (0.8), inference ("panoptic" | "semantic"), shortest_edge and longest_edge (unset:
+    the processor's size; in the fingerprint only when set).
     """
 
     name = "semseg_coco"
@@ -123,12 +150,31 @@ class SemsegCocoLabeler(TorchLabeler):
     learned = True
     options_class = SemsegCocoOptions
     options: SemsegCocoOptions
+    profiles = {PROFILE_4M21: Profile(
+        reference="Mask2Former Swin-B, COCO panoptic (facebook/mask2former-swin-base-coco-panoptic, the model zoo "
+                  "checkpoint) at Mask2Former's own test size, shorter side 800 (longer <= 1333), not the hub "
+                  "processor's 384 x 384: the semantic map of its panoptic prediction",
+        options={"hub_id": HUB_ID, "inference": "panoptic", "threshold": 0.8, "mask_threshold": 0.5,
+                 "overlap_mask_area_threshold": 0.8, "shortest_edge": MASK2FORMER_TEST_SIZE[0],
+                 "longest_edge": MASK2FORMER_TEST_SIZE[1]})}
     checkpoint_is_dir = True
+
+    @classmethod
+    def identity_options(cls, options: LabelerOptions, *, weights: str, given: tuple[str, ...]) -> dict[str, Any]:
+        """Every option (a learned teacher), but the resize options only when set: fingerprints of corpora labeled
+        before they existed stay."""
+        values = super().identity_options(options, weights=weights, given=given)
+        return {k: v for k, v in values.items() if not (k in RESIZE_OPTIONS and v is None)}
     checkpoint_format = "mask2former-swin-base-coco-panoptic/ (a save_pretrained folder)"
 
     @property
     def processor(self) -> Any:
         return self.transform
+
+    @property
+    def _size_kwargs(self) -> dict[str, Any]:
+        size = self.options.processor_size()
+        return {} if size is None else {"size": size}
 
     # -- building ------------------------------------------------------------------------------------------
 
@@ -169,7 +215,7 @@ class SemsegCocoLabeler(TorchLabeler):
             try:
                 # channels_last stated explicitly: a 1 x W or 3 x W image is ambiguous to the processor
                 pixels = self.processor(images=[np.ascontiguousarray(sample.image)], return_tensors="pt",
-                                        input_data_format="channels_last")["pixel_values"]
+                                        input_data_format="channels_last", **self._size_kwargs)["pixel_values"]
             except Exception as e:  # noqa: BLE001 - one image the processor refuses fails that sample only
                 out[i] = SampleError("bad_image", f"semseg_coco: the image processor refused the image: "
                                                   f"{short_error(e)}")

@@ -34,7 +34,6 @@ import pyarrow as pa
 from omniforge import codecs
 from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers import Labeler, Sample
-from omniforge.labelers.base import TINY
 from omniforge.modalities import ModalityInfo
 from omniforge import shards, storage
 from omniforge.pipeline import corpus
@@ -43,7 +42,7 @@ from omniforge.pipeline import _job
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.pipeline.decode import decode_image
 from omniforge.pipeline.plan import PlanConfig, plan
-from omniforge.pipeline.teachers import Teacher, resolve_teachers
+from omniforge.pipeline.teachers import Teacher, check_profile, resolve_teachers
 from omniforge.shards import load_manifest
 
 log = logging.getLogger(__name__)
@@ -55,12 +54,18 @@ MAX_BATCHES_IN_FLIGHT = 256  # the most batches one job keeps in flight, whateve
 
 @dataclass(frozen=True, kw_only=True)
 class LabelConfig:
+    """What `omniforge label` runs. `weights` is `parse_weights`'s {"*": default, teacher: value}: a teacher it
+    names nowhere gets tiny, or with a `profile` (e.g. "4m21") the profile's weights; `profile` chooses every
+    modality's teacher, weights and options, and `teachers`, `weights` and `options` override it (see
+    `omniforge.pipeline.teachers`)."""
+
     output: str
     modalities: tuple[str, ...]
     input: str | None = None
-    weights: Mapping[str, str] = field(default_factory=lambda: {"*": TINY})
+    weights: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     teachers: Mapping[str, str] = field(default_factory=dict)  # modality -> teacher, when not its default
+    profile: str | None = None  # a teacher profile, e.g. "4m21" (`omniforge list --profile 4m21`)
     storage_size: int = 512
     max_pixels: int = 64_000_000
     batch_size: int = 16
@@ -86,6 +91,8 @@ class LabelConfig:
             raise ConfigError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
         if self.actors_per_teacher is not None and self.actors_per_teacher < 1:
             raise ConfigError(f"--actors-per-teacher must be >= 1, got {self.actors_per_teacher}")
+        if self.profile is not None:
+            check_profile(self.profile)
 
 
 @dataclass
@@ -386,7 +393,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     run_id = _job.new_run_id()
     root = storage.normalize(cfg.output)  # listed URIs are normalized: compare like with like
     teachers = resolve_teachers(cfg.modalities, cfg.weights, cfg.options, teachers=cfg.teachers,
-                                root=root)  # bad options and checkpoints fail here
+                                root=root, profile=cfg.profile)  # bad options and checkpoints fail here
     if cfg.input is None:
         manifest = load_manifest(root)  # an unplanned root is a one-line error before Ray starts
     ensure_ray(ray_address)
@@ -409,9 +416,7 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
     pending = pending.append_column("todo", pa.array([",".join(todo_by_shard[s]) for s in
                                                      pending.column("shard").to_pylist()], pa.string()))
     record = _job.RunRecord(root, run_id, run_id=run_id, job="label", config=_config_for_record(cfg),
-                            teachers={t.name: {"fingerprint": t.fingerprint, "modalities": list(t.modalities),
-                                               "formats": {m: t.infos[m].format_version for m in t.modalities},
-                                               "identity": t.identity} for t in teachers})
+                            teachers={t.name: _teacher_for_record(t) for t in teachers})
     _job.delete_partial_writes(root, cfg.modalities)
     actors: dict[str, Any] = {}
     if pending.num_rows:
@@ -427,6 +432,16 @@ def label(cfg: LabelConfig, *, ray_address: str | None = None) -> LabelSummary:
                   counts={"samples": summary.samples, "processed": summary.processed, "labeled": summary.labeled,
                           "failed": summary.failed, "skipped_samples": summary.skipped_samples})
     return summary
+
+
+def _teacher_for_record(t: Teacher) -> dict:
+    """A teacher in the run record; with a profile, also what the profile made of it (its entry, the user's
+    overrides, or that it ran outside the profile)."""
+    out = {"fingerprint": t.fingerprint, "modalities": list(t.modalities),
+           "formats": {m: t.infos[m].format_version for m in t.modalities}, "identity": t.identity}
+    if t.profile is not None:
+        out["profile"] = dict(t.profile)
+    return out
 
 
 def _config_for_record(cfg: LabelConfig) -> dict:

@@ -67,9 +67,11 @@ class TokenizeConfig:
     modalities: tuple[str, ...]
     output: str | None = None  # token root; default: beside the labels, where ml-4m's loader expects them
     crops: CropConfig = field(default_factory=CropConfig)
-    weights: dict[str, str] = field(default_factory=lambda: {"*": "tiny"})  # feature teachers for crops 1..
+    # feature teachers for crops 1.., as the label job's: {} = tiny, or with `profile` the profile's weights
+    weights: dict[str, str] = field(default_factory=dict)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     teachers: dict[str, str] = field(default_factory=dict)  # modality -> teacher for crops 1.., when not its default
+    profile: str | None = None  # the label job's teacher profile, e.g. "4m21"
     batch_size: int = 32
     actors: int | None = None
     device: str = "auto"
@@ -88,9 +90,11 @@ class TokenizeConfig:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        from omniforge.pipeline.teachers import check_teacher_args
+        from omniforge.pipeline.teachers import check_profile, check_teacher_args
 
         check_teacher_args(self.weights, self.options, self.teachers)  # names, option keys and values
+        if self.profile is not None:
+            check_profile(self.profile)
 
 
 @dataclass
@@ -371,23 +375,24 @@ def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str,
     if cfg.crops.n_crops < 2 or not wanted:
         return ()
     from omniforge.labelers import labeler_for_modality
-    from omniforge.pipeline.teachers import resolve_teachers
+    from omniforge.pipeline.teachers import profile_teachers, resolve_teachers
 
     # the label job's --weights/--option/--teacher may name other teachers too: keep those of the feature teachers
     chosen = {m: t for m, t in cfg.teachers.items() if m in wanted}
-    names = {labeler_for_modality(m, teacher=chosen.get(m)).name for m in wanted}
+    choices = profile_teachers(cfg.profile, wanted, chosen) if cfg.profile is not None else chosen
+    names = {labeler_for_modality(m, teacher=choices.get(m)).name for m in wanted}
     weights = {k: v for k, v in cfg.weights.items() if k == "*" or k in names}
     options = {k: v for k, v in cfg.options.items() if k in names}
-    teachers = resolve_teachers(wanted, weights, options, teachers=chosen, root=root)
+    teachers = resolve_teachers(wanted, weights, options, teachers=chosen, root=root, profile=cfg.profile)
     for t in teachers:
         for m in t.modalities:
             recorded = {fp for (mod, _), fps in label_fps.items() if mod == m for fp in fps}
             if recorded and recorded != {t.fingerprint}:
                 raise ConfigError(f"{m} labels were made with another teacher, other weights or other options than "
-                                  f"{t.name} with --weights {cfg.weights.get(t.name, cfg.weights['*'])} gives "
+                                  f"{t.name} with --weights {t.weights} gives "
                                   f"(fingerprint {t.fingerprint} vs {', '.join(sorted(recorded))}): pass the "
-                                  f"--teacher/--weights/--option of the label job so crops 1.. use the same teacher "
-                                  f"as crop 0")
+                                  f"--profile/--teacher/--weights/--option of the label job so crops 1.. use the same "
+                                  f"teacher as crop 0")
     return tuple(teachers)
 
 

@@ -196,3 +196,32 @@ def test_fingerprints(official, tmp_path):
     assert fd not in (ft, SemsegCocoLabeler.fingerprint(weights="pretrained"))
     assert SemsegCocoLabeler.identity(weights=folder)["weights"].startswith("dir-sha256:")
     assert len(COCO_PANOPTIC_STUFF_IDS) == 53
+
+
+def test_resize_options_set_the_model_input_size_and_enter_the_fingerprint_only_when_set():
+    """shortest_edge / longest_edge replace the processor's size (Mask2Former's own 800 / 1333 evaluation size in
+    the 4m21 profile); the class map still comes back at the image's size."""
+    chelsea = photos()[1]  # 300 x 451
+    labeler = SemsegCocoLabeler(weights="tiny", shortest_edge=64, longest_edge=80, **OPEN)
+    seen = []
+    forward = labeler.model.forward
+    labeler.model.forward = lambda pixel_values: (seen.append(tuple(pixel_values.shape[-2:])),
+                                                  forward(pixel_values=pixel_values))[1]
+    out = labeler.label([chelsea])[0]["semseg_coco"]
+    # the shorter side 64, the longer capped at 80 (the aspect kept: 64 x 96 -> 53 x 80), each rounded up to 32
+    assert seen == [(64, 96)] and np.asarray(out).shape == (300, 451)
+    plain = SemsegCocoLabeler(weights="tiny", **OPEN)
+    seen_plain = []
+    forward_plain = plain.model.forward
+    plain.model.forward = lambda pixel_values: (seen_plain.append(tuple(pixel_values.shape[-2:])),
+                                                forward_plain(pixel_values=pixel_values))[1]
+    plain.label([chelsea])
+    assert seen_plain == [(256, 384)]  # the tiny processor's own shortest edge 256: 451 * 256 / 300 = 384.9 -> 384
+    for bad in (dict(shortest_edge=800), dict(shortest_edge=800, longest_edge=600), dict(longest_edge=16)):
+        with pytest.raises(ConfigError, match="shortest_edge|longest_edge"):
+            SemsegCocoLabeler.fingerprint(weights="tiny", **bad)
+    assert "shortest_edge" not in SemsegCocoLabeler.identity(weights="tiny")["options"]
+    resized = SemsegCocoLabeler.identity(weights="tiny", shortest_edge=800, longest_edge=1333)["options"]
+    assert resized["shortest_edge"] == 800 and resized["longest_edge"] == 1333
+    assert SemsegCocoLabeler.fingerprint(weights="tiny", shortest_edge=800, longest_edge=1333) != \
+        SemsegCocoLabeler.fingerprint(weights="tiny")
