@@ -375,14 +375,16 @@ MODALITIES: dict[str, ModalityInfo] = {
             description="PNG uint8 (0 or 255), OpenCV Canny edges of rgb"),
         ModalityInfo(
             name="depth", ext="png", tokenizer=_IMAGE, vocab_size=8192, dtype="uint16", draw="heat",
-            description="PNG uint16, relative depth scaled per image to 0..65535"),
+            description="PNG uint16, relative depth scaled per image to 0..65535",
+            ml4m_note="ml-4m's depth transform divides by 65535 and standardizes per image"),
         ModalityInfo(
             name="normal", ext="png", tokenizer=_IMAGE, vocab_size=8192, channels=3, resample="normal",
             description="PNG uint8 RGB, (n + 1) / 2 * 255, camera frame"),
         ModalityInfo(
             name="semseg_coco", ext="png", tokenizer="segmentation", token_modality="tok_semseg@224",
             vocab_size=4096, num_classes=133,
-            description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none"),
+            description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none",
+            ml4m_note="ml-4m's transform shifts the ids by one (255, none, becomes 0)"),
         ModalityInfo(
             name="clip", ext="npy", tokenizer="features", vocab_size=8192, shape=(14, 14, 512),
             description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features",
@@ -393,25 +395,30 @@ MODALITIES: dict[str, ModalityInfo] = {
             ml4m_note="ml-4m's tokenizer training names this folder DINOv2-B14"),
         ModalityInfo(
             name="dinov2_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(768,),
-            description="npy float16 (768,), DINOv2 ViT-B/14 CLS token"),
+            description="npy float16 (768,), DINOv2 ViT-B/14 CLS token",
+            ml4m_note="ml-4m's tokenizer training names this folder DINOv2-B14-global"),
         ModalityInfo(
             name="imagebind", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 1280),
-            description="npy float16 (16, 16, 1280), ImageBind-H/14 patch features"),
+            description="npy float16 (16, 16, 1280), ImageBind-H/14 patch features",
+            ml4m_note="ml-4m's tokenizer training names this folder ImageBind-H14"),
         ModalityInfo(
             name="imagebind_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(1280,),
             description="npy float16 (1280,), ImageBind-H/14 class token after the final LayerNorm, not projected "
-                        "(4M-21's ImageBind-H14-global)"),
+                        "(4M-21's ImageBind-H14-global)",
+            ml4m_note="the 1280-d class token, as 4M-21; ml-4m's tokenizer training names it ImageBind-H14-global"),
         ModalityInfo(
             name="color_palette", ext="json", tokenizer=_TEXT, num_tokens=23, chunks=(1, 3), keep="binary",
             draw="palette", serializer="omniforge.tokenize.text:palette_crop_units",
             schema=_SCHEMA + "check_color_palette", format_version=2,
             description='JSON [{"1": [[R, G, B]], ..., "7": [7 colours]}], the palette for every k = 1..7, largest '
-                        "cluster first (ml-4m's format; the trainer draws k per sample)"),
+                        "cluster first (ml-4m's format; the trainer draws k per sample)",
+            ml4m_note="a palette for every k; ml-4m's loader and omniforge's raw folder draw k per sample"),
         ModalityInfo(
             name="metadata", ext="json", tokenizer=_TEXT, num_tokens=40, chunks=(2, 2), shuffle_chunks=True,
             serializer="omniforge.tokenize.text:metadata_crop_units", schema=_SCHEMA + "check_metadata",
             format_version=2,
-            description="JSON object of the 4M-21 metadata fields, ml-4m's names and units"),
+            description="JSON object of the 4M-21 metadata fields, ml-4m's names and units",
+            ml4m_note="4M-21's names and units; a field whose source did not run is absent"),
         ModalityInfo(
             name="aesthetic_score", ext="json", schema=_SCHEMA + "check_aesthetic_score",
             ml4m="none", ml4m_note="label-only: ml-4m reads the score inside metadata (aesthetic_score)",

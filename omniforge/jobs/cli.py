@@ -120,6 +120,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                               "options, `omniforge list --profile NAME` a profile's teachers")
         print("\n".join(_profile_lines(args.profile)))
         return 0
+    if args.dialect is not None:
+        print("\n".join(_dialect_lines()))
+        return 0
     if args.teacher:
         print("\n".join(_teacher_lines(get_labeler_class(args.teacher))))
         return 0
@@ -138,6 +141,19 @@ def cmd_list(args: argparse.Namespace) -> int:
           "--teacher MODALITY=TEACHER chooses another than its default; `omniforge list --profile NAME` shows a "
           f"teacher profile ({', '.join(list_profiles())})")
     return 0
+
+
+def _dialect_lines() -> list[str]:
+    """Per label folder: how ml-4m's loader gets it (the registry's ml4m field) and what differs."""
+    from omniforge.modalities import all_modalities
+
+    how = {"direct": "reads it as is", "export": "export --dialect ml4m", "none": "not in ml-4m's form"}
+    lines = [f"{'folder':<21} {'ml-4m':<22} notes"]
+    for m in all_modalities():
+        lines.append(f"{m.name:<21} {how[m.ml4m]:<22} {m.ml4m_note or '-'}")
+    lines.append(f"{'tok_*, crop_settings':<21} {how['direct']:<22} int16 (n_crops, N) token ids; int32 (n_crops, 5) "
+                 "crops (top, left, h, w, hflip)")
+    return lines
 
 
 def _modality_mark(modality: str, cls: type) -> str:
@@ -353,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="NAME",
                    help="print a teacher profile (e.g. 4m21): per modality its teacher, weights, options, the "
                         "reference it reproduces, and STAND-IN with the reason where omniforge's teacher differs")
+    p.add_argument("--dialect", default=None, choices=["ml4m"],
+                   help="print how another codebase's loader reads each folder (ml4m: apple/ml-4m)")
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("demo", help="label a small corpus of real photos end to end, verify it, draw a preview")

@@ -44,3 +44,15 @@ def test_list_an_unknown_teacher_is_one_line_listing_the_teachers(capsys):
     assert code == 2 and not out and err.count("\n") == 1
     assert err.startswith("omniforge list: error: unknown labeler 'midas'; registered labelers: ")
     assert all(name in err for name in list_labelers())
+
+
+def test_list_dialect_says_how_ml4m_reads_every_folder(capsys):
+    from omniforge.modalities import all_modalities
+
+    code, out, _ = _run(capsys, "--dialect", "ml4m")
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert {m.name for m in all_modalities()} <= set(rows)
+    assert "export --dialect ml4m" in rows["sam_instance"] and "pickled" in rows["sam_instance"]
+    assert "not in ml-4m's form" in rows["human_poses"] and "HMR2.0" in rows["human_poses"]
+    assert "reads it as is" in rows["det"] and "0.6" in rows["det"]
