@@ -171,7 +171,12 @@ def _label_columns(labeler: Labeler, samples: list[Sample], infos: Mapping[str, 
 
 
 def _encode_checked(info: ModalityInfo, value: Any) -> bytes:
-    """Encode one label, refusing arrays of the wrong shape and non-finite values."""
+    """Encode one label, refusing arrays of the wrong shape and non-finite values (embeddings: off their
+    schema, `codecs.embedding_problem`)."""
+    if info.embedded:
+        problem = codecs.embedding_problem(value, info.shape)
+        if problem:
+            raise SampleError("bad_output", f"{info.name}: {problem}")
     if info.ext == "npy":
         arr = np.asarray(value)
         if info.shape is not None and arr.shape != info.shape:

@@ -3,8 +3,8 @@
 Checks, per modality and shard of the plan: the status table exists (the commit marker) and lists exactly
 the shard's keys, each labeled xor failed with a reason; the tar holds exactly the labeled keys, one
 member `<key>.<ext>` each, sorted by key (so every key's members are adjacent and key order agrees across
-modalities); every member decodes (and arrays have the modality's shape); one teacher fingerprint per
-modality. Nothing is repaired: the report says what to re-run.
+modalities); every member decodes (arrays have the modality's shape, embeddings its npz schema); one teacher
+fingerprint per modality. Nothing is repaired: the report says what to re-run.
 """
 
 from __future__ import annotations
@@ -134,7 +134,11 @@ def _check_shard(root: str, modality: str, shard: int, keys: list[str],
         if decode and ext is not None:
             try:
                 value = codecs.decode(ext, data)
-                if shape is not None and np.shape(value) != shape:
+                if info is not None and info.embedded:
+                    bad_embedding = codecs.embedding_problem(value, info.shape)
+                    if bad_embedding:
+                        problems.append(f"{where}: {name} {bad_embedding}")
+                elif shape is not None and np.shape(value) != shape:
                     problems.append(f"{where}: {name} has shape {np.shape(value)}, expected {shape}")
                 bad = _check_array(value, token_spec) if token_spec else None
                 if bad:
