@@ -155,7 +155,7 @@ class ModalityInfo:
         default("crop", self._default_crop())
         if self.crop not in CROPS:
             raise bad("crop", f"is not one of {', '.join(CROPS)}")
-        tokenized = self.crop not in ("none", "embedding")
+        tokenized = self.tokenized
         if not tokenized:  # no token folder (a value given by an older plugin is dropped)
             object.__setattr__(self, "token_modality", None)
             object.__setattr__(self, "num_tokens", None)
@@ -305,7 +305,7 @@ class ModalityInfo:
     @property
     def tokenized(self) -> bool:
         """True when the tokenize job writes a token folder for this modality."""
-        return self.crop != "none"
+        return self.crop not in ("none", "embedding")
 
     @property
     def embedded(self) -> bool:

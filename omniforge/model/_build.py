@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from omniforge.errors import ConfigError
 from omniforge.model.data import committed_shards
 from omniforge.model.masking import MaskingConfig
-from omniforge.model.specs import ModalitySpec, pixel_source, specs_for
+from omniforge.model.specs import RAW_KINDS, ModalitySpec, pixel_source, raw_source, specs_for
 
 if TYPE_CHECKING:
     from omniforge.model.train_config import TrainConfig
@@ -61,7 +61,7 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
     store = TokenizerStore(cfg.tokenizers)
     out = dict(specs)
     for folder, spec in specs.items():
-        if spec.kind in ("sequence", "pixels"):
+        if spec.kind == "sequence" or spec.kind in RAW_KINDS:
             continue
         codebook = store.codebook_size(kind_for(by_token_folder(folder)))
         if codebook is not None:
@@ -78,6 +78,11 @@ def _check_shards(cfg: TrainConfig) -> None:
                           "the label root its tokenize run read) with the root's crop_settings, and "
                           f"{', '.join(cfg.roots)} has no shard with both: tokenize the labels with crops first, "
                           f"or drop {', '.join(pixels)}")
+    embeddings = [f for f in missing if raw_source(f)]
+    if embeddings:
+        raise ConfigError(f"no {', '.join(embeddings)} label shards under {', '.join(cfg.roots)} (nor in the label "
+                          f"root a tokenize run there read): run `omniforge label --modalities "
+                          f"{','.join(embeddings)}` on the corpus first")
     if missing:
         raise ConfigError(f"no token shards for {', '.join(missing)} under {', '.join(cfg.roots)}: "
                           f"run `omniforge tokenize` for them first")
