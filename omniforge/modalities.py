@@ -52,10 +52,6 @@ KEEPS = ("random", "all", "binary")
 ROLES = ("both", "input", "target")
 DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "poses", "palette",
          "json")
-# The two arrays of an npz embedding label, in ml-4m's names (fourm/data/modality_transforms.py CaptionEmbTransform):
-# "emb" float16 (n, L, D) vectors, "mask_valid" bool (n, L) True where a vector is real; n sequences (omniforge
-# writes one), L and D the modality's shape.
-EMBEDDING_ARRAYS = ("emb", "mask_valid")
 NO_TOKENIZER = "none"
 TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
 # What `omniforge label` labels when --modalities is not given: the cheap teachers and the common features.
@@ -72,7 +68,8 @@ class ModalityInfo:
 
     name: folder name under the corpus root and the modality name on the CLI ([a-z][a-z0-9_]*).
     ext: extension of the one member per key in the label shard ("<key>.<ext>"): jpg, png, npy, npz, json,
-        txt (npz: the arrays of EMBEDDING_ARRAYS, an embedding label).
+        txt. An npz is an embedding label as ml-4m's CaptionEmbTransform reads it: "emb" float16 (n, L, D)
+        and "mask_valid" bool (n, L), True where a vector is real (`omniforge.codecs.embedding_problem`).
     description: the raw format as stored, shown by `omniforge list`.
     tokenizer: the tokenizer kind ("vqvae", "segmentation", "features", "memcodes", "sam_mask",
         "wordpiece", a plugin's kind), or "none" for a label-only modality.
@@ -469,6 +466,6 @@ def by_embedding_folder(folder: str) -> ModalityInfo | None:
     return next((m for m in all_modalities() if m.embedded and m.name == folder), None)
 
 
-__all__ = ["DEFAULT_LABEL_MODALITIES", "EMBEDDING_ARRAYS", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES",
+__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES",
            "ModalityInfo", "all_modalities", "by_embedding_folder", "by_pixel_folder", "by_token_folder",
            "get_modality", "load_entry_points", "register_modality"]

@@ -13,7 +13,8 @@ its tokenize run read, :func:`labels_root`), one small reader per kind:
   sample (it was not tokenized), and shards only it has are not read.
 
 A shard counts for a folder once its ``_status`` table exists (the commit marker; for pixels, both tables);
-the shards read are the union over folders. One stream of samples per (rank, DataLoader worker):
+the shards read are the union over folders (embeddings aside). One stream of samples per (rank, DataLoader
+worker):
 
 - epoch e permutes the shard list with ``(seed, e)`` (the same on every rank); stream g of G = world_size x
   workers takes every G-th shard of that order (so at least G shards are needed);

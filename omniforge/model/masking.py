@@ -285,8 +285,8 @@ class Masker:
 
     ``sample``: folder -> token ids (image/global: (num_tokens,); sequence: a stored row, ids then [EOS]
     then [PAD]), pixel patches, an embedding's valid vectors (n, width), or None when the sample lacks the
-    folder. Every spec folder is in the output; a missing
-    one is entirely masked (no input, no target). All randomness comes from ``rng``.
+    folder. Every spec folder is in the output; a missing one is entirely masked (no input, no target). All
+    randomness comes from ``rng``.
     """
 
     def __init__(self, cfg: MaskingConfig, specs: Mapping[str, ModalitySpec], *, sentinel_ids: Sequence[int],
