@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -10,7 +11,7 @@ import numpy as np
 
 from omniforge.errors import SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers._torch_utils import TorchLabeler, require
+from omniforge.labelers._torch_utils import TorchLabeler, require, short_error
 from omniforge.labelers.base import LabelerOptions, Sample, option
 from omniforge.modalities import get_modality
 
@@ -125,8 +126,15 @@ class T5CaptionLabeler(TorchLabeler):
     def _from_pretrained(self, source: str, **kwargs: Any) -> tuple[Any, Callable]:
         transformers = require(*_TRANSFORMERS)
         self._check_config(source, **kwargs)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        except Exception as e:
+            if importlib.util.find_spec("sentencepiece") is not None:
+                raise
+            raise WeightsError(f"t5_caption: cannot load the tokenizer of {source} ({short_error(e)}); T5 checkpoints "
+                               f"that ship only spiece.model (like {HUB_ID}) need sentencepiece: pip install "
+                               f"sentencepiece") from e
         model = transformers.T5EncoderModel.from_pretrained(source, torch_dtype=self._dtype(), **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
         return model, tokenizer
 
     def build_pretrained(self) -> tuple[Any, Callable]:

@@ -138,6 +138,19 @@ def test_a_folder_that_is_no_4096_wide_t5_is_a_one_line_weights_error(tmp_path):
         create_labeler("t5_caption", weights=str(tmp_path / "missing"))
 
 
+def test_a_sentencepiece_only_tokenizer_without_sentencepiece_says_what_to_install(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: the spiece.model tokenizer would load")
+    folder = tmp_path / "t5-v1_1-like"
+    transformers.T5Config(d_model=4096, d_kv=8, d_ff=64, num_layers=1, num_heads=2).save_pretrained(folder)
+    (folder / "spiece.model").write_bytes(b"a SentencePiece model, as google/t5-v1_1-xxl ships its tokenizer")
+    with pytest.raises(WeightsError, match="pip install sentencepiece") as err:
+        create_labeler("t5_caption", weights=str(folder))
+    assert "\n" not in str(err.value)
+
+
 def test_tiny_is_4096_wide_and_the_same_in_every_build():
     a = create_labeler("t5_caption", weights="tiny").label(samples(*CAPTIONS))
     b = create_labeler("t5_caption", weights="tiny").label(samples(*CAPTIONS))
