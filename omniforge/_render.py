@@ -142,6 +142,8 @@ def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable
     the drawing."""
     name = name.split(" ", 1)[0]
     style = _styles().get(name)
+    if style == "embedding" and isinstance(value, (Mapping, np.ndarray)):
+        return lambda ax: _draw_embedding(ax, value)
     if isinstance(value, Image.Image):
         if value.mode == "P" or style == "semseg":
             return lambda ax: _draw_semseg(ax, np.asarray(value))
@@ -231,6 +233,22 @@ def _draw_vector(ax: Axes, vec: np.ndarray) -> str:
     ax.set_xlim(0, max(data.size - 1, 1))
     ax.set_box_aspect(0.6)
     return f"{_shape_desc(vec)}, L2 {np.linalg.norm(data):.3g}"
+
+
+def _draw_embedding(ax: Axes, value: Mapping[str, np.ndarray] | np.ndarray) -> str:
+    """An embedding: the valid vectors of its first sequence, one row each, as a diverging heat map. ``value`` is
+    an npz label ({"emb": (n, L, D), "mask_valid": (n, L)}) or the valid vectors themselves (N, D)."""
+    if isinstance(value, Mapping):
+        emb, mask = np.asarray(value["emb"]), np.asarray(value["mask_valid"]).astype(bool)
+        rows = emb[0][mask[0]]
+        desc = f"{_shape_desc(emb)}, {int(mask[0].sum())} of {mask.shape[1]} valid"
+    else:
+        rows = np.asarray(value)
+        desc = f"{_shape_desc(rows)} vectors"
+    data = np.nan_to_num(np.atleast_2d(rows).astype(np.float32))
+    lim = float(np.abs(data).max()) if data.size else 0.0
+    ax.imshow(data, cmap="RdBu_r", vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto", interpolation="antialiased")
+    return desc
 
 
 def _draw_tokens(ax: Axes, ids: np.ndarray, *, image: bool) -> str:

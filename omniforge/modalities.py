@@ -9,14 +9,19 @@ by a plugin flows from its teacher to a trained model with no edit to omniforge:
   tokenize job writes (`token_modality`), tokens per crop (`num_tokens`) and the codebook (`vocab_size`);
 - how a label is cropped before its tokenizer (`crop`): "dense" maps are cropped with `resample`;
   "features" maps are stored for crop 0 and the teacher re-runs on the other crops, as "global" vectors;
-  "sequence" labels go through `serializer` with the crop; "none" is label-only;
+  "sequence" labels go through `serializer` with the crop; "embedding" labels (npz sequences of continuous
+  vectors, such as T5 caption embeddings) have no tokenizer: the trainer reads the label folder itself and
+  embeds the vectors linearly, as an input only (`shape` is (max vectors, width)); "none" is label-only;
 - the tokenizer input: `channels`, `dtype`, the `value_range` mapped to [-1, 1], `num_classes` of class maps;
 - masking in the trainer: `chunks` never split by span masking, `shuffle_chunks`, the default `keep` scheme,
-  and the `role` the trainer may give it (input, target or both); `pixel_modality` names a raw-pixel input;
+  and the `role` the trainer may give it (input, target or both; "input" for embeddings); `pixel_modality`
+  names a raw-pixel input;
 - drawing: the `draw` style `omniforge show` uses;
 - checking: the `schema` every decoded label must satisfy (`omniforge verify` runs it; array labels are also
   checked against shape, channels and dtype), and the `format_version` of the raw format, bumped when the
-  stored format changes so that labels written in an older one are refused, never misread.
+  stored format changes so that labels written in an older one are refused, never misread;
+- ml-4m: how ml-4m's own loader reads the folder (`ml4m`: directly, through `omniforge export --dialect
+  ml4m`, or not at all) and what differs (`ml4m_note`).
 
 Fields a plugin does not set get defaults derived from `ext`, `shape` and `tokenizer` (see `ModalityInfo`).
 Folder names are the 4M-21 modality names, so ml-4m's own webdataset loader reads omniforge output unchanged.
@@ -44,14 +49,15 @@ IMAGE_SIZE = 224  # side of the crop image-like tokenizers read (tok_<name>@224)
 IMAGE_PATCH = 16  # their patch side: (224 / 16)^2 = 196 tokens
 GLOBAL_TOKENS = 16  # Memcodes tokens of a global vector
 
-EXTS = ("jpg", "png", "npy", "json", "txt")
-CROPS = ("dense", "features", "global", "sequence", "none")
+EXTS = ("jpg", "png", "npy", "npz", "json", "txt")
+CROPS = ("dense", "features", "global", "sequence", "embedding", "none")
 RESAMPLES = ("bicubic", "bilinear", "nearest", "normal")
 DTYPES = ("uint8", "uint16", "float")
 KEEPS = ("random", "all", "binary")
 ROLES = ("both", "input", "target")
 ML4M = ("direct", "export", "none")
-DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "text", "boxes", "poses", "palette", "json")
+DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "poses", "palette",
+         "json")
 NO_TOKENIZER = "none"
 TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
 # What `omniforge label` labels when --modalities is not given: the cheap teachers and the common features.
@@ -67,7 +73,9 @@ class ModalityInfo:
     """One modality. Required: name, ext, description; the rest defaults from ext, shape and tokenizer.
 
     name: folder name under the corpus root and the modality name on the CLI ([a-z][a-z0-9_]*).
-    ext: extension of the one member per key in the label shard ("<key>.<ext>"): jpg, png, npy, json, txt.
+    ext: extension of the one member per key in the label shard ("<key>.<ext>"): jpg, png, npy, npz, json,
+        txt. An npz is an embedding label as ml-4m's CaptionEmbTransform reads it: "emb" float16 (n, L, D)
+        and "mask_valid" bool (n, L), True where a vector is real (`omniforge.codecs.embedding_problem`).
     description: the raw format as stored, shown by `omniforge list`.
     tokenizer: the tokenizer kind ("vqvae", "segmentation", "features", "memcodes", "sam_mask",
         "wordpiece", a plugin's kind), or "none" for a label-only modality.
@@ -76,11 +84,14 @@ class ModalityInfo:
     num_tokens: tokens per crop (the maximum, [EOS] included, for sequences); default 196 for dense maps,
         h * w for (h, w, C) feature maps, 16 for global vectors; sequences must say.
     vocab_size: codebook size of the tokenizer; None for sequences (the shared WordPiece vocabulary).
-    shape: fixed array shape of .npy labels, None when it varies (dense maps have the image's H x W).
+    shape: fixed array shape of .npy labels, None when it varies (dense maps have the image's H x W); for an
+        npz embedding, (L, D): at most L vectors of width D per sequence (its "emb" is (n, L, D)).
     pixel_modality: a raw-pixel input folder the trainer reads from this label ("rgb@224"), or None.
     crop: how the tokenize job crops a label, see the module docstring. Default: "sequence" for the
         wordpiece tokenizer and json/txt labels, "global" for memcodes and 1-D shapes, "features" for npy
-        labels with a fixed (h, w, C) shape, "dense" for other images and npy maps, "none" without a tokenizer.
+        labels with a fixed (h, w, C) shape, "dense" for other images and npy maps, "embedding" for npz
+        labels, "none" without a tokenizer. An "embedding" has no tokenizer and no token folder; the trainer
+        reads the label folder (named like the modality, as in ml-4m) as an input-only sequence of vectors.
     resample: interpolation of a dense crop: "bicubic", "bilinear" (default), "nearest" (class maps: every
         output value is an input value), "normal" (bilinear; a flip mirrors the x component).
     channels: channels of the tokenizer input: 3 for jpg, 1 for png and npy maps, C of a (h, w, C) shape,
@@ -95,7 +106,8 @@ class ModalityInfo:
         never cuts a chunk. None: every token is its own unit.
     shuffle_chunks: shuffle the chunks per sample before masking (4M-21 does it for metadata).
     keep: default keep scheme of span masking: "random", "all" or "binary" (whole or fully masked).
-    role: what the trainer may use the token folder as: "both", "input" (never a target), "target".
+    role: what the trainer may use the token folder as: "both" (default), "input" (never a target), "target"; an
+        embedding is "input" (its default and only role: nothing predicts continuous vectors).
     draw: how `omniforge show` draws the label; default from ext and shape.
     schema: "module:function" (or the function) raising SampleError("bad_label", ...) unless a decoded label
         is well formed (see `omniforge.schemas`); None: only the array checks of `omniforge.schemas.check_array`.
@@ -125,7 +137,7 @@ class ModalityInfo:
     chunks: tuple[int, int] | None = None
     shuffle_chunks: bool = False
     keep: str = "random"
-    role: str = "both"
+    role: str | None = None
     draw: str | None = None
     schema: str | Callable[[Any], None] | None = None
     format_version: int = 1
@@ -151,19 +163,22 @@ class ModalityInfo:
             raise bad("tokenizer", f"must name a tokenizer kind, or {NO_TOKENIZER!r} for a label-only modality")
         if self.shape is not None:
             object.__setattr__(self, "shape", tuple(self.shape))
-            if self.ext != "npy" or not self.shape or not all(isinstance(d, int) and d > 0 for d in self.shape):
-                raise bad("shape", "is for npy labels: a tuple of positive sizes")
+            if self.ext not in ("npy", "npz") or not self.shape or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.shape):
+                raise bad("shape", "is for npy and npz labels: a tuple of positive sizes")
         default("crop", self._default_crop())
         if self.crop not in CROPS:
             raise bad("crop", f"is not one of {', '.join(CROPS)}")
-        tokenized = self.crop != "none"
-        if not tokenized:  # label-only: no token folder (a value given by an older plugin is dropped)
+        tokenized = self.tokenized
+        if not tokenized:  # no token folder (a value given by an older plugin is dropped)
             object.__setattr__(self, "token_modality", None)
             object.__setattr__(self, "num_tokens", None)
         if tokenized and self.tokenizer == NO_TOKENIZER:
             raise bad("crop", f"needs a tokenizer kind (tokenizer={NO_TOKENIZER!r} is label-only)")
         if not tokenized and self.tokenizer != NO_TOKENIZER:
-            raise bad("tokenizer", "needs a crop other than 'none'")
+            raise bad("tokenizer", f"needs a crop other than {self.crop!r}")
+        default("role", "input" if self.crop == "embedding" else "both")
+        self._check_embedding(bad)
         self._check_spatial(bad, default)
         if tokenized:
             image = self.crop in ("dense", "features")
@@ -218,6 +233,8 @@ class ModalityInfo:
     # -- defaults
 
     def _default_crop(self) -> str:
+        if self.ext == "npz" and self.tokenizer == NO_TOKENIZER:
+            return "embedding"
         if self.tokenizer == NO_TOKENIZER:
             return "none"
         if self.tokenizer == "wordpiece" or self.ext in ("json", "txt"):
@@ -229,6 +246,8 @@ class ModalityInfo:
         return "dense"
 
     def _default_draw(self) -> str:
+        if self.ext == "npz":
+            return "embedding"
         if self.ext == "txt":
             return "text"
         if self.ext == "json":
@@ -242,6 +261,18 @@ class ModalityInfo:
         if self.ext == "npy" and self.channels == 1 and self.dtype == "float":
             return "heat"
         return "rgb" if self.channels == 3 else "gray"
+
+    def _check_embedding(self, bad: Callable[[str, str], ConfigError]) -> None:
+        """An npz label is an embedding: (L, D) vectors per sequence, read by the trainer as an input only."""
+        if (self.ext == "npz" and self.crop not in ("embedding", "none")) or (
+                self.crop == "embedding" and self.ext != "npz"):
+            raise bad("crop", "'embedding' is the crop of npz labels (or 'none': label-only)")
+        if self.crop != "embedding":
+            return
+        if self.shape is None or len(self.shape) != 2:
+            raise bad("shape", "must be the (max vectors, width) of an embedding, e.g. (77, 4096)")
+        if self.role != "input":
+            raise bad("role", "of an embedding must be 'input': the trainer embeds its vectors, nothing predicts them")
 
     def _check_spatial(self, bad: Callable[[str, str], ConfigError], default: Callable[[str, Any], None]) -> None:
         """Channels, dtype, value range, resample and token count of image-like and global modalities."""
@@ -298,7 +329,12 @@ class ModalityInfo:
     @property
     def tokenized(self) -> bool:
         """True when the tokenize job writes a token folder for this modality."""
-        return self.crop != "none"
+        return self.crop not in ("none", "embedding")
+
+    @property
+    def embedded(self) -> bool:
+        """True for an embedding: the trainer reads this label folder itself as input vectors (no tokens)."""
+        return self.crop == "embedding"
 
     @property
     def image_like(self) -> bool:
@@ -351,6 +387,11 @@ MODALITIES: dict[str, ModalityInfo] = {
         ModalityInfo(
             name="caption", ext="txt", tokenizer=_TEXT, num_tokens=256, schema=_SCHEMA + "check_caption",
             description="UTF-8 text, the corpus alt-text"),
+        ModalityInfo(  # ml-4m: 't5_caption', a 'seq_emb' of max_length 77 and orig_emb_dim 4096, input-only
+            name="t5_caption", ext="npz", shape=(77, 4096),
+            description="npz as ml-4m reads it: emb float16 (1, 77, 4096), the T5-XXL encoder states of the caption's "
+                        "tokens ([EOS] included, cut at 77), zero after them; mask_valid bool (1, 77), True at them",
+            ml4m_note="ml-4m's CaptionEmbTransform keeps emb[mask_valid]"),
         ModalityInfo(
             name="det", ext="json", tokenizer=_TEXT, num_tokens=256, draw="boxes",
             serializer="omniforge.tokenize.text:det_crop_units", schema=_SCHEMA + "check_det",
@@ -485,6 +526,12 @@ def by_pixel_folder(folder: str) -> ModalityInfo | None:
     return next((m for m in all_modalities() if m.pixel_modality == folder), None)
 
 
-__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES", "ModalityInfo",
-           "all_modalities", "by_pixel_folder", "by_token_folder", "get_modality", "load_entry_points",
-           "register_modality"]
+
+def by_embedding_folder(folder: str) -> ModalityInfo | None:
+    """The embedding modality whose label folder the trainer reads as input vectors (t5_caption), or None."""
+    return next((m for m in all_modalities() if m.embedded and m.name == folder), None)
+
+
+__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES",
+           "ModalityInfo", "all_modalities", "by_embedding_folder", "by_pixel_folder", "by_token_folder",
+           "get_modality", "load_entry_points", "register_modality"]

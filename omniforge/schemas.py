@@ -138,12 +138,24 @@ def check_array(info: ModalityInfo, value: Any) -> None:
         raise _bad(f"{info.name}: holds NaN or infinite values")
 
 
+def check_embedding(info: ModalityInfo, label: Any) -> None:
+    """An embedding label (npz) against ml-4m's schema at the registry's (L, D) (`codecs.embedding_problem`)."""
+    from omniforge.codecs import embedding_problem
+
+    problem = embedding_problem(label, info.shape)
+    if problem:
+        raise _bad(f"{info.name}: {problem}")
+
+
 def check_label(info: ModalityInfo, label: Any) -> None:
     """Raise SampleError("bad_label", ...) unless `label` (decoded) is a well-formed label of `info`."""
+    if info.embedded:
+        check_embedding(info, label)
     check_array(info, label)
     if info.schema is not None:
         info.resolve_schema()(label)
 
 
 __all__ = ["check_aesthetic_score", "check_array", "check_caption", "check_color_palette", "check_det",
-           "check_human_poses", "check_label", "check_metadata", "check_sam_instance", "check_watermark_score"]
+           "check_embedding", "check_human_poses", "check_label", "check_metadata", "check_sam_instance",
+           "check_watermark_score"]

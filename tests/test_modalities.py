@@ -18,6 +18,10 @@ from omniforge.tokenize.kinds import kind_for, list_kinds
 def test_modality_contract(name):
     info = get_modality(name)
     assert info.crop in CROPS and info.draw in DRAWS
+    if info.embedded:  # read by the trainer from the label folder itself, as an input only
+        spec = specs_for([info.name], 1)[info.name]
+        assert (spec.kind, spec.num_tokens, spec.width, spec.source) == ("embedding", *info.shape, info.name)
+        assert spec.input_only and info.role == "input" and info.ext == "npz" and spec_for_info(info, 1) == spec
     if not info.tokenized:
         assert info.token_modality is None
         return
@@ -65,6 +69,10 @@ def test_defaults_derive_from_ext_shape_and_tokenizer():
         "sequence", "tok_seq_x", None, "json", "random", "both")
     txt = ModalityInfo(name="txt_x", ext="txt", tokenizer="wordpiece", num_tokens=8, description="text")
     assert txt.serializer == "omniforge.tokenize.text:text_units" and txt.draw == "text"
+    emb = ModalityInfo(name="emb_x", ext="npz", shape=(16, 32), description="npz embedding")
+    assert (emb.crop, emb.tokenized, emb.embedded, emb.role, emb.draw, emb.token_modality) == (
+        "embedding", False, True, "input", "embedding", None)
+    assert get_modality("t5_caption").shape == (77, 4096) and get_modality("t5_caption").embedded
     # a plugin written before modalities could be tokenized: label-only, its token fields ignored
     old = ModalityInfo(name="old_x", ext="npy", description="d", token_modality="old_x", num_tokens=0,
                        vocab_size=None, tokenizer="none", shape=(3,))
@@ -89,6 +97,11 @@ def test_defaults_derive_from_ext_shape_and_tokenizer():
     (dict(ext="json", tokenizer="wordpiece", num_tokens=8, role="output"), "role"),
     (dict(ext="png", tokenizer="none", crop="dense"), "crop"),
     (dict(ext="png", tokenizer="vqvae", vocab_size=8, draw="sparkles"), "draw"),
+    (dict(ext="npz"), "shape"),
+    (dict(ext="npz", shape=(8, 4, 2)), "shape"),
+    (dict(ext="npz", shape=(8, 4), role="both"), "role"),
+    (dict(ext="npz", shape=(8, 4), tokenizer="vqvae", vocab_size=8), "crop"),
+    (dict(ext="npy", shape=(8, 4), crop="embedding"), "crop"),
 ])
 def test_invalid_fields_name_the_field(fields, field):
     with pytest.raises(ConfigError, match=rf"ModalityInfo 'bad_x': {field}="):

@@ -94,3 +94,19 @@ def test_pca_rgb_edge_cases() -> None:
     assert pca_rgb(np.ones((1, 1, 16))).shape == (1, 1, 3)
     with pytest.raises(ValueError):
         pca_rgb(np.zeros((4, 4)))
+
+
+def test_an_embedding_is_drawn_as_its_valid_vectors() -> None:
+    from matplotlib.figure import Figure
+
+    from omniforge._render import _painter
+
+    emb = np.zeros((1, 77, 4096), np.float16)
+    emb[0, :12] = np.random.default_rng(0).standard_normal((12, 4096))
+    label = {"emb": emb, "mask_valid": (np.arange(77) < 12)[None]}
+    for value, desc in ((label, "float16 (1, 77, 4096), 12 of 77 valid"), (emb[0, :12], "(12, 4096) vectors")):
+        ax = Figure().subplots()
+        assert desc in _painter("t5_caption (input)", value, {})(ax)
+        (image,) = ax.get_images()
+        assert image.get_array().shape == (12, 4096)
+    assert render_sample("k", {"t5_caption": label}).size[0] > 100

@@ -44,6 +44,60 @@ def test_codecs_refuse_pickles_and_wrong_types():
     np.testing.assert_array_equal(codecs.decode("npy", codecs.encode("npy", arr)), arr)
 
 
+def _embedding(n_valid=5, length=7, width=6):
+    emb = np.zeros((1, length, width), np.float16)
+    emb[0, :n_valid] = np.random.default_rng(0).normal(size=(n_valid, width))
+    return {"emb": emb, "mask_valid": (np.arange(length) < n_valid)[None]}
+
+
+def test_npz_is_what_numpy_reads_byte_identical_and_never_a_pickle():
+    import io
+    import zipfile
+
+    value = _embedding()
+    data = codecs.encode("npz", value)
+    assert data == codecs.encode("npz", _embedding())  # fixed member times: the same arrays, the same bytes
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:  # how ml-4m loads it
+        assert sorted(npz.files) == ["emb", "mask_valid"]
+        np.testing.assert_array_equal(npz["emb"], value["emb"])
+        assert npz["mask_valid"].dtype == bool
+    decoded = codecs.decode("npz", data)
+    assert set(decoded) == {"emb", "mask_valid"} and np.array_equal(decoded["emb"], value["emb"])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **value)  # a file written by numpy itself decodes too
+    assert np.array_equal(codecs.decode("npz", buf.getvalue())["mask_valid"], value["mask_valid"])
+    with pytest.raises(TypeError, match="object"):
+        codecs.encode("npz", {"emb": np.array([object()], dtype=object)})
+    with pytest.raises(TypeError, match="mapping"):
+        codecs.encode("npz", value["emb"])
+    pickled = io.BytesIO()
+    np.savez(pickled, emb=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="pickle"):
+        codecs.decode("npz", pickled.getvalue())
+    with pytest.raises(ValueError, match="not an npz"):
+        codecs.decode("npz", codecs.encode("npy", np.ones(3)))
+    other = io.BytesIO()
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("notes.txt", "hello")
+    with pytest.raises(ValueError, match="not an .npy"):
+        codecs.decode("npz", other.getvalue())
+
+
+def test_embedding_schema_names_what_is_wrong():
+    shape = (7, 6)
+    assert codecs.embedding_problem(_embedding(), shape) is None
+    bad = [
+        ({"emb": _embedding()["emb"]}, "expected the arrays emb and mask_valid"),
+        ({**_embedding(), "emb": _embedding()["emb"].astype(np.float32)}, "emb is float32"),
+        ({**_embedding(), "emb": np.zeros((1, 7, 5), np.float16)}, "expected float16 (n, 7, 6)"),
+        ({**_embedding(), "mask_valid": np.ones((1, 7), np.uint8)}, "mask_valid is uint8"),
+        ({**_embedding(), "mask_valid": np.zeros((1, 7), bool)}, "no valid position"),
+        ({**_embedding(), "emb": np.full((1, 7, 6), np.inf, np.float16)}, "NaN or infinite"),
+    ]
+    for value, expected in bad:
+        assert expected in codecs.embedding_problem(value, shape)
+
+
 def test_a_truncated_tar_yields_what_it_can_then_says_which_file(tmp_path):
     from omniforge.errors import CorruptShardError
 

@@ -136,6 +136,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for m in all_modalities():
         mark = "" if m.name in labelable else "  (no labeler yet)"
         tokens = f"{m.token_modality} ({m.num_tokens})" if m.tokenized else "(no tokens)"
+        if m.embedded:
+            tokens = f"input vectors ({m.shape[0]})"
         print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<25} {m.tokenizer:<13} {m.description}{mark}")
     print("\n`omniforge list TEACHER` shows a teacher's options; where a modality has several teachers, "
           "--teacher MODALITY=TEACHER chooses another than its default; `omniforge list --profile NAME` shows a "

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from omniforge.errors import ConfigError
 from omniforge.model.data import committed_shards
 from omniforge.model.masking import MaskingConfig
-from omniforge.model.specs import ModalitySpec, label_source, pixel_source, specs_for
+from omniforge.model.specs import ModalitySpec, label_source, pixel_source, raw_sequence_info, specs_for
 
 if TYPE_CHECKING:
     from omniforge.model.train_config import TrainConfig
@@ -62,7 +62,7 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
     store = TokenizerStore(cfg.tokenizers)
     out = dict(specs)
     for folder, spec in specs.items():
-        if spec.kind in ("sequence", "pixels") or spec.raw:
+        if spec.kind == "sequence" or spec.raw:
             continue
         codebook = store.codebook_size(kind_for(by_token_folder(folder)))
         if codebook is not None:
@@ -73,7 +73,7 @@ def _tokenizer_vocabularies(cfg: TrainConfig, specs: dict[str, ModalitySpec]) ->
 def _check_shards(cfg: TrainConfig) -> None:
     # A folder must exist somewhere; a root without it gives samples with that modality masked.
     missing = [f for f in cfg.modalities if not any(committed_shards(root, f) for root in cfg.roots)]
-    raw = [f for f in missing if label_source(f) and not pixel_source(f)]
+    raw = [f for f in missing if raw_sequence_info(f) is not None]
     if raw:
         raise ConfigError(f"{', '.join(raw)} {'are raw label folders' if len(raw) > 1 else 'is a raw label folder'}"
                           f" read with the root's rgb labels and crop_settings, and {', '.join(cfg.roots)} has no "
@@ -84,6 +84,11 @@ def _check_shards(cfg: TrainConfig) -> None:
                           "the label root its tokenize run read) with the root's crop_settings, and "
                           f"{', '.join(cfg.roots)} has no shard with both: tokenize the labels with crops first, "
                           f"or drop {', '.join(pixels)}")
+    embeddings = [f for f in missing if label_source(f) and not pixel_source(f) and raw_sequence_info(f) is None]
+    if embeddings:
+        raise ConfigError(f"no {', '.join(embeddings)} label shards under {', '.join(cfg.roots)} (nor in the label "
+                          f"root a tokenize run there read): run `omniforge label --modalities "
+                          f"{','.join(embeddings)}` on the corpus first")
     if missing:
         raise ConfigError(f"no token shards for {', '.join(missing)} under {', '.join(cfg.roots)}: "
                           f"run `omniforge tokenize` for them first")

@@ -14,7 +14,8 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "data": dict(help="token root holding tok_* folders (local or s3://); several, comma-separated, are mixed"),
     "data_weights": dict(help="with several --data roots: the share of samples drawn from each, e.g. 0.8,0.2"),
     "modalities": dict(help="comma-separated folders, e.g. rgb@224,tok_rgb@224,tok_depth@224,tok_caption (rgb@224: "
-                        "raw-pixel input, cropped from the rgb labels)"),
+                        "raw-pixel input, cropped from the rgb labels; t5_caption: caption embeddings, an input "
+                        "read from their label folder)"),
     "out": dict(help="run directory (checkpoints, log.jsonl, loss.png); an existing run resumes"),
     "tokenizers": dict(help="tokenizers directory holding text/tokenizer.json (for sequence modalities)"),
     "model": dict(help="model size: tiny | B | L | XL"),

@@ -1,18 +1,27 @@
 """The trainer's loader: token shards -> masked, collated batches, with an exact resume.
 
 Reads ``ROOT/<folder>/shard-NNNNNN.tar`` (members ``<key>.npy``, int16 (n_crops, N), sorted by key) for
-every requested token folder. A raw-pixel folder (``rgb@224``) is read from the ``rgb`` label tar joined
-by key with ``crop_settings``: the JPEG is cropped with the sample's crop (the crop its tokens were made
-from) to 224 x 224 and cut into uint8 patches. A raw sequence folder (``det``, ``metadata``,
-``color_palette``, ``caption``, ``sam_instance``: the label folder itself, as ml-4m reads them) is joined with
-``crop_settings`` and ``rgb`` (for the frame the crop is in) and serialized per sample with the registry's
-serializer (SAM: its instances cropped and tokenized by the SAM-mask tokenizer), the sample's crop and its
-generator (palette k, metadata order, SAM query points and orders: new draws every epoch, the same draws
-after a resume), then tokenized with the text tokenizer of ``DataConfig.tokenizers``; what a token
-budget cuts is counted in ``batch["__cut__"]`` (folder -> int64 (B,) units cut). A shard counts for a folder
-once its ``_status`` table exists (the commit marker; for pixels, both tables; for raw sequences, the label's,
-rgb's and crop_settings'); the shards read are the union over folders. One stream
-of samples per (rank, DataLoader worker):
+every requested token folder. Raw inputs are read from label tars (in the token root, or in the label root
+its tokenize run read, :func:`labels_root`), one small reader per kind:
+
+- a raw-pixel folder (``rgb@224``): the ``rgb`` label tar joined by key with ``crop_settings``; the JPEG is
+  cropped with the sample's crop (the crop its tokens were made from) to 224 x 224 and cut into uint8
+  patches (:func:`_joined`, :func:`_pixels`);
+- an embedding folder (``t5_caption``): its own label tar, ``<key>.npz`` as ml-4m reads it; the sample gets
+  the valid vectors of its first sequence, ``emb[0][mask_valid[0]]``, whatever the crop
+  (:func:`_embedding`). An embedding joins the samples of the other folders: a key only it has is no training
+  sample (it was not tokenized), and shards only it has are not read;
+- a raw sequence folder (``det``, ``metadata``, ``color_palette``, ``caption``, ``sam_instance``: the label
+  folder itself, as ml-4m reads them): joined with ``crop_settings`` and ``rgb`` (for the frame the crop is
+  in) and serialized per sample by its tokenizer kind (the registry's serializer; SAM's instances cropped and
+  tokenized by the SAM-mask tokenizer) with the sample's crop and generator (palette k, metadata order, SAM
+  query points and orders: new draws every epoch, the same draws after a resume), then tokenized with the
+  text tokenizer of ``DataConfig.tokenizers`` (:func:`serialize_raw`); what a token budget cuts is counted in
+  ``batch["__cut__"]`` (folder -> int64 (B,) units cut).
+
+A shard counts for a folder once its ``_status`` table exists (the commit marker; for pixels, both tables;
+for raw sequences, the label's, rgb's and crop_settings'); the shards read are the union over folders
+(embeddings aside). One stream of samples per (rank, DataLoader worker):
 
 - epoch e permutes the shard list with ``(seed, e)`` (the same on every rank); stream g of G = world_size x
   workers takes every G-th shard of that order (so at least G shards are needed);
@@ -57,7 +66,7 @@ from omniforge import shards as _shards
 from omniforge.errors import ConfigError, CorpusError, SampleError
 from omniforge.modalities import IMAGE_MODALITY, get_modality
 from omniforge.model.masking import Masker, collate
-from omniforge.model.specs import PIXEL_SIZE, ModalitySpec, label_source, patchify
+from omniforge.model.specs import PIXEL_SIZE, ModalitySpec, label_source, patchify, pixel_source, raw_sequence_info
 
 STATE_VERSION = 2
 _SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
@@ -144,22 +153,26 @@ def parse_shards(spec: str) -> list[int]:
 
 def committed_shards(root: str, folder: str) -> set[int]:
     """Shards of a folder whose status table exists (the commit marker of the tar); for a raw-pixel folder,
-    the shards committed in both its label folder (see :func:`labels_root`) and crop_settings."""
+    the shards committed in both its label folder (see :func:`labels_root`) and crop_settings; for a raw
+    sequence, also in rgb; for an embedding, in its label folder."""
     source = label_source(folder)
     if source is None:
         return _status_shards(root, folder)
     labels = labels_root(root, folder)
-    found = _status_shards(labels, source) & _status_shards(root, _shards.CROP_SETTINGS)
-    if source != IMAGE_MODALITY:  # a raw sequence is cropped in the rgb label's frame
+    found = _status_shards(labels, source)
+    if pixel_source(folder) is not None or raw_sequence_info(folder) is not None:
+        found &= _status_shards(root, _shards.CROP_SETTINGS)
+    if raw_sequence_info(folder) is not None:  # a raw sequence is cropped in the rgb label's frame
         found &= _status_shards(labels, IMAGE_MODALITY)
     return found
 
 
 @functools.lru_cache(maxsize=256)
 def labels_root(root: str, folder: str) -> str:
-    """The root holding the labels a raw-pixel folder is cropped from: ``root`` itself when it has them (the
-    default layout: tokens beside their labels), else the label root that ``omniforge tokenize --output
-    root`` read, as named by the tokenize run records in ``root``. Other folders: ``root``."""
+    """The root holding the labels a raw folder is read from (rgb@224's rgb, t5_caption's or det's own):
+    ``root`` itself when it has them (the default layout: tokens beside their labels), else the label root
+    that ``omniforge tokenize --output root`` read, as named by the tokenize run records in ``root``. Token
+    folders: ``root``."""
     source = label_source(folder)
     if source is None or _status_shards(root, source):
         return root
@@ -195,7 +208,8 @@ class _Record:
     shard: int
     index: int  # position of the key in the shard's merged key order
     key: str
-    # folder -> npy bytes (pixels: (jpg bytes, crop_settings npy bytes)), None when the folder lacks the key
+    # folder -> npy bytes (pixels: (jpg bytes, crop_settings npy bytes); embeddings: npz bytes), None when the
+    # folder lacks the key
     members: dict[str, Any]
 
 
@@ -268,9 +282,15 @@ class TokenShardDataset(IterableDataset):
 
     # ---- discovery and reading
 
+    def _anchors(self) -> list[str]:
+        """The folders whose keys are the samples: all but embeddings, which join them (all, when every folder
+        is an embedding)."""
+        specs = self.masker.specs
+        return [f for f in self.cfg.folders if specs[f].kind != "embedding"] or list(self.cfg.folders)
+
     def _find_shards(self, root: str) -> _Source:
         committed = {f: committed_shards(root, f) for f in self.cfg.folders}
-        found = set().union(*committed.values())
+        found = set().union(*(committed[f] for f in self._anchors()))
         if self.cfg.shards is None:
             if not found:
                 raise CorpusError(f"no committed token shards under {root} for {list(self.cfg.folders)}: "
@@ -286,16 +306,19 @@ class TokenShardDataset(IterableDataset):
     def _read_shard(self, src: _Source, shard: int) -> Iterator[_Record]:
         """The samples of one shard: its folders merged by key (every tar is sorted by key)."""
         folders = [f for f in self.cfg.folders if shard in src.committed[f]]
+        anchors = set(self._anchors())
         iters = {f: self._folder_members(src.root, f, shard) for f in folders}
         heads: dict[str, tuple[str, Any] | None] = {f: next(it, None) for f, it in iters.items()}
         index = 0
         while True:
-            live = [h[0] for h in heads.values() if h is not None]
+            live = [h[0] for f, h in heads.items() if h is not None and f in anchors]
             if not live:
                 return
             key = min(live)
             members: dict[str, bytes | None] = dict.fromkeys(self.cfg.folders)
             for f, head in heads.items():
+                while head is not None and head[0] < key:  # a joining folder's key that no anchor has
+                    head = heads[f] = next(iters[f], None)
                 if head is not None and head[0] == key:
                     members[f] = head[1]
                     heads[f] = next(iters[f], None)
@@ -304,14 +327,17 @@ class TokenShardDataset(IterableDataset):
 
     def _folder_members(self, root: str, folder: str, shard: int) -> Iterator[tuple[str, Any]]:
         spec = self.masker.specs[folder]
-        if not spec.raw:
-            return _keyed(_shards.tar_uri(root, folder, shard))
-        labels = labels_root(root, folder)
-        streams = [_keyed(_shards.tar_uri(labels, spec.source, shard)),
-                   _keyed(_shards.tar_uri(root, _shards.CROP_SETTINGS, shard))]
-        if spec.kind == "sequence":
-            streams.append(_keyed(_shards.tar_uri(labels, IMAGE_MODALITY, shard)))
-        return _joined(*streams)
+        if spec.kind == "pixels":
+            return _joined(_keyed(_shards.tar_uri(labels_root(root, folder), spec.source, shard)),
+                           _keyed(_shards.tar_uri(root, _shards.CROP_SETTINGS, shard)))
+        if spec.kind == "embedding":
+            return _keyed(_shards.tar_uri(labels_root(root, folder), spec.source, shard))
+        if spec.raw:  # a raw sequence: its label, the crop settings, the rgb label (for the crop's frame)
+            labels = labels_root(root, folder)
+            return _joined(_keyed(_shards.tar_uri(labels, spec.source, shard)),
+                           _keyed(_shards.tar_uri(root, _shards.CROP_SETTINGS, shard)),
+                           _keyed(_shards.tar_uri(labels, IMAGE_MODALITY, shard)))
+        return _keyed(_shards.tar_uri(root, folder, shard))
 
     def _epoch_shards(self, src: int, epoch: int, stream: int) -> list[int]:
         shards = self.sources[src].shards
@@ -334,11 +360,11 @@ class TokenShardDataset(IterableDataset):
         seq = [self.cfg.seed, _SAMPLE, epoch, rec.shard, rec.index] + ([src] if src else [])
         rng = np.random.default_rng(seq)
         specs = self.masker.specs
-        present = {f: b for f, b in rec.members.items() if b is not None}
+        present = {f: b for f, b in rec.members.items() if b is not None and specs[f].kind != "embedding"}
         arrays = {f: _decode(b[1] if specs[f].raw else b, rec.root,
                              _shards.CROP_SETTINGS if specs[f].raw else f, rec)
                   for f, b in present.items()}
-        n_crops = min(a.shape[0] for a in arrays.values())
+        n_crops = min((a.shape[0] for a in arrays.values()), default=1)
         for f, a in arrays.items():
             if specs[f].raw:
                 continue
@@ -355,6 +381,9 @@ class TokenShardDataset(IterableDataset):
                 sample[f] = _pixels(members[0], arrays[f][crop], specs[f], rec.root, rec)
             else:
                 sample[f], cut[f] = self._serialize(f, members, arrays[f], crop, rec, rng)
+        for f, npz in rec.members.items():
+            if npz is not None and specs[f].kind == "embedding":
+                sample[f] = _embedding(npz, specs[f], rec.root, rec)
         return {"key": rec.key, "crop": crop, "source": src, "cut": cut, "masked": self.masker(sample, rng)}
 
     def _serialize(self, folder: str, members: tuple[bytes, bytes, bytes], crops: np.ndarray, crop: int,
@@ -577,6 +606,21 @@ def _pixels(jpg: bytes, crop: np.ndarray, spec: ModalitySpec, root: str, rec: _R
     except SampleError as e:
         raise CorpusError(f"{uri}: {rec.key}: {e} (re-run `omniforge tokenize` for this shard)") from None
     return patchify(cropped, spec.patch)
+
+
+def _embedding(npz: bytes, spec: ModalitySpec, root: str, rec: _Record) -> np.ndarray:
+    """The valid vectors (n, width) of an embedding label's first sequence, ``emb[0][mask_valid[0]]`` (ml-4m's
+    CaptionEmbTransform with one sequence per sample)."""
+    uri = _shards.tar_uri(labels_root(root, spec.name), spec.source, rec.shard)
+    try:
+        value = codecs.decode("npz", npz)
+    except (OSError, ValueError) as e:
+        raise CorpusError(f"{uri}: {rec.key}.npz cannot be decoded ({e}): re-run `omniforge label` for it") from None
+    problem = codecs.embedding_problem(value, (spec.num_tokens, spec.width))
+    if problem:
+        raise CorpusError(f"{uri}: {rec.key}.npz {problem}: relabel it with `omniforge label --modalities "
+                          f"{spec.source}`; `omniforge verify` lists every such label")
+    return value["emb"][0][value["mask_valid"][0]]
 
 
 def _identity(x: Any) -> Any:

@@ -5,9 +5,12 @@ A batch is ``dict[folder, dict[str, Tensor]]`` in the shared format (see ``omnif
 ``"target_mask"`` bool (B, L) True = not a target, ``"decoder_attention_mask"`` int (B, L).
 
 - Encoder: every modality's visible tokens (input_mask False) are embedded (per-modality token table, or
-  for a pixel folder such as rgb@224 a linear patch embedding of ImageNet-normalised pixels; plus a
-  fixed sin-cos position and a learned modality embedding), gathered per sample into one padded
-  (B, N_in) sequence with a padding mask, and run through pre-norm transformer blocks.
+  for a pixel folder such as rgb@224 a linear patch embedding of ImageNet-normalised pixels, or for an
+  embedding folder such as t5_caption a linear projection of each vector, ml-4m's
+  SequenceEmbEncoderEmbedding; plus a fixed sin-cos position and a learned modality embedding), gathered per
+  sample into one padded (B, N_in) sequence with a padding mask, and run through pre-norm transformer
+  blocks. An embedding's position is its rank among the row's visible vectors (ml-4m's cumulative sum of
+  the input mask); every other modality's is its place in the row.
 - Decoder: one query per target position (target_mask False): a learned mask token (images, globals,
   and the first target of a sequence) or the previous target token of the same sequence (teacher
   forcing), plus position and modality embeddings; each sample's queries are packed to the left across
@@ -99,12 +102,12 @@ class Encoded(NamedTuple):
 class _Gathered(NamedTuple):
     index: Tensor  # (B, N) int64 positions in the modality's row, ascending; padding slots hold 0
     valid: Tensor  # (B, N) bool, False = padding slot
-    ids: Tensor  # (B, N) int64 token ids at those positions (0 at padding); pixels: (B, N, P) patches
+    ids: Tensor  # (B, N) int64 token ids at those positions (0 at padding); pixels, embeddings: (B, N, P) values
 
 
 def _gather(tensor: Tensor, excluded: Tensor) -> _Gathered:
     """Positions where ``excluded`` is False, in ascending order, left-aligned and padded per sample.
-    ``tensor`` is (B, L) ids or (B, L, P) pixel patches."""
+    ``tensor`` is (B, L) ids or (B, L, P) pixel patches or embedding vectors."""
     counts = (~excluded).sum(dim=1)  # (B,)
     n = int(counts.max()) if counts.numel() else 0
     order = torch.sort(excluded.to(torch.uint8), dim=1, stable=True).indices[:, :n]  # (B, N)
@@ -136,6 +139,26 @@ class PatchEmbedding(nn.Module):
         return self.proj(x)
 
 
+class VectorEmbedding(nn.Module):
+    """Linear projection of continuous input vectors (an embedding folder's, e.g. T5-XXL's 4096-d) to the model
+    width, as ml-4m's SequenceEmbEncoderEmbedding without its optional bottleneck."""
+
+    def __init__(self, width: int, dim: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Linear(width, dim, bias=bias)
+
+    def forward(self, vectors: Tensor) -> Tensor:  # (B, N, width) float16/32 -> (B, N, D)
+        return self.proj(vectors.to(self.proj.weight.dtype))
+
+
+def _input_embedding(spec: ModalitySpec, dim: int, bias: bool) -> nn.Module:
+    if spec.kind == "pixels":
+        return PatchEmbedding(spec.patch_dim, dim, bias)
+    if spec.kind == "embedding":
+        return VectorEmbedding(spec.width, dim, bias)
+    return nn.Embedding(spec.vocab_size, dim)
+
+
 class FourM(nn.Module):
     """4M-style any-to-any model over the token folders in ``specs``."""
 
@@ -154,9 +177,7 @@ class FourM(nn.Module):
         hidden = int(dim * config.mlp_ratio)
         block = dict(swiglu=config.swiglu, bias=config.bias, dropout=config.dropout)
 
-        self.encoder_tokens = nn.ModuleDict(
-            {m: PatchEmbedding(s.patch_dim, dim, config.bias) if s.kind == "pixels" else nn.Embedding(s.vocab_size, dim)
-             for m, s in specs.items()})
+        self.encoder_tokens = nn.ModuleDict({m: _input_embedding(s, dim, config.bias) for m, s in specs.items()})
         # Image and global decoder queries are mask tokens; only sequences embed (previous) target tokens.
         self.decoder_tokens = nn.ModuleDict(
             {m: nn.Embedding(s.vocab_size, dim) for m, s in specs.items() if s.kind == "sequence"})
@@ -214,13 +235,16 @@ class FourM(nn.Module):
             for key in ("tensor", "input_mask", "target_mask"):
                 if key not in d:
                     raise ValueError(f"batch[{m!r}] has no {key!r}")
-                pixels = key == "tensor" and spec.kind == "pixels"
-                shape = (expected, spec.patch_dim) if pixels else (expected,)
+                shape = (expected,)
+                if key == "tensor" and spec.kind == "pixels":
+                    shape = (expected, spec.patch_dim)
+                elif key == "tensor" and spec.kind == "embedding":
+                    shape = (expected, spec.width)
                 if tuple(d[key].shape[1:]) != shape:
                     raise ValueError(f"batch[{m!r}][{key!r}] has shape {tuple(d[key].shape)}, "
                                      f"expected (B, {', '.join(map(str, shape))})")
             if spec.input_only and not bool(d["target_mask"].all()):
-                raise ValueError(f"{m} is input-only (raw pixels): its target_mask must be all True")
+                raise ValueError(f"{m} is input-only: its target_mask must be all True")
         return list(batch)
 
     # ---- encoder ------------------------------------------------------------------------------------
@@ -235,12 +259,15 @@ class FourM(nn.Module):
         """
         tokens, embs, valids = [], [], []
         for m in self._modalities(batch):
-            d = batch[m]
-            tensor = d["tensor"] if self.specs[m].kind == "pixels" else d["tensor"].long()
+            d, kind = batch[m], self.specs[m].kind
+            tensor = d["tensor"] if kind in ("pixels", "embedding") else d["tensor"].long()
             g = _gather(tensor, d["input_mask"].bool())
-            if g.ids.shape[1] == 0:
+            n = g.ids.shape[1]
+            if n == 0:
                 continue
-            emb = self._pos(m)[g.index] + self.modality_embeddings[m]  # (B, N_m, D)
+            # An embedding's vector k among the visible ones sits at position k (padding slots come after them).
+            position = torch.arange(n, device=g.index.device).expand_as(g.index) if kind == "embedding" else g.index
+            emb = self._pos(m)[position] + self.modality_embeddings[m]  # (B, N_m, D)
             tokens.append(self.encoder_tokens[m](g.ids))
             embs.append(emb)
             valids.append(g.valid)

@@ -13,7 +13,11 @@ Per sample (ml-4m's ``UnifiedMasking``, rewritten on numpy with an explicit gene
    modality's keep scheme and is lowered (x0.9) until the input fits its budget; an over-long target is
    cut at a sentinel to fit its budget (ml-4m's rule). A sequence whose registry entry has ``chunks`` is
    masked by chunks (metadata: "v1=<field> v0=<bin>" pairs; a palette: the "v1=<n>" count then RGB triples),
-   so no span cuts a chunk, and ``shuffle_chunks`` shuffles them per sample first (4M-21's metadata).
+   so no span cuts a chunk, and ``shuffle_chunks`` shuffles them per sample first (4M-21's metadata);
+5. embeddings (t5_caption), input-only: ml-4m's ``sequence_emb_mask_span``, span masking over the vectors with
+   the same keep schemes and keep-probability decay, each masked span replaced by one all-zero vector (ml-4m's
+   sentinel), so the input budget counts kept vectors plus one per span, and never more than the sample's
+   valid vectors.
 
 Sequences keep their [EOS]: the stored row ``ids.. [EOS] [PAD]..`` is cut after its [EOS], and the [EOS] is
 an ordinary token of the masked sequence, as ml-4m's loader appends it (the decoder learns to end).
@@ -23,7 +27,8 @@ The output of one sample is the shared batch format of one row: folder -> {"tens
 "decoder_attention_mask": int32 (L,) (1 on a sequence's target positions, 0 elsewhere)}, with L the
 spec's ``seq_len``. A sequence row holds the span-masked input at [0, len) and the target from position
 ``input_budget`` on; :func:`collate` stacks rows into (B, L) batches. A pixel folder's "tensor" is uint8
-(L, patch_dim) patches instead of ids; it is input-only (never a target, whatever the target alphas say).
+(L, patch_dim) patches instead of ids, an embedding's float16 (L, width) vectors (the span-masked input at
+[0, len), zeros after it); both are input-only (never a target, whatever the target alphas say).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 
 from omniforge.errors import ConfigError
-from omniforge.modalities import KEEPS, all_modalities, by_pixel_folder, by_token_folder
+from omniforge.modalities import KEEPS, all_modalities, by_embedding_folder, by_pixel_folder, by_token_folder
 from omniforge.model.specs import ModalitySpec
 
 KEEP_SCHEMES = KEEPS
@@ -44,9 +49,10 @@ KEEP_PROB_DECAY = 0.9  # ml-4m's factor: the keep probability is lowered by it w
 
 
 def _input_only(folder: str) -> bool:
-    """Raw-pixel folders, and token folders whose registry role is "input", are never targets."""
+    """Raw-pixel and embedding folders, and token folders whose registry role is "input", are never targets."""
     info = by_token_folder(folder)
-    return by_pixel_folder(folder) is not None or (info is not None and info.role == "input")
+    raw = by_pixel_folder(folder) is not None or by_embedding_folder(folder) is not None
+    return raw or (info is not None and info.role == "input")
 
 
 def _target_only(folder: str) -> bool:
@@ -278,8 +284,9 @@ class Masker:
     """Masks one sample (one crop of every folder) into the shared batch format.
 
     ``sample``: folder -> token ids (image/global: (num_tokens,); sequence: a stored row, ids then [EOS]
-    then [PAD]), or None when the sample lacks the folder. Every spec folder is in the output; a missing
-    one is entirely masked (no input, no target). All randomness comes from ``rng``.
+    then [PAD]), pixel patches, an embedding's valid vectors (n, width), or None when the sample lacks the
+    folder. Every spec folder is in the output; a missing one is entirely masked (no input, no target). All
+    randomness comes from ``rng``.
     """
 
     def __init__(self, cfg: MaskingConfig, specs: Mapping[str, ModalitySpec], *, sentinel_ids: Sequence[int],
@@ -343,8 +350,12 @@ class Masker:
 
     def _empty(self, spec: ModalitySpec) -> dict[str, torch.Tensor]:
         n = spec.seq_len
-        tensor = (torch.zeros((n, spec.patch_dim), dtype=torch.uint8) if spec.kind == "pixels"
-                  else torch.full((n,), self.pad_id, dtype=torch.int64))
+        if spec.kind == "pixels":
+            tensor = torch.zeros((n, spec.patch_dim), dtype=torch.uint8)
+        elif spec.kind == "embedding":
+            tensor = torch.zeros((n, spec.width), dtype=torch.float16)
+        else:
+            tensor = torch.full((n,), self.pad_id, dtype=torch.int64)
         return {"tensor": tensor,
                 "input_mask": torch.ones(n, dtype=torch.bool), "target_mask": torch.ones(n, dtype=torch.bool),
                 "decoder_attention_mask": torch.zeros(n, dtype=torch.int32)}
@@ -362,19 +373,28 @@ class Masker:
                 "target_mask": torch.from_numpy(target_mask),
                 "decoder_attention_mask": torch.zeros(n, dtype=torch.int32)}
 
+    @staticmethod
+    def _draw_spans(lengths: np.ndarray, n_in: int, keep: str, rng: np.random.Generator) -> np.ndarray:
+        """Which units span masking hides (bool per unit): a keep probability from the keep scheme, lowered
+        (x KEEP_PROB_DECAY) until the input (kept tokens + one sentinel per span) fits ``n_in``; all of them
+        for an input budget of 0."""
+        if n_in == 0:
+            return np.ones(len(lengths), dtype=bool)
+        keep_prob = {"random": lambda: float(rng.uniform()), "all": lambda: 1.0,
+                     "binary": lambda: float(rng.integers(2))}[keep]()
+        masked = rng.random(len(lengths)) >= keep_prob
+        while _input_length(lengths, masked) > n_in:
+            keep_prob *= KEEP_PROB_DECAY
+            masked = rng.random(len(lengths)) >= keep_prob
+        return masked
+
     def _mask_sequence(self, spec: ModalitySpec, units: list[list[int]], n_in: int, n_tgt: int, keep: str,
                        rng: np.random.Generator) -> dict[str, torch.Tensor]:
         lengths = np.array([len(u) for u in units], dtype=np.int64)
+        masked = self._draw_spans(lengths, n_in, keep, rng)
         if n_in == 0:
-            masked = np.ones(len(units), dtype=bool)
             inp, tgt = [], span_mask(units, masked, self.sentinel_ids)[1]
         else:
-            keep_prob = {"random": lambda: float(rng.uniform()), "all": lambda: 1.0,
-                         "binary": lambda: float(rng.integers(2))}[keep]()
-            masked = rng.random(len(units)) >= keep_prob
-            while _input_length(lengths, masked) > n_in:
-                keep_prob *= KEEP_PROB_DECAY
-                masked = rng.random(len(units)) >= keep_prob
             inp, tgt = span_mask(units, masked, self.sentinel_ids)
         tgt = _truncate_target(tgt, n_tgt, self.sentinel_set, rng)
         out = self._empty(spec)
@@ -386,6 +406,26 @@ class Masker:
         out["decoder_attention_mask"][span] = 1
         return out
 
+    def _mask_embedding(self, spec: ModalitySpec, vectors: np.ndarray, n_in: int, keep: str,
+                        rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """ml-4m's input masking of a sequence embedding: span-masked vectors, one zero vector per masked span,
+        packed at [0, len); never a target."""
+        masked = self._draw_spans(np.ones(len(vectors), dtype=np.int64), n_in, keep, rng)
+        starts = masked & ~np.concatenate(([False], masked[:-1]))
+        shown = ~masked | starts  # the kept vectors, and each span's first vector: the place of its sentinel
+        rows = np.where(masked[shown, None], 0.0, vectors[shown]).astype(np.float16)  # (len, width)
+        out = self._empty(spec)
+        out["tensor"][: len(rows)] = torch.from_numpy(rows)
+        out["input_mask"][: len(rows)] = False
+        return out
+
+    def _embedding_vectors(self, folder: str, spec: ModalitySpec, value: np.ndarray) -> np.ndarray:
+        """An embedding's valid vectors (n, width), at most num_tokens of them (ml-4m truncates the same way)."""
+        arr = np.asarray(value)
+        if arr.ndim != 2 or arr.shape[1] != spec.width or arr.shape[0] < 1 or arr.dtype.kind != "f":
+            raise ValueError(f"{folder}: expected float vectors (n >= 1, {spec.width}), got {arr.dtype} {arr.shape}")
+        return arr[: spec.num_tokens]
+
     def __call__(self, sample: Mapping[str, np.ndarray | None],
                  rng: np.random.Generator) -> dict[str, dict[str, torch.Tensor]]:
         unknown = [f for f in sample if f not in self.specs]
@@ -396,6 +436,7 @@ class Masker:
         present = np.zeros(len(self.folders), dtype=bool)
         in_cap = np.zeros(len(self.folders), dtype=np.int64)
         seq_units: dict[str, list[list[int]]] = {}
+        vectors: dict[str, np.ndarray] = {}
         for i, folder in enumerate(self.folders):
             row = sample.get(folder)
             if row is None:
@@ -406,6 +447,9 @@ class Masker:
                 units = self._units(spec, self._sequence_ids(spec, row), rng)
                 seq_units[folder] = units
                 in_cap[i] = sum(len(u) for u in units)
+            elif spec.kind == "embedding":
+                vectors[folder] = self._embedding_vectors(folder, spec, row)
+                in_cap[i] = len(vectors[folder])
             else:
                 shape = (spec.num_tokens, spec.patch_dim) if spec.kind == "pixels" else (spec.num_tokens,)
                 if np.shape(row) != shape:
@@ -428,6 +472,9 @@ class Masker:
             elif spec.kind == "sequence":
                 out[folder] = self._mask_sequence(spec, seq_units[folder], int(n_in[i]), int(n_tgt[i]),
                                                   self.cfg.keep_for(folder, comp, spec.keep), rng)
+            elif spec.kind == "embedding":
+                out[folder] = self._mask_embedding(spec, vectors[folder], int(n_in[i]),
+                                                   self.cfg.keep_for(folder, comp, spec.keep), rng)
             else:
                 out[folder] = self._mask_positions(np.asarray(sample[folder]), int(n_in[i]), int(n_tgt[i]), rng)
         return out

@@ -123,8 +123,12 @@ def _draw(logits: Tensor, cfg: SampleConfig, gen: torch.Generator) -> tuple[Tens
 def _row(spec: ModalitySpec, device: torch.device) -> Row:
     """An all-masked row of one modality (B = 1): no input, no target."""
     n = spec.seq_len
-    tensor = (torch.zeros(1, n, spec.patch_dim, dtype=torch.uint8, device=device) if spec.kind == "pixels"
-              else torch.zeros(1, n, dtype=torch.int64, device=device))
+    if spec.kind == "pixels":
+        tensor = torch.zeros(1, n, spec.patch_dim, dtype=torch.uint8, device=device)
+    elif spec.kind == "embedding":
+        tensor = torch.zeros(1, n, spec.width, dtype=torch.float16, device=device)
+    else:
+        tensor = torch.zeros(1, n, dtype=torch.int64, device=device)
     return {"tensor": tensor,
             "input_mask": torch.ones(1, n, dtype=torch.bool, device=device),
             "target_mask": torch.ones(1, n, dtype=torch.bool, device=device),
@@ -132,7 +136,8 @@ def _row(spec: ModalitySpec, device: torch.device) -> Row:
 
 
 def _input_row(spec: ModalitySpec, ids: np.ndarray, device: torch.device) -> Row:
-    """A fully visible input: image/global ids (N,), pixel patches (N, P), or a sequence's ids at [0, len)."""
+    """A fully visible input: image/global ids (N,), pixel patches (N, P), or a sequence's ids or an embedding's
+    vectors (n, width) at [0, len)."""
     row = _row(spec, device)
     n = len(ids)
     row["tensor"][0, :n] = torch.as_tensor(ids, dtype=row["tensor"].dtype, device=device)
@@ -165,8 +170,8 @@ def _check_inputs(specs: Mapping[str, ModalitySpec], inputs: Mapping[str, np.nda
         raise ConfigError(f"targets {given} are also given as inputs: drop them from one of the two")
     input_only = [m for m in targets if specs[m].input_only]
     if input_only:
-        raise ConfigError(f"{input_only} are input-only (raw pixels) and cannot be generated: "
-                          f"generate their token folders instead")
+        raise ConfigError(f"{input_only} are input-only (raw pixels, embeddings, or role 'input') and cannot be "
+                          f"generated: generate their token folders instead")
     for m, ids in inputs.items():
         spec = specs[m]
         arr = np.asarray(ids)
@@ -174,6 +179,12 @@ def _check_inputs(specs: Mapping[str, ModalitySpec], inputs: Mapping[str, np.nda
             if arr.shape != (spec.num_tokens, spec.patch_dim) or arr.dtype != np.uint8:
                 raise ConfigError(f"input {m}: expected uint8 patches ({spec.num_tokens}, {spec.patch_dim}), "
                                   f"got {arr.dtype} {arr.shape}")
+            continue
+        if spec.kind == "embedding":
+            if arr.ndim != 2 or not 1 <= arr.shape[0] <= spec.num_tokens or arr.shape[1] != spec.width \
+                    or arr.dtype.kind != "f":
+                raise ConfigError(f"input {m}: expected float vectors (1..{spec.num_tokens}, {spec.width}), got "
+                                  f"{arr.dtype} {arr.shape}")
             continue
         if spec.kind != "sequence" and arr.shape != (spec.num_tokens,):
             raise ConfigError(f"input {m}: expected ({spec.num_tokens},) token ids, got shape {arr.shape}")
@@ -246,7 +257,8 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
     """Generate ``targets`` (in order, chained) for ONE sample from ``inputs``.
 
     ``inputs``: folder -> token ids (image/global: (num_tokens,); sequence: ids without padding, with or
-    without a final [EOS]; pixels: uint8 (num_tokens, patch_dim) patches). Returns folder -> int64 ids:
+    without a final [EOS]; pixels: uint8 (num_tokens, patch_dim) patches; embedding: its valid vectors
+    (n, width)). Returns folder -> int64 ids:
     image/global (num_tokens,) in [0, vocab_size);
     sequence: the generated ids up to and including [EOS] (at most ``num_tokens``; no [EOS] when that many
     were drawn without one). Each generated target is an input of the following ones.
@@ -262,7 +274,8 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
         spec = specs[m]
         if spec.kind == "sequence":
             ids = _sequence_input(spec, ids, eos_id=eos_id, pad_id=pad_id)
-        context[m] = _input_row(spec, np.asarray(ids, dtype=np.uint8 if spec.kind == "pixels" else np.int64), device)
+        dtype = {"pixels": np.uint8, "embedding": np.float16}.get(spec.kind, np.int64)
+        context[m] = _input_row(spec, np.asarray(ids, dtype=dtype), device)
     out: dict[str, np.ndarray] = {}
     try:
         for m in targets:
@@ -310,13 +323,22 @@ def _read_member(root: str, folder: str, shard: int, key: str, hint: str) -> byt
 def read_input(root: str, spec: ModalitySpec, key: str, tokenizers: str | None = None) -> np.ndarray:
     """Crop 0 of ``key`` as the trainer sees it: token ids (N,) from the token shard; for a raw sequence folder
     its label serialized for crop 0 with the tokenize job's frozen draw (needs ``tokenizers``); for a pixel
-    folder the label image cropped with crop 0 of its crop settings, as uint8 patches (N, patch_dim)."""
+    folder the label image cropped with crop 0 of its crop settings, as uint8 patches (N, patch_dim); for an
+    embedding the valid vectors (n, width) of its label."""
     from omniforge import codecs, shards
+    from omniforge.model.data import labels_root
     from omniforge.tokenize.crops import crop_image
 
     shard = _shard_of(root, key)
+    if spec.kind == "embedding":
+        value = codecs.decode("npz", _read_member(labels_root(root, spec.name), spec.source, shard, key,
+                                                  f"label {spec.source} first (`omniforge label`)"))
+        problem = codecs.embedding_problem(value, (spec.num_tokens, spec.width))
+        if problem:
+            raise ConfigError(f"{spec.source} label of {key!r} {problem}: relabel it with `omniforge label`")
+        return value["emb"][0][value["mask_valid"][0]]
     if spec.raw and spec.kind == "sequence":
-        from omniforge.model.data import labels_root, serialize_raw
+        from omniforge.model.data import serialize_raw
         from omniforge.modalities import IMAGE_MODALITY
         from omniforge.tokenize.store import TokenizerStore
 
@@ -337,8 +359,6 @@ def read_input(root: str, spec: ModalitySpec, key: str, tokenizers: str | None =
     crops = np.load(io.BytesIO(_read_member(root, shards.CROP_SETTINGS, shard, key,
                                             "run `omniforge tokenize` first (it writes the crop settings)")),
                     allow_pickle=False)
-    from omniforge.model.data import labels_root
-
     image = np.asarray(codecs.decode("jpg", _read_member(labels_root(root, spec.name), spec.source, shard, key,
                                                          f"label {spec.source} first (`omniforge label`)")))
     return patchify(crop_image(image, crops[0], spec.grid * spec.patch), spec.patch)
@@ -355,9 +375,9 @@ def _text_ids(text_tok: Any) -> tuple[list[int], int, int]:
 
 
 def _modality_of(folder: str) -> str | None:
-    from omniforge.modalities import by_pixel_folder, by_token_folder
+    from omniforge.modalities import by_embedding_folder, by_pixel_folder, by_token_folder
 
-    info = by_token_folder(folder) or by_pixel_folder(folder)
+    info = by_token_folder(folder) or by_pixel_folder(folder) or by_embedding_folder(folder)
     return info.name if info is not None else None
 
 
@@ -449,6 +469,8 @@ def _sample_one(model: Any, specs: dict[str, ModalitySpec], root: str, key: str,
         spec = specs[m]
         if spec.kind == "pixels":
             panels[_panel(m, "input, crop 0 of")] = unpatchify(value, spec.patch)
+        elif spec.kind == "embedding":
+            panels[_panel(m, "input")] = value
         elif tokenizers:
             panels[_panel(m, "input, decoded from")] = decode_output(m, value, spec, tokenizers, text_tok)
         else:

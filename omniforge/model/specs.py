@@ -1,6 +1,6 @@
 """What the trainer needs to know about each modality folder, derived from the modality registry.
 
-A folder is one of four kinds:
+A folder is one of five kinds:
 
 - ``"image"``: ``tok_<name>@224`` folders (VQ-VAE tokens on a square grid), masked as random subsets of
   positions with 2-D positions;
@@ -13,7 +13,10 @@ A folder is one of four kinds:
   metadata order), so every epoch sees new draws;
 - ``"pixels"``: raw-pixel input (``rgb@224``, ml-4m's name): the rgb label cropped with the sample's
   ``crop_settings`` to 224 x 224 and cut into 16 x 16 patches, uint8 (196, 768) with each patch flattened
-  as (row, column, channel). Input-only: the encoder embeds patches linearly, nothing predicts them.
+  as (row, column, channel). Input-only: the encoder embeds patches linearly, nothing predicts them;
+- ``"embedding"``: a registry modality with crop "embedding" (``t5_caption``, ml-4m's ``seq_emb``), read from
+  its own label folder: up to ``num_tokens`` vectors of ``width`` values (the npz's ``emb[mask_valid]``).
+  Input-only: the encoder projects each vector linearly (ml-4m's ``SequenceEmbEncoderEmbedding``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from typing import Literal
 
 import numpy as np
 
-from omniforge.modalities import KEEPS, ROLES, ModalityInfo, all_modalities, by_pixel_folder, by_token_folder
+from omniforge.modalities import (KEEPS, ROLES, ModalityInfo, all_modalities, by_embedding_folder, by_pixel_folder,
+                                  by_token_folder)
 
-Kind = Literal["image", "sequence", "global", "pixels"]
-KINDS: tuple[str, ...] = ("image", "sequence", "global", "pixels")
+Kind = Literal["image", "sequence", "global", "pixels", "embedding"]
+KINDS: tuple[str, ...] = ("image", "sequence", "global", "pixels", "embedding")
+RAW_KINDS = ("pixels", "embedding")  # read from label folders, not token shards; input-only
 PIXEL_SIZE = 224  # side of the square crop a pixel folder holds
 PIXEL_PATCH = 16  # side of one patch: 14 x 14 = 196 patches, like the image tokenizers' 196 tokens
 # ImageNet statistics, as ml-4m normalises rgb before the patch embedding.
@@ -37,13 +42,14 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True, kw_only=True)
 class ModalitySpec:
-    name: str  # token folder, e.g. "tok_rgb@224", "tok_caption"
+    name: str  # token folder, e.g. "tok_rgb@224", "tok_caption"; a raw input's folder ("rgb@224", "t5_caption")
     kind: Kind
-    num_tokens: int  # image/global: tokens per crop; sequence: the modality's max_tokens
-    vocab_size: int  # 0 for pixels (nothing to predict)
+    num_tokens: int  # image/global: tokens per crop; sequence: the modality's max_tokens; embedding: max vectors
+    vocab_size: int  # 0 for pixels and embeddings (nothing to predict)
     grid: int = 0  # sqrt(num_tokens) for images and pixels, 0 otherwise
     patch: int = 0  # pixels: side of one patch; 0 otherwise
-    source: str = ""  # pixels, raw sequences: the label folder read ("rgb", "det"); "" for token folders
+    width: int = 0  # embedding: values per vector (4096 for T5-XXL); 0 otherwise
+    source: str = ""  # pixels, embeddings, raw sequences: the label folder read ("rgb", "t5_caption", "det")
     chunks: tuple[int, int] | None = None  # sequences: span masking never cuts these chunks (ModalityInfo.chunks)
     shuffle_chunks: bool = False  # sequences: chunks shuffled per sample before masking
     keep: str = "random"  # sequences: the default span-masking keep scheme
@@ -59,11 +65,18 @@ class ModalitySpec:
                 raise ValueError(f"ModalitySpec {self.name!r}: pixels need vocab_size 0, a positive patch and "
                                  f"a source folder (got vocab_size={self.vocab_size}, patch={self.patch}, "
                                  f"source={self.source!r})")
+        elif self.kind == "embedding":
+            if self.vocab_size != 0 or self.width <= 0 or not self.source or self.patch:
+                raise ValueError(f"ModalitySpec {self.name!r}: an embedding needs vocab_size 0, a positive width "
+                                 f"and a source folder, and no patch (got vocab_size={self.vocab_size}, "
+                                 f"width={self.width}, source={self.source!r}, patch={self.patch})")
         elif self.vocab_size <= 0:
             raise ValueError(f"ModalitySpec {self.name!r}: vocab_size must be positive, got {self.vocab_size}")
         elif self.patch or (self.source and self.kind != "sequence"):
-            raise ValueError(f"ModalitySpec {self.name!r}: patch is for pixel folders, source for pixel and raw "
-                             "sequence folders")
+            raise ValueError(f"ModalitySpec {self.name!r}: patch is for pixel folders, source for pixel, embedding "
+                             "and raw sequence folders")
+        if self.width and self.kind != "embedding":
+            raise ValueError(f"ModalitySpec {self.name!r}: width is for embedding folders only")
         if self.kind in ("image", "pixels"):
             if self.grid * self.grid != self.num_tokens:
                 raise ValueError(
@@ -77,11 +90,12 @@ class ModalitySpec:
                 raise ValueError(f"ModalitySpec {self.name!r}: chunks are two positive sizes, for sequences only")
         if self.keep not in KEEPS:
             raise ValueError(f"ModalitySpec {self.name!r}: keep must be one of {KEEPS}, got {self.keep!r}")
+        raw = self.kind in RAW_KINDS
         if self.role is None:
-            object.__setattr__(self, "role", "input" if self.kind == "pixels" else "both")
-        if self.role not in ROLES or (self.kind == "pixels" and self.role != "input"):
-            raise ValueError(f"ModalitySpec {self.name!r}: role must be one of {ROLES} ('input' for pixels), "
-                             f"got {self.role!r}")
+            object.__setattr__(self, "role", "input" if raw else "both")
+        if self.role not in ROLES or (raw and self.role != "input"):
+            raise ValueError(f"ModalitySpec {self.name!r}: role must be one of {ROLES} ('input' for pixels and "
+                             f"embeddings), got {self.role!r}")
 
     @property
     def seq_len(self) -> int:
@@ -96,12 +110,12 @@ class ModalitySpec:
 
     @property
     def raw(self) -> bool:
-        """A raw label folder serialized per sample by the loader (pixels, raw sequences)."""
+        """Read from a label folder, not a token shard: pixels, embeddings, raw sequences."""
         return bool(self.source)
 
     @property
     def input_only(self) -> bool:
-        return self.kind == "pixels" or self.role == "input"
+        return self.kind in RAW_KINDS or self.role == "input"
 
     @property
     def target_only(self) -> bool:
@@ -115,6 +129,15 @@ def pixel_spec(info: ModalityInfo) -> ModalitySpec:
     grid = PIXEL_SIZE // PIXEL_PATCH
     return ModalitySpec(name=info.pixel_modality, kind="pixels", num_tokens=grid * grid, vocab_size=0, grid=grid,
                         patch=PIXEL_PATCH, source=info.name, role="input")
+
+
+def embedding_spec(info: ModalityInfo) -> ModalitySpec:
+    """The input spec of a registered embedding modality (t5_caption): its registry (max vectors, width)."""
+    if not info.embedded:
+        raise ValueError(f"modality {info.name!r} is not an embedding (crop {info.crop!r})")
+    length, width = info.shape
+    return ModalitySpec(name=info.name, kind="embedding", num_tokens=length, vocab_size=0, width=width,
+                        source=info.name, keep=info.keep, role="input")
 
 
 def patchify(image: np.ndarray, patch: int) -> np.ndarray:
@@ -136,7 +159,10 @@ def unpatchify(patches: np.ndarray, patch: int) -> np.ndarray:
 
 def spec_for_info(info: ModalityInfo, text_vocab_size: int) -> ModalitySpec:
     """The spec of one registered modality's token folder, from its registry entry's crop: image-like crops
-    give a square grid, global vectors a short code, sequences the shared text vocabulary."""
+    give a square grid, global vectors a short code, sequences the shared text vocabulary; an embedding's folder
+    is its label folder (:func:`embedding_spec`)."""
+    if info.embedded:
+        return embedding_spec(info)
     if info.crop == "sequence":
         return ModalitySpec(name=info.token_modality, kind="sequence", num_tokens=info.num_tokens,
                             vocab_size=text_vocab_size, chunks=info.chunks, shuffle_chunks=info.shuffle_chunks,
@@ -181,6 +207,10 @@ def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpe
         if pixels is not None:
             out[folder] = pixel_spec(pixels)
             continue
+        embedding = by_embedding_folder(folder)
+        if embedding is not None:
+            out[folder] = embedding_spec(embedding)
+            continue
         raw_info = raw_sequence_info(folder)
         if raw_info is not None:
             out[folder] = raw_sequence_spec(raw_info, text_vocab_size)
@@ -190,8 +220,9 @@ def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpe
             known = ", ".join(m.token_modality for m in all_modalities() if m.tokenized)
             raw = ", ".join(m.pixel_modality for m in all_modalities() if m.pixel_modality)
             seqs = ", ".join(m.name for m in all_modalities() if raw_sequence_info(m.name))
+            emb = ", ".join(m.name for m in all_modalities() if m.embedded)
             raise KeyError(f"unknown folder {folder!r}; known token folders: {known}; raw-pixel input folders: {raw}; "
-                           f"raw sequence folders: {seqs}")
+                           f"raw sequence folders: {seqs}; embedding input folders: {emb}")
         out[folder] = spec_for_info(info, text_vocab_size)
     return out
 
@@ -203,11 +234,12 @@ def pixel_source(folder: str) -> str | None:
 
 
 def label_source(folder: str) -> str | None:
-    """The label folder a raw folder is read from: rgb@224 -> rgb, det -> det; None for token folders."""
+    """The label folder a raw folder is read from: a pixel folder's (rgb@224 -> rgb), an embedding's or a raw
+    sequence's own (t5_caption -> t5_caption, det -> det); None for token folders."""
     source = pixel_source(folder)
     if source is not None:
         return source
-    info = raw_sequence_info(folder)
+    info = by_embedding_folder(folder) or raw_sequence_info(folder)
     return info.name if info is not None else None
 
 

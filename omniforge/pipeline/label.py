@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from omniforge import codecs
+from omniforge import codecs, schemas
 from omniforge.errors import ConfigError, SampleError
 from omniforge.labelers import Labeler, Sample
 from omniforge.modalities import ModalityInfo
@@ -178,7 +178,13 @@ def _label_columns(labeler: Labeler, samples: list[Sample], infos: Mapping[str, 
 
 
 def _encode_checked(info: ModalityInfo, value: Any) -> bytes:
-    """Encode one label, refusing arrays of the wrong shape and non-finite values."""
+    """Encode one label, refusing one off its modality's schema (`omniforge.schemas`: arrays of the wrong shape,
+    channels or dtype, non-finite values, malformed JSON labels, embeddings off ml-4m's npz), so that `verify`
+    never finds what the job wrote wrong."""
+    try:
+        schemas.check_label(info, value)
+    except SampleError as e:
+        raise SampleError("bad_output", f"{e.message}") from None
     if info.ext == "npy":
         arr = np.asarray(value)
         if info.shape is not None and arr.shape != info.shape:

@@ -38,7 +38,7 @@ import numpy as np
 
 from omniforge import codecs
 from omniforge.errors import ConfigError, SampleError
-from omniforge.modalities import IMAGE_MODALITY, ModalityInfo, all_modalities, get_modality
+from omniforge.modalities import IMAGE_MODALITY, ModalityInfo, all_modalities, by_embedding_folder, get_modality
 from omniforge import shards, storage
 from omniforge._progress import Progress
 from omniforge.pipeline import _job, formats
@@ -82,8 +82,11 @@ class TokenizeConfig:
             raise ConfigError("--modalities is empty: name the label modalities to tokenize, e.g. depth,normal,caption")
         unknown = [m for m in self.modalities if m not in tokenizable()]
         if unknown:
+            embedded = [m for m in unknown if by_embedding_folder(m) is not None]
+            hint = (f" ({', '.join(embedded)}: continuous embeddings, which `omniforge train` reads from their label "
+                    f"folders: drop them here)") if embedded else ""
             raise ConfigError(f"cannot tokenize {', '.join(unknown)}: tokenizable modalities are "
-                              f"{', '.join(tokenizable())}")
+                              f"{', '.join(tokenizable())}{hint}")
         for m in self.modalities:
             kind_for(m)  # an unknown tokenizer kind, or a modality its kind cannot handle, fails here
         if self.batch_size < 1:

@@ -60,10 +60,14 @@ def test_labeler_contract(name):
                 assert arr.dtype == np.float16 and arr.shape == info.shape
                 assert np.isfinite(arr.astype(np.float32)).all()
                 arrays.setdefault(m, []).append(arr.astype(np.float32))
+            if info.embedded:  # ml-4m's npz: float16 emb (n, L, D) and its bool mask_valid (n, L)
+                assert codecs.embedding_problem(value, info.shape) is None
+                assert codecs.embedding_problem(codecs.decode("npz", codecs.encode("npz", value)), info.shape) is None
+                arrays.setdefault(m, []).append(value["emb"].astype(np.float32))
             if m in ("rgb", "canny_edge"):
                 assert np.asarray(value).shape[:2] == sample.image.shape[:2]
     assert n_ok >= 2, f"{name} labeled fewer than 2 of 3 real images"
-    for m, arrs in arrays.items():  # features must depend on the image
+    for m, arrs in arrays.items():  # features must depend on the image (embeddings: on the caption)
         assert not all(np.array_equal(arrs[0], a) for a in arrs[1:]), f"{m} is the same for different images"
     # the fingerprint is stable and depends on the weights
     assert cls.fingerprint(weights="tiny") == cls.fingerprint(weights="tiny")

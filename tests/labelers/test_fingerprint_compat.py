@@ -77,6 +77,10 @@ RECORDED = [
     ("watermark", "tiny", {}, "f17e0390c6b4887d"),
     ("watermark", "pretrained", {}, "3c1bced1dc87de39"),
     ("watermark", "FILE", {}, "d3445a09ad1ef151"),
+    ("t5_caption", "tiny", {}, "0daaca2ab64254bf"),
+    ("t5_caption", "pretrained", {}, "fdb48d61ad339f79"),
+    ("t5_caption", "DIR", {}, "a88f13f960c94a53"),
+    ("t5_caption", "tiny", {"max_length": 32}, "d0ef7e33d90c081f"),
 ]
 
 # Fingerprints changed on purpose, with the reason: (teacher, weights, options, fingerprint at 1fda641, today's).

@@ -197,6 +197,12 @@ def test_missing_tokenizer_or_labels_fail_with_one_line(labels, tmp_path, capsys
     assert code == 2 and len(err) == 1 and "cannot tokenize rgbx" in err[0]
 
 
+def test_an_embedding_is_not_tokenized_and_the_error_says_where_it_goes(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot tokenize t5_caption: .*\(t5_caption: continuous embeddings, "
+                                          r"which `omniforge train` reads from their label folders"):
+        TokenizeConfig(input=str(tmp_path), tokenizers=str(tmp_path), modalities=("t5_caption",))
+
+
 def test_features_need_the_label_jobs_teacher(labels, tokenizer_dir):
     # crops 1.. must run the teacher that made crop 0: other options give another fingerprint
     cfg = TokenizeConfig(input=labels, tokenizers=tokenizer_dir, modalities=("clip",), crops=CROPS,
