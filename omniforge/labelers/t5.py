@@ -12,7 +12,7 @@ import numpy as np
 from omniforge.errors import SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, require, short_error
-from omniforge.labelers.base import LabelerOptions, Sample, option
+from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, Sample, option
 from omniforge.modalities import get_modality
 
 HUB_ID = "google/t5-v1_1-xxl"  # T5 v1.1 XXL, whose encoder (d_model 4096) 4M-21's T5-XXL embeddings come from
@@ -94,6 +94,9 @@ class T5CaptionLabeler(TorchLabeler):
     options: T5CaptionOptions
     checkpoint_is_dir = True
     checkpoint_format = _FOLDER
+    profiles = {PROFILE_4M21: Profile(
+        reference="T5-XXL's encoder on the caption: up to 77 states of width 4096 with their valid mask (ml-4m's "
+                  "t5_caption; ml-4m names no checkpoint, google/t5-v1_1-xxl is the T5-XXL encoder release)")}
 
     @property
     def tokenizer(self) -> Any:
