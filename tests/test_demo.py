@@ -48,11 +48,22 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     assert all(np.isfinite(e["loss"]) for e in log) and np.mean([e["loss"] for e in log[-10:]]) < log[0]["loss"]
     with open(f"{checkpoint}/config.json", encoding="utf-8") as f:
         specs = json.load(f)["specs"]
-    assert specs["rgb@224"]["kind"] == "pixels" and len(specs) == 1 + len(tokenized)
+    assert specs["rgb@224"]["kind"] == "pixels" and specs["t5_caption"]["kind"] == "embedding"
+    sequences = [m for m in expected if get_modality(m).crop == "sequence"]
+    assert all(specs[m]["kind"] == "sequence" and specs[m]["source"] == m for m in sequences)  # read raw, as ml-4m
+    assert len(specs) == 2 + len(tokenized) and all(e["budget_cuts"].keys() == set(sequences) for e in log)
     key_dir = next((tmp_path / "samples").iterdir())
     depth = np.load(key_dir / "tok_depth@224.npy")
     assert depth.shape == (1, 196) and 0 <= depth.min() and depth.max() < specs["tok_depth@224"]["vocab_size"]
-    assert (key_dir / "tok_depth@224.png").exists() and (key_dir / "tok_caption.txt").exists()
+    assert (key_dir / "tok_depth@224.png").exists() and (key_dir / "caption.txt").exists()
     with Image.open(key_dir / "sample.png") as img:
         assert img.width > 400
-    assert "rgb@224 -> tok_depth@224, tok_caption" in out
+    assert "rgb@224 -> tok_depth@224, caption" in out
+    # and the corpus in ml-4m's dialect: the same keys in every folder, sam_instance pre-tokenized
+    from omniforge import shards
+
+    assert "export ml4m: 12 samples in every folder, 0 left out" in out
+    names = [n for n, _ in shards.iter_tar(shards.tar_uri(str(tmp_path / "ml4m"), "sam_instance", 0))]
+    assert names and all(n.endswith(".npy") for n in names)
+    assert names == [n.replace(".jpg", ".npy") for n, _ in shards.iter_tar(shards.tar_uri(str(tmp_path / "ml4m"),
+                                                                                          "rgb", 0))]

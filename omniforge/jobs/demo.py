@@ -43,8 +43,9 @@ def demo(out: str, *, ray_address: str | None = None, weights: str = "tiny") -> 
     print(f"demo: {len(keys)} samples, preview of {preview_key!r} -> {preview}")
     tokens_ok = _tokenize(root, out_dir / "tokenizers", modalities, preview_key, out_dir, ray_address)
     _train_and_sample(root, out_dir / "tokenizers", modalities, preview_key, out_dir)
+    _export(root, out_dir / "tokenizers", out_dir / "ml4m")
     print(f"demo: done in {time.time() - t0:.0f}s; labels and token shards under {root}, the model run under "
-          f"{out_dir / 'train'}")
+          f"{out_dir / 'train'}, the corpus as ml-4m's loader reads it under {out_dir / 'ml4m'}")
     return 0 if report.ok and tokens_ok else 1
 
 
@@ -78,18 +79,30 @@ def _tokenize(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str
     return report.ok
 
 
+def _export(root: str, tokenizers: Path, out: Path) -> None:
+    """The corpus in ml-4m's dialect: sam_instance pre-tokenized, every folder of a shard with the same keys."""
+    from omniforge.pipeline.export import ExportConfig, export
+
+    summary = export(ExportConfig(root=root, out=str(out), tokenizers=str(tokenizers), progress=False))
+    print("\n".join(summary.lines()))
+
+
 def _train_and_sample(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str, out_dir: Path) -> None:
-    """A few tiny training steps on every token folder plus raw rgb pixels, then one chained sample."""
+    """A few tiny training steps on every modality as 4M-21 trains on it (image-like and global token folders,
+    raw rgb pixels, T5 caption embeddings, the sequences read raw and serialized per sample, as ml-4m does),
+    then one chained sample."""
     from omniforge.model.sample import SampleConfig, sample_key
     from omniforge.model.train import TrainConfig, summary, train
     from omniforge.modalities import all_modalities
 
     labeled = [m for m in all_modalities() if m.name in modalities]
     folders = tuple(m.pixel_modality for m in labeled if m.pixel_modality) + tuple(
-        m.token_modality for m in labeled if m.tokenized)
+        m.name if m.crop in ("sequence", "embedding") else m.token_modality
+        for m in labeled if m.tokenized or m.embedded)
     run = out_dir / "train"
-    print(f"demo: {DEMO_TRAIN_STEPS} steps of the tiny 4M model on {len(folders)} folders ({', '.join(folders)}); "
-          f"a demo of the loop, not a trained model")
+    print(f"demo: {DEMO_TRAIN_STEPS} steps of the tiny 4M model on {len(folders)} folders ({', '.join(folders)}; "
+          f"the sequences read from their label folders and serialized per sample, as ml-4m reads them); a demo "
+          f"of the loop, not a trained model")
     cfg = TrainConfig(data=root, modalities=folders, out=str(run), tokenizers=str(tokenizers), model="tiny",
                       steps=DEMO_TRAIN_STEPS, batch_size=4, input_tokens=128, target_tokens=128, lr=1e-3,
                       warmup_steps=5, save_every=DEMO_TRAIN_STEPS, shuffle_buffer=16, device="cpu",
