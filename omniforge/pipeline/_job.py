@@ -215,7 +215,9 @@ def actor_resources(n_actors: int, device: str, *, cpus_per_actor: float | None 
                     n_actors, num_cpus)
     if num_gpus and num_gpus < 1:
         log.info("%d actors share %g GPUs: %.2f GPUs each", n_actors, gpus, num_gpus)
-    return ActorResources(num_cpus=round(num_cpus, 4), num_gpus=round(num_gpus, 4))
+    # Ray counts resources in units of 1e-4: round down, so that n actors never take more than they were
+    # given (rounding 3/14 up to 0.2143 took 3.0002 CPUs and left the 1-CPU decode task unplaceable)
+    return ActorResources(num_cpus=math.floor(num_cpus * 1e4) / 1e4, num_gpus=math.floor(num_gpus * 1e4) / 1e4)
 
 
 def torch_threads(num_cpus: float) -> int:

@@ -161,3 +161,12 @@ def test_the_omniforge_error_behind_a_ray_error_is_raised_alone():
     with pytest.raises(KeyError):  # anything else passes unchanged
         with _job.omniforge_errors():
             raise KeyError("internal")
+
+
+def test_actor_cpus_never_add_up_to_more_than_they_were_given(monkeypatch):
+    """(4 - 1) / 14 = 0.21428...: rounded up to Ray's 1e-4 unit, 14 actors would take 3.0002 CPUs and leave the
+    1-CPU decode task unplaceable, stalling the job (it did, with every teacher in the demo)."""
+    monkeypatch.setattr(_job, "node_cpus", lambda: [4.0])
+    for n in range(1, 40):
+        cpus = _job.actor_resources(n, "cpu").num_cpus
+        assert 0 < cpus and n * cpus <= 3.0 + 1e-9 and cpus == round(cpus, 4), n
