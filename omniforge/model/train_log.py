@@ -90,6 +90,9 @@ class _TensorBoard:
                 for root, value in v.items():
                     self._writer.add_scalar(f"dataset_loss/{root.rstrip('/').replace('://', '/')}", value,
                                             entry["step"])
+            elif isinstance(v, dict):  # keyed by folder, e.g. budget_cuts
+                for name, value in v.items():
+                    self._writer.add_scalar(f"{k}/{name}", value, entry["step"])
             elif k != "step":
                 self._writer.add_scalar(f"{group}/{k}", v, entry["step"])
 

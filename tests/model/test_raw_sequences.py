@@ -178,12 +178,13 @@ def test_the_trainer_trains_on_raw_folders_and_logs_the_cuts(corpus, tmp_path):
     out = tmp_path / "run"
     rc = main(["--config", "tiny", "--data", root, "--modalities", ",".join(RAW), "--tokenizers", tokenizers,
                "--out", str(out), "--steps", "3", "--batch-size", "3", "--input-tokens", "48",
-               "--target-tokens", "48", "--device", "cpu", "--no-tensorboard", "--no-progress"])
+               "--target-tokens", "48", "--device", "cpu", "--no-progress"])
     assert rc == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(np.isfinite(e["loss"]) for e in log)
     assert all(set(e["budget_cuts"]) == set(RAW) for e in log)
     assert sum(e["budget_cuts"]["metadata"] for e in log) == 2 * 3  # every batch holds the 21-field sample
+    assert list((out / "tb").iterdir())  # TensorBoard gets them too, one scalar per folder
 
     # sampling reads a raw input folder as the tokenize job would have frozen it (crop 0)
     from omniforge.jobs.cli import main as cli_main
