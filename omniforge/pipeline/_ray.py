@@ -36,7 +36,12 @@ def ensure_ray(address: str | None = None) -> None:
             ray.init(address=address, **kwargs)
         else:
             # "local": a new cluster of this process's own, even when another Ray cluster runs on this machine
-            ray.init(address="local", num_cpus=max(MIN_LOCAL_CPUS, os.cpu_count() or 1), **kwargs)
+            num_cpus = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+            # A job with every teacher runs a few dozen actor processes on a small machine by design; Ray's
+            # raylet warns past 4x its startup concurrency (the CPU count), so the local cluster may start
+            # more at once (a user's RAY_worker_maximum_startup_concurrency wins).
+            os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(16, 4 * num_cpus)))
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
     except ConnectionError as e:
         raise ConfigError(f"cannot connect to the Ray cluster at {address}: {e}; check --ray-address / RAY_ADDRESS "
                           f"or leave both unset to start a local cluster") from None
