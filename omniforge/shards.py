@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import io
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -23,6 +24,7 @@ MANIFEST = "manifest/corpus.parquet"
 RUNS_DIR = "manifest/runs"
 STATUS_DIR = "_status"
 TMP_DIR = "_tmp"
+_STATUS_NAME_RE = re.compile(r"shard-(\d+)\.parquet$")
 CROP_SETTINGS = "crop_settings"  # beside tok_* folders: int32 (n_crops, 5) (top, left, h, w, hflip) per key
 
 STATUS_SCHEMA = pa.schema([
@@ -112,6 +114,16 @@ def write_status(uri: str, rows: list[dict[str, Any]]) -> None:
 
 def read_status(uri: str) -> pa.Table:
     return read_parquet(uri)
+
+
+def status_shards(root: str, folder: str) -> set[int]:
+    """The shards of `folder` under `root` whose status table exists (their commit markers)."""
+    found = set()
+    for uri, _size in storage.list_files(storage.join(root, STATUS_DIR, folder), (".parquet",)):
+        m = _STATUS_NAME_RE.search(uri)
+        if m:
+            found.add(int(m.group(1)))
+    return found
 
 
 def status_fingerprints(uri: str) -> set[str]:

@@ -69,7 +69,6 @@ from omniforge.model.masking import Masker, collate
 from omniforge.model.specs import PIXEL_SIZE, ModalitySpec, label_source, patchify, pixel_source, raw_sequence_info
 
 STATE_VERSION = 2
-_SHARD_RE = re.compile(r"shard-(\d+)\.parquet$")
 _BRACES_RE = re.compile(r"^\{(\d+)\.\.(\d+)\}$")
 # Seed-sequence domains, so the draws of different purposes never coincide.
 _SHARD_ORDER, _BLOCK, _SAMPLE, _MIX = 0, 1, 2, 3
@@ -157,13 +156,13 @@ def committed_shards(root: str, folder: str) -> set[int]:
     sequence, also in rgb; for an embedding, in its label folder."""
     source = label_source(folder)
     if source is None:
-        return _status_shards(root, folder)
+        return _shards.status_shards(root, folder)
     labels = labels_root(root, folder)
-    found = _status_shards(labels, source)
+    found = _shards.status_shards(labels, source)
     if pixel_source(folder) is not None or raw_sequence_info(folder) is not None:
-        found &= _status_shards(root, _shards.CROP_SETTINGS)
+        found &= _shards.status_shards(root, _shards.CROP_SETTINGS)
     if raw_sequence_info(folder) is not None:  # a raw sequence is cropped in the rgb label's frame
-        found &= _status_shards(labels, IMAGE_MODALITY)
+        found &= _shards.status_shards(labels, IMAGE_MODALITY)
     return found
 
 
@@ -174,7 +173,7 @@ def labels_root(root: str, folder: str) -> str:
     that ``omniforge tokenize --output root`` read, as named by the tokenize run records in ``root``. Token
     folders: ``root``."""
     source = label_source(folder)
-    if source is None or _status_shards(root, source):
+    if source is None or _shards.status_shards(root, source):
         return root
     inputs: list[str] = []
     for uri, _size in storage.list_files(storage.join(root, _shards.RUNS_DIR), (".json",)):
@@ -184,22 +183,13 @@ def labels_root(root: str, folder: str) -> str:
             label_root = str(json.loads(storage.read_bytes(uri))["config"]["input"])
         except (ValueError, KeyError, TypeError):
             continue  # not a tokenize run record
-        if label_root != root and label_root not in inputs and _status_shards(label_root, source):
+        if label_root != root and label_root not in inputs and _shards.status_shards(label_root, source):
             inputs.append(label_root)
     if len(inputs) > 1:
         raise ConfigError(f"{root} was tokenized from several label roots with {source} labels ({inputs}): "
                           f"{folder} cannot tell which one to crop; train on one of them, tokenized in place")
     return inputs[0] if inputs else root
 
-
-def _status_shards(root: str, folder: str) -> set[int]:
-    status_dir = storage.join(root, _shards.STATUS_DIR, folder)
-    found = set()
-    for uri, _size in storage.list_files(status_dir, (".parquet",)):
-        m = _SHARD_RE.search(uri)
-        if m:
-            found.add(int(m.group(1)))
-    return found
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def export(cfg: ExportConfig) -> ExportSummary:
     summary = ExportSummary(out=cfg.out)
     folders = _folders(cfg, summary)
     formats.check_formats(cfg.root, folders)
-    store, converted = None, {f: _kind(f) for f in folders if labels_info(f) == "export"}
+    store, converted = None, {f: _kind(f) for f in folders if _ml4m_of(f) == "export"}
     if converted:
         names = ", ".join(converted)
         if not cfg.tokenizers:
@@ -106,7 +106,7 @@ def export(cfg: ExportConfig) -> ExportSummary:
         for kind in converted.values():
             if kind.model_kind is not None:
                 store.model(kind)  # a missing tokenizer fails now, in one line
-    shard_ids = sorted({s for f in folders for s in _committed(cfg.root, f)})
+    shard_ids = sorted({s for f in folders for s in shards.status_shards(cfg.root, f)})
     progress = Progress(total=len(shard_ids), unit="shard", desc="export", enabled=cfg.progress)
     try:
         with ThreadPoolExecutor(1 if converted else cfg.workers) as pool:  # tokenizers run on one thread
@@ -155,14 +155,6 @@ def _status_dirs(root: str) -> list[str]:
     return sorted(d for d in dirs if d)
 
 
-def _committed(root: str, folder: str) -> set[int]:
-    out = set()
-    for uri, _ in storage.list_files(storage.join(root, shards.STATUS_DIR, folder), (".parquet",)):
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith("shard-"):
-            out.add(int(name[len("shard-"):-len(".parquet")]))
-    return out
-
 
 def _ok_keys(root: str, folder: str, shard: int) -> list[str]:
     uri = shards.status_uri(root, folder, shard)
@@ -207,7 +199,7 @@ def _kind(folder: str) -> Any:
     return kind_for(next(m for m in all_modalities() if m.name == folder))
 
 
-def labels_info(folder: str) -> str | None:
+def _ml4m_of(folder: str) -> str | None:
     """The registry's `ml4m` of a label folder ("direct", "export", "none"), None for other folders."""
     return next((m.ml4m for m in all_modalities() if m.name == folder), None)
 

@@ -57,7 +57,7 @@ def stale_shards(root: str, modalities: Iterable[str], shard_ids: Iterable[int] 
     out: dict[str, dict[int, int]] = {}
     for m in wanted:
         current = infos[m].format_version
-        ids = sorted(shard_ids) if shard_ids is not None else _status_shards(root, m)
+        ids = sorted(shard_ids) if shard_ids is not None else sorted(shards.status_shards(root, m))
         for s in ids:
             uri = shards.status_uri(root, m, s)
             if not storage.exists(uri):
@@ -83,14 +83,6 @@ def check_formats(root: str, modalities: Iterable[str], shard_ids: Iterable[int]
     raise LegacyFormatError(f"labels written in an older raw format: {'; '.join(parts)}: run "
                             f"`{migrate_command(root, stale)}` to rewrite them (only those shards are redone)")
 
-
-def _status_shards(root: str, modality: str) -> list[int]:
-    out = []
-    for uri, _ in storage.list_files(storage.join(root, shards.STATUS_DIR, modality), (".parquet",)):
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith("shard-") and name.endswith(".parquet"):
-            out.append(int(name[len("shard-"):-len(".parquet")]))
-    return sorted(out)
 
 
 __all__ = ["LegacyFormatError", "check_formats", "migrate_command", "recorded_formats", "stale_shards"]
