@@ -17,6 +17,8 @@ import pytest
 import torch
 from skimage import data
 
+from sam_labels import rectangles, sam_label
+
 from omniforge import codecs, shards, storage
 from omniforge.errors import ConfigError
 from omniforge.model.data import DataConfig, TokenShardDataset, make_loader
@@ -45,19 +47,8 @@ _EXT = {"rgb": "jpg", "crop_settings": "npy", "det": "json", "metadata": "json",
 
 
 def _sam_label(image: np.ndarray) -> dict:
-    """Two overlapping rectangles, in sam_instance's format (COCO RLE)."""
-    from pycocotools import mask as mask_utils
-
     h, w = image.shape[:2]
-    instances = []
-    for y0, y1, x0, x1 in [(0, h // 2, 0, w // 2), (h // 4, h, w // 4, w)]:
-        m = np.zeros((h, w), np.uint8)
-        m[y0:y1, x0:x1] = 1
-        rle = mask_utils.encode(np.asfortranarray(m))
-        instances.append({"segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                          "bbox": [x0, y0, x1 - 1, y1 - 1], "score": 0.9, "stability_score": 0.9,
-                          "area": int(m.sum())})
-    return {"instances": instances, "image_size": [h, w]}
+    return sam_label(rectangles(h, w, [(0, h // 2, 0, w // 2), (h // 4, h, w // 4, w)]))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import pytest
 import torch
 from skimage import data
 
+from sam_labels import rectangles, sam_label
+
 from omniforge import codecs, shards, storage
 from omniforge.jobs.cli import main as cli_main
 from omniforge.tokenize.kinds import kind_for
@@ -30,18 +32,8 @@ def _write(root: str, folder: str, members: dict[str, bytes]) -> None:
 
 
 def _sam_label(image: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
     h, w = image.shape[:2]
-    instances = []
-    for y0, y1, x0, x1 in [(0, h // 2, 0, w // 2), (h // 4, h, w // 4, w), (0, h, 0, w)]:
-        m = np.zeros((h, w), np.uint8)
-        m[y0:y1, x0:x1] = 1
-        rle = mask_utils.encode(np.asfortranarray(m))
-        instances.append({"segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                          "bbox": [x0, y0, x1 - 1, y1 - 1], "score": 0.9, "stability_score": 0.9,
-                          "area": int(m.sum())})
-    return {"instances": instances, "image_size": [h, w]}
+    return sam_label(rectangles(h, w, [(0, h // 2, 0, w // 2), (h // 4, h, w // 4, w), (0, h, 0, w)]))
 
 
 @pytest.fixture(scope="module")
