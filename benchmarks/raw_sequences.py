@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,22 +29,15 @@ FOLDERS = ("det", "metadata", "color_palette", "caption", "sam_instance")
 EXT = {"rgb": "jpg", "crop_settings": "npy", "det": "json", "metadata": "json", "color_palette": "json",
        "caption": "txt", "sam_instance": "json"}
 SHARD = 250
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 
 def _sam_label(image: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
+    from sam_labels import sam_label  # tests/sam_labels.py
     from skimage.segmentation import slic
 
     segments = slic(image, n_segments=12, start_label=0)
-    instances = []
-    for i in range(segments.max() + 1):
-        m = (segments == i).astype(np.uint8)
-        rle = mask_utils.encode(np.asfortranarray(m))
-        ys, xs = np.nonzero(m)
-        instances.append({"segmentation": {"size": list(m.shape), "counts": rle["counts"].decode("ascii")},
-                          "bbox": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())], "score": 0.9,
-                          "stability_score": 0.9, "area": int(m.sum())})
-    return {"instances": instances, "image_size": list(image.shape[:2])}
+    return sam_label([segments == i for i in range(segments.max() + 1)])
 
 
 def build(root: str, tokenizers: str, n: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar
 
 from omniforge.errors import ConfigError
 from omniforge.labelers._torch_utils import TorchLabeler, require
+from omniforge.labelers.base import option
 
 OPEN_CLIP_PIP = "open_clip_torch>=2.26"
 
@@ -98,4 +99,10 @@ class OpenClipLabeler(TorchLabeler):
         return pooled, tokens.reshape(tokens.shape[0], grid_h, grid_w, tokens.shape[-1])
 
 
-__all__ = ["OPEN_CLIP_PIP", "OpenClipLabeler", "open_clip_module"]
+def pretrained_tag_option(default: str) -> Any:
+    """The `pretrained_tag` option of an open_clip teacher: the release its weights are."""
+    return option(default, "the open_clip release the weights are (sets preprocessing and activation for every "
+                           "weights kind); null for a local checkpoint that is no open_clip release")
+
+
+__all__ = ["OPEN_CLIP_PIP", "OpenClipLabeler", "open_clip_module", "pretrained_tag_option"]

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from omniforge.errors import ConfigError, WeightsError
 from omniforge.labelers._imagebind import (build_imagebind_vision, imagebind_transform, is_imagebind_state_dict,
                                            is_open_clip_state_dict, load_state_dict)
-from omniforge.labelers._open_clip import OpenClipLabeler
+from omniforge.labelers._open_clip import OpenClipLabeler, pretrained_tag_option
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, option
 
@@ -27,9 +27,7 @@ TINY_CFG = dict(
 class ImageBindOptions(LabelerOptions):
     model_name: str = option(ARCH, "the open_clip architecture of open_clip weights: one whose tower gives a 16 x 16 "
                                    "grid and width 1280 (an ImageBind checkpoint carries its own)")
-    pretrained_tag: str | None = option(DEFAULT_TAG, "the open_clip release the weights are (sets preprocessing and "
-                                                     "activation for every weights kind); null for a local "
-                                                     "checkpoint that is no open_clip release")
+    pretrained_tag: str | None = pretrained_tag_option(DEFAULT_TAG)
 
 
 @register_labeler

@@ -12,7 +12,7 @@ from typing import Any, Callable, cast
 from urllib.parse import unquote, urlparse
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
-from omniforge.labelers._open_clip import OpenClipLabeler
+from omniforge.labelers._open_clip import OpenClipLabeler, pretrained_tag_option
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, require, short_error
 from omniforge.labelers.base import PROFILE_4M21, TINY, LabelerOptions, Profile, Sample, option, weights_identity
@@ -83,9 +83,7 @@ class _ScoreLabeler(TorchLabeler):
 class AestheticOptions(LabelerOptions):
     model_name: str = option(AESTHETIC_ARCH, "the open_clip architecture of the CLIP tower; its embedding width must "
                                              "be the MLP's input width (768 for ViT-L-14)")
-    pretrained_tag: str | None = option(AESTHETIC_TAG, "the open_clip release the CLIP weights are (sets preprocessing "
-                                                       "and activation for every weights kind); null for a local "
-                                                       "checkpoint that is no open_clip release")
+    pretrained_tag: str | None = pretrained_tag_option(AESTHETIC_TAG)
     mlp_checkpoint: str = option(AESTHETIC_MLP_URL, f"the aesthetic MLP, a state dict like the publisher's "
                                                     f"{AESTHETIC_MLP_FILE}: its URL (downloaded once into TORCH_HOME) "
                                                     f"or a local path; not read with --weights tiny (random MLP)")
