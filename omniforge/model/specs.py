@@ -32,7 +32,7 @@ from omniforge.modalities import (KEEPS, ROLES, ModalityInfo, all_modalities, by
 
 Kind = Literal["image", "sequence", "global", "pixels", "embedding"]
 KINDS: tuple[str, ...] = ("image", "sequence", "global", "pixels", "embedding")
-RAW_KINDS = ("pixels", "embedding")  # read from label folders, not token shards; input-only
+RAW_KINDS = ("pixels", "embedding")  # input-only kinds read from label folders (raw sequences are targets too)
 PIXEL_SIZE = 224  # side of the square crop a pixel folder holds
 PIXEL_PATCH = 16  # side of one patch: 14 x 14 = 196 patches, like the image tokenizers' 196 tokens
 # ImageNet statistics, as ml-4m normalises rgb before the patch embedding.
