@@ -17,6 +17,11 @@ class WeightsError(OmniforgeError):
     """Teacher weights cannot be found or loaded."""
 
 
+class NoDecoderError(ConfigError):
+    """A tokenizer can tokenize but not decode here (e.g. a released tokenizer whose only decoder is a diffusion
+    model): callers that decode for drawing say so in one line and keep the tokens."""
+
+
 class CorpusError(OmniforgeError):
     """The input corpus cannot be read or planned."""
 
