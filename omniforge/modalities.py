@@ -539,9 +539,9 @@ MODALITIES: dict[str, ModalityInfo] = {
             ml4m_note="ml-4m's transform shifts the ids by one (255, none, becomes 0)"),
         ModalityInfo(
             name="clip", ext="npy", tokenizer="features", vocab_size=8192, shape=(14, 14, 512),
-            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features",
-            ml4m_note="ml-4m's tokenizer training names this folder CLIP-B16; 4M-21's tok_clip@448 is not written "
-                      "(it needs the CLIP teacher run at 448 for a 28 x 28 map)"),
+            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features (no "
+                        "tok_clip@448 yet: 4M-21's needs the teacher run at 448, a 28 x 28 map)",
+            ml4m_note="ml-4m's tokenizer training names this folder CLIP-B16"),
         ModalityInfo(
             name="dinov2", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 768),
             description="npy float16 (16, 16, 768), DINOv2 ViT-B/14 patch features at 224",
