@@ -98,6 +98,13 @@ def test_448_tokens_come_from_the_224_crop_windows(corpus, tokenizer_dir, ray_ad
     assert [r["key"] for r in failed] == [SMALL] and failed[0]["error_type"] == "too_small"
     assert f"--storage-size {STORAGE}" in failed[0]["error_message"]
     assert "\n" not in failed[0]["error_message"]
+    # `omniforge show` decodes crop 0 of both sizes, the 448 one at 448 x 448
+    from omniforge.pipeline.show import decode_tokens, show
+
+    decoded = decode_tokens({"tok_rgb@224": t224["coffee"], "tok_rgb@448": t448["coffee"]}, tokenizer_dir)
+    assert sorted(v.shape for v in decoded.values()) == [(224, 224, 3), (448, 448, 3)]
+    with Image.open(show(root, "coffee", str(corpus / "coffee.png"), tokenizers=tokenizer_dir)) as img:
+        assert img.width > 448
 
 
 def test_labels_stored_too_small_are_never_upsampled(corpus, tokenizer_dir, ray_address):
