@@ -446,13 +446,15 @@ class ModalityInfo:
         return folder[: -len(f"@{self.token_size}")] + f"@{size}"
 
     def _check_size(self, size: int) -> int:
-        if not self.token_sizes or size not in self.token_sizes:
-            if not self.token_sizes:
-                raise ConfigError(f"modality {self.name!r} has no image-like tokens: it has no token sizes")
-            others = [m.name for m in all_modalities() if size in (m.token_sizes or ())] if isinstance(size, int) else []
-            raise ConfigError(f"modality {self.name!r} is tokenized at {', '.join(map(str, self.token_sizes))}, not "
-                              f"{size!r}" + (f" (modalities tokenized at {size}: {', '.join(others)})" if others else ""))
-        return size
+        """`size` itself when it is one of token_sizes; ConfigError naming the sizes (and who has `size`)."""
+        if not self.token_sizes:
+            raise ConfigError(f"modality {self.name!r} has no image-like tokens: it has no token sizes")
+        if size in self.token_sizes:
+            return size
+        others = [m.name for m in all_modalities() if size in m.token_sizes]
+        have = f" (modalities tokenized at {size}: {', '.join(others)})" if others else ""
+        raise ConfigError(f"modality {self.name!r} is tokenized at {', '.join(map(str, self.token_sizes))}, not "
+                          f"{size!r}{have}")
 
     def resolve_serializer(self) -> Callable[..., list[str]]:
         """The serializer function (imported on first use when given as 'module:function')."""

@@ -92,3 +92,22 @@ def test_trains_and_samples_tok_rgb_448(corpus, tmp_path):
     assert generated.shape == (1, 784)
     with Image.open(next((tmp_path / "samples" / "s1-k2").glob("*rgb*.png"))) as img:
         assert img.size == (448, 448)  # decoded by the 224 tokenizer at the 448 grid
+
+
+def test_rgb_448_pixels_are_never_upsampled(corpus, tmp_path):
+    """A crop under 448 stored pixels (a corpus tokenized without a @448 target) stops the loader with the fix."""
+    import shutil
+
+    from omniforge.errors import CorpusError
+    from omniforge.model.data import DataConfig, make_loader
+    from omniforge.model.masking import Masker, MaskingConfig
+
+    root = str(tmp_path / "small")
+    shutil.copytree(corpus, root)
+    for s in range(2):
+        members = [(f"s{s}-k{k}.npy", _npy(np.array([[0, 0, 300, 300, 0]], dtype=np.int32))) for k in range(4)]
+        shards.write_tar(shards.tar_uri(root, shards.CROP_SETTINGS, s), members)
+    specs = specs_for([PIX448, TOK448], 1)
+    masker = Masker(MaskingConfig.uniform([PIX448, TOK448]), specs, sentinel_ids=[], eos_id=3)
+    with pytest.raises(CorpusError, match=r"covers 300 x 300 stored pixels, under the 448 of rgb@448: .*rgb,rgb@448"):
+        next(iter(make_loader(DataConfig(root=root, folders=(PIX448, TOK448), batch_size=2, epochs=1), masker)))
