@@ -7,6 +7,9 @@ by a plugin flows from its teacher to a trained model with no edit to omniforge:
   a fixed array `shape` when there is one, and the raw format (`description`);
 - tokens: the tokenizer kind (`tokenizer`, a name in `omniforge.tokenize.kinds`), the token folder the
   tokenize job writes (`token_modality`), tokens per crop (`num_tokens`) and the codebook (`vocab_size`);
+  image-like modalities list the crop sides they are tokenized at (`token_sizes`, default (224,); 4M-21's
+  rgb, depth, normal and semseg add 448): `info.at(448)` is the entry of tok_<name>@448 (784 tokens), and
+  `by_token_folder` / `by_pixel_folder` give such an entry for every size's folder;
 - how a label is cropped before its tokenizer (`crop`): "dense" maps are cropped with `resample`;
   "features" maps are stored for crop 0 and the teacher re-runs on the other crops, as "global" vectors;
   "sequence" labels go through `serializer` with the crop; "embedding" labels (npz sequences of continuous
@@ -34,6 +37,7 @@ ranks) knows its modalities without importing its teachers.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -45,8 +49,9 @@ from omniforge.errors import ConfigError
 ENTRY_POINT_GROUP = "omniforge.modalities"
 
 IMAGE_MODALITY = "rgb"  # the decoded image: every label aligns with its pixels; crops are drawn in its frame
-IMAGE_SIZE = 224  # side of the crop image-like tokenizers read (tok_<name>@224)
-IMAGE_PATCH = 16  # their patch side: (224 / 16)^2 = 196 tokens
+IMAGE_SIZE = 224  # side of the crop image-like tokenizers are trained at (tok_<name>@224)
+IMAGE_PATCH = 16  # their patch side: (224 / 16)^2 = 196 tokens; at 448, (448 / 16)^2 = 784
+SUPER_RESOLUTION = (IMAGE_SIZE, 448)  # the token_sizes of 4M-21's 224-448 modalities (tok_<name>@448)
 GLOBAL_TOKENS = 16  # Memcodes tokens of a global vector
 
 EXTS = ("jpg", "png", "npy", "npz", "json", "txt")
@@ -82,11 +87,20 @@ class ModalityInfo:
     token_modality: folder of the token shards; default tok_<name>@224 for image-like crops ("dense",
         "features"), tok_<name> otherwise, None for label-only modalities.
     num_tokens: tokens per crop (the maximum, [EOS] included, for sequences); default 196 for dense maps,
-        h * w for (h, w, C) feature maps, 16 for global vectors; sequences must say.
+        h * w for (h, w, C) feature maps, 16 for global vectors; sequences must say. Of `token_modality`,
+        the folder at `token_size`.
+    token_sizes: image-like modalities: the crop sides (pixels) the tokenize job can write token folders
+        at, IMAGE_SIZE (224) first; default (224,). Each size S has its folder (`token_folder(S)`: the
+        token_modality's "@224" suffix replaced by "@S", e.g. tok_rgb@448) and its token count
+        (`tokens_at(S)`: num_tokens * (S / 224)^2, 784 at 448); the tokenizer trained at 224 encodes every
+        size (its position table follows the input grid, as 4M-21's 224-448 tokenizers). Empty for the rest.
+    token_size: the crop side of this entry's `token_modality`: 224 in the registry; `at(S)` gives the
+        entry of size S. None for modalities without image-like tokens.
     vocab_size: codebook size of the tokenizer; None for sequences (the shared WordPiece vocabulary).
     shape: fixed array shape of .npy labels, None when it varies (dense maps have the image's H x W); for an
         npz embedding, (L, D): at most L vectors of width D per sequence (its "emb" is (n, L, D)).
-    pixel_modality: a raw-pixel input folder the trainer reads from this label ("rgb@224"), or None.
+    pixel_modality: a raw-pixel input folder the trainer reads from this label ("rgb@224"), or None; at
+        another token size its "@224" suffix names that size (rgb@448, 448 x 448 pixels).
     crop: how the tokenize job crops a label, see the module docstring. Default: "sequence" for the
         wordpiece tokenizer and json/txt labels, "global" for memcodes and 1-D shapes, "features" for npy
         labels with a fixed (h, w, C) shape, "dense" for other images and npy maps, "embedding" for npz
@@ -124,6 +138,8 @@ class ModalityInfo:
     tokenizer: str = NO_TOKENIZER
     token_modality: str | None = None
     num_tokens: int | None = None
+    token_sizes: tuple[int, ...] | None = None
+    token_size: int | None = None
     vocab_size: int | None = None
     shape: tuple[int, ...] | None = None
     pixel_modality: str | None = None
@@ -194,6 +210,7 @@ class ModalityInfo:
                     raise bad("vocab_size", "must be None: sequences use the shared WordPiece vocabulary")
             elif not isinstance(self.vocab_size, int) or self.vocab_size < 2:
                 raise bad("vocab_size", "must be the tokenizer's codebook size (an integer >= 2)")
+        self._check_sizes(bad)
         if self.ext == "txt":
             default("serializer", TEXT_SERIALIZER)
         if self.serializer is not None:
@@ -261,6 +278,44 @@ class ModalityInfo:
         if self.ext == "npy" and self.channels == 1 and self.dtype == "float":
             return "heat"
         return "rgb" if self.channels == 3 else "gray"
+
+    def _check_sizes(self, bad: Callable[[str, str], ConfigError]) -> None:
+        """token_sizes and token_size: image-like modalities only; every size gives a whole square grid and
+        names its folders by the "@<size>" suffix."""
+        if not self.image_like:
+            for name in ("token_sizes", "token_size"):
+                if getattr(self, name):
+                    raise bad(name, "is for image-like modalities (crop 'dense' or 'features')")
+            object.__setattr__(self, "token_sizes", ())
+            object.__setattr__(self, "token_size", None)
+            return
+        sizes = (IMAGE_SIZE,) if self.token_sizes is None else self.token_sizes
+        if isinstance(sizes, (str, bytes)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+            raise bad("token_sizes", f"must be a tuple of crop sides in pixels, e.g. {SUPER_RESOLUTION}")
+        sizes = tuple(sizes)
+        object.__setattr__(self, "token_sizes", sizes)
+        if not sizes or sizes[0] != IMAGE_SIZE or len(set(sizes)) != len(sizes):
+            raise bad("token_sizes", f"must start with {IMAGE_SIZE} (the size tokenizers are trained at) and list "
+                                     "each size once")
+        if self.crop == "features" and len(sizes) > 1:
+            raise bad("token_sizes", f"must be ({IMAGE_SIZE},) for a feature map: other sizes need the teacher run at "
+                                     "that size, which the label and tokenize jobs do not do")
+        if self.token_size is None:
+            object.__setattr__(self, "token_size", IMAGE_SIZE)
+        if self.token_size not in sizes:
+            raise bad("token_size", f"must be one of token_sizes {sizes}")
+        grid = math.isqrt(self.num_tokens)
+        for size in sizes:
+            if grid * grid != self.num_tokens or (grid * size) % self.token_size:
+                raise bad("token_sizes", f"holds {size}: the {grid} x {grid} token grid at {self.token_size} does not "
+                                         f"scale to a whole grid at {size}")
+        if len(sizes) > 1:
+            suffix = f"@{IMAGE_SIZE}"
+            for name in ("token_modality", "pixel_modality"):
+                value = getattr(self, name)
+                if value is not None and self.token_size == IMAGE_SIZE and not value.endswith(suffix):
+                    raise bad(name, f"must end with {suffix!r} when token_sizes has other sizes (their folders "
+                                    f"replace it with '@<size>')")
 
     def _check_embedding(self, bad: Callable[[str, str], ConfigError]) -> None:
         """An npz label is an embedding: (L, D) vectors per sequence, read by the trainer as an input only."""
@@ -346,6 +401,61 @@ class ModalityInfo:
         """Crops 1.. of this label are made by re-running its teacher on the cropped image."""
         return self.crop in ("features", "global")
 
+    def token_folder(self, size: int) -> str:
+        """The token folder at crop side `size` (tok_rgb@448); `size` must be one of `token_sizes`."""
+        return self._folder_at(self.token_modality, self._check_size(size))
+
+    def tokens_at(self, size: int) -> int:
+        """Tokens per crop at crop side `size`: the square token grid scaled by size / token_size (196 at 224,
+        784 at 448 for 16-pixel patches)."""
+        grid = math.isqrt(self.num_tokens) * self._check_size(size) // self.token_size
+        return grid * grid
+
+    def pixel_folder(self, size: int) -> str | None:
+        """The raw-pixel input folder at crop side `size` (rgb@448), or None without one."""
+        self._check_size(size)
+        return None if self.pixel_modality is None else self._folder_at(self.pixel_modality, size)
+
+    @property
+    def token_folders(self) -> tuple[str, ...]:
+        """Every token folder the tokenize job can write for this modality, one per token size (or the one)."""
+        if not self.tokenized:
+            return ()
+        return tuple(self.token_folder(s) for s in self.token_sizes) if self.token_sizes else (self.token_modality,)
+
+    def sizes(self) -> Iterator[ModalityInfo]:
+        """This modality's entry at each of its token sizes (`at(size)`), the registry's own first."""
+        for size in self.token_sizes or (None,):
+            yield self if size is None else self.at(size)
+
+    def at(self, size: int) -> ModalityInfo:
+        """This modality's entry at crop side `size`: the token_modality, num_tokens, pixel_modality and
+        token_size of that size (`self` at its own size); every other field is the registry entry's."""
+        self._check_size(size)
+        if size == self.token_size:
+            return self
+        from dataclasses import replace
+
+        return replace(self, token_modality=self.token_folder(size), num_tokens=self.tokens_at(size),
+                       pixel_modality=self.pixel_folder(size), token_size=size)
+
+    def _folder_at(self, folder: str, size: int) -> str:
+        """`folder` (this entry's, at token_size) renamed for `size`: its "@<token_size>" suffix -> "@<size>"."""
+        if size == self.token_size:
+            return folder
+        return folder[: -len(f"@{self.token_size}")] + f"@{size}"
+
+    def _check_size(self, size: int) -> int:
+        """`size` itself when it is one of token_sizes; ConfigError naming the sizes (and who has `size`)."""
+        if not self.token_sizes:
+            raise ConfigError(f"modality {self.name!r} has no image-like tokens: it has no token sizes")
+        if size in self.token_sizes:
+            return size
+        others = [m.name for m in all_modalities() if size in m.token_sizes]
+        have = f" (modalities tokenized at {size}: {', '.join(others)})" if others else ""
+        raise ConfigError(f"modality {self.name!r} is tokenized at {', '.join(map(str, self.token_sizes))}, not "
+                          f"{size!r}{have}")
+
     def resolve_serializer(self) -> Callable[..., list[str]]:
         """The serializer function (imported on first use when given as 'module:function')."""
         if self.serializer is None:
@@ -383,6 +493,7 @@ MODALITIES: dict[str, ModalityInfo] = {
     for m in [
         ModalityInfo(
             name="rgb", ext="jpg", tokenizer=_IMAGE, vocab_size=16384, pixel_modality="rgb@224", resample="bicubic",
+            token_sizes=SUPER_RESOLUTION,
             description="JPEG, EXIF-rotated RGB, shorter side at most the storage size (512)"),
         ModalityInfo(
             name="caption", ext="txt", tokenizer=_TEXT, num_tokens=256, schema=_SCHEMA + "check_caption",
@@ -416,19 +527,22 @@ MODALITIES: dict[str, ModalityInfo] = {
             description="PNG uint8 (0 or 255), OpenCV Canny edges of rgb"),
         ModalityInfo(
             name="depth", ext="png", tokenizer=_IMAGE, vocab_size=8192, dtype="uint16", draw="heat",
+            token_sizes=SUPER_RESOLUTION,
             description="PNG uint16, relative depth scaled per image to 0..65535",
             ml4m_note="ml-4m's depth transform divides by 65535 and standardizes per image"),
         ModalityInfo(
             name="normal", ext="png", tokenizer=_IMAGE, vocab_size=8192, channels=3, resample="normal",
+            token_sizes=SUPER_RESOLUTION,
             description="PNG uint8 RGB, (n + 1) / 2 * 255, camera frame"),
         ModalityInfo(
             name="semseg_coco", ext="png", tokenizer="segmentation", token_modality="tok_semseg@224",
-            vocab_size=4096, num_classes=133,
+            vocab_size=4096, num_classes=133, token_sizes=SUPER_RESOLUTION,
             description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none",
             ml4m_note="ml-4m's transform shifts the ids by one (255, none, becomes 0)"),
         ModalityInfo(
             name="clip", ext="npy", tokenizer="features", vocab_size=8192, shape=(14, 14, 512),
-            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features",
+            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features (no "
+                        "tok_clip@448 yet: 4M-21's needs the teacher run at 448, a 28 x 28 map)",
             ml4m_note="ml-4m's tokenizer training names this folder CLIP-B16"),
         ModalityInfo(
             name="dinov2", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 768),
@@ -484,10 +598,11 @@ def register_modality(info: ModalityInfo) -> ModalityInfo:
         changed = [f.name for f in fields(ModalityInfo) if getattr(existing, f.name) != getattr(info, f.name)]
         raise ConfigError(f"modality {info.name!r} is already registered with a different definition "
                           f"(fields {', '.join(changed)} differ)")
-    folders = {m.token_modality: m.name for m in MODALITIES.values() if m.token_modality}
-    if info.tokenized and (info.token_modality in folders or info.token_modality in MODALITIES):
-        raise ConfigError(f"modality {info.name!r}: token folder {info.token_modality!r} is already used by "
-                          f"{folders.get(info.token_modality, info.token_modality)!r}")
+    folders = {f: m.name for m in MODALITIES.values() for f in m.token_folders}
+    for folder in info.token_folders:
+        if folder in folders or folder in MODALITIES:
+            raise ConfigError(f"modality {info.name!r}: token folder {folder!r} is already used by "
+                              f"{folders.get(folder, folder)!r}")
     MODALITIES[info.name] = info
     return info
 
@@ -517,13 +632,32 @@ def all_modalities() -> Iterator[ModalityInfo]:
 
 
 def by_token_folder(folder: str) -> ModalityInfo | None:
-    """The modality whose token folder is `folder` (tok_depth@224 -> depth), or None."""
-    return next((m for m in all_modalities() if m.token_modality == folder), None)
+    """The modality whose token folder is `folder`, at that folder's size (tok_depth@224 -> depth,
+    tok_depth@448 -> depth.at(448)), or None."""
+    return next((v for m in all_modalities() for v in m.sizes() if v.token_modality == folder), None)
 
 
 def by_pixel_folder(folder: str) -> ModalityInfo | None:
-    """The modality whose raw-pixel input folder is `folder` (rgb@224 -> rgb), or None."""
-    return next((m for m in all_modalities() if m.pixel_modality == folder), None)
+    """The modality whose raw-pixel input folder is `folder`, at that folder's size (rgb@224 -> rgb, rgb@448 ->
+    rgb.at(448)), or None."""
+    return next((v for m in all_modalities() for v in m.sizes() if v.pixel_modality == folder), None)
+
+
+def token_folders() -> Iterator[ModalityInfo]:
+    """Every token folder's entry (`by_token_folder` of each), in registry order, every size of a modality."""
+    return iter([v for m in all_modalities() if m.tokenized for v in m.sizes()])
+
+
+def parse_token_target(name: str) -> ModalityInfo:
+    """A tokenize target: a modality name ("depth", its token folder at 224) or "<modality>@<size>"
+    ("depth@448": tok_depth@448) -> the modality's entry at that size. ConfigError names the valid sizes."""
+    base, at, size = name.partition("@")
+    info = get_modality(base)
+    if not at:
+        return info
+    if not size.isdigit():
+        raise ConfigError(f"{name!r}: a size is <modality>@<pixels>, e.g. {base}@448")
+    return info.at(int(size))
 
 
 
@@ -532,6 +666,6 @@ def by_embedding_folder(folder: str) -> ModalityInfo | None:
     return next((m for m in all_modalities() if m.embedded and m.name == folder), None)
 
 
-__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES",
+__all__ = ["DEFAULT_LABEL_MODALITIES", "ENTRY_POINT_GROUP", "IMAGE_MODALITY", "MODALITIES", "SUPER_RESOLUTION",
            "ModalityInfo", "all_modalities", "by_embedding_folder", "by_pixel_folder", "by_token_folder",
-           "get_modality", "load_entry_points", "register_modality"]
+           "get_modality", "load_entry_points", "parse_token_target", "register_modality", "token_folders"]

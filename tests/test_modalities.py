@@ -45,9 +45,55 @@ def test_modality_contract(name):
 
 
 def test_token_folders_are_unique():
-    folders = [m.token_modality for m in all_modalities() if m.tokenized]
+    folders = [f for m in all_modalities() for f in m.token_folders]
     assert len(folders) == len(set(folders))
     assert not set(folders) & set(MODALITIES)
+
+
+# 4M-21's 224-448 modalities (ml-4m's modality_info.py: tok_rgb@448 ... tok_semseg@448, rgb@448), written out here
+ML4M_448 = {"rgb": "tok_rgb@448", "depth": "tok_depth@448", "normal": "tok_normal@448", "semseg_coco": "tok_semseg@448"}
+
+
+def test_4m21s_448_folders():
+    for name, folder in ML4M_448.items():
+        info = get_modality(name)
+        assert info.token_sizes == (224, 448) and info.token_size == 224
+        assert info.token_folders == (info.token_modality, folder)
+        big = by_token_folder(folder)
+        assert (big.name, big.token_modality, big.num_tokens, big.token_size) == (name, folder, 784, 448)
+        assert big.vocab_size == info.vocab_size and big.at(224) == info and info.at(448) == big
+        assert info.tokens_at(448) == 784 and info.tokens_at(224) == 196
+        spec = specs_for([folder], 1)[folder]
+        assert (spec.kind, spec.num_tokens, spec.grid) == ("image", 784, 28)
+        assert kind_for(big).input_layout()[0][:2] == (448, 448)
+    assert by_pixel_folder("rgb@448").token_size == 448 and by_pixel_folder("rgb@448").name == "rgb"
+    assert specs_for(["rgb@448"], 1)["rgb@448"].num_tokens == 784
+    # tok_clip@448 is left out (its teacher would have to run at 448); other modalities have one size
+    assert get_modality("clip").token_sizes == (224,) and by_token_folder("tok_clip@448") is None
+    assert "tok_clip@448" in get_modality("clip").description
+    assert get_modality("canny_edge").token_sizes == (224,) and get_modality("caption").token_sizes == ()
+    with pytest.raises(ConfigError, match="modality 'clip' is tokenized at 224, not 448"):
+        get_modality("clip").at(448)
+
+
+def test_a_plugin_declares_its_448_folder():
+    info = ModalityInfo(name="sal_x", ext="png", tokenizer="vqvae", vocab_size=64, token_sizes=(224, 448),
+                        description="d")
+    assert info.token_folders == ("tok_sal_x@224", "tok_sal_x@448") and info.at(448).num_tokens == 784
+    with pytest.raises(ConfigError, match="token_sizes=.*must start with 224"):
+        ModalityInfo(name="sal_y", ext="png", tokenizer="vqvae", vocab_size=64, token_sizes=(448,), description="d")
+    with pytest.raises(ConfigError, match="token_sizes=.*does not scale to a whole grid at 300"):
+        ModalityInfo(name="sal_y", ext="png", tokenizer="vqvae", vocab_size=64, token_sizes=(224, 300),
+                     description="d")
+    with pytest.raises(ConfigError, match="token_modality=.*must end with '@224'"):
+        ModalityInfo(name="sal_y", ext="png", tokenizer="vqvae", vocab_size=64, token_sizes=(224, 448),
+                     token_modality="tok_sal", description="d")
+    with pytest.raises(ConfigError, match="token_sizes=.*feature map"):
+        ModalityInfo(name="feat_y", ext="npy", tokenizer="features", shape=(14, 14, 8), vocab_size=64,
+                     token_sizes=(224, 448), description="d")
+    with pytest.raises(ConfigError, match="token_sizes=.*image-like"):
+        ModalityInfo(name="seq_y", ext="json", tokenizer="wordpiece", num_tokens=8, token_sizes=(224,),
+                     description="d")
 
 
 def test_defaults_derive_from_ext_shape_and_tokenizer():
@@ -122,6 +168,9 @@ def test_register_refuses_a_conflicting_definition():
         with pytest.raises(ConfigError, match="already used"):
             register_modality(ModalityInfo(name="regtest_y", ext="png", tokenizer="vqvae", vocab_size=8,
                                            token_modality="tok_regtest_x@224", description="d"))
+        with pytest.raises(ConfigError, match="'tok_rgb@448' is already used by 'rgb'"):
+            register_modality(ModalityInfo(name="regtest_z", ext="png", tokenizer="vqvae", vocab_size=8,
+                                           token_modality="tok_rgb@448", description="d"))
     finally:
         MODALITIES.pop("regtest_x", None)
     with pytest.raises(ConfigError, match="unknown modality 'nope'"):

@@ -139,6 +139,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         if m.embedded:
             tokens = f"input vectors ({m.shape[0]})"
         print(f"{m.name:<17} <key>.{m.ext:<4} {tokens:<25} {m.tokenizer:<13} {m.description}{mark}")
+        for v in list(m.sizes())[1:]:  # the other token sizes (4M-21's tok_*@448), one line each
+            tokens = f"{v.token_modality} ({v.num_tokens})"
+            pixels = f", pixel input {v.pixel_modality}" if v.pixel_modality else ""
+            print(f"{'':<17} {'':<10} {tokens:<25} {m.tokenizer:<13} the same crops at {v.token_size} x "
+                  f"{v.token_size}{pixels}: `omniforge tokenize --modalities {m.name}@{v.token_size}`")
     print("\n`omniforge list TEACHER` shows a teacher's options; where a modality has several teachers, "
           "--teacher MODALITY=TEACHER chooses another than its default; `omniforge list --profile NAME` shows a "
           f"teacher profile ({', '.join(list_profiles())})")
@@ -304,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="crop and tokenize label shards into 4M token shards")
     p.add_argument("--input", required=True, help="label root (local or s3://)")
     p.add_argument("--output", default=None, help="token root (default: the label root, beside the labels)")
-    p.add_argument("--modalities", required=True, help="comma list of label modalities, e.g. depth,normal,caption,det")
+    p.add_argument("--modalities", required=True,
+                   help="comma list of label modalities, e.g. depth,normal,caption,det; <modality>@448 adds its 448 "
+                        "tokens (tok_<modality>@448, 784 a crop, the same crops), e.g. rgb,rgb@448 (`omniforge list` "
+                        "shows the sizes; labels must be stored large enough: `omniforge label --storage-size`)")
     p.add_argument("--tokenizers", required=True,
                    help="folder of trained tokenizers (`omniforge tokenizer train --out`)")
     p.add_argument("--crops", type=int, default=1,

@@ -6,7 +6,8 @@ its tokenize run read, :func:`labels_root`), one small reader per kind:
 
 - a raw-pixel folder (``rgb@224``): the ``rgb`` label tar joined by key with ``crop_settings``; the JPEG is
   cropped with the sample's crop (the crop its tokens were made from) to 224 x 224 and cut into uint8
-  patches (:func:`_joined`, :func:`_pixels`);
+  patches (:func:`_joined`, :func:`_pixels`); ``rgb@448`` to 448 x 448, never upsampled (a crop under 448
+  stored pixels is a CorpusError: a tokenize job with a @448 target leaves such samples out);
 - an embedding folder (``t5_caption``): its own label tar, ``<key>.npz`` as ml-4m reads it; the sample gets
   the valid vectors of its first sequence, ``emb[0][mask_valid[0]]``, whatever the crop
   (:func:`_embedding`). An embedding joins the samples of the other folders: a key only it has is no training
@@ -591,8 +592,13 @@ def _pixels(jpg: bytes, crop: np.ndarray, spec: ModalitySpec, root: str, rec: _R
         raise CorpusError(f"{uri}: {rec.key}.jpg cannot be decoded ({e}): re-run `omniforge label` for it") from None
     if image.ndim != 3 or image.shape[2] != 3:
         raise CorpusError(f"{uri}: {rec.key}.jpg is {image.shape}, expected an (H, W, 3) RGB image")
+    size = spec.grid * spec.patch
+    if size > PIXEL_SIZE and min(int(crop[2]), int(crop[3])) < size:  # rgb@448: never upsampled
+        raise CorpusError(f"{uri}: {rec.key}: its crop covers {int(crop[2])} x {int(crop[3])} stored pixels, under "
+                          f"the {size} of {spec.name}: tokenize the corpus with a @{size} target (e.g. --modalities "
+                          f"{spec.source},{spec.source}@{size}), which leaves out samples stored too small")
     try:
-        cropped = crop_image(image, crop, spec.grid * spec.patch)
+        cropped = crop_image(image, crop, size)
     except SampleError as e:
         raise CorpusError(f"{uri}: {rec.key}: {e} (re-run `omniforge tokenize` for this shard)") from None
     return patchify(cropped, spec.patch)

@@ -3,7 +3,8 @@
 A folder is one of five kinds:
 
 - ``"image"``: ``tok_<name>@224`` folders (VQ-VAE tokens on a square grid), masked as random subsets of
-  positions with 2-D positions;
+  positions with 2-D positions; ``tok_<name>@448`` (4M-21's 224-448 modalities) are the same on a 28 x 28
+  grid (784 tokens, the sin-cos positions of that grid);
 - ``"global"``: Memcodes folders (a short fixed-length code, 16 tokens), masked like images but with 1-D
   positions;
 - ``"sequence"``: WordPiece folders (caption, det, metadata, ...), span-masked T5 style, sharing one
@@ -13,7 +14,8 @@ A folder is one of five kinds:
   metadata order), so every epoch sees new draws;
 - ``"pixels"``: raw-pixel input (``rgb@224``, ml-4m's name): the rgb label cropped with the sample's
   ``crop_settings`` to 224 x 224 and cut into 16 x 16 patches, uint8 (196, 768) with each patch flattened
-  as (row, column, channel). Input-only: the encoder embeds patches linearly, nothing predicts them;
+  as (row, column, channel); ``rgb@448`` is the same crop at 448 x 448, (784, 768). Input-only: the encoder
+  embeds patches linearly, nothing predicts them;
 - ``"embedding"``: a registry modality with crop "embedding" (``t5_caption``, ml-4m's ``seq_emb``), read from
   its own label folder: up to ``num_tokens`` vectors of ``width`` values (the npz's ``emb[mask_valid]``).
   Input-only: the encoder projects each vector linearly (ml-4m's ``SequenceEmbEncoderEmbedding``).
@@ -28,12 +30,12 @@ from typing import Literal
 import numpy as np
 
 from omniforge.modalities import (KEEPS, ROLES, ModalityInfo, all_modalities, by_embedding_folder, by_pixel_folder,
-                                  by_token_folder)
+                                  by_token_folder, token_folders)
 
 Kind = Literal["image", "sequence", "global", "pixels", "embedding"]
 KINDS: tuple[str, ...] = ("image", "sequence", "global", "pixels", "embedding")
 RAW_KINDS = ("pixels", "embedding")  # input-only kinds read from label folders (raw sequences are targets too)
-PIXEL_SIZE = 224  # side of the square crop a pixel folder holds
+PIXEL_SIZE = 224  # side of the square crop a pixel folder holds at the registry's size (rgb@448: 448)
 PIXEL_PATCH = 16  # side of one patch: 14 x 14 = 196 patches, like the image tokenizers' 196 tokens
 # ImageNet statistics, as ml-4m normalises rgb before the patch embedding.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -123,10 +125,11 @@ class ModalitySpec:
 
 
 def pixel_spec(info: ModalityInfo) -> ModalitySpec:
-    """The raw-pixel input spec of a registered modality with a ``pixel_modality`` (rgb -> rgb@224)."""
+    """The raw-pixel input spec of a registered modality with a ``pixel_modality``, at the entry's token size
+    (rgb -> rgb@224, 14 x 14 patches; rgb.at(448) -> rgb@448, 28 x 28)."""
     if info.pixel_modality is None:
         raise ValueError(f"modality {info.name!r} has no raw-pixel input folder")
-    grid = PIXEL_SIZE // PIXEL_PATCH
+    grid = (info.token_size or PIXEL_SIZE) // PIXEL_PATCH
     return ModalitySpec(name=info.pixel_modality, kind="pixels", num_tokens=grid * grid, vocab_size=0, grid=grid,
                         patch=PIXEL_PATCH, source=info.name, role="input")
 
@@ -217,8 +220,8 @@ def specs_for(folders: list[str], text_vocab_size: int) -> dict[str, ModalitySpe
             continue
         info = by_token_folder(folder)
         if info is None:
-            known = ", ".join(m.token_modality for m in all_modalities() if m.tokenized)
-            raw = ", ".join(m.pixel_modality for m in all_modalities() if m.pixel_modality)
+            known = ", ".join(m.token_modality for m in token_folders())
+            raw = ", ".join(m.pixel_modality for m in token_folders() if m.pixel_modality)
             seqs = ", ".join(m.name for m in all_modalities() if raw_sequence_info(m.name))
             emb = ", ".join(m.name for m in all_modalities() if m.embedded)
             raise KeyError(f"unknown folder {folder!r}; known token folders: {known}; raw-pixel input folders: {raw}; "

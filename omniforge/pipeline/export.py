@@ -135,7 +135,7 @@ def _folders(cfg: ExportConfig, summary: ExportSummary) -> list[str]:
     if missing:
         raise ConfigError(f"{', '.join(missing)}: no committed shards under {cfg.root} (it has {', '.join(found)})")
     labels = {m.name: m for m in all_modalities()}
-    known = set(labels) | {m.token_modality for m in all_modalities() if m.token_modality}
+    known = set(labels) | {f for m in all_modalities() for f in m.token_folders}
     out = []
     for f in wanted:
         if f in labels and labels[f].ml4m == "none":

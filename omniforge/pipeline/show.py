@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from omniforge import codecs
 from omniforge.errors import ConfigError
-from omniforge.modalities import all_modalities
+from omniforge.modalities import all_modalities, token_folders
 from omniforge import shards, storage
 from omniforge.shards import load_manifest
 from omniforge.pipeline.verify import discover_modalities
@@ -56,9 +56,9 @@ def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
 
     store = TokenizerStore(tokenizers)
     out: dict[str, object] = {}
-    for info in all_modalities():
+    for info in token_folders():  # every size's folder (tok_rgb@448 decodes at 448)
         folder = info.token_modality
-        if not info.tokenized or folder not in values:
+        if folder not in values:
             continue
         ids = np.asarray(values[folder])[0]
         out[f"{info.name} (decoded from {folder}, crop 0)"] = kind_for(info).decode(ids, store)
@@ -72,7 +72,7 @@ def load_generated(directory: str, modalities: list[str] | None = None) -> dict[
 
     from PIL import Image
 
-    names = {m.token_modality: m.name for m in all_modalities() if m.tokenized}
+    names = {m.token_modality: m.name for m in token_folders()}
     values: dict[str, object] = {}
     for file in sorted(os.listdir(directory)):
         path = os.path.join(directory, file)

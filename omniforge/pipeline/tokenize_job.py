@@ -7,6 +7,7 @@ and writes
 
     crop_settings/shard-NNNNNN.tar     <key>.npy int32 (n_crops, 5): top, left, h, w, hflip
     tok_<modality>@224/shard-NNNNNN.tar <key>.npy int16 (n_crops, N)   (image-like and global modalities)
+    tok_<modality>@448/shard-NNNNNN.tar <key>.npy int16 (n_crops, 784) (asked for as <modality>@448)
     tok_<modality>/shard-NNNNNN.tar     <key>.npy int16 (n_crops, L)   (sequences: WordPiece ids, [EOS], [PAD])
 
 each atomically, then their `_status` tables (the commit markers). Every output folder of a shard holds
@@ -20,6 +21,15 @@ its tokenizer kind does the rest (`omniforge.tokenize.kinds`): dense labels are 
 serialized per crop (boxes, keypoints and SAM masks transformed with the same crop); feature maps and global
 vectors cannot be cropped after the fact, so crop 0 reuses the label job's output (computed on that same
 centred square) and crops 1.. run the same teacher, with the same weights, on the cropped image.
+
+Sizes: a target is a modality name (its token folder at 224) or "<modality>@<size>" for another of its
+registry `token_sizes` (`--modalities rgb,depth,rgb@448,depth@448`: 4M-21's tok_rgb@448 and tok_depth@448 beside
+the 224 folders). Every size of a sample is cut from the same crop_settings rows, resized to that size, and
+tokenized by the same tokenizer (trained at 224; 784 tokens at 448). A crop above 224 is never upsampled: a
+sample whose crop covers fewer stored pixels than the size on a side fails with "too_small" and the
+`omniforge label --storage-size` that fixes it (`omniforge.tokenize.crops.check_crop_sides`). The check is
+per sample because the stored size is: an image smaller than the storage size is stored at its own size,
+and random crops differ per sample; the others of the shard are still written.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ import numpy as np
 
 from omniforge import codecs
 from omniforge.errors import ConfigError, SampleError
-from omniforge.modalities import IMAGE_MODALITY, ModalityInfo, all_modalities, by_embedding_folder, get_modality
+from omniforge.modalities import (IMAGE_MODALITY, IMAGE_SIZE, ModalityInfo, all_modalities, by_embedding_folder,
+                                  get_modality, parse_token_target)
 from omniforge import shards, storage
 from omniforge._progress import Progress
 from omniforge.pipeline import _job, formats
@@ -56,15 +67,22 @@ VERSION = 1  # bump when the token format or the crop/serialization rules change
 
 
 def tokenizable() -> tuple[str, ...]:
-    """Every registered modality the tokenize job can tokenize, in registry order."""
-    return tuple(m.name for m in all_modalities() if m.tokenized)
+    """Every target the tokenize job can write, in registry order: each tokenized modality's name (its token
+    folder at 224) and "<name>@<size>" for its other token sizes (rgb@448)."""
+    return tuple(m.name if v.token_size in (None, IMAGE_SIZE) else f"{m.name}@{v.token_size}"
+                 for m in all_modalities() if m.tokenized for v in m.sizes())
+
+
+def label_modalities(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The label folders a job's targets read (depth and depth@448 both read depth), in order, each once."""
+    return tuple(dict.fromkeys(parse_token_target(t).name for t in targets))
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
     input: str  # label root
     tokenizers: str  # folder holding one subfolder per tokenizer (`omniforge tokenizer train --out`)
-    modalities: tuple[str, ...]
+    modalities: tuple[str, ...]  # targets: modality names, or <modality>@<size> (depth@448) for other token sizes
     output: str | None = None  # token root; default: beside the labels, where ml-4m's loader expects them
     crops: CropConfig = field(default_factory=CropConfig)
     # feature teachers for crops 1.., as the label job's: {} = tiny, or with `profile` the profile's weights
@@ -80,6 +98,12 @@ class TokenizeConfig:
     def __post_init__(self) -> None:
         if not self.modalities:
             raise ConfigError("--modalities is empty: name the label modalities to tokenize, e.g. depth,normal,caption")
+        object.__setattr__(self, "modalities", tuple(_canonical(m) for m in self.modalities))
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"--modalities lists a target twice: {','.join(self.modalities)}")
+        sized = [m for m in self.modalities if "@" in m and m not in tokenizable()]
+        for m in sized:
+            parse_token_target(m)  # names the sizes the modality has
         unknown = [m for m in self.modalities if m not in tokenizable()]
         if unknown:
             embedded = [m for m in unknown if by_embedding_folder(m) is not None]
@@ -88,7 +112,7 @@ class TokenizeConfig:
             raise ConfigError(f"cannot tokenize {', '.join(unknown)}: tokenizable modalities are "
                               f"{', '.join(tokenizable())}{hint}")
         for m in self.modalities:
-            kind_for(m)  # an unknown tokenizer kind, or a modality its kind cannot handle, fails here
+            kind_for(parse_token_target(m))  # an unknown tokenizer kind, or a modality its kind cannot handle
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -98,6 +122,12 @@ class TokenizeConfig:
         check_teacher_args(self.weights, self.options, self.teachers)  # names, option keys and values
         if self.profile is not None:
             check_profile(self.profile)
+
+
+def _canonical(target: str) -> str:
+    """"depth@224" -> "depth" (the registry's own size); every other target as given."""
+    base, at, size = target.partition("@")
+    return base if at and size == str(IMAGE_SIZE) else target
 
 
 @dataclass
@@ -154,8 +184,9 @@ class ShardSpec:
 
     input: str
     output: str
-    modalities: tuple[str, ...]
-    infos: tuple[ModalityInfo, ...]  # of the image and every modality: plugin modalities are unknown to workers
+    modalities: tuple[str, ...]  # the targets (depth, depth@448)
+    infos: tuple[ModalityInfo, ...]  # of the image and every label read: plugin modalities are unknown to workers
+    targets: tuple[ModalityInfo, ...]  # of every target, at its size (`ModalityInfo.at`), in `modalities` order
     tokenizers: str
     crops: CropConfig
     batch_size: int
@@ -193,9 +224,9 @@ class ShardTokenizer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.spec, self.device = spec, device
-        self.infos = {info.name: info for info in spec.infos}
-        self.kinds: dict[str, TokenizerKind] = {m: get_kind(self.infos[m].tokenizer)(self.infos[m])
-                                                 for m in spec.modalities}
+        self.infos = {info.name: info for info in spec.infos}  # label folder -> its entry
+        self.targets = dict(zip(spec.modalities, spec.targets))  # target -> its entry at its size
+        self.kinds: dict[str, TokenizerKind] = {m: get_kind(t.tokenizer)(t) for m, t in self.targets.items()}
         self.store = TokenizerStore(spec.tokenizers, device=device)
         for kind in self.kinds.values():  # load everything now: a missing tokenizer fails the actor at start
             if kind.model_kind is not None:
@@ -213,7 +244,7 @@ class ShardTokenizer:
     def run(self, shard: int, keys: list[str], fingerprint: str) -> dict[str, Any]:
         spec = self.spec
         keys = sorted(keys)
-        inputs = (IMAGE_MODALITY,) + tuple(m for m in spec.modalities if m != IMAGE_MODALITY)
+        inputs = tuple(dict.fromkeys((IMAGE_MODALITY, *(t.name for t in spec.targets))))
         failures: dict[str, tuple[str, str]] = {}
         for m in inputs:
             uri = shards.status_uri(spec.input, m, shard)
@@ -238,6 +269,7 @@ class ShardTokenizer:
                 if k not in failures:
                     image = labels[IMAGE_MODALITY][k]
                     crops[k] = crop_settings(k, image.shape[0], image.shape[1], spec.crops)
+                    self._check_sides(k, crops[k], failures)
             for m in spec.modalities:
                 live = [k for k in batch if k not in failures]
                 if not live:
@@ -250,12 +282,24 @@ class ShardTokenizer:
         kept = [k for k in candidates if k not in failures]
         self._commit(shard, keys, kept, failures, crops, tokens, fingerprint)
         left_out = Counter(failures[k][0] for k in keys if k in failures)
-        cut = {self.infos[m].token_modality: (self._cut[m, "crops"], self._cut[m, "units"])
+        cut = {self.targets[m].token_modality: (self._cut[m, "crops"], self._cut[m, "units"])
                for m in spec.modalities if self._cut[m, "crops"]}
         return {"shard": shard, "samples": len(keys), "written": len(kept), "left_out": dict(left_out), "cut": cut,
-                "tokens": {self.infos[m].token_modality: int(sum(_count_tokens(self.kinds[m], tokens[m][k])
+                "tokens": {self.targets[m].token_modality: int(sum(_count_tokens(self.kinds[m], tokens[m][k])
                                                                   for k in kept))
                            for m in spec.modalities}}
+
+    def _check_sides(self, key: str, crops_k: np.ndarray, failures: dict[str, tuple[str, str]]) -> None:
+        """Fail a sample whose crops are smaller than a target's size above 224 (never upsampled)."""
+        from omniforge.tokenize.crops import check_crop_sides
+
+        for t in self.spec.targets:
+            if t.token_size is not None and t.token_size > IMAGE_SIZE:
+                try:
+                    check_crop_sides(crops_k, t.token_size, self.spec.crops, what=t.token_modality)
+                except SampleError as e:
+                    failures[key] = (e.error_type, str(e))
+                    return
 
     def _read(self, batch: list[str], inputs: tuple[str, ...], cursors: dict[str, _TarCursor],
               failures: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
@@ -275,7 +319,7 @@ class ShardTokenizer:
         return labels
 
     def _tokenize(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray | SampleError]:
-        crop = self.infos[m].crop
+        crop = self.targets[m].crop
         try:
             if crop == "dense":
                 return self._dense(m, keys, labels, crops)
@@ -294,8 +338,9 @@ class ShardTokenizer:
         return [ids[i:i + n] for i in range(0, len(ids), n)]
 
     def _dense(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray]:
-        kind, size = self.kinds[m], self.spec.crops.size
-        arrays = [a for k in keys for c in crops[k] for a in kind.crop_inputs(labels[m][k], c, size)]
+        kind, info = self.kinds[m], self.targets[m]  # the crop side is the target's size (224, 448)
+        arrays = [a for k in keys for c in crops[k] for a in kind.crop_inputs(labels[info.name][k], c,
+                                                                                 info.token_size)]
         return self._encode(m, arrays)
 
     def _teacher_crops(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray]:
@@ -304,23 +349,24 @@ class ShardTokenizer:
 
         arrays: list[np.ndarray] = []
         size = self.spec.crops.size
+        name = self.targets[m].name
         for k in keys:
-            arrays.append(np.asarray(labels[m][k]))
+            arrays.append(np.asarray(labels[name][k]))
             extra = crops[k][1:]
             if len(extra):
                 image = labels[IMAGE_MODALITY][k]
                 samples = [Sample(key=k, image=crop_image(image, c, size)) for c in extra]
-                for r in self.teachers[m].label(samples):
+                for r in self.teachers[name].label(samples):
                     if isinstance(r, SampleError):
                         raise r
-                    arrays.append(np.asarray(r[m]))
+                    arrays.append(np.asarray(r[name]))
         return self._encode(m, arrays)
 
     def _sequence(self, m: str, key: str, labels: dict, crops_k: np.ndarray) -> np.ndarray | SampleError:
         from omniforge.tokenize.text import Crop
 
-        kind, info = self.kinds[m], self.infos[m]
-        value = labels[m][key]
+        kind, info = self.kinds[m], self.targets[m]
+        value = labels[info.name][key]
         h, w = labels[IMAGE_MODALITY][key].shape[:2]
         text = self.store.text()
         rows, cuts = [], []
@@ -340,7 +386,7 @@ class ShardTokenizer:
     def _commit(self, shard: int, keys: list[str], kept: list[str], failures: dict, crops: dict, tokens: dict,
                 fingerprint: str) -> None:
         out = self.spec.output
-        folders = [(CROP_SETTINGS, crops)] + [(self.infos[m].token_modality, tokens[m]) for m in self.spec.modalities]
+        folders = [(CROP_SETTINGS, crops)] + [(self.targets[m].token_modality, tokens[m]) for m in self.spec.modalities]
         for folder, values in folders:
             shards.write_tar(shards.tar_uri(out, folder, shard),
                              ((f"{k}.npy", codecs.encode("npy", values[k])) for k in kept))
@@ -374,7 +420,7 @@ class _ShardStage:
 
 def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str, int], list[str]]) -> tuple:
     """Feature teachers for crops 1.., checked against the fingerprint the label job recorded."""
-    wanted = tuple(m for m in cfg.modalities if get_modality(m).teacher_crops)
+    wanted = tuple(m for m in label_modalities(cfg.modalities) if get_modality(m).teacher_crops)
     if cfg.crops.n_crops < 2 or not wanted:
         return ()
     from omniforge.labelers import labeler_for_modality
@@ -406,7 +452,7 @@ def _shard_fingerprint(cfg: TokenizeConfig, shard: int, label_fps: dict[tuple[st
         "modalities": sorted(cfg.modalities),
         "tokenizers": tok_fps,
         "crops": cfg.crops.to_dict(),
-        "labels": {m: label_fps[(m, shard)] for m in (IMAGE_MODALITY, *cfg.modalities)},
+        "labels": {m: label_fps[(m, shard)] for m in (IMAGE_MODALITY, *label_modalities(cfg.modalities))},
         "teachers": sorted(t.fingerprint for t in teachers),
     })
 
@@ -418,7 +464,8 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
     root = storage.normalize(cfg.input)
     out = storage.normalize(cfg.output or cfg.input)
     manifest = load_manifest(root)
-    for m in (IMAGE_MODALITY, *cfg.modalities):
+    labels = label_modalities(cfg.modalities)
+    for m in dict.fromkeys((IMAGE_MODALITY, *labels)):
         if not storage.list_files(storage.join(root, shards.STATUS_DIR, m)):
             raise ConfigError(f"no {m} labels under {root}: run `omniforge label --output {root} --modalities {m}` "
                               f"first")
@@ -426,13 +473,14 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
     for k, s in zip(manifest.column("key").to_pylist(), manifest.column("shard").to_pylist()):
         keys_by_shard[s].append(k)
     shard_ids = sorted(keys_by_shard)
-    formats.check_formats(root, cfg.modalities, shard_ids)
+    formats.check_formats(root, labels, shard_ids)
     tokenizers_dir = storage.normalize(cfg.tokenizers)
     store = TokenizerStore(tokenizers_dir)
-    tok_fps = {art.folder: store.fingerprint(art) for m in cfg.modalities for art in kind_for(m).artifacts}
-    label_fps = _label_fingerprints(root, (IMAGE_MODALITY, *cfg.modalities), shard_ids)
+    tok_fps = {art.folder: store.fingerprint(art) for m in labels for art in kind_for(m).artifacts}
+    label_fps = _label_fingerprints(root, tuple(dict.fromkeys((IMAGE_MODALITY, *labels))), shard_ids)
     teachers = _resolve_teachers(cfg, root, label_fps)  # config errors so far: one line, before Ray starts
-    folders = [CROP_SETTINGS] + [get_modality(m).token_modality for m in cfg.modalities]
+    targets = tuple(parse_token_target(m) for m in cfg.modalities)
+    folders = [CROP_SETTINGS] + [t.token_modality for t in targets]
     fps = {s: _shard_fingerprint(cfg, s, label_fps, tok_fps, teachers) for s in shard_ids}
     done = _job.committed(out, [(f, s, fps[s]) for s in shard_ids for f in folders])
     pending = [s for s in shard_ids if not all((f, s) in done for f in folders)]
@@ -461,8 +509,8 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
     actors: dict[str, Any] = {}
     if pending:
         record.write()
-        infos = tuple(get_modality(m) for m in dict.fromkeys((IMAGE_MODALITY, *cfg.modalities)))
-        spec = ShardSpec(input=root, output=out, modalities=tuple(cfg.modalities), infos=infos,
+        infos = tuple(get_modality(m) for m in dict.fromkeys((IMAGE_MODALITY, *labels)))
+        spec = ShardSpec(input=root, output=out, modalities=tuple(cfg.modalities), infos=infos, targets=targets,
                          tokenizers=tokenizers_dir, crops=cfg.crops, batch_size=cfg.batch_size, teachers=teachers)
         with _job.omniforge_errors():  # one line for the CLI; Ray's worker trace is in its logs
             actors = _run(cfg, spec, pending, keys_by_shard, fps, summary)
@@ -524,4 +572,5 @@ def parse_crops(n: int, *, seed: int = 0, size: int = 224) -> CropConfig:
         raise ConfigError(f"--crops: {e}") from None
 
 
-__all__ = ["TokenizeConfig", "TokenizeSummary", "ShardTokenizer", "tokenize", "tokenizable", "CROP_SETTINGS"]
+__all__ = ["TokenizeConfig", "TokenizeSummary", "ShardTokenizer", "tokenize", "tokenizable", "label_modalities",
+           "CROP_SETTINGS"]

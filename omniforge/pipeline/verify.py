@@ -19,7 +19,7 @@ import numpy as np
 
 from omniforge import codecs, schemas, shards, storage
 from omniforge.errors import CorruptShardError, SampleError
-from omniforge.modalities import ModalityInfo, all_modalities, get_modality
+from omniforge.modalities import ModalityInfo, all_modalities, get_modality, token_folders
 from omniforge.pipeline import formats
 from omniforge.shards import load_manifest
 
@@ -73,7 +73,7 @@ def discover_modalities(root: str) -> list[str]:
 
 def _token_folders() -> dict[str, tuple[int, np.dtype]]:
     """Token folders (and crop_settings) -> (values per crop, dtype) of their `(n_crops, N)` arrays."""
-    out = {m.token_modality: (m.num_tokens, np.dtype(np.int16)) for m in all_modalities() if m.tokenized}
+    out = {m.token_modality: (m.num_tokens, np.dtype(np.int16)) for m in token_folders()}  # every size's
     out[shards.CROP_SETTINGS] = (5, np.dtype(np.int32))
     return out
 

@@ -28,7 +28,11 @@ def sincos_pos_embed_2d(grid: int, dim: int) -> Tensor:
 
 
 class ViTStack(nn.Module):
-    """Tokens in, tokens out: add fixed position embeddings, pre-norm transformer blocks, final norm."""
+    """Tokens in, tokens out: add fixed position embeddings, pre-norm transformer blocks, final norm.
+
+    The position table follows the input: N = g * g tokens get the sin-cos table of a g x g grid (a pure
+    function of the grid), so a stack built for `grid` (224 / 16 = 14) runs on 448 inputs (28 x 28) too.
+    """
 
     def __init__(self, *, grid: int, dim: int, depth: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -41,8 +45,17 @@ class ViTStack(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
+    def pos_table(self, n: int) -> Tensor:
+        """(1, n, D) positions of a square grid of n tokens: the built grid's buffer, or that grid's table."""
+        if n == self.pos_embed.shape[1]:
+            return self.pos_embed
+        grid = math.isqrt(n)
+        if grid * grid != n:
+            raise ValueError(f"a ViT tokenizer reads a square grid of tokens, got {n}")
+        return sincos_pos_embed_2d(grid, self.pos_embed.shape[2]).unsqueeze(0).to(self.pos_embed)
+
     def forward(self, x: Tensor) -> Tensor:  # (B, N, D) -> (B, N, D)
-        x = x + self.pos_embed
+        x = x + self.pos_table(x.shape[1])
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

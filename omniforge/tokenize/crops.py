@@ -189,6 +189,32 @@ def crop_settings(key: str, height: int, width: int, cfg: CropConfig) -> np.ndar
     return out
 
 
+def min_storage_size(cfg: CropConfig, size: int) -> int:
+    """The shorter side an image label must be stored at (`omniforge label --storage-size`) so that every crop
+    `crop_settings` draws with `cfg` covers at least size x size stored pixels.
+
+    Crop 0 is the shorter side square. A random crop keeps an area fraction >= scale[0] of an image of at least
+    S x S pixels with an aspect w / h in ratio, so its shorter side is at least S * sqrt(scale[0] * min(ratio[0],
+    1 / ratio[1])) (one pixel less after rounding)."""
+    if cfg.n_crops == 1:
+        return size
+    shortest = math.sqrt(cfg.scale[0] * min(cfg.ratio[0], 1.0 / cfg.ratio[1], 1.0))
+    return max(size, math.ceil((size + 1) / shortest))
+
+
+def check_crop_sides(crops: np.ndarray, size: int, cfg: CropConfig, *, what: str) -> None:
+    """SampleError("too_small", ...) unless every crop row covers at least size x size stored pixels: `what`
+    (e.g. tok_depth@448) is never made by upsampling a smaller region. The message names the label option that
+    stores labels large enough (`min_storage_size`)."""
+    for i, row in enumerate(np.asarray(crops).reshape(-1, 5)):
+        h, w = int(row[2]), int(row[3])
+        if min(h, w) < size:
+            raise SampleError("too_small", f"{what}: crop {i} covers {h} x {w} stored pixels, under {size} on a side "
+                                           f"(never upsampled): relabel rgb and the dense labels into a new --output "
+                                           f"with `omniforge label --storage-size {min_storage_size(cfg, size)}` "
+                                           f"(images smaller than that stay at their own size)")
+
+
 def _unpack(crop: np.ndarray, height: int, width: int) -> tuple[int, int, int, int, bool]:
     row = np.asarray(crop).reshape(-1)
     if row.shape[0] != 5:
@@ -525,5 +551,5 @@ def uncrop_mask(mask: np.ndarray, bbox: Any, size: int) -> np.ndarray:
     return out
 
 
-__all__ = ["CROP_FIELDS", "DENSE_MODES", "CropConfig", "SamInstance", "centre_crop", "crop_dense", "crop_det",
-           "crop_image", "crop_poses", "crop_sam", "crop_settings", "uncrop_mask"]
+__all__ = ["CROP_FIELDS", "DENSE_MODES", "CropConfig", "SamInstance", "centre_crop", "check_crop_sides", "crop_dense",
+           "crop_det", "crop_image", "crop_poses", "crop_sam", "crop_settings", "min_storage_size", "uncrop_mask"]

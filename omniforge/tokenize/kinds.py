@@ -9,6 +9,7 @@ it. The built-in kinds:
     kind          labels                         model space                          tokens
     vqvae         dense maps (png, jpg, npy)     float (B, C, 224, 224) in [-1, 1]    196, ViT VQ-VAE
     segmentation  class maps (png)               int64 (B, 224, 224) class ids        196, ViT VQ-VAE
+                  (bound to `info.at(448)`: (B, C, 448, 448) / (B, 448, 448) crops, 784 tokens)
     features      (h, w, C) teacher features     float (B, C, h, w)                   h * w, ViT VQ-VAE
     memcodes      (D,) global vectors            float (B, D)                         16, Memcodes MLP
     sam_mask      SAM instances (json)           float (B, 1, 64, 64) masks           text + 16 per instance
@@ -271,13 +272,14 @@ def _vq_config(name: str, model_kind: str, *, in_channels: int, image_size: int,
 
 
 class _ImageKind(TokenizerKind):
-    """A ViT VQ-VAE on a square grid: its token count is the registry's."""
+    """A ViT VQ-VAE on a square grid: its token count at 224 is the registry's. Bound to the entry of another
+    token size (`info.at(448)`), the same tokenizer reads crops of that side (784 tokens at 448)."""
 
     def check(self) -> None:
-        cfg = self.config("tiny")
-        if cfg.num_tokens != self.info.num_tokens:
+        cfg, expected = self.config("tiny"), self.info.at(IMAGE_SIZE).num_tokens
+        if cfg.num_tokens != expected:
             raise ConfigError(f"modality {self.info.name!r}: its {self.name} tokenizer makes {cfg.num_tokens} "
-                              f"tokens per crop, the registry says num_tokens={self.info.num_tokens}")
+                              f"tokens per crop, the registry says num_tokens={expected}")
 
 
 @register_kind
@@ -298,8 +300,8 @@ class VQVAEKind(_ImageKind):
                           patch_size=IMAGE_PATCH, codebook=self.info.vocab_size, size=size)
 
     def input_layout(self) -> tuple[tuple[int, ...], str]:
-        c = self.info.channels
-        return ((IMAGE_SIZE, IMAGE_SIZE, c) if c > 1 else (IMAGE_SIZE, IMAGE_SIZE)), self.info.dtype
+        c, side = self.info.channels, self.info.token_size  # 224, or the size of an `info.at(size)` entry
+        return ((side, side, c) if c > 1 else (side, side)), self.info.dtype
 
     def prepare(self, arrays: list[np.ndarray]) -> Tensor:
         import torch
@@ -368,7 +370,7 @@ class SegmentationKind(VQVAEKind):
                           image_size=IMAGE_SIZE, patch_size=IMAGE_PATCH, codebook=self.info.vocab_size, size=size)
 
     def input_layout(self) -> tuple[tuple[int, ...], str]:
-        return (IMAGE_SIZE, IMAGE_SIZE), "uint8"
+        return (self.info.token_size, self.info.token_size), "uint8"
 
     def prepare(self, arrays: list[np.ndarray]) -> Tensor:
         import torch
@@ -398,9 +400,10 @@ class SegmentationKind(VQVAEKind):
         return {"miou": float(np.mean(ious)), "pixel_acc": float((pred == target).float().mean())}
 
     def example_inputs(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-        ids = [rng.integers(0, self.none_class, size=(IMAGE_SIZE, IMAGE_SIZE)).astype(np.uint8) for _ in range(n)]
+        side = self.info.token_size
+        ids = [rng.integers(0, self.none_class, size=(side, side)).astype(np.uint8) for _ in range(n)]
         for a in ids:
-            a[: IMAGE_SIZE // 4] = _NONE_LABEL
+            a[: side // 4] = _NONE_LABEL
         return ids
 
     def crop_inputs(self, label: Any, row: np.ndarray, size: int) -> list[np.ndarray]:

@@ -6,7 +6,9 @@
   back to patches. `TokenizerConfig.kind` picks the input and loss: "pixels" (float (B, C, H, W), MSE),
   "segmentation" (int64 (B, H, W) class ids, embedded; cross-entropy over class logits), "features" (float
   (B, C, h, w); smooth-L1 plus cosine), "mask" (float (B, 1, 64, 64) in {0, 1}; BCE, decoded as
-  probabilities).
+  probabilities). The position table follows the input grid (sin-cos, a pure function of it), so a
+  tokenizer trained at `image_size` 224 encodes any square side that is a multiple of its patch (448 crops
+  to 784 ids, as 4M-21's 224-448 tokenizers) and decodes any square count of ids back to that side.
 - `MemcodesTokenizer` ("global"): a bottleneck MLP maps a (B, D) vector to `num_tokens` queries, quantized
   with Memcodes (`memcodes.py`), and a second MLP maps the codes back to the vector.
 
@@ -17,6 +19,7 @@ A trained tokenizer is a folder: `config.json` ({"config": TokenizerConfig field
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -129,12 +132,16 @@ class Tokenizer(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
+    def _decodes(self, n: int) -> bool:
+        """True when `decode` takes rows of n ids: the config's num_tokens."""
+        return n == self.config.num_tokens
+
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         return self.loss(x)
 
     def _check_ids(self, ids: Tensor) -> None:
         n = self.config.num_tokens
-        if ids.ndim != 2 or ids.shape[1] != n:
+        if ids.ndim != 2 or not self._decodes(ids.shape[1]):
             raise ValueError(f"{self.config.name} tokenizer decodes (B, {n}) ids, got {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.codebook_size):
             raise ValueError(f"{self.config.name} token ids must lie in [0, {self.config.codebook_size})")
@@ -175,18 +182,24 @@ class VQViTTokenizer(Tokenizer):
 
     def _latents(self, x: Tensor) -> Tensor:  # prepared batch -> (B, N, latent_dim)
         c = self.config
+        side = x.shape[-1] if x.ndim >= 3 else 0
+        size = side if side > 0 and side % c.patch_size == 0 else c.image_size  # any square multiple of the patch
         if c.kind == "segmentation":
-            if x.ndim != 3 or tuple(x.shape[1:]) != (c.image_size, c.image_size):
-                raise ValueError(f"{c.name} tokenizer expects (B, {c.image_size}, {c.image_size}) class ids, "
-                                 f"got {tuple(x.shape)}")
+            if x.ndim != 3 or tuple(x.shape[1:]) != (size, size):
+                raise ValueError(f"{c.name} tokenizer expects (B, {c.image_size}, {c.image_size}) class ids (or another "
+                                 f"square side, a multiple of {c.patch_size}), got {tuple(x.shape)}")
             x = self.class_embed(x.long()).permute(0, 3, 1, 2)  # (B, E, H, W)
         else:
-            expected = (c.in_channels, c.image_size, c.image_size)
+            expected = (c.in_channels, size, size)
             if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-                raise ValueError(f"{c.name} tokenizer expects (B, {', '.join(map(str, expected))}), "
-                                 f"got {tuple(x.shape)}")
+                raise ValueError(f"{c.name} tokenizer expects (B, {c.in_channels}, {c.image_size}, {c.image_size}) "
+                                 f"(or another square side, a multiple of {c.patch_size}), got {tuple(x.shape)}")
         tokens = self.patch_embed(x.float()).flatten(2).transpose(1, 2)  # (B, N, D)
         return self.to_latent(self.encoder(tokens))  # (B, N, latent)
+
+    def _decodes(self, n: int) -> bool:
+        """Any square grid of ids: a tokenizer trained at 224 (196 ids) decodes 448's 784 into 448 x 448."""
+        return n > 0 and math.isqrt(n) ** 2 == n
 
     def _decode_codes(self, codes: Tensor) -> Tensor:  # (B, N, latent) -> raw output (B, C_out, H, W)
         patches = self.to_patches(self.decoder(self.from_latent(codes)))  # (B, N, p*p*C_out)

@@ -379,3 +379,34 @@ def test_load_errors_name_the_path(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(WeightsError, match="unreadable"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["rgb", "depth", "semseg_coco"])
+def test_a_224_tokenizer_encodes_and_decodes_448_crops(name, tmp_path):
+    """A tokenizer trained at 224 (saved, reloaded) reads 448 crops through its kind bound at 448: 784 ids, the
+    ids a model built for a 28 x 28 grid with the same weights gives (the position table is the 28 x 28 sin-cos
+    grid, not the 14 x 14 one), decoded back to 448 x 448 labels."""
+    from omniforge.modalities import get_modality
+
+    torch.manual_seed(0)
+    kind224, kind448 = kind_for(name), kind_for(get_modality(name).at(448))
+    cfg = kind224.config("tiny")
+    save_tokenizer(build_tokenizer(cfg), str(tmp_path))
+    model = load_tokenizer(str(tmp_path))
+    assert model.config.image_size == 224 and kind448.input_layout()[0][:2] == (448, 448)
+    arrays = kind448.example_inputs(2, np.random.default_rng(0))
+    x = kind448.prepare(arrays)
+    ids = model.encode(x)
+    assert tuple(ids.shape) == (2, 784) and int(ids.max()) < cfg.codebook_size
+    native = build_tokenizer(TokenizerConfig.from_dict({**cfg.to_dict(), "image_size": 448, "num_tokens": 784}))
+    native.load_state_dict(model.state_dict())  # the same keys: the position table is no weight
+    native.eval()
+    assert torch.equal(native.encode(x), ids)
+    out = model.decode(ids)
+    assert torch.equal(out, native.decode(ids))
+    restored = kind448.restore(out)
+    assert restored[0].shape == arrays[0].shape and restored[0].dtype == arrays[0].dtype
+    # the 224 path is untouched: 196 ids from 224 crops
+    assert tuple(model.encode(kind224.prepare(kind224.example_inputs(1, np.random.default_rng(1)))).shape) == (1, 196)
+    with pytest.raises(ValueError, match="decodes"):
+        model.decode(ids[:, :700])
