@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from omniforge.errors import ConfigError, WeightsError
+from omniforge.errors import ConfigError, SampleError, WeightsError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -269,6 +269,15 @@ def is_snapshot_config(data: Any) -> bool:
         "codebook_size" in data or "quant_type" in data)
 
 
+def is_snapshot_dir(directory: str) -> bool:
+    """True when a local folder's config.json is an ml-4m hub config (not omniforge's own format)."""
+    try:
+        with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
+            return is_snapshot_config(json.load(f))
+    except (OSError, ValueError):
+        return False
+
+
 def read_config(directory: str) -> ML4MConfig:
     """The validated config of a snapshot folder (local); WeightsError when it is missing or unreadable."""
     path = os.path.join(directory, CONFIG_FILE)
@@ -419,6 +428,10 @@ def prepare(info: ModalityInfo, batch: np.ndarray):
     if t == "depth":
         return standardize_depth(_channels_first(_unit(batch, info)))
     if t == "semseg":
+        bad = (batch >= (info.num_classes or 0)) & (batch != 255)
+        if bad.any():
+            raise SampleError("bad_value", f"{info.name} class ids must be 0..{(info.num_classes or 0) - 1} or 255 "
+                                           f"(none), got {int(batch[bad][0])}")
         return torch.from_numpy((batch.astype(np.uint8) + np.uint8(1)).astype(np.int64))  # 255 wraps to 0
     if t == "features":
         return torch.from_numpy(batch.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
@@ -457,8 +470,9 @@ def restore(info: ModalityInfo, x: Tensor) -> list[np.ndarray]:
     return [a if a.shape[-1] > 1 else a[..., 0] for a in values]
 
 
-def check_fits(model: Any, info: ModalityInfo, where: str) -> None:
-    """WeightsError unless the ml-4m tokenizer in `where` reads this modality's labels and makes its tokens."""
+def check_fits(model: Any, info: ModalityInfo, where: str, *, side: int | None, tokens: int) -> None:
+    """WeightsError unless the ml-4m tokenizer in `where` reads this modality's labels (`side` x `side` inputs, or
+    vectors when None) and makes `tokens` tokens of one."""
     c: ML4MConfig = model.config
     t = info.ml4m_transform
     if t is None:
@@ -476,8 +490,17 @@ def check_fits(model: Any, info: ModalityInfo, where: str) -> None:
         raise WeightsError(f"the ml-4m tokenizer in {where} ({c.family}, {field}={have}) does not fit modality "
                            f"{info.name!r} ({t}: {field}={want}); import the right one with "
                            f"`omniforge tokenizer import-4m {info.ml4m_tokenizer or 'SNAPSHOT'} --out DIR`")
+    made = c.num_tokens(side) if side is not None else c.num_tokens()
+    if made != tokens:
+        raise WeightsError(f"the ml-4m tokenizer in {where} makes {made} tokens per input "
+                           f"{'' if side is None else f'of {side} x {side} '}where modality {info.name!r} has {tokens}")
+    from omniforge.tokenize.text import SAM_MASK_VOCAB
+
+    if t == "mask" and c.codebook_size > SAM_MASK_VOCAB:
+        raise WeightsError(f"the ml-4m SAM mask tokenizer in {where} has {c.codebook_size} codes; 4M-21's SAM "
+                           f"serialization writes at most {SAM_MASK_VOCAB}")
 
 
 __all__ = ["DIFFUSION_LINE", "IGNORED", "KEY_MAP", "ML4MConfig", "ML4MTokenizer", "TRANSFORMS", "VIT_PRESETS", "VitPreset",
-           "check_fits", "is_ml4m_model", "is_snapshot_config", "load_snapshot", "map_state_dict", "prepare",
+           "check_fits", "is_ml4m_model", "is_snapshot_config", "is_snapshot_dir", "load_snapshot", "map_state_dict", "prepare",
            "read_config", "register_vit_preset", "restore", "standardize_depth"]
