@@ -68,8 +68,16 @@ class Artifact:
     trained_by: str  # the modality `omniforge tokenizer train --modality` trains it from
 
     def train_hint(self, directory: str) -> str:
-        return (f"train it with `omniforge tokenizer train --data LABELS --modality {self.trained_by} "
-                f"--out {directory}`")
+        from omniforge.modalities import get_modality
+
+        hint = f"train it with `omniforge tokenizer train --data LABELS --modality {self.trained_by} --out {directory}`"
+        repo = get_modality(self.trained_by).ml4m_tokenizer if self.folder != TEXT_FOLDER else None
+        if repo is not None:
+            hint += f", or lay out Apple's with `omniforge tokenizer import-4m {repo} --out {directory}`"
+        elif self.folder == TEXT_FOLDER:
+            hint += (", or lay out ml-4m's vocabulary with `omniforge tokenizer import-4m "
+                     f"text_tokenizer_4m_wordpiece_30k.json --out {directory}`")
+        return hint
 
 
 class TokenizerKind:

@@ -184,8 +184,8 @@ class ML4MConfig:
             raise bad("undo_std", "(ImageNet-standardised inputs) is not supported: omniforge feeds ml-4m's tokenizer "
                                   "inputs directly")
         if not self.vit_encoder and not self.mlp_encoder:
-            raise bad("enc_type", f"is not supported: a ViT preset ({', '.join(sorted(VIT_PRESETS))}; "
-                                  "add one with omniforge.tokenize.ml4m.register_vit_preset) or BottleneckMLP/B_<n>-Wi_<w>")
+            raise bad("enc_type", f"is not supported: a ViT preset ({', '.join(sorted(VIT_PRESETS))}; add one "
+                                  "with omniforge.tokenize.ml4m.register_vit_preset) or BottleneckMLP/B_<n>-Wi_<w>")
         if self.decoder == "vit" and self.dec_type not in VIT_PRESETS:
             raise bad("dec_type", f"is not supported: a ViT preset ({', '.join(sorted(VIT_PRESETS))}; add one with "
                                   "omniforge.tokenize.ml4m.register_vit_preset), BottleneckMLP/B_<n>-Wi_<w>, or a "
@@ -259,7 +259,8 @@ class ML4MConfig:
             return self.num_codebooks
         side = self.trained_side if side is None else side
         if side % self.in_patch:
-            raise ConfigError(f"an input side of {side} is not a multiple of the tokenizer's patch size {self.in_patch}")
+            raise ConfigError(f"an input side of {side} is not a multiple of the tokenizer's patch size "
+                              f"{self.in_patch}")
         return (side // self.in_patch) ** 2
 
 
@@ -501,6 +502,7 @@ def check_fits(model: Any, info: ModalityInfo, where: str, *, side: int | None, 
                            f"serialization writes at most {SAM_MASK_VOCAB}")
 
 
-__all__ = ["DIFFUSION_LINE", "IGNORED", "KEY_MAP", "ML4MConfig", "ML4MTokenizer", "TRANSFORMS", "VIT_PRESETS", "VitPreset",
-           "check_fits", "is_ml4m_model", "is_snapshot_config", "is_snapshot_dir", "load_snapshot", "map_state_dict", "prepare",
-           "read_config", "register_vit_preset", "restore", "standardize_depth"]
+__all__ = ["DIFFUSION_LINE", "IGNORED", "KEY_MAP", "ML4MConfig", "ML4MTokenizer", "TRANSFORMS",  # noqa: F822 (lazy)
+           "VIT_PRESETS", "VitPreset", "check_fits", "is_ml4m_model", "is_snapshot_config", "is_snapshot_dir",
+           "load_snapshot", "map_state_dict", "mlp_shape", "prepare", "read_config", "register_vit_preset", "restore",
+           "standardize_depth"]

@@ -396,7 +396,7 @@ def test_the_tokenize_job_writes_ml4m_tokens_with_imported_snapshots(tmp_path, r
     text = TokenizerStore(str(tok_dir)).text()
     checked = 0
     for s in range(2):
-        rgb, crop_rows = members("rgb", s), members("crop_settings", s)
+        crop_rows = members("crop_settings", s)
         labels = {m: members(m, s) for m in ("depth", "semseg_coco", "clip", "dinov2_global", "caption")}
         toks = {m: members(get_modality(m).token_modality, s) for m in tokenized}
         for key, rows in crop_rows.items():
