@@ -30,9 +30,9 @@ FIXTURES = Path(__file__).parents[1] / "fixtures" / "ml4m_tokenizers"
 SNAPSHOTS = FIXTURES / "snapshots"
 VOCAB_GZ = Path(__file__).parents[1] / "fixtures" / "ml4m" / "text_tokenizer_4m_wordpiece_30k.json.gz"
 NEAR_TIE = 1e-5  # a token whose best and second-best codes are closer than this may flip in another implementation
-SEMSEG, CLIP, DEPTH, GLOBAL, SAM = (f"4M_tokenizers_{n}" for n in (
+SEMSEG, CLIP, DEPTH, GLOBAL, SAM, POSES = (f"4M_tokenizers_{n}" for n in (
     "semseg_4k_224-448", "CLIP-B16_8k_224-448", "depth_8k_224-448", "DINOv2-B14-global_8k_16_224",
-    "sam-instance_1k_64"))
+    "sam-instance_1k_64", "human-poses_1k_8"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +83,16 @@ def test_token_ids_equal_ml4m_for_every_kind_at_224_and_448(inputs, expected):
         ids = model.encode(ml4m.prepare(get_modality(modality), arrays)).numpy()
         _assert_ids(ids, expected[key], expected[key.replace("_ids", "_margin")])
         assert len(np.unique(ids)) > 20  # varied codes, not a handful winning every token
+
+
+def test_the_pose_tokenizer_loads_and_encodes(inputs, expected):
+    """human-poses_1k_8 (SMPL poses are issue 14: no omniforge modality uses it yet): ml-4m's ids and decoding."""
+    model = ml4m.load_snapshot(str(SNAPSHOTS / POSES))
+    assert model.config.family == "Memcodes MLP" and model.config.num_tokens() == 8
+    ids = model.encode(torch.from_numpy(inputs["human_poses"])).numpy()
+    _assert_ids(ids, expected["poses_ids"], expected["poses_margin"])
+    np.testing.assert_allclose(model.decode(torch.from_numpy(expected["poses_ids"])).numpy(), expected["poses_recon"],
+                               atol=1e-5)
 
 
 def test_reconstructions_match_ml4m(expected):
@@ -298,7 +308,7 @@ def test_vit_presets_are_ml4ms_and_extendable():
 
 def test_import_4m_lays_out_the_folders_and_prints_what_each_covers(tmp_path, capsys):
     src = _imported(tmp_path)
-    shutil.copytree(SNAPSHOTS / GLOBAL, src / "EPFL-VILAB--4M_tokenizers_human-poses_1k_8")  # no modality uses it
+    shutil.copytree(SNAPSHOTS / POSES, src / "EPFL-VILAB--4M_tokenizers_human-poses_1k_8")  # no modality uses it
     out = tmp_path / "tok"
     assert cli_main(["tokenizer", "import-4m", str(src), "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
