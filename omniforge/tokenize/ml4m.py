@@ -264,10 +264,13 @@ class ML4MConfig:
         return (side // self.in_patch) ** 2
 
 
+_SIGNATURE = ("enc_type", "dec_type", "quant_type", "codebook_size", "n_channels", "latent_dim")
+
+
 def is_snapshot_config(data: Any) -> bool:
-    """True for an ml-4m hub config: a JSON object without omniforge's "format" key, with ml-4m's fields."""
-    return isinstance(data, dict) and "format" not in data and "enc_type" in data and (
-        "codebook_size" in data or "quant_type" in data)
+    """True for an ml-4m hub config: a flat JSON object without omniforge's "format" key, holding some of ml-4m's
+    fields (missing ones take ml-4m's constructor defaults)."""
+    return isinstance(data, dict) and "format" not in data and any(k in data for k in _SIGNATURE)
 
 
 def is_snapshot_dir(directory: str) -> bool:
@@ -291,7 +294,7 @@ def read_config(directory: str) -> ML4MConfig:
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path} is unreadable ({e})") from None
     if not is_snapshot_config(data):
-        raise WeightsError(f"{path} is not an ml-4m tokenizer config (it needs enc_type and codebook_size)")
+        raise WeightsError(f"{path} is not an ml-4m tokenizer config (none of {', '.join(_SIGNATURE)})")
     return ML4MConfig.from_dict(data, source=path)
 
 
@@ -393,8 +396,10 @@ def _unit(batch: np.ndarray, info: ModalityInfo):
     import torch
 
     lo, hi = info.value_range
-    if lo == 0.0:  # ml-4m divides (uint8 by 255 in float32, uint16 by 65535 in float64)
-        x = batch.astype(np.float64 if batch.dtype == np.uint16 else np.float32) / np.float64(hi)
+    if lo == 0.0 and batch.dtype == np.uint16:  # ml-4m: the uint16 array / 65535.0 in float64, then float32
+        x = batch.astype(np.float64) / np.float64(hi)
+    elif lo == 0.0:  # ml-4m: to_tensor's float32 / 255
+        x = batch.astype(np.float32) / np.float32(hi)
     else:
         x = (batch.astype(np.float64) - lo) / (hi - lo)
     return torch.from_numpy(np.ascontiguousarray(x)).float()
