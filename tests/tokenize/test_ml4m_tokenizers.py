@@ -130,7 +130,10 @@ def test_ml4m_preprocessing_per_modality_equals_ml4m_transforms(inputs, expected
     """rgb [-1, 1], depth / 65535 then truncated standardisation, normals [-1, 1], semseg ids + 1 (255 -> 0)."""
     for modality, key in (("rgb", "rgb"), ("depth", "depth"), ("normal", "normal")):
         x = ml4m.prepare(get_modality(modality), inputs[f"{key}_224"])
-        np.testing.assert_array_equal(x[..., ::7, ::7].numpy(), expected[f"pre_{key}"])  # bit for bit
+        if key == "depth":  # a mean and a variance: float sums whose order depends on torch's thread count
+            np.testing.assert_allclose(x[..., ::7, ::7].numpy(), expected[f"pre_{key}"], atol=1e-6)
+        else:
+            np.testing.assert_array_equal(x[..., ::7, ::7].numpy(), expected[f"pre_{key}"])  # bit for bit
         flat = x.reshape(x.shape[0], -1).double()
         np.testing.assert_allclose(np.stack([flat.mean(1), flat.std(1)], 1), expected[f"pre_{key}_stats"], atol=1e-6)
     x = ml4m.prepare(get_modality("semseg_coco"), inputs["semseg_224"])
