@@ -89,6 +89,9 @@ def find_sources(src: str) -> tuple[list[Snapshot], str | None]:
     if os.path.exists(src):
         return _scan(src)
     if _HUB_ID.match(src):
+        if not modalities_for(repo_name(src)):
+            raise ConfigError(f"no registered modality uses {src} (ModalityInfo.ml4m_tokenizer): nothing would serve "
+                              "its tokens, so it is not downloaded")
         return [Snapshot(repo_name(src), _download(src))], None
     raise ConfigError(f"{src} is neither a local folder nor a hub repository id (owner/name)")
 

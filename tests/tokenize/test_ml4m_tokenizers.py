@@ -369,6 +369,8 @@ def test_import_4m_fails_whole_and_in_one_line(tmp_path, capsys, monkeypatch):
     assert cli_main(["tokenizer", "import-4m", "EPFL-VILAB/4M_tokenizers_depth_8k_224-448", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot download EPFL-VILAB/4M_tokenizers_depth_8k_224-448" in err[0]
+    assert cli_main(["tokenizer", "import-4m", "EPFL-VILAB/4M_tokenizers_human-poses_1k_8", "--out", str(out)]) == 2
+    assert "no registered modality uses EPFL-VILAB/4M_tokenizers_human-poses_1k_8" in capsys.readouterr().err
     assert cli_main(["tokenizer", "import-4m", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "neither a local folder nor a hub repository id" in capsys.readouterr().err
 
