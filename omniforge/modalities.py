@@ -24,7 +24,8 @@ by a plugin flows from its teacher to a trained model with no edit to omniforge:
   checked against shape, channels and dtype), and the `format_version` of the raw format, bumped when the
   stored format changes so that labels written in an older one are refused, never misread;
 - ml-4m: how ml-4m's own loader reads the folder (`ml4m`: directly, through `omniforge export --dialect
-  ml4m`, or not at all) and what differs (`ml4m_note`).
+  ml4m`, or not at all) and what differs (`ml4m_note`); Apple's released tokenizer for the modality
+  (`ml4m_tokenizer`, a hub repository) and the preprocessing ml-4m applies before it (`ml4m_transform`).
 
 Fields a plugin does not set get defaults derived from `ext`, `shape` and `tokenizer` (see `ModalityInfo`).
 Folder names are the 4M-21 modality names, so ml-4m's own webdataset loader reads omniforge output unchanged.
@@ -61,6 +62,10 @@ DTYPES = ("uint8", "uint16", "float")
 KEEPS = ("random", "all", "binary")
 ROLES = ("both", "input", "target")
 ML4M = ("direct", "export", "none")
+# ml-4m's preprocessing before its tokenizers (omniforge.tokenize.ml4m.TRANSFORMS says what each one does)
+ML4M_TRANSFORMS = ("rgb", "normal", "depth", "semseg", "features", "global", "mask")
+_ML4M_TRANSFORM_CROPS = {"rgb": "dense", "normal": "dense", "depth": "dense", "semseg": "dense",
+                         "features": "features", "global": "global", "mask": "sequence"}
 DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "poses", "palette",
          "json")
 NO_TOKENIZER = "none"
@@ -71,6 +76,7 @@ DEFAULT_LABEL_MODALITIES = ("rgb", "caption", "canny_edge", "color_palette", "cl
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _FOLDER_RE = re.compile(r"^[A-Za-z0-9_@.-]+$")
 _REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +136,14 @@ class ModalityInfo:
     ml4m: how ml-4m's own loader gets this folder: "direct" (it reads omniforge's files as they are),
         "export" (`omniforge export --dialect ml4m` writes ml-4m's form, e.g. a pickle omniforge never writes)
         or "none" (omniforge's label is not ml-4m's modality); `ml4m_note` says what differs, in words.
+    ml4m_tokenizer: the hub repository of Apple's released tokenizer for this modality ("EPFL-VILAB/4M_tokenizers_
+        depth_8k_224-448"), or None; `omniforge tokenizer import-4m` lays a snapshot of it out in this modality's
+        tokenizer folder. Several modalities may share one (the edge tokenizer serves canny_edge and sam_edge).
+    ml4m_transform: the preprocessing ml-4m applies to this modality's label before an ml-4m tokenizer, used
+        whenever the modality's --tokenizers folder holds one (whatever omniforge's own tokenizers do): "rgb"
+        (x / 255 to [-1, 1]), "normal" (the same), "depth" (/ 65535, then standardised per image without its
+        lowest and highest 10%), "semseg" (ids + 1, 255 "none" becomes 0), "features" / "global" (as stored),
+        "mask" (SAM instance masks in {0, 1}); None: no ml-4m tokenizer can be used. Required with ml4m_tokenizer.
     """
 
     name: str
@@ -159,6 +173,8 @@ class ModalityInfo:
     format_version: int = 1
     ml4m: str = "direct"
     ml4m_note: str = ""
+    ml4m_tokenizer: str | None = None
+    ml4m_transform: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -246,6 +262,24 @@ class ModalityInfo:
             raise bad("ml4m", f"is not one of {', '.join(ML4M)}")
         if self.ml4m == "none" and not self.ml4m_note:
             raise bad("ml4m_note", "must say why ml-4m cannot read the folder")
+        self._check_ml4m_tokenizer(bad)
+
+    def _check_ml4m_tokenizer(self, bad: Callable[[str, str], ConfigError]) -> None:
+        t = self.ml4m_transform
+        if t is not None:
+            if t not in ML4M_TRANSFORMS:
+                raise bad("ml4m_transform", f"is not one of {', '.join(ML4M_TRANSFORMS)}")
+            if _ML4M_TRANSFORM_CROPS[t] != self.crop or (t == "semseg") != (self.tokenizer == "segmentation") or (
+                    t == "mask") != (self.tokenizer == "sam_mask"):
+                raise bad("ml4m_transform", f"does not fit crop={self.crop!r} with tokenizer={self.tokenizer!r} "
+                                            f"('{t}' is for {_ML4M_TRANSFORM_CROPS[t]} crops"
+                                            f"{' of a segmentation' if t == 'semseg' else ''}"
+                                            f"{' of the sam_mask tokenizer' if t == 'mask' else ''})")
+        if self.ml4m_tokenizer is not None:
+            if not isinstance(self.ml4m_tokenizer, str) or not _HUB_RE.match(self.ml4m_tokenizer):
+                raise bad("ml4m_tokenizer", "must be a hub repository id, owner/name")
+            if t is None:
+                raise bad("ml4m_tokenizer", "needs ml4m_transform: the preprocessing ml-4m applies before it")
 
     # -- defaults
 
@@ -485,6 +519,7 @@ def _import_ref(ref: str, what: str) -> Any:
 
 
 _IMAGE = "vqvae"
+_4M = "EPFL-VILAB/4M_tokenizers_"  # Apple's released tokenizers (hub repositories)
 _TEXT = "wordpiece"
 _SCHEMA = "omniforge.schemas:"
 
@@ -493,7 +528,7 @@ MODALITIES: dict[str, ModalityInfo] = {
     for m in [
         ModalityInfo(
             name="rgb", ext="jpg", tokenizer=_IMAGE, vocab_size=16384, pixel_modality="rgb@224", resample="bicubic",
-            token_sizes=SUPER_RESOLUTION,
+            token_sizes=SUPER_RESOLUTION, ml4m_tokenizer=_4M + "rgb_16k_224-448", ml4m_transform="rgb",
             description="JPEG, EXIF-rotated RGB, shorter side at most the storage size (512)"),
         ModalityInfo(
             name="caption", ext="txt", tokenizer=_TEXT, num_tokens=256, schema=_SCHEMA + "check_caption",
@@ -516,48 +551,57 @@ MODALITIES: dict[str, ModalityInfo] = {
             description="JSON per person: bbox, keypoints, optional SMPL parameters"),
         ModalityInfo(
             name="sam_instance", ext="json", tokenizer="sam_mask", num_tokens=290, draw="boxes",
+            ml4m_tokenizer=_4M + "sam-instance_1k_64", ml4m_transform="mask",
             schema=_SCHEMA + "check_sam_instance", ml4m="export",
             ml4m_note="ml-4m reads it pre-tokenized per crop, a pickled npy (polygons, SAM-mask tokens, boxes)",
             description="JSON COCO RLE masks, XYXY boxes and scores"),
         ModalityInfo(
-            name="sam_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192,
+            name="sam_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192, ml4m_tokenizer=_4M + "edge_8k_224-512",
+            ml4m_transform="rgb",
             description="PNG uint8, boundaries of sam_instance masks"),
         ModalityInfo(
-            name="canny_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192,
+            name="canny_edge", ext="png", tokenizer=_IMAGE, vocab_size=8192, ml4m_tokenizer=_4M + "edge_8k_224-512",
+            ml4m_transform="rgb",
             description="PNG uint8 (0 or 255), OpenCV Canny edges of rgb"),
         ModalityInfo(
             name="depth", ext="png", tokenizer=_IMAGE, vocab_size=8192, dtype="uint16", draw="heat",
-            token_sizes=SUPER_RESOLUTION,
+            token_sizes=SUPER_RESOLUTION, ml4m_tokenizer=_4M + "depth_8k_224-448", ml4m_transform="depth",
             description="PNG uint16, relative depth scaled per image to 0..65535",
             ml4m_note="ml-4m's depth transform divides by 65535 and standardizes per image"),
         ModalityInfo(
             name="normal", ext="png", tokenizer=_IMAGE, vocab_size=8192, channels=3, resample="normal",
-            token_sizes=SUPER_RESOLUTION,
+            token_sizes=SUPER_RESOLUTION, ml4m_tokenizer=_4M + "normal_8k_224-448", ml4m_transform="normal",
             description="PNG uint8 RGB, (n + 1) / 2 * 255, camera frame"),
         ModalityInfo(
             name="semseg_coco", ext="png", tokenizer="segmentation", token_modality="tok_semseg@224",
             vocab_size=4096, num_classes=133, token_sizes=SUPER_RESOLUTION,
+            ml4m_tokenizer=_4M + "semseg_4k_224-448", ml4m_transform="semseg",
             description="PNG P-mode uint8, 133 COCO panoptic classes, 255 = none",
             ml4m_note="ml-4m's transform shifts the ids by one (255, none, becomes 0)"),
         ModalityInfo(
             name="clip", ext="npy", tokenizer="features", vocab_size=8192, shape=(14, 14, 512),
+            ml4m_tokenizer=_4M + "CLIP-B16_8k_224-448", ml4m_transform="features",
             description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features (no "
                         "tok_clip@448 yet: 4M-21's needs the teacher run at 448, a 28 x 28 map)",
             ml4m_note="ml-4m's tokenizer training names this folder CLIP-B16"),
         ModalityInfo(
             name="dinov2", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 768),
+            ml4m_tokenizer=_4M + "DINOv2-B14_8k_224-448", ml4m_transform="features",
             description="npy float16 (16, 16, 768), DINOv2 ViT-B/14 patch features at 224",
             ml4m_note="ml-4m's tokenizer training names this folder DINOv2-B14"),
         ModalityInfo(
             name="dinov2_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(768,),
+            ml4m_tokenizer=_4M + "DINOv2-B14-global_8k_16_224", ml4m_transform="global",
             description="npy float16 (768,), DINOv2 ViT-B/14 CLS token",
             ml4m_note="ml-4m's tokenizer training names this folder DINOv2-B14-global"),
         ModalityInfo(
             name="imagebind", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 1280),
+            ml4m_tokenizer=_4M + "ImageBind-H14_8k_224-448", ml4m_transform="features",
             description="npy float16 (16, 16, 1280), ImageBind-H/14 patch features",
             ml4m_note="ml-4m's tokenizer training names this folder ImageBind-H14"),
         ModalityInfo(
             name="imagebind_global", ext="npy", tokenizer="memcodes", vocab_size=8192, shape=(1280,),
+            ml4m_tokenizer=_4M + "ImageBind-H14-global_8k_16_224", ml4m_transform="global",
             description="npy float16 (1280,), ImageBind-H/14 class token after the final LayerNorm, not projected "
                         "(4M-21's ImageBind-H14-global)",
             ml4m_note="the 1280-d class token, as 4M-21; ml-4m's tokenizer training names it ImageBind-H14-global"),

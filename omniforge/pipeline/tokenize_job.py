@@ -57,6 +57,7 @@ from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 from omniforge.shards import load_manifest
 from omniforge.tokenize.crops import CropConfig, crop_settings
 from omniforge.tokenize.kinds import TokenizerKind, get_kind, kind_for
+from omniforge.tokenize.ml4m import VIT_PRESETS, register_vit_preset
 from omniforge.tokenize.store import TokenizerStore
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class ShardSpec:
     crops: CropConfig
     batch_size: int
     teachers: tuple = ()  # omniforge.pipeline.teachers.Teacher for feature modalities (crops 1..)
+    vit_presets: tuple = ()  # (name, VitPreset) of ml-4m's ViT presets: ones registered on the driver reach workers
 
 
 class _TarCursor:
@@ -224,6 +226,9 @@ class ShardTokenizer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.spec, self.device = spec, device
+        for name, preset in spec.vit_presets:
+            register_vit_preset(name, dim=preset.dim, depth=preset.depth, heads=preset.heads,
+                                mlp_ratio=preset.mlp_ratio)
         self.infos = {info.name: info for info in spec.infos}  # label folder -> its entry
         self.targets = dict(zip(spec.modalities, spec.targets))  # target -> its entry at its size
         self.kinds: dict[str, TokenizerKind] = {m: get_kind(t.tokenizer)(t) for m, t in self.targets.items()}
@@ -511,7 +516,8 @@ def tokenize(cfg: TokenizeConfig, *, ray_address: str | None = None) -> Tokenize
         record.write()
         infos = tuple(get_modality(m) for m in dict.fromkeys((IMAGE_MODALITY, *labels)))
         spec = ShardSpec(input=root, output=out, modalities=tuple(cfg.modalities), infos=infos, targets=targets,
-                         tokenizers=tokenizers_dir, crops=cfg.crops, batch_size=cfg.batch_size, teachers=teachers)
+                         tokenizers=tokenizers_dir, crops=cfg.crops, batch_size=cfg.batch_size, teachers=teachers,
+                         vit_presets=tuple(VIT_PRESETS.items()))
         with _job.omniforge_errors():  # one line for the CLI; Ray's worker trace is in its logs
             actors = _run(cfg, spec, pending, keys_by_shard, fps, summary)
     summary.seconds = time.time() - t_start

@@ -5,4 +5,6 @@
 - text: the WordPiece vocabulary and the exact 4M-21 text forms of det, palette, metadata, poses, SAM.
 - crops: crop settings (crop 0 centred, the others random and seeded per key) applied to every modality.
 - train: `omniforge tokenizer train`.
+- ml4m: Apple's released 4M tokenizers (ml-4m hub snapshots) in omniforge's own implementation, with ml-4m's
+  preprocessing; a --tokenizers folder may hold them. import4m: `omniforge tokenizer import-4m`.
 """

@@ -69,8 +69,16 @@ class Artifact:
     trained_by: str  # the modality `omniforge tokenizer train --modality` trains it from
 
     def train_hint(self, directory: str) -> str:
-        return (f"train it with `omniforge tokenizer train --data LABELS --modality {self.trained_by} "
-                f"--out {directory}`")
+        from omniforge.modalities import get_modality
+
+        hint = f"train it with `omniforge tokenizer train --data LABELS --modality {self.trained_by} --out {directory}`"
+        repo = get_modality(self.trained_by).ml4m_tokenizer if self.folder != TEXT_FOLDER else None
+        if repo is not None:
+            hint += f", or lay out Apple's with `omniforge tokenizer import-4m {repo} --out {directory}`"
+        elif self.folder == TEXT_FOLDER:
+            hint += (", or lay out ml-4m's vocabulary with `omniforge tokenizer import-4m "
+                     f"text_tokenizer_4m_wordpiece_30k.json --out {directory}`")
+        return hint
 
 
 class TokenizerKind:
@@ -132,10 +140,18 @@ class TokenizerKind:
         save_tokenizer(model, directory)
 
     def load(self, directory: str, device: str = "cpu") -> Tokenizer:
-        """A trained model in eval mode; WeightsError when it is missing, corrupt or of another kind."""
+        """A trained model in eval mode; WeightsError when it is missing, corrupt or of another kind.
+
+        The folder may instead hold a snapshot of one of Apple's released tokenizers (ml-4m's hub layout):
+        it loads through `omniforge.tokenize.ml4m`, checked against this modality (`ml4m_input_side`)."""
         from omniforge.errors import WeightsError
+        from omniforge.tokenize import ml4m
         from omniforge.tokenize.models import load_tokenizer
 
+        if ml4m.is_snapshot_dir(directory):
+            model = ml4m.load_snapshot(directory, device=device)
+            ml4m.check_fits(model, self.info, directory, side=self.ml4m_input_side(), tokens=self.tokens_per_input)
+            return model
         model = load_tokenizer(directory, device=device)
         c = model.config
         expected = self.config("tiny")
@@ -145,7 +161,34 @@ class TokenizerKind:
                                f"channels at {expected.image_size}): {self.artifact.train_hint(directory)}")
         return model
 
+    @property
+    def tokens_per_input(self) -> int:
+        """Tokens the model makes of one model input: the registry's num_tokens (16 per SAM instance mask)."""
+        return int(self.info.num_tokens)
+
+    def ml4m_input_side(self) -> int | None:
+        """The side of one model input (224, a feature map's h, 64 for SAM masks); None for vectors."""
+        shape, _ = self.input_layout()
+        return shape[0] if len(shape) > 1 else None
+
     # -- arrays
+
+    def prepare_for(self, model: Any, arrays: list[np.ndarray]) -> Tensor:
+        """`prepare` for the tokenizer `model` will read: for one of Apple's released ml-4m tokenizers, ml-4m's
+        preprocessing of this modality (`ModalityInfo.ml4m_transform`), whatever this kind's own is."""
+        from omniforge.tokenize import ml4m
+
+        if ml4m.is_ml4m_model(model):
+            return ml4m.prepare(self.info, self._check(arrays))
+        return self.prepare(arrays)
+
+    def restore_for(self, model: Any, x: Tensor) -> list[np.ndarray]:
+        """`restore` of what `model` decoded (ml-4m's model space for a released ml-4m tokenizer)."""
+        from omniforge.tokenize import ml4m
+
+        if ml4m.is_ml4m_model(model):
+            return ml4m.restore(self.info, x)
+        return self.restore(x)
 
     def _no(self, what: str) -> ConfigError:
         return ConfigError(f"tokenizer kind {self.name!r} (modality {self.info.name!r}) has no {what}")
@@ -243,7 +286,7 @@ class TokenizerKind:
         model = store.model(self)
         with torch.inference_mode():
             recon = model.decode(torch.from_numpy(np.asarray(ids).astype(np.int64))[None])
-        return self.restore(recon)[0]
+        return self.restore_for(model, recon)[0]
 
 
 # ------------------------------------------------------------------------------------------ VQ-VAE kinds
@@ -566,6 +609,10 @@ class SamInstanceKind(TokenizerKind):
     def config(self, size: str = "tiny") -> TokenizerConfig:
         return _vq_config(SAM_MASK_FOLDER, self.model_kind, in_channels=1, image_size=self.MASK_SIZE,
                           patch_size=IMAGE_PATCH, codebook=self.MASK_CODEBOOK, size=size)
+
+    @property
+    def tokens_per_input(self) -> int:
+        return self.config("tiny").num_tokens
 
     def input_layout(self) -> tuple[tuple[int, ...], str]:
         return (self.MASK_SIZE, self.MASK_SIZE), "uint8"

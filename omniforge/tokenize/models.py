@@ -186,8 +186,8 @@ class VQViTTokenizer(Tokenizer):
         size = side if side > 0 and side % c.patch_size == 0 else c.image_size  # any square multiple of the patch
         if c.kind == "segmentation":
             if x.ndim != 3 or tuple(x.shape[1:]) != (size, size):
-                raise ValueError(f"{c.name} tokenizer expects (B, {c.image_size}, {c.image_size}) class ids (or another "
-                                 f"square side, a multiple of {c.patch_size}), got {tuple(x.shape)}")
+                raise ValueError(f"{c.name} tokenizer expects (B, {c.image_size}, {c.image_size}) class ids (or "
+                                 f"another square side, a multiple of {c.patch_size}), got {tuple(x.shape)}")
             x = self.class_embed(x.long()).permute(0, 3, 1, 2)  # (B, E, H, W)
         else:
             expected = (c.in_channels, size, size)

@@ -4,6 +4,10 @@
     DIR/<modality>/config.json + model.safetensors   a VQ-VAE or Memcodes tokenizer (`omniforge tokenizer train`)
     DIR/sam_mask/config.json + model.safetensors     the SAM instance-mask VQ-VAE
 
+A model folder may instead hold a snapshot of one of Apple's released tokenizers (ml-4m's hub layout,
+`omniforge tokenizer import-4m` lays them out): it loads through `omniforge.tokenize.ml4m`, and the labels
+of its modality get ml-4m's preprocessing (`TokenizerKind.prepare_for`).
+
 Which folders a modality needs is its tokenizer kind's business (`TokenizerKind.artifacts`); this class
 finds, fingerprints, loads and caches them (local or s3://).
 """
@@ -76,10 +80,15 @@ class TokenizerStore:
         when the folder has no trained model."""
         import json
 
+        from omniforge.tokenize import ml4m
+
         uri = self.path(kind.artifact.folder, "config.json")
         if kind.model_kind is None or not storage.exists(uri):
             return None
-        return int(json.loads(storage.read_bytes(uri))["config"]["codebook_size"])
+        config = json.loads(storage.read_bytes(uri))
+        if ml4m.is_snapshot_config(config):
+            return ml4m.ML4MConfig.from_dict(config, source=uri).codebook_size
+        return int(config["config"]["codebook_size"])
 
     def encode(self, kind: TokenizerKind, arrays: list[np.ndarray]) -> np.ndarray:
         """Model-input arrays -> int16 token ids (len(arrays), num_tokens), in batches."""
@@ -89,7 +98,7 @@ class TokenizerStore:
         out = []
         with torch.inference_mode():
             for i in range(0, len(arrays), _ENCODE_BATCH):
-                x = kind.prepare(arrays[i:i + _ENCODE_BATCH]).to(self.device)
+                x = kind.prepare_for(model, arrays[i:i + _ENCODE_BATCH]).to(self.device)
                 out.append(model.encode(x).cpu().numpy())
         return np.concatenate(out).astype(np.int16)
 
