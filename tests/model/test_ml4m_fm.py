@@ -1,0 +1,209 @@
+"""Released 4M / 4M-21 checkpoints: ml-4m's hub layout loaded into omniforge's FourM (logits equal to ml-4m's FM
+on the fixtures' batch), its config refused field by field, fine-tuning with --init-from, and the export back."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from omniforge.errors import ConfigError, WeightsError
+from omniforge.model.fm import FourM, ModelConfig
+from omniforge.model.ml4m import export_released, is_released, key_map, load_released, read_released
+from omniforge.model.specs import patchify
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "ml4m_fm")
+CONFIGS = ("swiglu", "gelu")
+SEQUENCES = ("caption", "det")
+
+
+def _batch() -> dict[str, dict[str, torch.Tensor]]:
+    """The fixture batch in omniforge's format (rgb@224 as uint8 patches)."""
+    data = np.load(os.path.join(FIXTURES, "batch.npz"))
+    batch: dict[str, dict[str, torch.Tensor]] = {}
+    for key in data.files:
+        mod, field = key.split("/")
+        value = data[key]
+        if mod == "rgb@224" and field == "tensor":
+            value = np.stack([patchify(image, 16) for image in value])
+        elif field == "tensor":
+            value = value.astype(np.int64)
+        batch.setdefault(mod, {})[field] = torch.from_numpy(value)
+    return batch
+
+
+def _expected(name: str):
+    return np.load(os.path.join(FIXTURES, name, "logits.npz"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_ml4m(name):
+    torch.manual_seed(0)
+    loaded = load_released(os.path.join(FIXTURES, name))
+    model = loaded.model
+    expected = _expected(name)
+    batch = _batch()
+    with torch.no_grad():
+        logits = model.decoder_logits(batch, scatter=True)
+        _, losses, per_token = model(batch, token_losses=True)
+    targets = [k.split("/", 1)[1] for k in expected.files if k.startswith("logits/")]
+    assert sorted(targets) == sorted(logits) == sorted(["tok_rgb@224", "tok_dinov2_global", "caption", "det",
+                                                        "tok_depth@224"])
+    worst = 0.0
+    for mod in targets:
+        index, want = expected[f"index/{mod}"], expected[f"logits/{mod}"]
+        assert len(index) > 0
+        got = logits[mod][index[:, 0], index[:, 1]].numpy()
+        worst = max(worst, float(np.abs(got - want).max()))
+        # the same tokens are predicted (one per ml-4m logit row), with ml-4m's per-modality loss
+        assert len(per_token[mod][0]) == len(index), mod
+        assert losses[mod].item() == pytest.approx(float(expected[f"loss/{mod}"]), abs=1e-4)
+    assert worst < 1e-4, worst
+    # ml-4m's sequence convention: the first target token of a sequence is given, never predicted
+    for mod in SEQUENCES:
+        first = [int(np.flatnonzero(~batch[mod]["target_mask"][b].numpy())[0])
+                 for b in range(3) if (~batch[mod]["target_mask"][b]).any()]
+        predicted = {(int(b), int(p)) for b, p in expected[f"index/{mod}"]}
+        rows = [b for b in range(3) if (~batch[mod]["target_mask"][b]).any()]
+        assert all((b, p) not in predicted for b, p in zip(rows, first))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_ml4m_key_is_mapped(name):
+    from safetensors import safe_open
+
+    path = os.path.join(FIXTURES, name)
+    released = read_released(path)
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    entries = key_map(released.config, released.specs, released.names, released.domains_in, released.domains_out)
+    assert keys <= set(entries)
+    assert {k for k, e in entries.items() if not e.optional} <= keys
+    loaded = load_released(path)
+    state = loaded.model.state_dict()
+    copied = {e.omni for k, e in entries.items() if e.rule == "copy" and k in keys}
+    # every omniforge parameter comes from the file, but the target-only tok_depth@224's encoder side
+    params = {k for k, _ in loaded.model.named_parameters()}
+    assert params - copied == set(loaded.fresh)
+    assert loaded.fresh and all("tok_depth@224" in k for k in loaded.fresh)
+    # the key map moved real values: perturbed biases and LayerNorm weights, modality embeddings
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    for ml, omni in [("decoder_norm.weight", "decoder_norm.weight"),
+                     ("decoder_proj_context.bias", "context_proj.bias"),
+                     ("decoder_embeddings.caption.mod_emb", "decoder_modality_embeddings.caption"
+                      if released.config.separate_modality_embeddings else "modality_embeddings.caption")]:
+        assert weights[ml].std() > 0
+        assert torch.equal(state[omni], weights[ml].reshape(state[omni].shape))
+    if name == "swiglu":
+        assert released.config.swiglu and not released.config.bias
+        assert torch.equal(state["encoder.0.mlp.gate.weight"], weights["encoder.0.mlp.fc1.weight"])
+        assert torch.equal(state["encoder.0.mlp.fc1.weight"], weights["encoder.0.mlp.fc3.weight"])
+        assert torch.equal(state["encoder_positions.tok_dinov2_global"],
+                           weights["encoder_embeddings.tok_dinov2_global.pos_emb"][0])
+        assert not torch.equal(state["encoder_positions.tok_dinov2_global"],
+                               state["decoder_positions.tok_dinov2_global"])
+    else:  # 4M-7's shared modality embeddings, written once under the decoder's name
+        assert not released.config.separate_modality_embeddings and released.config.bias
+        assert "encoder_embeddings.caption.mod_emb" not in keys
+
+
+def test_specs_and_roles_come_from_the_checkpoint():
+    released = read_released(os.path.join(FIXTURES, "swiglu"))
+    specs = released.specs
+    assert specs["rgb@224"].kind == "pixels" and specs["rgb@224"].role == "input"
+    assert specs["tok_depth@224"].role == "target" and specs["tok_rgb@224"].role == "both"
+    assert specs["tok_dinov2_global"].kind == "global" and specs["caption"].kind == "sequence"
+    assert {m: s.vocab_size for m, s in specs.items() if s.vocab_size} == {
+        "tok_rgb@224": 64, "tok_dinov2_global": 32, "caption": 100, "det": 100, "tok_depth@224": 48}
+    assert is_released(os.path.join(FIXTURES, "swiglu")) and not is_released(FIXTURES)
+
+
+def _config(name="swiglu"):
+    with open(os.path.join(FIXTURES, name, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("field, value", [("qk_norm", True), ("num_register_tokens", 4), ("mlp_bias", True),
+                                          ("decoder_causal_mask", True), ("act_layer", "ReLU"), ("image_size", 448),
+                                          ("drop_path_rate_encoder", 0.1), ("some_new_field", 1)])
+def test_an_unsupported_config_field_is_refused_in_one_line(tmp_path, field, value):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(FIXTURES, "swiglu"), folder)
+    config = {**_config(), field: value}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as e:
+        load_released(str(folder))
+    message = str(e.value)
+    assert "\n" not in message and field in message
+
+
+def test_an_unknown_domain_and_a_bad_shape_are_clear_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(FIXTURES, "swiglu"), folder)
+    (folder / "config.json").write_text(json.dumps({**_config(), "domains_in": ["tok_nothing@224"]}))
+    with pytest.raises(ConfigError, match="ml-4m modality 'tok_nothing@224' has no omniforge folder"):
+        read_released(str(folder))
+    shutil.copy(os.path.join(FIXTURES, "swiglu", "config.json"), folder / "config.json")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["encoder.0.attn.qkv.weight"] = weights["encoder.0.attn.qkv.weight"][:-1]
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"encoder\.0\.attn\.qkv\.weight has shape \(71, 24\)"):
+        load_released(str(folder))
+    weights = load_file(os.path.join(FIXTURES, "swiglu", "model.safetensors"))
+    weights["register_tokens"] = torch.zeros(1, 2, 24)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(WeightsError, match="register_tokens"):
+        load_released(str(folder))
+
+
+def test_default_config_keeps_omniforge_layout():
+    """The new switches are off by default: the state dict keys of a default model are what they were."""
+    from omniforge.model.specs import specs_for
+
+    specs = specs_for(["tok_rgb@224", "tok_caption", "tok_dinov2_global"], 300)
+    model = FourM(ModelConfig(dim=16, encoder_depth=1, decoder_depth=1, heads=2), specs)
+    keys = set(model.state_dict())
+    assert not any(k.startswith(("decoder_modality_embeddings", "encoder_positions", "decoder_positions"))
+                   for k in keys)
+    assert "context_proj.bias" in keys and ModelConfig.from_dict(
+        {"dim": 16, "encoder_depth": 1, "decoder_depth": 1, "heads": 2}).sequence_decoding == "mask_first"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_export_round_trips_through_the_loader(tmp_path, name):
+    loaded = load_released(os.path.join(FIXTURES, name))
+    out = tmp_path / "export"
+    config = export_released(loaded.model, str(out))
+    assert config == {**_config(name), **{k: v for k, v in config.items() if k not in _config(name)}}
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(FIXTURES, name, "model.safetensors"), "pt") as f, \
+            safe_open(str(out / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for k in f.keys():  # the same tensors, but the unused image decoder tables (written as zeros)
+            if not (k.startswith("decoder_embeddings.tok_") and k.endswith("token_emb.weight")):
+                # omniforge's sin-cos tables are computed in float64, ml-4m's in float32
+                assert torch.allclose(f.get_tensor(k), g.get_tensor(k), atol=1e-4 if "pos_emb" in k else 0), k
+    again = load_released(str(out))
+    batch = _batch()
+    with torch.no_grad():
+        a = loaded.model.decoder_logits(batch, scatter=True)
+        b = again.model.decoder_logits(batch, scatter=True)
+    assert all(torch.equal(a[m], b[m]) for m in a)
+
+
+def test_export_refuses_the_default_layout(tmp_path):
+    from omniforge.model.specs import specs_for
+
+    model = FourM(ModelConfig(dim=16, encoder_depth=1, decoder_depth=1, heads=2),
+                  specs_for(["tok_rgb@224", "caption"], 300))
+    with pytest.raises(ConfigError) as e:
+        export_released(model, str(tmp_path / "out"))
+    assert "ModelConfig.sequence_decoding='mask_first'" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
