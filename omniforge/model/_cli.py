@@ -35,6 +35,10 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
                       "and loss.png"),
     "eval_every": dict(type=int, help="steps between held-out evaluations (default: --save-every)"),
     "eval_batches": dict(type=int, help="batches per rank per evaluation (the same samples and masks each time)"),
+    "init_from": dict(metavar="DIR", help="start from a released 4M / 4M-21 checkpoint (hub layout: config.json + "
+                      "model.safetensors) or an omniforge checkpoint: its model config replaces --model, its "
+                      "modalities the run does not use are dropped, the run's others start fresh; a run with a "
+                      "checkpoint in --out resumes instead"),
 }
 
 

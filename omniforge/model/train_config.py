@@ -47,6 +47,7 @@ class TrainConfig:
     eval_data: str | None = None  # held-out token root: its loss is measured every eval_every steps
     eval_every: int | None = None  # steps between held-out evaluations (None: every save_every steps)
     eval_batches: int = 8  # batches per rank per evaluation (the same samples and masks every time)
+    init_from: str | None = None  # released 4M checkpoint (hub layout) or omniforge checkpoint to start from
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):

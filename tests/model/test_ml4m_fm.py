@@ -207,3 +207,129 @@ def test_export_refuses_the_default_layout(tmp_path):
         export_released(model, str(tmp_path / "out"))
     assert "ModelConfig.sequence_decoding='mask_first'" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning: omniforge train --init-from
+
+RGB, GLOBAL, NORMAL = "tok_rgb@224", "tok_dinov2_global", "tok_normal@224"  # NORMAL: not in the checkpoint
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A token root whose targets are predictable: the same ids (a function of the position) in every sample."""
+    import io
+
+    from omniforge import shards
+
+    root = str(tmp_path_factory.mktemp("ft") / "tokens")
+    rows = {RGB: np.arange(196) % 16, GLOBAL: np.arange(16) % 8, NORMAL: (np.arange(196) * 3) % 50}
+    for s in range(2):
+        keys = [f"s{s}-k{k}" for k in range(6)]
+        for folder, row in rows.items():
+            members = []
+            for key in keys:
+                buf = io.BytesIO()
+                np.save(buf, np.tile(row, (2, 1)).astype(np.int16))
+                members.append((f"{key}.npy", buf.getvalue()))
+            shards.write_tar(shards.tar_uri(root, folder, s), members)
+            shards.write_status(shards.status_uri(root, folder, s), [{"key": k, "ok": True} for k in keys])
+    return root
+
+
+def _ft_cfg(root, out, **kw):
+    from omniforge.model.train import TrainConfig
+
+    base = dict(data=root, modalities=(RGB, GLOBAL, NORMAL), out=str(out), input_tokens=32, target_tokens=32,
+                batch_size=4, lr=3e-3, warmup_steps=2, final_lr=3e-4, steps=40, save_every=1000, shuffle_buffer=4,
+                tensorboard=False, device="cpu", init_from=os.path.join(FIXTURES, "swiglu"))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_init_from_a_released_checkpoint_fine_tunes(corpus, tmp_path, capsys):
+    from omniforge.model.checkpoint import load_model
+    from omniforge.model.train import main
+
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    argv = ["--data", corpus, "--modalities", ",".join((RGB, GLOBAL, NORMAL)), "--out", str(out),
+            "--init-from", os.path.join(FIXTURES, "swiglu"), "--input-tokens", "32", "--target-tokens", "32",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2", "--final-lr", "3e-4", "--steps", "40",
+            "--save-every", "1000", "--shuffle-buffer", "4", "--device", "cpu", "--no-tensorboard", "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    for folder in ("rgb@224", "caption", "det", "tok_depth@224"):
+        assert f"dropped {folder}: in the checkpoint, not in --modalities" in err
+    assert f"added {NORMAL}: not in the checkpoint, fresh embeddings and head" in err
+    assert "ml-4m hub checkpoint" in err and f"loaded {RGB}, {GLOBAL}" in err
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 40
+    first, last = np.mean([e["loss"] for e in log[:5]]), np.mean([e["loss"] for e in log[-5:]])
+    assert last < 0.75 * first, (first, last)
+    for m in (RGB, GLOBAL, NORMAL):  # the added modality learns as well as the loaded ones
+        assert np.mean([e["losses"][m] for e in log[-5:]]) < np.mean([e["losses"][m] for e in log[:5]]), m
+    # the run's checkpoint is in the released layout, with the checkpoint's vocabularies
+    trained = load_model(str(out))
+    assert trained.model.config.sequence_decoding == "shifted" and trained.model.config.dim == 24
+    assert trained.specs[RGB].vocab_size == 64 and trained.specs[NORMAL].vocab_size == 8192
+
+
+def test_loaded_modalities_start_from_the_checkpoint_and_the_added_one_trains(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from omniforge._torch_run import Dist
+    from omniforge.model.checkpoint import load_model
+    from omniforge.model.train import _Run, train
+
+    weights = load_file(os.path.join(FIXTURES, "swiglu", "model.safetensors"))
+    cfg = _ft_cfg(corpus, tmp_path / "run", steps=8)
+    run = _Run(cfg, torch.device("cpu"), Dist())  # the model at step 0, as train builds it
+    start = {k: v.clone() for k, v in run.model.state_dict().items()}
+    pairs = {"heads.tok_rgb@224.weight": "decoder_embeddings.tok_rgb@224.to_logits.weight",
+             "encoder_tokens.tok_dinov2_global.weight": "encoder_embeddings.tok_dinov2_global.token_emb.weight",
+             "decoder_positions.tok_dinov2_global": "decoder_embeddings.tok_dinov2_global.pos_emb",
+             "encoder.1.mlp.fc2.weight": "encoder.1.mlp.fc2.weight", "context_proj.bias": "decoder_proj_context.bias"}
+    for omni, ml in pairs.items():
+        assert torch.equal(start[omni], weights[ml].reshape(start[omni].shape)), omni
+    assert not any(NORMAL in k for k in weights)  # the added folder's parts are fresh
+    assert start[f"heads.{NORMAL}.weight"].shape == (8192, 24) and start[f"heads.{NORMAL}.weight"].std() > 0
+    assert any(NORMAL in line and "fresh" in line for line in run.init_lines)
+    train(cfg, progress=False)
+    end = load_model(str(tmp_path / "run")).model.state_dict()
+    for key in (f"heads.{NORMAL}.weight", f"encoder_tokens.{NORMAL}.weight", f"modality_embeddings.{NORMAL}"):
+        assert not torch.allclose(end[key], start[key]), key  # the added modality trains
+
+
+def test_init_from_an_omniforge_checkpoint_and_resume(corpus, tmp_path, capsys):
+    from omniforge.model.checkpoint import load_model
+    from omniforge.model.train import train
+
+    torch.set_num_threads(1)
+    first = tmp_path / "first"
+    train(_ft_cfg(corpus, first, steps=3, modalities=(RGB, GLOBAL)), progress=False)
+    source = load_model(str(first)).model.state_dict()
+    # from the omniforge run: the released layout carries over, NORMAL is added, GLOBAL dropped
+    cfg = _ft_cfg(corpus, tmp_path / "second", steps=4, save_every=2, modalities=(RGB, NORMAL), init_from=str(first))
+    capsys.readouterr()
+    whole = train(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert "omniforge checkpoint" in err and f"dropped {GLOBAL}" in err and f"added {NORMAL}" in err
+    # resume: a run with a checkpoint is not initialised again, and continues exactly
+    part = tmp_path / "part"
+    train(_ft_cfg(corpus, part, steps=2, save_every=2, modalities=(RGB, NORMAL), init_from=str(first)),
+          progress=False)
+    shutil.rmtree(first)  # resuming needs only the run's own checkpoint
+    capsys.readouterr()
+    resumed = train(_ft_cfg(corpus, part, steps=4, save_every=2, modalities=(RGB, NORMAL), init_from=str(first)),
+                    progress=False)
+    assert "not applied, the run resumes from its own checkpoint" in capsys.readouterr().err
+    assert [e["loss"] for e in resumed.losses] == [e["loss"] for e in whole.losses[2:]]
+    assert "encoder.0.attn.qkv.weight" in source
+
+
+def test_a_bad_init_from_is_one_line(corpus, tmp_path):
+    from omniforge.model.train import train
+
+    with pytest.raises(ConfigError) as e:
+        train(_ft_cfg(corpus, tmp_path / "run", init_from=str(tmp_path)), progress=False)
+    assert "\n" not in str(e.value) and "--init-from" in str(e.value)
