@@ -272,6 +272,27 @@ def test_init_from_a_released_checkpoint_fine_tunes(corpus, tmp_path, capsys):
     trained = load_model(str(out))
     assert trained.model.config.sequence_decoding == "shifted" and trained.model.config.dim == 24
     assert trained.specs[RGB].vocab_size == 64 and trained.specs[NORMAL].vocab_size == 8192
+    # ... and goes out again as ml-4m's hub layout, with the fixture's keys for what it shares with it
+    from safetensors import safe_open
+
+    from omniforge.jobs.cli import main as omniforge
+
+    hub = tmp_path / "hub"
+    assert omniforge(["export-4m", str(out), "--out", str(hub)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert omniforge(["export-4m", str(out), "--out", str(hub)]) == 2  # never over an existing export
+    assert "already holds" in capsys.readouterr().err
+    with safe_open(os.path.join(FIXTURES, "swiglu", "model.safetensors"), "pt") as f, \
+            safe_open(str(hub / "model.safetensors"), "pt") as g:
+        def kept(k):
+            return not k.startswith(("encoder_embeddings.", "decoder_embeddings.")) or k.split(".")[1] in (RGB, GLOBAL)
+        assert {k for k in f.keys() if kept(k)} == {k for k in g.keys() if NORMAL not in k}
+    again = load_model(str(hub))
+    assert again.config["released"] == str(hub) and set(again.specs) == {RGB, GLOBAL, NORMAL}
+    batch = {m: d for m, d in _batch().items() if m in (RGB, GLOBAL)}
+    with torch.no_grad():
+        a, b = trained.model.decoder_logits(batch, scatter=True), again.model.decoder_logits(batch, scatter=True)
+    assert set(a) == {RGB, GLOBAL} and all(torch.allclose(a[m], b[m], atol=1e-5) for m in a)
 
 
 def test_loaded_modalities_start_from_the_checkpoint_and_the_added_one_trains(corpus, tmp_path):
