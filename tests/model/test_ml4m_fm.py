@@ -354,3 +354,39 @@ def test_a_bad_init_from_is_one_line(corpus, tmp_path):
     with pytest.raises(ConfigError) as e:
         train(_ft_cfg(corpus, tmp_path / "run", init_from=str(tmp_path)), progress=False)
     assert "\n" not in str(e.value) and "--init-from" in str(e.value)
+
+
+def test_plan_maps_token_folders_to_ml4m_sequences_and_checks_vocabularies():
+    from omniforge.model.init_from import plan_init
+    from omniforge.model.specs import specs_for
+
+    fixture = os.path.join(FIXTURES, "swiglu")
+    plan = plan_init(fixture, specs_for(["tok_caption", RGB], 100))
+    assert plan.loaded == {"tok_caption": "caption", RGB: RGB} and plan.config.sequence_decoding == "shifted"
+    assert plan.specs[RGB].vocab_size == 64  # the registry's 16384 gives way to the checkpoint's head
+    with pytest.raises(ConfigError) as e:  # a text tokenizer of another size is refused
+        plan_init(fixture, specs_for(["tok_caption"], 300))
+    assert "tok_caption's tokenizer has 300 ids, the checkpoint's caption 100" in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_init_from_under_torchrun(corpus, tmp_path, strategy):
+    import subprocess
+    import sys
+
+    out = tmp_path / strategy
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "omniforge.model.train", "--data", corpus, "--modalities", f"{RGB},{GLOBAL},{NORMAL}",
+           "--out", str(out), "--init-from", os.path.join(FIXTURES, "swiglu"), "--steps", "3", "--save-every", "2",
+           "--batch-size", "2", "--input-tokens", "16", "--target-tokens", "16", "--device", "cpu",
+           "--no-tensorboard", "--no-progress", "--strategy", strategy]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(f"added {NORMAL}") == 1  # rank 0 logs
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    from omniforge.model.checkpoint import load_model
+
+    assert load_model(str(out)).model.config.separate_modality_embeddings
