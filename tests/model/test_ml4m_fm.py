@@ -390,3 +390,29 @@ def test_init_from_under_torchrun(corpus, tmp_path, strategy):
     from omniforge.model.checkpoint import load_model
 
     assert load_model(str(out)).model.config.separate_modality_embeddings
+
+
+def test_a_released_model_generates_sequences():
+    """A "shifted" model has no logits at a sequence's first target: generation reads them where they are."""
+    from omniforge.model.sample import SampleConfig, generate
+
+    model = load_released(os.path.join(FIXTURES, "swiglu")).model
+    specs = model.specs
+    rgb = _batch()[RGB]["tensor"][0].numpy()
+    sentinels, eos = list(range(10, 20)), 3
+    out = generate(model, specs, {RGB: rgb}, ["caption"], SampleConfig(temperature=0.0), sentinel_ids=sentinels,
+                   eos_id=eos)
+    ids = out["caption"]
+    assert 1 <= len(ids) <= specs["caption"].num_tokens
+    # greedy: the first token is the argmax of the logits at position 1, the first predicted one
+    row = {k: torch.ones(1, specs["caption"].seq_len, dtype=torch.bool) for k in ("input_mask", "target_mask")}
+    row["tensor"] = torch.zeros(1, specs["caption"].seq_len, dtype=torch.long)
+    row["tensor"][0, 0] = sentinels[1]
+    row["target_mask"][0, :2] = False
+    batch = {RGB: {"tensor": torch.from_numpy(rgb)[None], "input_mask": torch.zeros(1, 196, dtype=torch.bool),
+                   "target_mask": torch.ones(1, 196, dtype=torch.bool)}, "caption": row}
+    with torch.no_grad():
+        logits = model.decoder_logits(batch, scatter=True)["caption"][0, 1]
+    banned = [0, *[s for s in sentinels if s != eos]]
+    logits[banned] = float("-inf")
+    assert ids[0] == int(logits.argmax())
