@@ -15,12 +15,13 @@ from omniforge.model.ml4m import export_released, is_released, key_map, load_rel
 from omniforge.model.specs import patchify
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "ml4m_fm")
-CONFIGS = ("swiglu", "gelu")
+CONFIGS = ("swiglu", "gelu", "t5")
 SEQUENCES = ("caption", "det")
 
 
-def _batch() -> dict[str, dict[str, torch.Tensor]]:
-    """The fixture batch in omniforge's format (rgb@224 as uint8 patches)."""
+def _batch(name: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The fixture batch in omniforge's format (rgb@224 as uint8 patches), restricted to the domains of the
+    fixture model ``name`` (the t5 model's t5_caption rows rebuilt from their valid vectors)."""
     data = np.load(os.path.join(FIXTURES, "batch.npz"))
     batch: dict[str, dict[str, torch.Tensor]] = {}
     for key in data.files:
@@ -31,7 +32,21 @@ def _batch() -> dict[str, dict[str, torch.Tensor]]:
         elif field == "tensor":
             value = value.astype(np.int64)
         batch.setdefault(mod, {})[field] = torch.from_numpy(value)
-    return batch
+    if name is None:
+        return batch
+    config = _config(name)
+    if "t5_caption" in config["domains_in"]:
+        t5 = np.load(os.path.join(FIXTURES, name, "t5_caption.npz"))
+        tensor = np.zeros((3, 77, 4096), np.float16)
+        input_mask = np.ones((3, 77), bool)
+        start = 0
+        for b, n in enumerate(t5["counts"]):
+            tensor[b, :n] = t5["vectors"][start:start + n]
+            input_mask[b, :n] = False
+            start += n
+        batch["t5_caption"] = {"tensor": torch.from_numpy(tensor), "input_mask": torch.from_numpy(input_mask),
+                               "target_mask": torch.ones(3, 77, dtype=torch.bool)}
+    return {m: d for m, d in batch.items() if m in config["domains_in"] or m in config["domains_out"]}
 
 
 def _expected(name: str):
@@ -44,13 +59,12 @@ def test_logits_equal_ml4m(name):
     loaded = load_released(os.path.join(FIXTURES, name))
     model = loaded.model
     expected = _expected(name)
-    batch = _batch()
+    batch = _batch(name)
     with torch.no_grad():
         logits = model.decoder_logits(batch, scatter=True)
         _, losses, per_token = model(batch, token_losses=True)
     targets = [k.split("/", 1)[1] for k in expected.files if k.startswith("logits/")]
-    assert sorted(targets) == sorted(logits) == sorted(["tok_rgb@224", "tok_dinov2_global", "caption", "det",
-                                                        "tok_depth@224"])
+    assert sorted(targets) == sorted(logits) == sorted(_config(name)["domains_out"])
     worst = 0.0
     for mod in targets:
         index, want = expected[f"index/{mod}"], expected[f"logits/{mod}"]
@@ -62,7 +76,7 @@ def test_logits_equal_ml4m(name):
         assert losses[mod].item() == pytest.approx(float(expected[f"loss/{mod}"]), abs=1e-4)
     assert worst < 1e-4, worst
     # ml-4m's sequence convention: the first target token of a sequence is given, never predicted
-    for mod in SEQUENCES:
+    for mod in [m for m in SEQUENCES if m in targets]:
         first = [int(np.flatnonzero(~batch[mod]["target_mask"][b].numpy())[0])
                  for b in range(3) if (~batch[mod]["target_mask"][b]).any()]
         predicted = {(int(b), int(p)) for b, p in expected[f"index/{mod}"]}
@@ -87,15 +101,15 @@ def test_every_ml4m_key_is_mapped(name):
     # every omniforge parameter comes from the file, but the target-only tok_depth@224's encoder side
     params = {k for k, _ in loaded.model.named_parameters()}
     assert params - copied == set(loaded.fresh)
-    assert loaded.fresh and all("tok_depth@224" in k for k in loaded.fresh)
+    assert bool(loaded.fresh) == (name != "t5") and all("tok_depth@224" in k for k in loaded.fresh)
     # the key map moved real values: perturbed biases and LayerNorm weights, modality embeddings
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(path, "model.safetensors"))
     for ml, omni in [("decoder_norm.weight", "decoder_norm.weight"),
                      ("decoder_proj_context.bias", "context_proj.bias"),
-                     ("decoder_embeddings.caption.mod_emb", "decoder_modality_embeddings.caption"
-                      if released.config.separate_modality_embeddings else "modality_embeddings.caption")]:
+                     ("decoder_embeddings.tok_rgb@224.mod_emb", "decoder_modality_embeddings.tok_rgb@224"
+                      if released.config.separate_modality_embeddings else "modality_embeddings.tok_rgb@224")]:
         assert weights[ml].std() > 0
         assert torch.equal(state[omni], weights[ml].reshape(state[omni].shape))
     if name == "swiglu":
@@ -106,6 +120,9 @@ def test_every_ml4m_key_is_mapped(name):
                            weights["encoder_embeddings.tok_dinov2_global.pos_emb"][0])
         assert not torch.equal(state["encoder_positions.tok_dinov2_global"],
                                state["decoder_positions.tok_dinov2_global"])
+    elif name == "t5":  # T5-XXL caption embeddings: a projection with a bias
+        assert torch.equal(state["encoder_tokens.t5_caption.proj.bias"],
+                           weights["encoder_embeddings.t5_caption.emb_proj.bias"])
     else:  # 4M-7's shared modality embeddings, written once under the decoder's name
         assert not released.config.separate_modality_embeddings and released.config.bias
         assert "encoder_embeddings.caption.mod_emb" not in keys
@@ -153,10 +170,10 @@ def test_an_unknown_domain_and_a_bad_shape_are_clear_errors(tmp_path):
     weights = load_file(str(folder / "model.safetensors"))
     weights["encoder.0.attn.qkv.weight"] = weights["encoder.0.attn.qkv.weight"][:-1]
     save_file(weights, str(folder / "model.safetensors"))
-    with pytest.raises(WeightsError, match=r"encoder\.0\.attn\.qkv\.weight has shape \(71, 24\)"):
+    with pytest.raises(WeightsError, match=r"encoder\.0\.attn\.qkv\.weight has shape \(59, 20\)"):
         load_released(str(folder))
     weights = load_file(os.path.join(FIXTURES, "swiglu", "model.safetensors"))
-    weights["register_tokens"] = torch.zeros(1, 2, 24)
+    weights["register_tokens"] = torch.zeros(1, 2, 20)
     save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(WeightsError, match="register_tokens"):
         load_released(str(folder))
@@ -191,7 +208,7 @@ def test_export_round_trips_through_the_loader(tmp_path, name):
                 # omniforge's sin-cos tables are computed in float64, ml-4m's in float32
                 assert torch.allclose(f.get_tensor(k), g.get_tensor(k), atol=1e-4 if "pos_emb" in k else 0), k
     again = load_released(str(out))
-    batch = _batch()
+    batch = _batch(name)
     with torch.no_grad():
         a = loaded.model.decoder_logits(batch, scatter=True)
         b = again.model.decoder_logits(batch, scatter=True)
@@ -270,7 +287,7 @@ def test_init_from_a_released_checkpoint_fine_tunes(corpus, tmp_path, capsys):
         assert np.mean([e["losses"][m] for e in log[-5:]]) < np.mean([e["losses"][m] for e in log[:5]]), m
     # the run's checkpoint is in the released layout, with the checkpoint's vocabularies
     trained = load_model(str(out))
-    assert trained.model.config.sequence_decoding == "shifted" and trained.model.config.dim == 24
+    assert trained.model.config.sequence_decoding == "shifted" and trained.model.config.dim == 20
     assert trained.specs[RGB].vocab_size == 64 and trained.specs[NORMAL].vocab_size == 8192
     # ... and goes out again as ml-4m's hub layout, with the fixture's keys for what it shares with it
     from safetensors import safe_open
@@ -313,7 +330,7 @@ def test_loaded_modalities_start_from_the_checkpoint_and_the_added_one_trains(co
     for omni, ml in pairs.items():
         assert torch.equal(start[omni], weights[ml].reshape(start[omni].shape)), omni
     assert not any(NORMAL in k for k in weights)  # the added folder's parts are fresh
-    assert start[f"heads.{NORMAL}.weight"].shape == (8192, 24) and start[f"heads.{NORMAL}.weight"].std() > 0
+    assert start[f"heads.{NORMAL}.weight"].shape == (8192, 20) and start[f"heads.{NORMAL}.weight"].std() > 0
     assert any(NORMAL in line and "fresh" in line for line in run.init_lines)
     train(cfg, progress=False)
     end = load_model(str(tmp_path / "run")).model.state_dict()
