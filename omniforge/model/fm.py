@@ -58,7 +58,7 @@ class ModelConfig:
     dropout: float = 0.0
     # ml-4m's released layout (4M / 4M-21, :mod:`omniforge.model.ml4m`); the defaults are omniforge's own.
     separate_modality_embeddings: bool = False  # the decoder has its own modality embedding per modality
-    learned_global_positions: bool = False  # global folders: learned positions, one table in each of encoder and decoder
+    learned_global_positions: bool = False  # global folders: learned positions, an encoder and a decoder table
     sequence_decoding: str = "mask_first"  # "mask_first" | "shifted" (ml-4m's; see the module docstring)
     context_bias: bool | None = None  # bias of the context projection; None = `bias` (ml-4m: always one)
     patch_bias: bool | None = None  # bias of the pixel patch embedding; None = `bias` (ml-4m: never one)

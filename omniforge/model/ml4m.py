@@ -445,7 +445,8 @@ def export_released(model: FourM, out: str) -> dict[str, Any]:
     for key, entry in entries.items():
         if entry.optional:  # save_pretrained writes a shared modality embedding once, under the decoder's name
             continue
-        spec = specs[by_ml[key.split(".")[1]]] if key.startswith(("encoder_embeddings.", "decoder_embeddings.")) else None
+        embedding = key.startswith(("encoder_embeddings.", "decoder_embeddings."))
+        spec = specs[by_ml[key.split(".")[1]]] if embedding else None
         if entry.rule == "copy":
             value = state[entry.omni]
             if entry.omni == "mask_token" or ".mod_emb" in key or key.endswith(".pos_emb"):

@@ -279,7 +279,7 @@ def test_init_from_a_released_checkpoint_fine_tunes(corpus, tmp_path, capsys):
         assert f"dropped {folder}: in the checkpoint, not in --modalities" in err
     assert f"added {NORMAL}: not in the checkpoint, fresh embeddings and head" in err
     assert "ml-4m hub checkpoint" in err and f"loaded {RGB}, {GLOBAL}" in err
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 40
     first, last = np.mean([e["loss"] for e in log[:5]]), np.mean([e["loss"] for e in log[-5:]])
     assert last < 0.75 * first, (first, last)
