@@ -441,7 +441,8 @@ class FourM(nn.Module):
 
         By default each value is (B, N_m, V_m): row n is the sample's n-th target position in ascending
         order (rows past a sample's own target count are padding and meaningless). With ``scatter=True``
-        it is (B, L, V_m), logits at their positions in the batch row and zeros elsewhere. Pass the
+        it is (B, L, V_m), logits at their positions in the batch row and zeros elsewhere (under the "shifted"
+        sequence decoding a sequence's first target position has none: it is given, not predicted). Pass the
         result of ``encode(batch)`` as ``encoded`` to reuse it across decoding steps.
         """
         out = {}

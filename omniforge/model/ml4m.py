@@ -20,6 +20,10 @@ What the key map does with each of ml-4m's keys (every key of the file is one of
 - ``unused``: an image or global modality's decoder ``token_emb``, which ml-4m's FM never reads (its decoder
   queries are mask tokens); not stored, and written as zeros by the export.
 
+Known difference: ml-4m's decoder gives a sequence target at rank >= the modality's ``max_length`` position 0;
+omniforge caps at the registry's ``num_tokens``, which is the same number for every released sequence but
+human_poses (ml-4m: max_length 263, max_tokens 275), so only pose targets of more than 263 tokens differ.
+
 With ``share_modality_embeddings`` (4M-7's default) the encoder and decoder of a modality share one modality
 embedding, which ``save_pretrained`` writes once, under the decoder's name: the encoder's key is then optional.
 """
