@@ -248,8 +248,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.path.isdir(cfg.out):
         print(summary(cfg, result))
     else:  # --out is on the disk of rank 0's node, not this one's
-        print(f"trained {cfg.model} to step {result.steps} on {args.ray_workers} Ray workers; the run is in {cfg.out} "
-              "on the node of rank 0")
+        print(f"trained {cfg.model_label} to step {result.steps} on {args.ray_workers} Ray workers; the run is in "
+              f"{cfg.out} on the node of rank 0")
     return 0
 
 

@@ -307,8 +307,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             start = load_training_state(resume_from, run.state)
         if d.main:
             what = f"resuming from {resume_from} (step {start})" if resume_from else "starting"
-            size = "--init-from" if cfg.init_from is not None else cfg.model
-            print(f"omniforge train: {size} model, {run.num_parameters:,} parameters, "
+            label = f"{cfg.model} model" if cfg.init_from is None else cfg.model_label
+            print(f"omniforge train: {label}, {run.num_parameters:,} parameters, "
                   f"{len(run.specs)} modalities; {what}", file=sys.stderr, flush=True)
             for line in run.init_lines:
                 print(f"omniforge train: {line}", file=sys.stderr, flush=True)

@@ -90,6 +90,13 @@ class TrainConfig:
         model_config(self.model)  # raises ConfigError listing the valid names
 
     @property
+    def model_label(self) -> str:
+        """What the logs call the model: the size name, or where --init-from took it from."""
+        if self.init_from is None:
+            return self.model
+        return f"the model of {os.path.basename(os.path.normpath(self.init_from))}"
+
+    @property
     def roots(self) -> tuple[str, ...]:
         return (self.data,) if isinstance(self.data, str) else self.data
 
