@@ -137,13 +137,12 @@ def plan_init(path: str, specs: dict[str, ModalitySpec], *, resume_from: str | N
 
 def _source_state(plan: InitPlan, model: FourM) -> dict[str, torch.Tensor]:
     """The source's weights under omniforge's names (with the source's folder names)."""
-    from omniforge.model.ml4m import _released, _weights, released_state
+    from omniforge.model.ml4m import _weights, model_shapes, read_released, released_state
 
     if plan.what == "ml-4m hub checkpoint":
+        released = read_released(plan.source)
         weights = _weights(plan.source)
-        released = _released(plan.source, weights)
-        shapes = FourM(plan.config, released.specs).state_dict()
-        return released_state(released, weights, {k: v.shape for k, v in shapes.items()})
+        return released_state(released, weights, model_shapes(plan.config, released.specs))
     from safetensors.torch import load_file
 
     from omniforge.model.checkpoint import MODEL_FILE, resolve_checkpoint

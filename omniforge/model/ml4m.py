@@ -287,8 +287,22 @@ def _weights(path: str) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{file} cannot be read ({e})") from None
 
 
-def _vocab(weights: dict[str, torch.Tensor], name: str, path: str) -> int:
-    sizes = {k: int(weights[k].shape[0]) for k in (f"decoder_embeddings.{name}.to_logits.weight",
+def _shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the weights file, read from its header (no tensor is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = os.path.join(path, HUB_WEIGHTS)
+    if not os.path.isfile(file):
+        raise WeightsError(f"{file} not found: a released checkpoint folder holds {HUB_CONFIG} and {HUB_WEIGHTS}")
+    try:
+        with safe_open(file, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError, ValueError) as e:
+        raise WeightsError(f"{file} cannot be read ({e})") from None
+
+
+def _vocab(weights: dict[str, tuple[int, ...]], name: str, path: str) -> int:
+    sizes = {k: int(weights[k][0]) for k in (f"decoder_embeddings.{name}.to_logits.weight",
                                                      f"encoder_embeddings.{name}.token_emb.weight") if k in weights}
     if not sizes:
         raise WeightsError(f"{path}: {name} has neither decoder_embeddings.{name}.to_logits.weight nor "
@@ -298,7 +312,7 @@ def _vocab(weights: dict[str, torch.Tensor], name: str, path: str) -> int:
     return next(iter(sizes.values()))
 
 
-def _spec(name: str, weights: dict[str, torch.Tensor], role: str, path: str) -> ModalitySpec:
+def _spec(name: str, weights: dict[str, tuple[int, ...]], role: str, path: str) -> ModalitySpec:
     spec = specs_for([folder_for(name)], 1)[name]
     if spec.kind in ("pixels", "embedding"):
         if role != "input":
@@ -307,7 +321,8 @@ def _spec(name: str, weights: dict[str, torch.Tensor], role: str, path: str) -> 
     return replace(spec, vocab_size=_vocab(weights, name, path), role=role)
 
 
-def _released(path: str, weights: dict[str, torch.Tensor]) -> Released:
+def _released(path: str, weights: dict[str, tuple[int, ...]]) -> Released:
+    """The configuration, from config.json and the weights' shapes (``weights``: key -> shape)."""
     config, dom_in, dom_out = parse_config(_read_json(os.path.join(path, HUB_CONFIG)), os.path.join(path, HUB_CONFIG))
     specs: dict[str, ModalitySpec] = {}
     for name in dict.fromkeys([*dom_in, *dom_out]):
@@ -319,8 +334,9 @@ def _released(path: str, weights: dict[str, torch.Tensor]) -> Released:
 
 
 def read_released(path: str) -> Released:
-    """The configuration of a released checkpoint folder (config.json, and the weights' vocabularies)."""
-    return _released(path, _weights(path))
+    """The configuration of a released checkpoint folder (config.json, and the vocabularies in the weights'
+    header: no tensor is read)."""
+    return _released(path, _shapes(path))
 
 
 def _check_positions(key: str, tensor: torch.Tensor, spec: ModalitySpec, dim: int) -> None:
@@ -335,6 +351,12 @@ def _check_positions(key: str, tensor: torch.Tensor, spec: ModalitySpec, dim: in
     if not torch.allclose(tensor[0].float(), expected, atol=1e-4):
         raise WeightsError(f"{key} is not the fixed sin-cos table omniforge uses for {spec.name} (max difference "
                            f"{(tensor[0].float() - expected).abs().max().item():.3g})")
+
+
+def model_shapes(config: ModelConfig, specs: dict[str, ModalitySpec]) -> dict[str, torch.Size]:
+    """The state dict shapes of FourM(config, specs), built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in FourM(config, specs).state_dict().items()}
 
 
 def released_state(released: Released, weights: dict[str, torch.Tensor],
@@ -381,8 +403,8 @@ class LoadedReleased(NamedTuple):
 
 def load_released(path: str, *, device: str | torch.device = "cpu") -> LoadedReleased:
     """A released checkpoint as omniforge's FourM (eval mode) in the released layout."""
+    released = read_released(path)
     weights = _weights(path)
-    released = _released(path, weights)
     model = FourM(released.config, released.specs)
     state = released_state(released, weights, {k: v.shape for k, v in model.state_dict().items()})
     result = model.load_state_dict(state, strict=False)
