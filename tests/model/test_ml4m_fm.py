@@ -433,3 +433,19 @@ def test_a_released_model_generates_sequences():
     banned = [0, *[s for s in sentinels if s != eos]]
     logits[banned] = float("-inf")
     assert ids[0] == int(logits.argmax())
+
+
+def test_init_from_a_default_layout_omniforge_run(corpus, tmp_path, capsys):
+    from omniforge.model.checkpoint import load_model
+    from omniforge.model.train import train
+
+    first = tmp_path / "first"
+    train(_ft_cfg(corpus, first, steps=2, modalities=(RGB,), init_from=None), progress=False)
+    capsys.readouterr()
+    train(_ft_cfg(corpus, tmp_path / "second", steps=2, modalities=(RGB, NORMAL), init_from=str(first)),
+          progress=False)
+    err = capsys.readouterr().err
+    assert f"added {NORMAL}" in err and "the model of first" in err
+    source, model = load_model(str(first)).model, load_model(str(tmp_path / "second")).model
+    assert model.config == source.config and model.config.sequence_decoding == "mask_first"  # omniforge's own
+    assert set(source.state_dict()) < set(model.state_dict())
