@@ -43,6 +43,8 @@ class InitPlan:
     loaded: dict[str, str] = field(default_factory=dict)  # run folder -> source folder
     dropped: list[str] = field(default_factory=list)  # source folders the run does not use
     added: list[str] = field(default_factory=list)  # run folders the source does not have
+    foreign: dict[str, str] = field(default_factory=dict)  # added folders ml-4m names alike: why they differ
+    foreign_sources: list[str] = field(default_factory=list)  # the checkpoint's folders of those names
     resumed: bool = False  # the run resumes from its own checkpoint: nothing to load here
     source_specs: dict[str, ModalitySpec] = field(default_factory=dict)
 
@@ -53,18 +55,20 @@ class InitPlan:
         out = [f"--init-from {self.source} ({self.what}): model dim {self.config.dim}, "
                f"{self.config.encoder_depth} + {self.config.decoder_depth} blocks; loaded "
                + (", ".join(f"{r}" if r == s else f"{r} (from {s})" for r, s in self.loaded.items()) or "no modality")]
-        out += [f"dropped {m}: in the checkpoint, not in --modalities" for m in self.dropped]
-        out += [f"added {m}: not in the checkpoint, fresh embeddings and head" for m in self.added]
+        out += [f"dropped {m}: in the checkpoint, not in --modalities" if m not in self.foreign_sources else
+                f"dropped the checkpoint's {m}: not the modality this run's folder of that name holds"
+                for m in self.dropped]
+        out += [f"added {m}: not in the checkpoint, fresh embeddings and head" if m not in self.foreign else
+                f"added {m}: fresh embeddings and head, the checkpoint's {m} is another modality ({self.foreign[m]})"
+                for m in self.added]
         return out
 
 
 def _registry_key(folder: str, spec: ModalitySpec) -> tuple[str, str]:
     """(registry modality, kind): what makes two folders the same modality (tok_caption and caption)."""
-    from omniforge.modalities import by_embedding_folder, by_pixel_folder, by_token_folder
-    from omniforge.model.specs import raw_sequence_info
+    from omniforge.model.ml4m import registry_info
 
-    info = by_pixel_folder(folder) or by_embedding_folder(folder) or by_token_folder(folder) or \
-        raw_sequence_info(folder)
+    info = registry_info(folder)
     return (info.name if info is not None else folder, spec.kind)
 
 
@@ -122,17 +126,25 @@ def plan_init(path: str, specs: dict[str, ModalitySpec], *, resume_from: str | N
         config, saved = _checkpoint_config(os.path.join(resume_from, CONFIG))
         return InitPlan(path, "the run's own checkpoint", config, saved, resumed=True)
     what, config, source_specs = _read_source(path)
+    from omniforge.model.ml4m import not_ml4m
+
     by_key = {_registry_key(f, s): f for f, s in source_specs.items()}
     out = dict(specs)
     loaded: dict[str, str] = {}
+    foreign: dict[str, str] = {}
+    foreign_sources: list[str] = []
     for folder, spec in specs.items():
         source = by_key.get(_registry_key(folder, spec))
-        if source is not None:
+        if source is not None and what == "ml-4m hub checkpoint" and not_ml4m(folder):
+            foreign[folder] = not_ml4m(folder)  # the same name, another modality: nothing to load
+            foreign_sources.append(source)
+        elif source is not None:
             out[folder] = _merge(folder, spec, source_specs[source], path)
             loaded[folder] = source
     dropped = [f for f in source_specs if f not in loaded.values()]
     added = [f for f in specs if f not in loaded]
-    return InitPlan(path, what, config, out, loaded, dropped, added, source_specs=source_specs)
+    return InitPlan(path, what, config, out, loaded, dropped, added, foreign=foreign,
+                    foreign_sources=foreign_sources, source_specs=source_specs)
 
 
 def _source_state(plan: InitPlan, model: FourM) -> dict[str, torch.Tensor]:

@@ -163,6 +163,22 @@ def folder_for(name: str) -> str:
     return name
 
 
+def registry_info(folder: str):
+    """The registry modality a folder belongs to (a token, pixel, embedding or raw sequence folder), or None."""
+    from omniforge.modalities import by_embedding_folder, by_pixel_folder, by_token_folder
+    from omniforge.model.specs import raw_sequence_info
+
+    return by_pixel_folder(folder) or by_embedding_folder(folder) or by_token_folder(folder) or \
+        raw_sequence_info(folder)
+
+
+def not_ml4m(folder: str) -> str | None:
+    """Why a folder's content is not ml-4m's modality of the same name (the registry's ``ml4m == "none"``, e.g.
+    omniforge's ViTPose human_poses against 4M-21's SMPL ones), or None when it is ml-4m's."""
+    info = registry_info(folder)
+    return info.ml4m_note if info is not None and info.ml4m == "none" else None
+
+
 def ml4m_name(folder: str, spec: ModalitySpec) -> str:
     """ml-4m's domain name of an omniforge folder: the folder itself, but a sequence's registry modality name for a
     token folder (tok_caption -> caption)."""
@@ -457,6 +473,11 @@ def export_released(model: FourM, out: str) -> dict[str, Any]:
         raise ConfigError(f"ml-4m's FM cannot express this model: {problems[0]}" +
                           (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     specs = model.specs
+    foreign = [(f, not_ml4m(f)) for f in specs if not_ml4m(f)]
+    if foreign:
+        folder, why = foreign[0]
+        raise ConfigError(f"{folder}: omniforge's {folder} is not ml-4m's modality of that name ({why}); a model "
+                          "trained on it cannot be exported as ml-4m's")
     names = {f: ml4m_name(f, s) for f, s in specs.items()}
     if len(set(names.values())) != len(names):
         raise ConfigError(f"two folders map to one ml-4m modality: {names}")
