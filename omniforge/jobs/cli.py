@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from omniforge.errors import OmniforgeError
 from omniforge.modalities import DEFAULT_LABEL_MODALITIES
-from omniforge.model._cli import add_sample_cli, add_train_cli
+from omniforge.model._cli import add_export4m_cli, add_sample_cli, add_train_cli
 from omniforge.tokenize._cli import add_cli as add_tokenizer_cli
 
 DEFAULT_MODALITIES = ",".join(DEFAULT_LABEL_MODALITIES)
@@ -253,8 +253,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.path.isdir(cfg.out):
         print(summary(cfg, result))
     else:  # --out is on the disk of rank 0's node, not this one's
-        print(f"trained {cfg.model} to step {result.steps} on {args.ray_workers} Ray workers; the run is in {cfg.out} "
-              "on the node of rank 0")
+        print(f"trained {cfg.model_label} to step {result.steps} on {args.ray_workers} Ray workers; the run is in "
+              f"{cfg.out} on the node of rank 0")
     return 0
 
 
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray-workers: worker-group restarts (each resumes from the last checkpoint)")
     p.set_defaults(fn=cmd_train)
     add_sample_cli(sub)
+    add_export4m_cli(sub)
 
     p = sub.add_parser("verify", help="check that every sample is accounted for; exit 1 on any problem")
     p.add_argument("root")

@@ -101,8 +101,13 @@ def check_config(cfg: TrainConfig) -> None:
     """Raise ConfigError for what would stop a run at its start (shards, tokenizers, masking), without
     building the model: launchers call it before they start workers."""
     _check_shards(cfg)
-    build_specs(cfg)
+    specs, _ = build_specs(cfg)
     build_masking(cfg)
+    if cfg.init_from is not None:
+        from omniforge.model.checkpoint import latest_checkpoint
+        from omniforge.model.init_from import plan_init
+
+        plan_init(cfg.init_from, specs, resume_from=latest_checkpoint(cfg.out))
 
 
 def build_masking(cfg: TrainConfig) -> MaskingConfig:

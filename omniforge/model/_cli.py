@@ -35,6 +35,10 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
                       "and loss.png"),
     "eval_every": dict(type=int, help="steps between held-out evaluations (default: --save-every)"),
     "eval_batches": dict(type=int, help="batches per rank per evaluation (the same samples and masks each time)"),
+    "init_from": dict(metavar="DIR", help="start from a released 4M / 4M-21 checkpoint (hub layout: config.json + "
+                      "model.safetensors) or an omniforge checkpoint: its model config replaces --model, its "
+                      "modalities the run does not use are dropped, the run's others start fresh; a run with a "
+                      "checkpoint in --out resumes instead"),
 }
 
 
@@ -97,3 +101,29 @@ def _sample_cli(args: Any) -> int:
     from omniforge.model.sample import sample_cli
 
     return sample_cli(args)
+
+
+def add_export4m_cli(subparsers: Any) -> None:
+    """Register `omniforge export-4m RUN --out DIR` on the top-level subparsers."""
+    p = subparsers.add_parser("export-4m", help="write a trained model (released 4M layout) as ml-4m's hub layout, "
+                              "the folder ml-4m's FM.from_pretrained loads")
+    p.add_argument("run", help="training run directory (uses `latest`) or a checkpoint-<step> directory; the model "
+                   "must be in the released layout (trained with --init-from a released 4M checkpoint)")
+    p.add_argument("--out", required=True, help="new folder to write: config.json + model.safetensors")
+    p.set_defaults(fn=_export4m_cli)
+
+
+def _export4m_cli(args: Any) -> int:
+    import os
+
+    from omniforge.errors import ConfigError
+    from omniforge.model.checkpoint import load_model
+    from omniforge.model.ml4m import HUB_CONFIG, HUB_WEIGHTS, export_released
+
+    if any(os.path.exists(os.path.join(args.out, f)) for f in (HUB_CONFIG, HUB_WEIGHTS)):
+        raise ConfigError(f"--out {args.out} already holds {HUB_CONFIG} or {HUB_WEIGHTS}: pick a new folder")
+    loaded = load_model(args.run)
+    config = export_released(loaded.model, args.out)
+    print(f"wrote {args.out}: ml-4m FM, {config['dim']} wide, {config['encoder_depth']} + {config['decoder_depth']} "
+          f"blocks; domains_in {','.join(config['domains_in'])}; domains_out {','.join(config['domains_out'])}")
+    return 0

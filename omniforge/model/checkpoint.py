@@ -254,13 +254,22 @@ def load_training_state(directory: str, state: TrainState) -> int:
 
 
 def load_model(path: str, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a checkpoint for inference (``omniforge sample``, tests): ``path`` is a run directory (its
+    """The model of a checkpoint for inference (``omniforge sample``, tests): ``path`` is a released 4M checkpoint
+    in ml-4m's hub layout (:mod:`omniforge.model.ml4m`; config gets ``"released": path``), a run directory (its
     latest checkpoint) or a ``checkpoint-<step>`` directory holding model.safetensors and config.json
     ({"model": ModelConfig fields, "specs": {folder: ModalitySpec fields}, ...}). WeightsError naming the file
     and the fix when either is missing, unreadable or the two disagree."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from omniforge.model.ml4m import is_released, load_released
+
+    if is_released(path):  # a released 4M / 4M-21 checkpoint in ml-4m's hub layout
+        released = load_released(path, device=device)
+        config = {"format": FORMAT, "model": released.model.config.to_dict(),
+                  "specs": {m: asdict(s) for m, s in released.released.specs.items()}, "text_tokenizer": None,
+                  "released": path}
+        return LoadedModel(released.model, dict(released.released.specs), config)
     directory = resolve_checkpoint(path)
     config_path = os.path.join(directory, CONFIG)
     try:

@@ -19,6 +19,13 @@ A batch is ``dict[folder, dict[str, Tensor]]`` in the shared format (see ``omnif
   bidirectional for image and global modalities, causal over a sequence modality's targets (the
   attention pattern comes from the spec's kind; ``decoder_attention_mask`` is not read). Every block
   also cross-attends to the encoder output.
+- ml-4m's released layout (``ModelConfig(**RELEASED_LAYOUT)``, what :mod:`omniforge.model.ml4m` builds for a
+  released 4M / 4M-21 checkpoint) differs in these switches, each off by default: separate decoder modality
+  embeddings; learned positions for global folders (an encoder and a decoder table); a bias in the context
+  projection and in an embedding folder's projection, none in the pixel patch embedding; and the "shifted"
+  sequence decoding: a sequence's positions are ranks (among its visible inputs in the encoder, among its
+  targets in the decoder), decoder query k reads target token k and predicts target token k + 1, so the
+  first target token (a sentinel) is given and never predicted, and its logits are absent.
 - Per-modality linear heads give logits; the loss is the cross-entropy averaged over each modality's
   target tokens, then over the modalities that have at least one target in the batch.
 """
@@ -49,6 +56,13 @@ class ModelConfig:
     swiglu: bool = False  # gated SiLU MLP instead of GELU
     bias: bool = True  # False = the "no-bias" variant: no bias in linear layers or LayerNorms
     dropout: float = 0.0
+    # ml-4m's released layout (4M / 4M-21, :mod:`omniforge.model.ml4m`); the defaults are omniforge's own.
+    separate_modality_embeddings: bool = False  # the decoder has its own modality embedding per modality
+    learned_global_positions: bool = False  # global folders: learned positions, an encoder and a decoder table
+    sequence_decoding: str = "mask_first"  # "mask_first" | "shifted" (ml-4m's; see the module docstring)
+    context_bias: bool | None = None  # bias of the context projection; None = `bias` (ml-4m: always one)
+    patch_bias: bool | None = None  # bias of the pixel patch embedding; None = `bias` (ml-4m: never one)
+    vector_bias: bool | None = None  # bias of an embedding folder's projection; None = `bias` (ml-4m: always one)
 
     def __post_init__(self) -> None:
         for name in ("dim", "encoder_depth", "decoder_depth", "heads"):
@@ -65,6 +79,21 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.mlp_ratio={self.mlp_ratio!r}: must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout={self.dropout!r}: must be in [0, 1)")
+        for name in ("swiglu", "bias", "separate_modality_embeddings", "learned_global_positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: must be true or false")
+        for name in ("context_bias", "patch_bias", "vector_bias"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: must be true, false or null "
+                                  "(null: the same as `bias`)")
+        if self.sequence_decoding not in SEQUENCE_DECODINGS:
+            raise ConfigError(f"ModelConfig.sequence_decoding={self.sequence_decoding!r}: must be one of "
+                              f"{', '.join(SEQUENCE_DECODINGS)}")
+
+    def bias_of(self, part: str) -> bool:
+        """The bias setting of ``part`` ("context", "patch" or "vector"): its own field, else ``bias``."""
+        own = getattr(self, f"{part}_bias")
+        return self.bias if own is None else own
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +106,11 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig: unknown field(s) {unknown}; valid fields: {sorted(known)}")
         return cls(**data)
 
+
+SEQUENCE_DECODINGS = ("mask_first", "shifted")
+# What ml-4m's FM does where omniforge's defaults differ: ModelConfig(**shape, **RELEASED_LAYOUT) is a released model.
+RELEASED_LAYOUT: dict[str, Any] = dict(learned_global_positions=True, sequence_decoding="shifted", context_bias=True,
+                                       patch_bias=False, vector_bias=True)
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dim=64, encoder_depth=2, decoder_depth=2, heads=2),
@@ -151,12 +185,12 @@ class VectorEmbedding(nn.Module):
         return self.proj(vectors.to(self.proj.weight.dtype))
 
 
-def _input_embedding(spec: ModalitySpec, dim: int, bias: bool) -> nn.Module:
+def _input_embedding(spec: ModalitySpec, config: ModelConfig) -> nn.Module:
     if spec.kind == "pixels":
-        return PatchEmbedding(spec.patch_dim, dim, bias)
+        return PatchEmbedding(spec.patch_dim, config.dim, config.bias_of("patch"))
     if spec.kind == "embedding":
-        return VectorEmbedding(spec.width, dim, bias)
-    return nn.Embedding(spec.vocab_size, dim)
+        return VectorEmbedding(spec.width, config.dim, config.bias_of("vector"))
+    return nn.Embedding(spec.vocab_size, config.dim)
 
 
 class FourM(nn.Module):
@@ -177,20 +211,31 @@ class FourM(nn.Module):
         hidden = int(dim * config.mlp_ratio)
         block = dict(swiglu=config.swiglu, bias=config.bias, dropout=config.dropout)
 
-        self.encoder_tokens = nn.ModuleDict({m: _input_embedding(s, dim, config.bias) for m, s in specs.items()})
+        self.encoder_tokens = nn.ModuleDict({m: _input_embedding(s, config) for m, s in specs.items()})
         # Image and global decoder queries are mask tokens; only sequences embed (previous) target tokens.
         self.decoder_tokens = nn.ModuleDict(
             {m: nn.Embedding(s.vocab_size, dim) for m, s in specs.items() if s.kind == "sequence"})
         self.modality_embeddings = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim)) for m in specs})
+        decoded = [m for m, s in specs.items() if not s.input_only]
+        if config.separate_modality_embeddings:  # ml-4m's unshared encoder and decoder modality embeddings
+            self.decoder_modality_embeddings = nn.ParameterDict({m: nn.Parameter(torch.zeros(dim)) for m in decoded})
         self.mask_token = nn.Parameter(torch.zeros(dim))
+        learned = [m for m, s in specs.items() if s.kind == "global" and config.learned_global_positions]
+        if learned:  # ml-4m's global tokens: learned (L, D) positions, separately in the encoder and the decoder
+            self.encoder_positions = nn.ParameterDict(
+                {m: nn.Parameter(torch.zeros(specs[m].seq_len, dim)) for m in learned})
+            self.decoder_positions = nn.ParameterDict(
+                {m: nn.Parameter(torch.zeros(specs[m].seq_len, dim)) for m in learned if m in decoded})
         for m, s in specs.items():
+            if m in learned:
+                continue
             table = sincos_2d(s.grid, dim) if s.kind in ("image", "pixels") else sincos_1d(s.seq_len, dim)
             self.register_buffer(self._pos_name(m), table, persistent=False)  # (L, D)
 
         self.encoder = nn.ModuleList(EncoderBlock(dim, config.heads, hidden, **block)
                                      for _ in range(config.encoder_depth))
         self.encoder_norm = layer_norm(dim, config.bias)
-        self.context_proj = nn.Linear(dim, dim, bias=config.bias)
+        self.context_proj = nn.Linear(dim, dim, bias=config.bias_of("context"))
         self.decoder = nn.ModuleList(DecoderBlock(dim, config.heads, hidden, **block)
                                      for _ in range(config.decoder_depth))
         self.decoder_norm = layer_norm(dim, config.bias)
@@ -202,8 +247,23 @@ class FourM(nn.Module):
     def _pos_name(modality: str) -> str:
         return "pos_" + modality.replace("@", "_at_")
 
-    def _pos(self, modality: str) -> Tensor:
+    def _pos(self, modality: str, *, decoder: bool = False) -> Tensor:
+        """The (L, D) position table of a modality: the fixed sin-cos buffer, or the encoder's or decoder's
+        learned table of a global modality (learned_global_positions)."""
+        tables = getattr(self, "decoder_positions" if decoder else "encoder_positions", None)
+        if tables is not None and modality in tables:
+            return tables[modality]
         return getattr(self, self._pos_name(modality))
+
+    def _modality_embedding(self, modality: str, *, decoder: bool = False) -> Tensor:
+        if decoder and self.config.separate_modality_embeddings:
+            return self.decoder_modality_embeddings[modality]
+        return self.modality_embeddings[modality]
+
+    def _ranked(self, kind: str) -> bool:
+        """Positions are ranks among the row's visible vectors or tokens (ml-4m's cumulative sum of the
+        mask), not places in the row: embeddings always, sequences under the "shifted" decoding."""
+        return kind == "embedding" or (kind == "sequence" and self.config.sequence_decoding == "shifted")
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -213,8 +273,9 @@ class FourM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
-        for p in self.modality_embeddings.values():
-            nn.init.normal_(p, std=0.02)
+        for name in ("modality_embeddings", "decoder_modality_embeddings", "encoder_positions", "decoder_positions"):
+            for p in getattr(self, name, {}).values():
+                nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def num_parameters(self) -> int:
@@ -266,8 +327,8 @@ class FourM(nn.Module):
             if n == 0:
                 continue
             # An embedding's vector k among the visible ones sits at position k (padding slots come after them).
-            position = torch.arange(n, device=g.index.device).expand_as(g.index) if kind == "embedding" else g.index
-            emb = self._pos(m)[position] + self.modality_embeddings[m]  # (B, N_m, D)
+            position = torch.arange(n, device=g.index.device).expand_as(g.index) if self._ranked(kind) else g.index
+            emb = self._pos(m)[position] + self._modality_embedding(m)  # (B, N_m, D)
             tokens.append(self.encoder_tokens[m](g.ids))
             embs.append(emb)
             valids.append(g.valid)
@@ -316,12 +377,24 @@ class FourM(nn.Module):
             n = g.ids.shape[1]
             if n == 0:
                 continue
-            q = self.mask_token.expand(*g.ids.shape, -1)  # (B, N_m, D)
-            if spec.kind == "sequence":  # teacher forcing: position t reads the target token before it
-                prev = self.decoder_tokens[m](F.pad(g.ids[:, :-1], (1, 0)))  # (B, N_m, D)
-                first = torch.arange(n, device=prev.device)[None, :, None] == 0
-                q = torch.where(first, q, prev)
-            q = q + self._pos(m)[g.index] + self.modality_embeddings[m]
+            if spec.kind == "sequence" and self.config.sequence_decoding == "shifted":
+                if n < 2:  # one target token: it is the given first one, nothing is predicted
+                    continue
+                # ml-4m: query k reads target token k at position k (its rank among the targets, 0 from the
+                # modality's max length on) and predicts target token k + 1; the first is given, never predicted.
+                rank = torch.arange(n - 1, device=g.ids.device)
+                rank = rank.masked_fill(rank >= spec.num_tokens, 0)
+                q = self.decoder_tokens[m](g.ids[:, :-1]) + self._pos(m, decoder=True)[rank]
+                g = _Gathered(g.index[:, 1:], g.valid[:, 1:], g.ids[:, 1:])
+                n -= 1
+            else:
+                q = self.mask_token.expand(*g.ids.shape, -1)  # (B, N_m, D)
+                if spec.kind == "sequence":  # teacher forcing: position t reads the target token before it
+                    prev = self.decoder_tokens[m](F.pad(g.ids[:, :-1], (1, 0)))  # (B, N_m, D)
+                    first = torch.arange(n, device=prev.device)[None, :, None] == 0
+                    q = torch.where(first, q, prev)
+                q = q + self._pos(m, decoder=True)[g.index]
+            q = q + self._modality_embedding(m, decoder=True)
             queries.append(q)
             targets[m] = g
             mod_ids.append(torch.where(g.valid, i, -1))  # (B, N_m); padding slots form their own group
@@ -368,7 +441,8 @@ class FourM(nn.Module):
 
         By default each value is (B, N_m, V_m): row n is the sample's n-th target position in ascending
         order (rows past a sample's own target count are padding and meaningless). With ``scatter=True``
-        it is (B, L, V_m), logits at their positions in the batch row and zeros elsewhere. Pass the
+        it is (B, L, V_m), logits at their positions in the batch row and zeros elsewhere (under the "shifted"
+        sequence decoding a sequence's first target position has none: it is given, not predicted). Pass the
         result of ``encode(batch)`` as ``encoded`` to reuse it across decoding steps.
         """
         out = {}

@@ -239,7 +239,8 @@ def _generate_sequence(model: FourM, spec: ModalitySpec, context: dict[str, Row]
     for t in range(1, spec.num_tokens + 1):
         row["target_mask"][0, : t + 1] = False  # queries 0..t; query t reads target token t - 1
         row["decoder_attention_mask"][0, : t + 1] = 1
-        logits = model.decoder_logits(batch, encoded)[spec.name][0, t]  # (V,)
+        # scattered: the logits at position t under either sequence decoding (a "shifted" model has none at 0)
+        logits = model.decoder_logits(batch, encoded, scatter=True)[spec.name][0, t]  # (V,)
         logits = logits.float().index_fill(0, banned, float("-inf"))
         ids, _ = _draw(logits[None], cfg, gen)
         token = int(ids[0])

@@ -35,6 +35,7 @@ from omniforge.model.checkpoint import (TrainState, latest_checkpoint, load_trai
                                         save_checkpoint)
 from omniforge.model.data import DataConfig, TokenShardDataset, make_loader
 from omniforge.model.fm import FourM, model_config
+from omniforge.model.init_from import describe, init_model, plan_init
 from omniforge.model.masking import Masker
 from omniforge.model.metrics import EvalMetrics, Layout, StepMetrics, mean_loss, per_modality
 from omniforge.model.train_config import TrainConfig, config_from_args
@@ -127,6 +128,12 @@ class _Run:
         self.cfg, self.device, self.dist = cfg, device, d
         _check_shards(cfg)
         self.specs, self.text = build_specs(cfg)
+        self.resume_from = latest_checkpoint(cfg.out)
+        self.model_config = model_config(cfg.model)
+        self.init = None  # --init-from: the model config and specs come from the source (init_from.py)
+        if cfg.init_from is not None:
+            self.init = plan_init(cfg.init_from, self.specs, resume_from=self.resume_from)
+            self.model_config, self.specs = self.init.config, self.init.specs
         self.masking = build_masking(cfg)
         text = self.text
         masker = Masker(self.masking, self.specs, sentinel_ids=text.sentinel_ids if text else [],
@@ -142,9 +149,13 @@ class _Run:
                                   seed=cfg.seed, num_workers=0, shuffle_buffer=1, tokenizers=cfg.tokenizers)
             self.eval_data = TokenShardDataset(eval_cfg, masker, rank=d.rank, world_size=d.world_size)
             self._eval_start = self.eval_data.state_dict()
-        self.model_config = model_config(cfg.model)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
-        self.model = FourM(self.model_config, self.specs).to(device)
+        self.model = FourM(self.model_config, self.specs)
+        self.init_lines: list[str] = []
+        if self.init is not None:
+            fresh = [] if self.init.resumed else init_model(self.model, self.init)
+            self.init_lines = describe(self.init, fresh)
+        self.model = self.model.to(device)
         self.num_parameters = self.model.num_parameters()
         self.runner = _wrap(self.model, cfg, d, device)
         self.optimizer = _optimizer(self.model, cfg)
@@ -291,13 +302,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         barrier(d)
         run = _Run(cfg, device, d)
         start = 0
-        resume_from = latest_checkpoint(cfg.out)
+        resume_from = run.resume_from
         if resume_from is not None:
             start = load_training_state(resume_from, run.state)
         if d.main:
             what = f"resuming from {resume_from} (step {start})" if resume_from else "starting"
-            print(f"omniforge train: {cfg.model} model, {run.num_parameters:,} parameters, "
+            label = f"{cfg.model} model" if cfg.init_from is None else cfg.model_label
+            print(f"omniforge train: {label}, {run.num_parameters:,} parameters, "
                   f"{len(run.specs)} modalities; {what}", file=sys.stderr, flush=True)
+            for line in run.init_lines:
+                print(f"omniforge train: {line}", file=sys.stderr, flush=True)
         entries, evals = _run_loop(run, start, progress)
         return TrainResult(out=cfg.out, steps=max(start, cfg.steps), losses=entries, evals=evals,
                            seconds=time.perf_counter() - t_start)

@@ -47,6 +47,7 @@ class TrainConfig:
     eval_data: str | None = None  # held-out token root: its loss is measured every eval_every steps
     eval_every: int | None = None  # steps between held-out evaluations (None: every save_every steps)
     eval_batches: int = 8  # batches per rank per evaluation (the same samples and masks every time)
+    init_from: str | None = None  # released 4M checkpoint (hub layout) or omniforge checkpoint to start from
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):
@@ -87,6 +88,13 @@ class TrainConfig:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"TrainConfig.strategy={self.strategy!r}: must be one of {STRATEGIES}")
         model_config(self.model)  # raises ConfigError listing the valid names
+
+    @property
+    def model_label(self) -> str:
+        """What the logs call the model: the size name, or where --init-from took it from."""
+        if self.init_from is None:
+            return self.model
+        return f"the model of {os.path.basename(os.path.normpath(self.init_from))}"
 
     @property
     def roots(self) -> tuple[str, ...]:

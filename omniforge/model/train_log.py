@@ -184,6 +184,6 @@ def summary(cfg: TrainConfig, result: TrainResult) -> str:
         held_out = f", held-out {result.evals[0]['loss']:.3f} -> {result.evals[-1]['loss']:.3f}"
         if len(result.evals) == 1:
             held_out = f", held-out {result.evals[0]['loss']:.3f}"
-    return (f"trained {cfg.model} steps {first['step']}..{last['step']} in {result.seconds:.0f} s: loss "
+    return (f"trained {cfg.model_label} steps {first['step']}..{last['step']} in {result.seconds:.0f} s: loss "
             f"{first['loss']:.3f} -> {last['loss']:.3f}{held_out}, {tokens_s:,.0f} tokens/s; checkpoint "
             f"{latest_checkpoint(cfg.out)}, curve {os.path.join(cfg.out, LOSS_PLOT)}")

@@ -27,7 +27,7 @@ from omniforge.model.train_log import LOG, read_log
 from omniforge.pipeline._job import check_shared_output
 from omniforge.pipeline._ray import cluster_gpus, ensure_ray
 
-_PATH_FIELDS = ("out", "tokenizers", "masking", "eval_data")
+_PATH_FIELDS = ("out", "tokenizers", "masking", "eval_data", "init_from")
 
 
 def _absolute(cfg: TrainConfig) -> TrainConfig:
