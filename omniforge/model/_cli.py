@@ -8,7 +8,7 @@ SCHEDULES = ("cosine", "linear")
 DTYPES = ("auto", "bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp")
 ORDERS = ("maskgit", "random")
-SEQUENCE_DECODINGS = ("ml4m", "omniforge")
+SEQUENCE_SAMPLINGS = ("ml4m", "omniforge")
 TARGET_ALIASES = {"temp": "temperature", "temp_schedule": "temperature_schedule", "cfg": "guidance_scale"}
 
 
@@ -115,12 +115,12 @@ def add_sample_cli(subparsers: Any) -> None:
     g.add_argument("--no-guidance-grow", dest="guidance_grow", action="store_false",
                    help="the unconditional pass drops only the sample's inputs, not the targets generated before "
                         "[ml-4m default: it drops them too, cfg_grow_conditioning]")
-    g.add_argument("--sequence-decoding", default="ml4m", choices=SEQUENCE_DECODINGS,
+    g.add_argument("--sequence-sampling", default="ml4m", choices=SEQUENCE_SAMPLINGS,
                    help="ml4m: input [S_1], nothing banned, stop at the closing sentinel; omniforge: no input, "
                         "[PAD] and sentinels banned, stop at [EOS] (default: %(default)s)")
     g.add_argument("--target", dest="target_settings", action="append", default=[], metavar="FOLDER:KEY=V,...",
                    help="settings for one target of --to (repeatable); keys: steps, temp, temp_schedule, schedule, "
-                        "order, top_k, top_p, cfg, sequence_decoding. ml-4m's demo for rgb -> X: "
+                        "order, top_k, top_p, cfg, sequence_sampling. ml-4m's demo for rgb -> X: "
                         "tok_depth@224:order=random,steps=1,temp=0.01,cfg=2 and caption:temp=0.3; for X -> rgb: "
                         "tok_rgb@224:order=random,steps=25,temp=3,temp_schedule=onex:0.5:0.5,cfg=2")
     g.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,7 @@ the inputs of the next one. Each step builds one row of the shared batch format 
   ``order="random"`` (ROAR): a random order is fixed up front and each round queries, draws and keeps exactly
   the next scheduled positions. Kept tokens become encoder inputs of the following rounds. Each round has its
   temperature from :func:`temperature_schedule` (ml-4m's constant, linear and ``onex`` decays).
-- sequence targets are decoded autoregressively. ``sequence_decoding="ml4m"`` (ml-4m's convention): the row is
+- sequence targets are decoded autoregressively. ``sequence_sampling="ml4m"`` (ml-4m's convention): the row is
   ml-4m's empty sequence, its input the first span sentinel [S_1] at position 0 and its target [S_1] then the
   drawn tokens; nothing is banned and decoding stops at the first sentinel drawn (the model closes the span with
   [S_2] after [EOS]); the output is the tokens before it (ml-4m's ``merge_span_masking``).
@@ -47,7 +47,7 @@ from torch import Tensor
 from omniforge.errors import ConfigError, NoDecoderError
 from omniforge.model.checkpoint import load_model
 from omniforge.model.fm import FourM
-from omniforge.model._cli import ORDERS, SCHEDULES, SEQUENCE_DECODINGS, TARGET_ALIASES, parse_top_k
+from omniforge.model._cli import ORDERS, SCHEDULES, SEQUENCE_SAMPLINGS, TARGET_ALIASES, parse_top_k
 from omniforge.model._cli import add_sample_cli as add_cli
 from omniforge.model.specs import ModalitySpec, patchify, resolve_folder, unpatchify
 
@@ -72,6 +72,11 @@ def _onex(schedule: str) -> tuple[float, float] | None:
     return min_t, power
 
 
+def _number(value: Any) -> bool:
+    """A finite real number (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
 @dataclass(kw_only=True)
 class SampleConfig:
     """How to generate. ml-4m's names in brackets; its defaults are in the `omniforge sample` help.
@@ -91,44 +96,17 @@ class SampleConfig:
     guidance_scale: float = 1.0  # [cfg_scales] 1: no guidance, 0: unconditional, > 1: stronger conditioning
     guidance_weights: dict[str, float] = field(default_factory=dict)  # multi-condition guidance: folder -> w
     guidance_grow: bool = True  # [cfg_grow_conditioning] finished targets are dropped in the unconditional pass
-    sequence_decoding: str = "ml4m"  # ml4m | omniforge, see the module docstring
+    sequence_sampling: str = "ml4m"  # ml4m | omniforge, see the module docstring
     seed: int = 0
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
-                or not math.isfinite(self.temperature):
-            raise ConfigError(f"SampleConfig.temperature={self.temperature!r}: must be finite (<= 0 for greedy)")
-        if self.temperature_schedule not in ("constant", "linear") and _onex(self.temperature_schedule) is None:
-            raise ConfigError(f"SampleConfig.temperature_schedule={self.temperature_schedule!r}: must be one of "
-                              f"{TEMPERATURE_SCHEDULES}")
-        _onex(self.temperature_schedule)
-        k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, numbers.Real) or k < 0 \
-                or (not isinstance(k, numbers.Integral) and k > 1):
-            raise ConfigError(f"SampleConfig.top_k={k!r}: an integer >= 0 (a count) or a float in [0, 1] (a "
-                              "fraction of the vocabulary); 0 = off")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not 0.0 <= self.top_p <= 1.0:
-            raise ConfigError(f"SampleConfig.top_p={self.top_p!r}: must be in [0, 1] (0 = off)")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"SampleConfig.steps={self.steps!r}: must be a positive integer")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise ConfigError(f"SampleConfig.schedule={self.schedule!r}: must be one of {SCHEDULES} (or None)")
-        if self.order not in ORDERS:
-            raise ConfigError(f"SampleConfig.order={self.order!r}: must be one of {ORDERS}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, numbers.Real) \
-                or not math.isfinite(self.guidance_scale):
-            raise ConfigError(f"SampleConfig.guidance_scale={self.guidance_scale!r}: must be a finite number "
-                              "(1 = no guidance)")
-        for m, w in self.guidance_weights.items():
-            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-                raise ConfigError(f"SampleConfig.guidance_weights[{m!r}]={w!r}: must be a finite number")
-        if self.guidance_weights and self.guidance_scale != 1.0:
-            raise ConfigError(f"SampleConfig: guidance_scale={self.guidance_scale} and guidance_weights both set; "
-                              "give one (weights are the multi-condition form of the scale)")
-        if self.sequence_decoding not in SEQUENCE_DECODINGS:
-            raise ConfigError(f"SampleConfig.sequence_decoding={self.sequence_decoding!r}: must be one of "
-                              f"{SEQUENCE_DECODINGS}")
+        self._check_drawing()
+        self._check_rounds()
+        self._check_guidance()
+        if self.sequence_sampling not in SEQUENCE_SAMPLINGS:
+            raise ConfigError(f"SampleConfig.sequence_sampling={self.sequence_sampling!r}: must be one of "
+                              f"{SEQUENCE_SAMPLINGS}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"SampleConfig.seed={self.seed!r}: must be an integer")
         for target, settings in self.targets.items():
@@ -141,6 +119,40 @@ class SampleConfig:
             except ConfigError as e:
                 raise ConfigError(f"target {target}: {e}") from None
 
+    def _check_drawing(self) -> None:
+        if not _number(self.temperature):
+            raise ConfigError(f"SampleConfig.temperature={self.temperature!r}: must be finite (<= 0 for greedy)")
+        if self.temperature_schedule not in ("constant", "linear") and _onex(self.temperature_schedule) is None:
+            raise ConfigError(f"SampleConfig.temperature_schedule={self.temperature_schedule!r}: must be one of "
+                              f"{TEMPERATURE_SCHEDULES}")
+        k = self.top_k
+        if not _number(k) or k < 0 or (not isinstance(k, numbers.Integral) and k > 1):
+            raise ConfigError(f"SampleConfig.top_k={k!r}: an integer >= 0 (a count) or a float in [0, 1] (a "
+                              "fraction of the vocabulary); 0 = off")
+        if not _number(self.top_p) or not 0.0 <= self.top_p <= 1.0:
+            raise ConfigError(f"SampleConfig.top_p={self.top_p!r}: must be in [0, 1] (0 = off)")
+
+    def _check_rounds(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"SampleConfig.steps={self.steps!r}: must be a positive integer")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(f"SampleConfig.schedule={self.schedule!r}: must be one of {SCHEDULES} (or None)")
+        if self.order not in ORDERS:
+            raise ConfigError(f"SampleConfig.order={self.order!r}: must be one of {ORDERS}")
+
+    def _check_guidance(self) -> None:
+        if not _number(self.guidance_scale):
+            raise ConfigError(f"SampleConfig.guidance_scale={self.guidance_scale!r}: must be a finite number "
+                              "(1 = no guidance)")
+        for m, w in self.guidance_weights.items():
+            if not _number(w):
+                raise ConfigError(f"SampleConfig.guidance_weights[{m!r}]={w!r}: must be a finite number")
+        if self.guidance_weights and self.guidance_scale != 1.0:
+            raise ConfigError(f"SampleConfig: guidance_scale={self.guidance_scale} and guidance_weights both set; "
+                              "give one (weights are the multi-condition form of the scale)")
+        if not isinstance(self.guidance_grow, bool):
+            raise ConfigError(f"SampleConfig.guidance_grow={self.guidance_grow!r}: must be true or false")
+
     @property
     def token_order_schedule(self) -> str:
         """The token schedule in use: ``schedule``, else ml-4m's for the order (cosine MaskGIT, linear ROAR)."""
@@ -152,7 +164,7 @@ class SampleConfig:
 
 
 PER_TARGET = ("temperature", "temperature_schedule", "top_k", "top_p", "steps", "schedule", "order",
-              "guidance_scale", "sequence_decoding")
+              "guidance_scale", "sequence_sampling")
 
 
 def parse_target(text: str) -> tuple[str, dict[str, Any]]:
@@ -485,18 +497,20 @@ def _generate_tokens(chain: _Chain, spec: ModalitySpec, cfg: SampleConfig, gen: 
 
 def _generate_sequence(chain: _Chain, spec: ModalitySpec, cfg: SampleConfig, gen: torch.Generator, *,
                        sentinel_ids: Sequence[int], eos_id: int, pad_id: int) -> np.ndarray:
-    """Autoregressive decoding of one sequence target (see ``sequence_decoding`` in the module docstring).
+    """Autoregressive decoding of one sequence target (see ``sequence_sampling`` in the module docstring).
 
-    The contract with the model: at a sequence target, row k of ``decoder_logits`` is the model's distribution
-    of target token k given the target tokens before it."""
+    The model's logits at a sequence target: row k is the distribution of target token k given the tokens before
+    it (omniforge's "mask_first" decoding), or of token k + 1 (ml-4m's "shifted" decoding of a released model,
+    ``ModelConfig.sequence_decoding``: the first target token is given and has no logits)."""
     if len(sentinel_ids) < 2:
         raise ConfigError(f"{spec.name}: sequence targets need the span sentinels (at least [S_0] and [S_1])")
-    ml4m = cfg.sequence_decoding == "ml4m"
+    ml4m = cfg.sequence_sampling == "ml4m"
     device = chain.device
     sentinels = {int(s) for s in sentinel_ids}
     banned = torch.tensor(sorted({int(pad_id), *sentinels} - {int(eos_id)}), device=device)
     banned = banned[banned < spec.vocab_size]
     first = 1 if ml4m else 0  # row position of the target's [S_1]
+    shift = 1 if _shifted(chain.model) else 0
     row = drop_condition(spec, device, first_sentinel=int(sentinel_ids[1])) if ml4m else _row(spec, device)
     row["tensor"][0, first] = int(sentinel_ids[1])  # span masking numbers spans from 1
     contexts, combine = chain.passes(cfg)
@@ -505,7 +519,8 @@ def _generate_sequence(chain: _Chain, spec: ModalitySpec, cfg: SampleConfig, gen
     for t in range(1, spec.num_tokens + 1):
         row["target_mask"][0, first: first + t + 1] = False  # target ranks 0..t; rank t reads rank t - 1
         row["decoder_attention_mask"][0, first: first + t + 1] = 1
-        logits = chain.model.decoder_logits(_stack(contexts, spec.name, row), encoded)[spec.name][:, t]  # (P, V)
+        batch = _stack(contexts, spec.name, row)
+        logits = chain.model.decoder_logits(batch, encoded)[spec.name][:, t - shift]  # (P, V): target token t
         logits = combine(logits.float())[None]
         if not ml4m:
             logits = logits.index_fill(1, banned, float("-inf"))
@@ -520,6 +535,12 @@ def _generate_sequence(chain: _Chain, spec: ModalitySpec, cfg: SampleConfig, gen
     return np.asarray(out, dtype=np.int64)
 
 
+def _shifted(model: FourM) -> bool:
+    """Whether the model decodes sequences as ml-4m's released FM does (``ModelConfig.sequence_decoding``
+    "shifted": no logits for the given first target token)."""
+    return getattr(model.config, "sequence_decoding", "mask_first") == "shifted"
+
+
 @torch.inference_mode()
 def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[str, np.ndarray],
              targets: Sequence[str], cfg: SampleConfig, *, sentinel_ids: Sequence[int], eos_id: int,
@@ -530,7 +551,7 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
     without a final [EOS]; pixels: uint8 (num_tokens, patch_dim) patches; embedding: its valid vectors
     (n, width)). ``cfg.targets`` keys must be folders among ``targets``. Returns folder -> int64 ids:
     image/global (num_tokens,) in [0, vocab_size); sequence: the generated ids (at most ``num_tokens``; with
-    ``sequence_decoding="omniforge"`` up to and including [EOS]). Each generated target is an input of the
+    ``sequence_sampling="omniforge"`` up to and including [EOS]). Each generated target is an input of the
     following ones.
     """
     _check_inputs(specs, inputs, targets, cfg)
@@ -555,7 +576,7 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
             if spec.kind == "sequence":
                 ids = _generate_sequence(chain, spec, target_cfg, gen, sentinel_ids=sentinel_ids, eos_id=eos_id,
                                          pad_id=pad_id)
-                as_input = ids if target_cfg.sequence_decoding == "ml4m" else \
+                as_input = ids if target_cfg.sequence_sampling == "ml4m" else \
                     _sequence_input(spec, ids, eos_id=eos_id, pad_id=pad_id)
             else:
                 ids = as_input = _generate_tokens(chain, spec, target_cfg, gen)
@@ -814,7 +835,7 @@ def sample_cli(args: Any) -> int:
     cfg = SampleConfig(temperature=args.temperature, temperature_schedule=args.temperature_schedule,
                        top_k=args.top_k, top_p=args.top_p, steps=args.steps, schedule=args.schedule,
                        order=args.order, guidance_scale=args.guidance_scale, guidance_weights=args.guidance_weights,
-                       guidance_grow=args.guidance_grow, sequence_decoding=args.sequence_decoding, seed=args.seed,
+                       guidance_grow=args.guidance_grow, sequence_sampling=args.sequence_sampling, seed=args.seed,
                        targets=targets)
     for line in sample_keys(args.checkpoint, args.input, args.keys, args.sources, args.targets, args.out,
                             tokenizers=args.tokenizers, cfg=cfg, device=args.device):

@@ -65,7 +65,7 @@ class _Spy:
         monkeypatch.setattr(model, "decoder_logits", spy)
 
 
-OMNI = dict(sequence_decoding="omniforge")
+OMNI = dict(sequence_sampling="omniforge")
 
 
 def _check_sequence(ids: np.ndarray, decoding: str = "omniforge") -> None:
@@ -82,7 +82,7 @@ def _check_sequence(ids: np.ndarray, decoding: str = "omniforge") -> None:
 @pytest.mark.parametrize("decoding", ["ml4m", "omniforge"])
 @pytest.mark.parametrize("order", ["maskgit", "random"])
 def test_generate_returns_valid_ids_for_every_target(model, order, decoding):
-    cfg = SampleConfig(steps=4, order=order, top_k=10, top_p=0.9, seed=3, sequence_decoding=decoding)
+    cfg = SampleConfig(steps=4, order=order, top_k=10, top_p=0.9, seed=3, sequence_sampling=decoding)
     out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
     assert list(out) == [GLB, SEQ]
     glb = out[GLB]
@@ -205,7 +205,7 @@ def test_chained_generation_feeds_earlier_targets(model, monkeypatch):
 
     for decoding in ("omniforge", "ml4m"):  # a generated sequence is a fully visible input of the next target
         spy.calls.clear()
-        cfg = SampleConfig(temperature=0.0, steps=1, sequence_decoding=decoding)
+        cfg = SampleConfig(temperature=0.0, steps=1, sequence_sampling=decoding)
         out = generate(model, SPECS, {IMG: chained[IMG]}, [SEQ, GLB], cfg, **TEXT)
         glb_batch = next(batch for m, batch, _ in spy.calls if m == GLB)
         visible = glb_batch[SEQ]["tensor"][0][~glb_batch[SEQ]["input_mask"][0]].tolist()

@@ -334,3 +334,18 @@ def test_same_seed_same_output_with_every_setting(model):
     assert all(np.array_equal(a[m], b[m]) for m in a)
     c = generate(model, SPECS, inputs, [IMG, SEQ], replace(cfg, seed=12), **TEXT)
     assert not np.array_equal(a[IMG], c[IMG])
+
+
+def test_sequences_from_a_shifted_decoder(model, monkeypatch):
+    """A released model's FM (ModelConfig.sequence_decoding "shifted") gives no logits for the given first target
+    token, so its row k is target token k + 1: the sampler reads one row earlier and draws the same tokens."""
+    import omniforge.model.sample as sample
+
+    inputs = {IMG: _image(SPECS[IMG])}
+    for sampling in ("ml4m", "omniforge"):
+        cfg = SampleConfig(temperature=0.0, sequence_sampling=sampling)
+        plain = generate(model, SPECS, inputs, [SEQ], cfg, **TEXT)[SEQ]
+        _Calls(model, monkeypatch, lambda step, out: {m: v[:, 1:] if m == SEQ else v for m, v in out.items()})
+        monkeypatch.setattr(sample, "_shifted", lambda model: True)
+        assert np.array_equal(generate(model, SPECS, inputs, [SEQ], cfg, **TEXT)[SEQ], plain)
+        monkeypatch.undo()
