@@ -109,7 +109,7 @@ def add_sample_cli(subparsers: Any) -> None:
     g.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=1.0,
                    help="classifier-free guidance: 1 = none, 0 = unconditional, > 1 follows the inputs more "
                         "(default: %(default)s) [4.0]")
-    g.add_argument("--guidance-weights", type=_weights, default={}, metavar="FOLDER=W,...",
+    g.add_argument("--guidance-weights", type=folder_weights, default={}, metavar="FOLDER=W,...",
                    help="multi-condition guidance instead of --guidance-scale: uncond + sum of W * (cond_FOLDER - "
                         "uncond), one pass per named condition (inputs or earlier targets)")
     g.add_argument("--no-guidance-grow", dest="guidance_grow", action="store_false",
@@ -136,7 +136,7 @@ def parse_top_k(value: str) -> int | float:
         return float(value)
 
 
-def _weights(value: str) -> dict[str, float]:
+def folder_weights(value: str) -> dict[str, float]:
     """--guidance-weights FOLDER=W,FOLDER=W -> {folder: w}."""
     out: dict[str, float] = {}
     for item in _csv(value):
