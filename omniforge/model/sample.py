@@ -210,8 +210,10 @@ def token_schedule(num_tokens: int, steps: int, schedule: str = "cosine") -> lis
     ``round(num_tokens * (c_i - c_{i+1}))`` (halves to even) and the last round the rest: few tokens first and
     last, many in the middle; ``steps`` counts, some 0 when there are more rounds than the rounding can fill.
     "linear": the differences of ``int(linspace(0, num_tokens, steps + 1))``, largest first, trailing zeros
-    dropped (so at most ``num_tokens`` rounds). A cosine split whose last round would come out negative (ml-4m
-    then fails in ``torch.topk``) is refused with a ConfigError.
+    dropped (so at most ``num_tokens`` rounds). Where the cosine rounding over-fills the rounds before the last
+    (ml-4m's last round comes out negative and its ``torch.topk`` fails: 8 rounds of 16 tokens, for one), the
+    excess is taken off the latest rounds and the last reveals nothing: the only departure from ml-4m, on splits
+    ml-4m cannot run.
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}; valid: {SCHEDULES}")
@@ -226,9 +228,13 @@ def token_schedule(num_tokens: int, steps: int, schedule: str = "cosine") -> lis
     share = [0 + 0.5 * 1 * (1 + math.cos(math.pi * i / steps)) for i in range(steps)]
     counts = [round(num_tokens * (a - b)) for a, b in zip(share[:-1], share[1:])]
     counts.append(num_tokens - sum(counts))
-    if counts[-1] < 0:
-        raise ConfigError(f"the cosine schedule cannot split {num_tokens} tokens into {steps} steps (ml-4m's "
-                          f"rounding leaves the last step {counts[-1]}): use fewer steps or the linear schedule")
+    excess, counts[-1] = max(-counts[-1], 0), max(counts[-1], 0)
+    for i in range(len(counts) - 2, -1, -1):
+        if not excess:
+            break
+        take = min(counts[i], excess)
+        counts[i] -= take
+        excess -= take
     return counts
 
 

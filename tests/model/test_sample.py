@@ -242,15 +242,14 @@ def test_token_schedule():
     assert token_schedule(16, 1, "cosine") == [16]
     assert token_schedule(10, 4, "linear") == [3, 3, 2, 2]  # larger shares first
     assert token_schedule(3, 8, "cosine") == [0, 0, 0, 1, 1, 0, 0, 1]  # ml-4m's rounding: empty rounds
-    with pytest.raises(ConfigError, match="cosine schedule cannot split"):  # ml-4m's last round: -1 tokens
-        token_schedule(3, 6, "cosine")
+    assert token_schedule(3, 6, "cosine") == [0, 1, 1, 1, 0, 0]  # ml-4m's: [0, 1, 1, 1, 1, -1], which it cannot run
+    assert token_schedule(16, 8, "cosine") == [1, 2, 3, 3, 3, 3, 1, 0]  # the default steps on 16 tokens, likewise
     for n in (1, 5, 16, 196):
         for steps in (1, 2, 7, 12):
             counts = token_schedule(n, steps, "linear")
             assert sum(counts) == n and min(counts) >= 1 and len(counts) == min(n, steps)
-            if (n, steps) != (5, 12):  # ml-4m's rounding leaves that one's last round negative
-                counts = token_schedule(n, steps, "cosine")
-                assert sum(counts) == n and min(counts) >= 0 and len(counts) == steps
+            counts = token_schedule(n, steps, "cosine")
+            assert sum(counts) == n and min(counts) >= 0 and len(counts) == steps
 
 
 @pytest.mark.parametrize("order", ["maskgit", "random"])

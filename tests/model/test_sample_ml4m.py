@@ -42,11 +42,15 @@ def test_token_schedules_are_ml4ms(expected):
     for case in expected["token_schedules"]:
         n, steps = case["tokens"], case["steps"]
         assert token_schedule(n, steps, "linear") == case["linear"], case
-        if min(case["cosine"]) < 0:  # ml-4m's topk fails on it later; omniforge refuses it up front
-            with pytest.raises(ConfigError, match="cosine schedule cannot split"):
-                token_schedule(n, steps, "cosine")
-        else:
-            assert token_schedule(n, steps, "cosine") == case["cosine"], case
+        ours, theirs = token_schedule(n, steps, "cosine"), case["cosine"]
+        if min(theirs) >= 0:
+            assert ours == theirs, case
+            continue
+        # ml-4m over-fills the rounds before a negative last one (its topk then fails): omniforge takes the excess
+        # off the latest rounds, and nothing else changes
+        assert sum(ours) == n and ours[-1] == 0 and len(ours) == steps
+        j = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)  # the first round changed
+        assert 0 <= ours[j] < theirs[j] and not any(ours[j + 1:])  # emptied from the end back to round j
 
 
 def _ml4m_config(args: dict, i: int) -> SampleConfig:
@@ -75,9 +79,7 @@ def test_chained_schedules_are_ml4ms(expected):
                 continue
             ml4m_counts = [s[2] for s in steps]
             n = args["tokens_per_target"][i]
-            if min(ml4m_counts) < 0:
-                with pytest.raises(ConfigError):
-                    token_schedule(n, cfg.steps, cfg.token_order_schedule)
+            if min(ml4m_counts) < 0:  # a split ml-4m cannot run (test_token_schedules_are_ml4ms)
                 continue
             counts = token_schedule(n, cfg.steps, cfg.token_order_schedule)
             assert counts == ml4m_counts, (args, i)
