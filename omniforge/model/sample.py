@@ -37,7 +37,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -850,5 +850,5 @@ def sample_cli(args: Any) -> int:
 
 
 __all__ = ["SampleConfig", "PER_TARGET", "generate", "token_schedule", "temperature_schedule", "filter_logits",
-           "token_distribution", "guided_logits", "multi_guided_logits", "guidance_drops", "drop_condition", "parse_target",
-           "read_input", "decode_output", "sample_key", "sample_keys", "add_cli", "sample_cli"]
+           "token_distribution", "guided_logits", "multi_guided_logits", "guidance_drops", "drop_condition",
+           "parse_target", "read_input", "decode_output", "sample_key", "sample_keys", "add_cli", "sample_cli"]

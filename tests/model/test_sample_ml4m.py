@@ -69,7 +69,7 @@ def test_chained_schedules_are_ml4ms(expected):
     for case in expected["chains"]:
         args = case["args"]
         targets = args["target_domains"]
-        for i, target in enumerate(targets):
+        for i in range(len(targets)):
             steps = [s for s in case["steps"] if s[0] == i]
             cfg = _ml4m_config(args, i)
             assert guidance_drops([*args["cond_domains"], *targets[:i]], args["cond_domains"],
@@ -299,8 +299,8 @@ def test_multi_condition_guidance(model, monkeypatch):
     assert batch[IMG]["tensor"].shape[0] == 3
     assert not batch[GLB]["input_mask"][0].any() and batch[GLB]["input_mask"][1:].all()  # pass 0: the global
     assert (~batch[SEQ]["input_mask"][1]).sum() == 3 and (~batch[SEQ]["input_mask"][2]).sum() == 1  # 1: caption
-    l = logits[IMG].float()
-    expected = multi_guided_logits(l[2], [l[0], l[1]], [2.0, 0.5]).argmax(dim=-1)
+    per_pass = logits[IMG].float()
+    expected = multi_guided_logits(per_pass[2], [per_pass[0], per_pass[1]], [2.0, 0.5]).argmax(dim=-1)
     assert np.array_equal(out, expected.numpy())
     with pytest.raises(ConfigError, match="both set"):
         SampleConfig(guidance_scale=2.0, guidance_weights=weights)
