@@ -115,9 +115,10 @@ def add_sample_cli(subparsers: Any) -> None:
     g.add_argument("--no-guidance-grow", dest="guidance_grow", action="store_false",
                    help="the unconditional pass drops only the sample's inputs, not the targets generated before "
                         "[ml-4m default: it drops them too, cfg_grow_conditioning]")
-    g.add_argument("--sequence-sampling", default="ml4m", choices=SEQUENCE_SAMPLINGS,
-                   help="ml4m: input [S_1], nothing banned, stop at the closing sentinel; omniforge: no input, "
-                        "[PAD] and sentinels banned, stop at [EOS] (default: %(default)s)")
+    g.add_argument("--sequence-sampling", default=None, choices=SEQUENCE_SAMPLINGS,
+                   help="ml4m: ml-4m's empty sequence (input [S_1]), nothing banned, stop at the closing sentinel; "
+                        "omniforge: no input, [PAD] and sentinels banned, stop at [EOS]; default: ml4m for a "
+                        "released 4M checkpoint, omniforge for omniforge's own")
     g.add_argument("--target", dest="target_settings", action="append", default=[], metavar="FOLDER:KEY=V,...",
                    help="settings for one target of --to (repeatable); keys: steps, temp, temp_schedule, schedule, "
                         "order, top_k, top_p, cfg, sequence_sampling. ml-4m's demo for rgb -> X: "

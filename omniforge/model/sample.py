@@ -11,7 +11,8 @@ the inputs of the next one. Each step builds one row of the shared batch format 
   ``order="random"`` (ROAR): a random order is fixed up front and each round queries, draws and keeps exactly
   the next scheduled positions. Kept tokens become encoder inputs of the following rounds. Each round has its
   temperature from :func:`temperature_schedule` (ml-4m's constant, linear and ``onex`` decays).
-- sequence targets are decoded autoregressively. ``sequence_sampling="ml4m"`` (ml-4m's convention): the row is
+- sequence targets are decoded autoregressively (``sequence_sampling``; by default "ml4m" for a released model,
+  whose FM decodes sequences "shifted" as ml-4m's, else "omniforge"). "ml4m" (ml-4m's convention): the row is
   ml-4m's empty sequence, its input the first span sentinel [S_1] at position 0 and its target [S_1] then the
   drawn tokens; nothing is banned and decoding stops at the first sentinel drawn (the model closes the span with
   [S_2] after [EOS]); the output is the tokens before it (ml-4m's ``merge_span_masking``).
@@ -96,7 +97,8 @@ class SampleConfig:
     guidance_scale: float = 1.0  # [cfg_scales] 1: no guidance, 0: unconditional, > 1: stronger conditioning
     guidance_weights: dict[str, float] = field(default_factory=dict)  # multi-condition guidance: folder -> w
     guidance_grow: bool = True  # [cfg_grow_conditioning] finished targets are dropped in the unconditional pass
-    sequence_sampling: str = "ml4m"  # ml4m | omniforge, see the module docstring
+    sequence_sampling: str | None = None  # ml4m | omniforge (module docstring); None: ml4m for a released
+    # model's FM (its "shifted" sequence decoding), omniforge for omniforge's own
     seed: int = 0
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -104,9 +106,9 @@ class SampleConfig:
         self._check_drawing()
         self._check_rounds()
         self._check_guidance()
-        if self.sequence_sampling not in SEQUENCE_SAMPLINGS:
+        if self.sequence_sampling is not None and self.sequence_sampling not in SEQUENCE_SAMPLINGS:
             raise ConfigError(f"SampleConfig.sequence_sampling={self.sequence_sampling!r}: must be one of "
-                              f"{SEQUENCE_SAMPLINGS}")
+                              f"{SEQUENCE_SAMPLINGS} (or None: by the model)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"SampleConfig.seed={self.seed!r}: must be an integer")
         for target, settings in self.targets.items():
@@ -510,7 +512,7 @@ def _generate_sequence(chain: _Chain, spec: ModalitySpec, cfg: SampleConfig, gen
     ``ModelConfig.sequence_decoding``: the first target token is given and has no logits)."""
     if len(sentinel_ids) < 2:
         raise ConfigError(f"{spec.name}: sequence targets need the span sentinels (at least [S_0] and [S_1])")
-    ml4m = cfg.sequence_sampling == "ml4m"
+    ml4m = _sequence_sampling(chain.model, cfg) == "ml4m"
     device = chain.device
     sentinels = {int(s) for s in sentinel_ids}
     banned = torch.tensor(sorted({int(pad_id), *sentinels} - {int(eos_id)}), device=device)
@@ -545,6 +547,11 @@ def _shifted(model: FourM) -> bool:
     """Whether the model decodes sequences as ml-4m's released FM does (``ModelConfig.sequence_decoding``
     "shifted": no logits for the given first target token)."""
     return getattr(model.config, "sequence_decoding", "mask_first") == "shifted"
+
+
+def _sequence_sampling(model: FourM, cfg: SampleConfig) -> str:
+    """``cfg.sequence_sampling``, else ml-4m's for a released model (shifted decoding) and omniforge's otherwise."""
+    return cfg.sequence_sampling or ("ml4m" if _shifted(model) else "omniforge")
 
 
 @torch.inference_mode()
@@ -582,7 +589,7 @@ def generate(model: FourM, specs: Mapping[str, ModalitySpec], inputs: Mapping[st
             if spec.kind == "sequence":
                 ids = _generate_sequence(chain, spec, target_cfg, gen, sentinel_ids=sentinel_ids, eos_id=eos_id,
                                          pad_id=pad_id)
-                as_input = ids if target_cfg.sequence_sampling == "ml4m" else \
+                as_input = ids if _sequence_sampling(model, target_cfg) == "ml4m" else \
                     _sequence_input(spec, ids, eos_id=eos_id, pad_id=pad_id)
             else:
                 ids = as_input = _generate_tokens(chain, spec, target_cfg, gen)

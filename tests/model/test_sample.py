@@ -142,7 +142,8 @@ def test_greedy_ml4m_sequence_is_argmax_decoding(model):
     """ml-4m's convention: the row is its empty sequence (input [S_1] at 0, target [S_1] from position 1), nothing
     is banned, and the first sentinel drawn ends the sequence (it is not part of it)."""
     image = _image(SPECS[IMG])
-    out = generate(model, SPECS, {IMG: image}, [SEQ], GREEDY, **TEXT)[SEQ]
+    out = generate(model, SPECS, {IMG: image}, [SEQ], SampleConfig(temperature=0.0, sequence_sampling="ml4m"),
+                   **TEXT)[SEQ]
     spec = SPECS[SEQ]
     row = _input_row(spec, [SENTINELS[1]])
     row["tensor"][0, 1] = SENTINELS[1]
@@ -172,7 +173,8 @@ def test_ml4m_sequence_stops_at_a_sentinel_not_at_eos(model, monkeypatch):
         return {m: logits}
 
     spy = _Spy(model, monkeypatch, eos_then_close)
-    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1), **TEXT)[SEQ]
+    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1, sequence_sampling="ml4m"),
+                   **TEXT)[SEQ]
     assert len(out) == 3 and out[1:].tolist() == [EOS, 50] and len(spy.calls) == 4
 
 

@@ -233,7 +233,8 @@ def test_ml4m_sequence_merge(expected, monkeypatch):
             return {SEQ: logits}
 
         calls = _Calls(model, monkeypatch, force)
-        out = generate(model, specs, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(temperature=0.0), **TEXT)[SEQ]
+        cfg = SampleConfig(temperature=0.0, sequence_sampling="ml4m")
+        out = generate(model, specs, {IMG: _image(SPECS[IMG])}, [SEQ], cfg, **TEXT)[SEQ]
         assert out.tolist() == merge["merged"], merge
         closing = next((i for i, t in enumerate(forced) if t in sentinels), len(forced) - 1)
         assert len(calls.calls) == closing + 1  # no draw after the first sentinel (it ends ml-4m's merged span)
@@ -350,4 +351,23 @@ def test_sequences_from_a_shifted_decoder(model, monkeypatch):
         _Calls(model, monkeypatch, lambda step, out: {m: v[:, 1:] if m == SEQ else v for m, v in out.items()})
         monkeypatch.setattr(sample, "_shifted", lambda model: True)
         assert np.array_equal(generate(model, SPECS, inputs, [SEQ], cfg, **TEXT)[SEQ], plain)
+        monkeypatch.undo()
+
+
+def test_sequence_sampling_defaults_to_the_models_convention(model, monkeypatch):
+    """No sequence_sampling: ml-4m's for a released model (shifted decoding), omniforge's for omniforge's own."""
+    import omniforge.model.sample as sample
+
+    inputs = {IMG: _image(SPECS[IMG])}
+    default = SampleConfig(temperature=0.0)
+    outputs = [generate(model, SPECS, inputs, [SEQ], replace(default, sequence_sampling=s), **TEXT)[SEQ].tolist()
+               for s in ("omniforge", "ml4m")]
+    assert outputs[0] != outputs[1]  # the two conventions draw differently here, so the default is visible
+    for shifted, sampling in ((False, "omniforge"), (True, "ml4m")):
+        explicit = generate(model, SPECS, inputs, [SEQ], replace(default, sequence_sampling=sampling), **TEXT)[SEQ]
+        if shifted:
+            _Calls(model, monkeypatch, lambda step, out: {m: v[:, 1:] if m == SEQ else v for m, v in out.items()})
+            monkeypatch.setattr(sample, "_shifted", lambda model: True)
+        assert sample._sequence_sampling(model, default) == sampling
+        assert np.array_equal(generate(model, SPECS, inputs, [SEQ], default, **TEXT)[SEQ], explicit)
         monkeypatch.undo()
