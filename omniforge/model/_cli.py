@@ -8,6 +8,8 @@ SCHEDULES = ("cosine", "linear")
 DTYPES = ("auto", "bf16", "fp32")
 STRATEGIES = ("ddp", "fsdp")
 ORDERS = ("maskgit", "random")
+SEQUENCE_SAMPLINGS = ("ml4m", "omniforge")
+TARGET_ALIASES = {"temp": "temperature", "temp_schedule": "temperature_schedule", "cfg": "guidance_scale"}
 
 
 TRAIN_FLAGS: dict[str, dict[str, Any]] = {
@@ -86,15 +88,71 @@ def add_sample_cli(subparsers: Any) -> None:
     p.add_argument("--tokenizers", default=None, help="tokenizers directory: also write decoded outputs "
                    "(images as PNG or .npy, sequences as .txt)")
     p.add_argument("--out", required=True, help="output directory: OUT/<key>/<folder>.npy and OUT/<key>/sample.png")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=8, help="MaskGIT / ROAR rounds for image-like targets")
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
-    p.add_argument("--order", default="maskgit", choices=ORDERS)
-    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group(
+        "generation (ml-4m's conventions; its run_generation.py defaults in brackets, its demo sampler's "
+        "per-target settings under --target)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="starting temperature; <= 1e-10 is greedy (default: %(default)s) [ml-4m temps 5.0-1.0-1.0]")
+    g.add_argument("--temperature-schedule", default="constant", metavar="constant|linear|onex:MIN_T:POWER",
+                   help="how the temperature decays over the rounds of an image-like target: constant; linear "
+                        "(to 0 with the tokens left); onex:MIN_T:POWER (x^-POWER from the temperature to MIN_T), "
+                        "ml-4m's schedules (default: %(default)s) [linear]")
+    g.add_argument("--top-k", type=parse_top_k, default=0, metavar="K",
+                   help="keep the K most likely tokens (an integer), or that fraction of the vocabulary (a float "
+                        "such as 0.1), before top-p; 0: off (default: %(default)s) [0]")
+    g.add_argument("--top-p", type=float, default=0.0,
+                   help="nucleus: keep the most likely tokens until they hold more than this probability; 0: off "
+                        "(default: %(default)s) [0; the demo sampler uses 0.8]")
+    g.add_argument("--steps", type=int, default=8,
+                   help="MaskGIT / ROAR rounds for image-like targets (default: %(default)s) [25]")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="tokens revealed per round: cosine (few, many, few) or linear (equal shares, larger ones "
+                        "first); default: cosine for maskgit, linear for random (ml-4m's ROAR is always linear)")
+    g.add_argument("--order", default="maskgit", choices=ORDERS,
+                   help="maskgit (most confident first) or random (ROAR) (default: %(default)s) [maskgit]")
+    g.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=1.0,
+                   help="classifier-free guidance: 1 = none, 0 = unconditional, > 1 follows the inputs more "
+                        "(default: %(default)s) [4.0]")
+    g.add_argument("--guidance-weights", type=folder_weights, default={}, metavar="FOLDER=W,...",
+                   help="multi-condition guidance instead of --guidance-scale: uncond + sum of W * (cond_FOLDER - "
+                        "uncond), one pass per named condition (inputs or earlier targets)")
+    g.add_argument("--no-guidance-grow", dest="guidance_grow", action="store_false",
+                   help="the unconditional pass drops only the sample's inputs, not the targets generated before "
+                        "[ml-4m default: it drops them too, cfg_grow_conditioning]")
+    g.add_argument("--sequence-sampling", default=None, choices=SEQUENCE_SAMPLINGS,
+                   help="ml4m: ml-4m's empty sequence (input [S_1]), nothing banned, stop at the closing sentinel; "
+                        "omniforge: no input, [PAD] and sentinels banned, stop at [EOS]; default: ml4m for a "
+                        "released 4M checkpoint, omniforge for omniforge's own")
+    g.add_argument("--target", dest="target_settings", action="append", default=[], metavar="FOLDER:KEY=V,...",
+                   help="settings for one target of --to (repeatable); keys: steps, temp, temp_schedule, schedule, "
+                        "order, top_k, top_p, cfg, sequence_sampling. ml-4m's demo for rgb -> X: "
+                        "tok_depth@224:order=random,steps=1,temp=0.01,cfg=2 and caption:temp=0.3; for X -> rgb: "
+                        "tok_rgb@224:order=random,steps=25,temp=3,temp_schedule=onex:0.5:0.5,cfg=2")
+    g.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(fn=_sample_cli)
+
+
+def parse_top_k(value: str) -> int | float:
+    """--top-k: "5" is a count, "0.1" a fraction of the vocabulary (ml-4m's int / float rule)."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def folder_weights(value: str) -> dict[str, float]:
+    """--guidance-weights FOLDER=W,FOLDER=W -> {folder: w}."""
+    out: dict[str, float] = {}
+    for item in _csv(value):
+        name, eq, weight = item.rpartition("=")
+        try:
+            out[name.strip()] = float(weight)
+        except ValueError:
+            name = ""
+        if not eq or not name.strip():
+            raise ValueError(f"{item!r} is not FOLDER=WEIGHT")
+    return out
 
 
 def _sample_cli(args: Any) -> int:

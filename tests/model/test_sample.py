@@ -65,22 +65,29 @@ class _Spy:
         monkeypatch.setattr(model, "decoder_logits", spy)
 
 
-def _check_sequence(ids: np.ndarray) -> None:
-    assert 1 <= len(ids) <= SPECS[SEQ].num_tokens
-    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < SPECS[SEQ].vocab_size
+OMNI = dict(sequence_sampling="omniforge")
+
+
+def _check_sequence(ids: np.ndarray, decoding: str = "omniforge") -> None:
+    assert ids.dtype == np.int64 and len(ids) <= SPECS[SEQ].num_tokens
+    if decoding == "ml4m":  # nothing banned; the first sentinel drawn ends the span and is not part of it
+        assert not set(ids.tolist()) & set(SENTINELS)
+        return
+    assert 1 <= len(ids) and ids.min() >= 0 and ids.max() < SPECS[SEQ].vocab_size
     assert EOS not in ids[:-1].tolist()
     assert len(ids) == SPECS[SEQ].num_tokens or ids[-1] == EOS
     assert not set(ids.tolist()) & {PAD, *SENTINELS}
 
 
+@pytest.mark.parametrize("decoding", ["ml4m", "omniforge"])
 @pytest.mark.parametrize("order", ["maskgit", "random"])
-def test_generate_returns_valid_ids_for_every_target(model, order):
-    cfg = SampleConfig(steps=4, order=order, top_k=10, top_p=0.9, seed=3)
+def test_generate_returns_valid_ids_for_every_target(model, order, decoding):
+    cfg = SampleConfig(steps=4, order=order, top_k=10, top_p=0.9, seed=3, sequence_sampling=decoding)
     out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
     assert list(out) == [GLB, SEQ]
     glb = out[GLB]
     assert glb.shape == (16,) and glb.dtype == np.int64 and glb.min() >= 0 and glb.max() < 24
-    _check_sequence(out[SEQ])
+    _check_sequence(out[SEQ], decoding)
     out2 = generate(model, SPECS, {SEQ: CAPTION[:-1]}, [IMG], cfg, **TEXT)  # a caption without its EOS
     assert out2[IMG].shape == (16,) and 0 <= out2[IMG].min() and out2[IMG].max() < 32
     again = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
@@ -111,7 +118,7 @@ def test_greedy_single_step_is_argmax(model):
 
 def test_greedy_sequence_is_argmax_decoding(model):
     image = _image(SPECS[IMG])
-    out = generate(model, SPECS, {IMG: image}, [SEQ], GREEDY, **TEXT)[SEQ]
+    out = generate(model, SPECS, {IMG: image}, [SEQ], SampleConfig(temperature=0.0, steps=1, **OMNI), **TEXT)[SEQ]
     # independent greedy decoding: target row [S_1, t1, t2, ...] at position 0, banned [PAD] and sentinels
     spec = SPECS[SEQ]
     row = _input_row(spec, [])
@@ -131,6 +138,46 @@ def test_greedy_sequence_is_argmax_decoding(model):
     _check_sequence(out)
 
 
+def test_greedy_ml4m_sequence_is_argmax_decoding(model):
+    """ml-4m's convention: the row is its empty sequence (input [S_1] at 0, target [S_1] from position 1), nothing
+    is banned, and the first sentinel drawn ends the sequence (it is not part of it)."""
+    image = _image(SPECS[IMG])
+    out = generate(model, SPECS, {IMG: image}, [SEQ], SampleConfig(temperature=0.0, sequence_sampling="ml4m"),
+                   **TEXT)[SEQ]
+    spec = SPECS[SEQ]
+    row = _input_row(spec, [SENTINELS[1]])
+    row["tensor"][0, 1] = SENTINELS[1]
+    expected = []
+    with torch.no_grad():
+        for t in range(1, spec.num_tokens + 1):
+            row["target_mask"][0, 1:t + 2] = False
+            logits = model.decoder_logits({IMG: _input_row(SPECS[IMG], image), SEQ: row})[SEQ][0, t]
+            token = int(logits.argmax())
+            if token in SENTINELS:
+                break
+            expected.append(token)
+            row["tensor"][0, 1 + t] = token
+    assert out.tolist() == expected
+    _check_sequence(out, "ml4m")
+
+
+def test_ml4m_sequence_stops_at_a_sentinel_not_at_eos(model, monkeypatch):
+    def eos_then_close(m, out):  # rank 2 draws [EOS], rank 3 a token, rank 4 the closing [S_2]
+        logits = out[m].clone()
+        if logits.shape[1] > 2:
+            logits[:, 2, EOS] += 1e4
+        if logits.shape[1] > 3:
+            logits[:, 3, 50] += 1e4
+        if logits.shape[1] > 4:
+            logits[:, 4, SENTINELS[2]] += 1e4
+        return {m: logits}
+
+    spy = _Spy(model, monkeypatch, eos_then_close)
+    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1, sequence_sampling="ml4m"),
+                   **TEXT)[SEQ]
+    assert len(out) == 3 and out[1:].tolist() == [EOS, 50] and len(spy.calls) == 4
+
+
 def test_sequence_stops_at_eos(model, monkeypatch):
     def eos_from_third(m, out):  # query t predicts token t; make token 3 an EOS
         logits = out[m].clone()
@@ -138,7 +185,7 @@ def test_sequence_stops_at_eos(model, monkeypatch):
         return {m: logits}
 
     spy = _Spy(model, monkeypatch, eos_from_third)
-    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1), **TEXT)[SEQ]
+    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1, **OMNI), **TEXT)[SEQ]
     assert len(out) == 3 and out[-1] == EOS and EOS not in out[:-1]
     assert len(spy.calls) == 3  # no decoding after EOS
 
@@ -158,12 +205,17 @@ def test_chained_generation_feeds_earlier_targets(model, monkeypatch):
         assert np.array_equal(batch[GLB]["tensor"][0].numpy(), chained[GLB])
         assert batch[GLB]["target_mask"].all()
 
-    spy.calls.clear()  # a generated sequence is a fully visible input (ids up to EOS) of the next target
-    out = generate(model, SPECS, {IMG: chained[IMG]}, [SEQ, GLB], GREEDY, **TEXT)
-    glb_batch = next(batch for m, batch, _ in spy.calls if m == GLB)
-    visible = glb_batch[SEQ]["tensor"][0][~glb_batch[SEQ]["input_mask"][0]].tolist()
-    expected = out[SEQ].tolist() if out[SEQ][-1] == EOS else out[SEQ].tolist()[:-1] + [EOS]
-    assert visible == expected and glb_batch[SEQ]["target_mask"].all()
+    for decoding in ("omniforge", "ml4m"):  # a generated sequence is a fully visible input of the next target
+        spy.calls.clear()
+        cfg = SampleConfig(temperature=0.0, steps=1, sequence_sampling=decoding)
+        out = generate(model, SPECS, {IMG: chained[IMG]}, [SEQ, GLB], cfg, **TEXT)
+        glb_batch = next(batch for m, batch, _ in spy.calls if m == GLB)
+        visible = glb_batch[SEQ]["tensor"][0][~glb_batch[SEQ]["input_mask"][0]].tolist()
+        if decoding == "omniforge":  # as training's input: up to its [EOS]
+            expected = out[SEQ].tolist() if out[SEQ][-1] == EOS else out[SEQ].tolist()[:-1] + [EOS]
+        else:  # ml-4m: the merged ids as they are
+            expected = out[SEQ].tolist()
+        assert visible == expected and glb_batch[SEQ]["target_mask"].all()
 
 
 def test_chained_target_already_given_is_an_error(model):
@@ -184,17 +236,22 @@ def test_maskgit_one_step_reveals_everything(model, monkeypatch):
 
 
 def test_token_schedule():
+    """Properties of ml-4m's schedules (tests/model/test_sample_ml4m.py compares them with ml-4m's output)."""
     assert token_schedule(16, 4, "linear") == [4, 4, 4, 4]
     cosine = token_schedule(16, 4, "cosine")
-    assert sum(cosine) == 16 and len(cosine) == 4 and min(cosine) >= 1
-    assert cosine == sorted(cosine) and cosine[0] < cosine[-1]  # few first, many last
-    assert token_schedule(3, 8, "cosine") == [1, 1, 1]  # capped at one token per round
+    assert cosine == [2, 6, 6, 2]  # few first and last, many in the middle
+    assert token_schedule(3, 8, "linear") == [1, 1, 1]  # linear: at most one round per token
     assert token_schedule(16, 1, "cosine") == [16]
+    assert token_schedule(10, 4, "linear") == [3, 3, 2, 2]  # larger shares first
+    assert token_schedule(3, 8, "cosine") == [0, 0, 0, 1, 1, 0, 0, 1]  # ml-4m's rounding: empty rounds
+    assert token_schedule(3, 6, "cosine") == [0, 1, 1, 1, 0, 0]  # ml-4m's: [0, 1, 1, 1, 1, -1], which it cannot run
+    assert token_schedule(16, 8, "cosine") == [1, 2, 3, 3, 3, 3, 1, 0]  # the default steps on 16 tokens, likewise
     for n in (1, 5, 16, 196):
         for steps in (1, 2, 7, 12):
-            for s in ("cosine", "linear"):
-                counts = token_schedule(n, steps, s)
-                assert sum(counts) == n and min(counts) >= 1 and len(counts) == min(n, steps)
+            counts = token_schedule(n, steps, "linear")
+            assert sum(counts) == n and min(counts) >= 1 and len(counts) == min(n, steps)
+            counts = token_schedule(n, steps, "cosine")
+            assert sum(counts) == n and min(counts) >= 0 and len(counts) == steps
 
 
 @pytest.mark.parametrize("order", ["maskgit", "random"])
@@ -203,7 +260,7 @@ def test_revealed_tokens_follow_the_schedule(model, monkeypatch, order, schedule
     spy = _Spy(model, monkeypatch)
     cfg = SampleConfig(steps=5, schedule=schedule, order=order, seed=2)
     out = generate(model, SPECS, {SEQ: CAPTION}, [IMG], cfg, **TEXT)[IMG]
-    counts = token_schedule(16, 5, schedule)
+    counts = [c for c in token_schedule(16, 5, schedule) if c]  # a round of 0 tokens makes no call
     assert len(spy.calls) == len(counts)
     revealed = 0
     for (_, batch, _), count in zip(spy.calls, counts):
@@ -332,3 +389,106 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+def test_per_target_settings_apply_to_their_target_only(model, monkeypatch):
+    spy = _Spy(model, monkeypatch)
+    cfg = SampleConfig(steps=5, seed=6, targets={GLB: {"temperature": 0.0, "steps": 2}})
+    out = generate(model, SPECS, {SEQ: CAPTION}, [GLB, IMG], cfg, **TEXT)
+    rounds = {m: sum(1 for c in spy.calls if c[0] == m) for m in (GLB, IMG)}
+    assert rounds == {GLB: 2, IMG: len([c for c in token_schedule(16, 5, "cosine") if c])}
+    monkeypatch.undo()
+    # the global alone with its settings; then the image with the run's own settings (a greedy target draws no
+    # random number, so the image's draws start from the seed as they would alone)
+    assert np.array_equal(out[GLB], generate(model, SPECS, {SEQ: CAPTION}, [GLB],
+                                             SampleConfig(steps=2, temperature=0.0), **TEXT)[GLB])
+    assert np.array_equal(out[IMG], generate(model, SPECS, {SEQ: CAPTION, GLB: out[GLB]}, [IMG],
+                                             SampleConfig(steps=5, seed=6), **TEXT)[IMG])
+    with pytest.raises(ConfigError, match="not targets"):
+        generate(model, SPECS, {SEQ: CAPTION}, [IMG], cfg, **TEXT)
+    with pytest.raises(ConfigError, match="cannot be set per target"):
+        SampleConfig(targets={IMG: {"seed": 3}})
+    with pytest.raises(ConfigError, match=f"target {IMG}: SampleConfig.steps"):
+        SampleConfig(targets={IMG: {"steps": 0}})
+
+
+def test_parse_target():
+    from omniforge.model.sample import parse_target
+
+    assert parse_target("tok_rgb@224:steps=8,temp=3,cfg=2,top_k=0.1,order=random,temp_schedule=onex:0.5:0.5") == (
+        "tok_rgb@224", {"steps": 8, "temperature": 3.0, "guidance_scale": 2.0, "top_k": 0.1, "order": "random",
+                        "temperature_schedule": "onex:0.5:0.5"})
+    assert parse_target("caption:top_k=5")[1] == {"top_k": 5}
+    for bad, match in (("tok_rgb@224", "FOLDER:key=value"), ("tok_rgb@224:stepz=8", "not key=value"),
+                       ("tok_rgb@224:steps=eight", "not a number"), ("tok_rgb@224:steps=2,steps=3", "twice")):
+        with pytest.raises(ConfigError, match=match) as e:
+            parse_target(bad)
+        assert "\n" not in str(e.value)
+
+
+class _Text:
+    """A stand-in for the text tokenizer (only what sampling reads)."""
+
+    sentinel_ids = list(range(4, 204))
+    eos_id, pad_id = 3, 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_sample_cli_per_target_settings_and_undecodable_targets(model, tmp_path, capsys, monkeypatch):
+    """--target settings reach their target; a target whose tokenizer cannot decode (NoDecoderError) is said so in
+    one line, once per modality over all keys, its tokens are still written and the other targets carry on."""
+    import omniforge.model.sample as sample
+    from omniforge.errors import NoDecoderError
+    from omniforge.tokenize.store import TokenizerStore
+
+    root = str(tmp_path / "corpus")
+    shards.write_parquet(shards.manifest_uri(root), pa.table({"key": ["a", "b"], "shard": [0, 0]}))
+    rows = {k: _image(SPECS[GLB], seed)[None].astype(np.int16) for k, seed in (("a", 1), ("b", 2))}
+    shards.write_tar(shards.tar_uri(root, GLB, 0), [(f"{k}.npy", _npy(v)) for k, v in rows.items()])
+    run = str(tmp_path / "run")
+    _write_checkpoint(run, model, 2)
+    real_decode = sample.decode_output
+
+    def decode(folder, ids, spec, tokenizers, text_tok):
+        if folder == IMG:
+            raise NoDecoderError(f"{folder}: its released tokenizer decodes with a diffusion model; tokens kept")
+        if folder == GLB:
+            return np.zeros((4, 4), dtype=np.uint8)
+        return real_decode(folder, ids, spec, tokenizers, text_tok)
+
+    monkeypatch.setattr(sample, "decode_output", decode)
+    monkeypatch.setattr(TokenizerStore, "text", lambda self: _Text())
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    out = str(tmp_path / "out")
+    args = parser.parse_args(["sample", "--checkpoint", run, "--input", root, "--key", "a,b", "--from", GLB,
+                              "--to", f"{IMG},caption", "--tokenizers", str(tmp_path), "--out", out,
+                              "--steps", "4", "--target", f"{IMG}:temp=0,steps=2", "--target", "caption:temp=0"])
+    calls = []
+    original = model.decoder_logits
+    monkeypatch.setattr(sample, "load_model", lambda path, device: (model, SPECS, {}))
+    monkeypatch.setattr(model, "decoder_logits", lambda batch, encoded=None, **kw: calls.append(
+        {m: r["target_mask"].clone() for m, r in batch.items()}) or original(batch, encoded, **kw))
+    assert args.fn(args) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    notes = [line for line in printed if "diffusion" in line]
+    assert notes == [f"{IMG}: {IMG}: its released tokenizer decodes with a diffusion model; tokens kept"]
+    img_rounds = [c for c in calls if IMG in c and not c[IMG].all()]
+    assert len(img_rounds) == 2 * 2  # two rounds (its --target steps) per key
+    for key in ("a", "b"):
+        img = np.load(os.path.join(out, key, f"{IMG}.npy"))
+        assert img.shape == (1, 16) and img.dtype == np.int16
+        assert os.path.exists(os.path.join(out, key, f"{SEQ}.npy"))
+        assert os.path.exists(os.path.join(out, key, f"{SEQ}.txt"))  # the next target carried on, decoded
+        assert not os.path.exists(os.path.join(out, key, f"{IMG}.png"))
+        assert os.path.getsize(os.path.join(out, key, "sample.png")) > 0
+    greedy = generate(model, SPECS, {GLB: rows["a"][0].astype(np.int64)}, [IMG],
+                      SampleConfig(temperature=0.0, steps=2), **TEXT)[IMG]
+    assert np.array_equal(np.load(os.path.join(out, "a", f"{IMG}.npy"))[0], greedy)
+
+    bad = parser.parse_args(["sample", "--checkpoint", run, "--input", root, "--key", "a", "--from", GLB,
+                             "--to", IMG, "--out", out, "--target", "depth:steps=2"])
+    with pytest.raises(ConfigError, match="not targets"):
+        bad.fn(bad)
