@@ -610,12 +610,13 @@ def export_lines(exported: Exported) -> list[str]:
              f"{c['encoder_depth']} + {c['decoder_depth']} blocks; domains_in {','.join(c['domains_in'])}; "
              f"domains_out {','.join(c['domains_out'])})"]
     for t in exported.tokenizers:
-        lines.append(f"tokenizer {os.path.join(out, EXPORT_TOKENIZERS, t.folder)}: {t.source}, {t.line}")
+        lines.append(f"tokenizer {os.path.join(out, EXPORT_TOKENIZERS, t.folder)}: {t.source}, {t.line}; ml-4m: "
+                     f"{t.loader}")
     if not exported.tokenizers:
         lines.append("tokenizers: none written (the model reads no tokenized modality, or --model-only)")
-    where = f"wrote {out}: load the model with ml-4m's FM.from_pretrained({out!r})"
+    where = f"wrote {out}: ml-4m's FM.from_pretrained({out!r}) loads the model"
     if exported.tokenizers:
-        where += (f", each tokenizer with VQVAE.from_pretrained({os.path.join(out, EXPORT_TOKENIZERS)!r}/<folder>) "
-                  f"(or pass --tokenizers {os.path.join(out, EXPORT_TOKENIZERS)} to omniforge)")
+        where += (f"; {os.path.join(out, EXPORT_TOKENIZERS)} is a --tokenizers folder, and the ml-4m reader of "
+                  "each tokenizer folder is named on its line")
     lines.append(where)
     return lines

@@ -72,6 +72,7 @@ class TokenizerExport:
     line: str  # what it is, as printed
     modalities: tuple[str, ...] = ()  # the registry modalities it tokenizes
     codebook_size: int | None = None  # token ids it makes lie in [0, codebook_size) (None: the text vocabulary)
+    loader: str = ""  # what reads it on ml-4m's side
     copies: tuple[tuple[str, str], ...] = ()  # (file name, local path to copy)
     config: dict[str, Any] | None = None  # converted: ml-4m's config.json
     tensors: dict[str, Tensor] = field(default_factory=dict)  # converted: ml-4m's state dict
@@ -112,6 +113,13 @@ def _describe_ml4m(config: Any) -> str:
             f"decoder {config.decoder_line}")
 
 
+def _loader(config: Any) -> str:
+    """The ml-4m class method that reads a snapshot of this config."""
+    if config.decoder == "diffusion":
+        return "VQ.from_pretrained (tokens; DiVAE / VQControlNet.from_pretrained to decode)"
+    return "VQ.from_pretrained" if config.decoder == "none" else "VQVAE.from_pretrained"
+
+
 def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -> TokenizerExport:
     """One folder: `kind` is the kind whose own tokenizer it is (None for the shared vocabulary)."""
     from omniforge.tokenize import ml4m
@@ -123,14 +131,14 @@ def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -
     names = ", ".join(users)
     if kind is None:
         (uri,) = store.require(artifact)
-        return TokenizerExport(folder, "copied", f"WordPiece vocabulary of {names}", users,
-                               copies=(("tokenizer.json", _local(uri)),))
+        return TokenizerExport(folder, "copied", f"WordPiece vocabulary of {names}", users, None,
+                               "tokenizers.Tokenizer.from_file", copies=(("tokenizer.json", _local(uri)),))
     model = store.model(kind)  # loads and checks it against the modality (a clear error when it is missing)
     where = store.path(folder)
     if ml4m.is_ml4m_model(model):
         local = _local(where)
         return TokenizerExport(folder, "imported", f"{_describe_ml4m(model.config)} ({names})", users,
-                               model.config.codebook_size, copies=tuple((f, os.path.join(local, f)) for f in ML4M_FILES))
+                               model.config.codebook_size, _loader(model.config), copies=tuple((f, os.path.join(local, f)) for f in ML4M_FILES))
     if isinstance(model, MemcodesTokenizer):
         bad = next((i for i in infos if i.ml4m_transform != "global"), None)
         if bad is not None:
@@ -141,7 +149,8 @@ def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -
         c = model.config
         line = (f"Memcodes MLP, {config['enc_type']} -> {config['dec_type']}, {c.num_tokens} tokens of "
                 f"{c.codebook_size} codes ({names})")
-        return TokenizerExport(folder, "converted", line, users, c.codebook_size, config=config, tensors=tensors)
+        return TokenizerExport(folder, "converted", line, users, c.codebook_size, "VQVAE.from_pretrained",
+                               config=config, tensors=tensors)
     repo = next((i.ml4m_tokenizer for i in infos if i.ml4m_tokenizer), None)
     fix = (f"tokenize {names} with Apple's (`omniforge tokenizer import-4m {repo} --out DIR`) and train on those "
            "tokens" if repo else f"tokenize {names} with an ml-4m tokenizer snapshot and train on those tokens")

@@ -144,7 +144,9 @@ def test_export_4m_writes_the_model_and_every_tokenizer_and_says_what_each_is(tm
     assert ": imported, ViT VQ-VAE" in by_folder[str(out / "tokenizers" / "depth")]
     assert ": converted, Memcodes MLP" in by_folder[str(out / "tokenizers" / "dinov2_global")]
     assert ": copied, WordPiece vocabulary of caption" in by_folder[str(out / "tokenizers" / "text")]
-    assert lines[-1].startswith(f"wrote {out}") and "VQVAE.from_pretrained" in lines[-1]
+    assert "ml-4m: VQVAE.from_pretrained" in by_folder[str(out / "tokenizers" / "dinov2_global")]
+    assert "ml-4m: VQ.from_pretrained" in by_folder[str(out / "tokenizers" / "depth")]  # a diffusion decoder
+    assert lines[-1].startswith(f"wrote {out}: ml-4m's FM.from_pretrained")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizers"]
     for f in ("config.json", "model.safetensors"):  # an imported snapshot goes out byte for byte
         assert (out / "tokenizers" / "depth" / f).read_bytes() == (SNAPSHOTS / DEPTH / f).read_bytes()
