@@ -137,8 +137,9 @@ def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -
     where = store.path(folder)
     if ml4m.is_ml4m_model(model):
         local = _local(where)
+        copies = tuple((f, os.path.join(local, f)) for f in ML4M_FILES)
         return TokenizerExport(folder, "imported", f"{_describe_ml4m(model.config)} ({names})", users,
-                               model.config.codebook_size, _loader(model.config), copies=tuple((f, os.path.join(local, f)) for f in ML4M_FILES))
+                               model.config.codebook_size, _loader(model.config), copies=copies)
     if isinstance(model, MemcodesTokenizer):
         bad = next((i for i in infos if i.ml4m_transform != "global"), None)
         if bad is not None:
