@@ -8,7 +8,9 @@ layout (``RELEASED_LAYOUT``, see :mod:`omniforge.model.fm`) and ml-4m's domain n
 ...), takes each modality's vocabulary from the weights and its role from the domains (only in ``domains_in``:
 input; only in ``domains_out``: target), and maps every key of the weights to omniforge's by
 :func:`key_map`. :func:`load_released` builds the model; :func:`export_released` is the inverse map, writing an
-omniforge model in the released layout as the folder ``FM.from_pretrained`` reads.
+omniforge model in the released layout as the folder ``FM.from_pretrained`` reads. :func:`export_4m`
+(``omniforge export-4m``) writes a run's model so and its tokenizers under ``OUT/tokenizers/``
+(:mod:`omniforge.tokenize.export4m`), everything checked before anything is written.
 
 What the key map does with each of ml-4m's keys (every key of the file is one of these, or the load fails):
 

@@ -123,7 +123,7 @@ def _loader(config: Any) -> str:
 def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -> TokenizerExport:
     """One folder: `kind` is the kind whose own tokenizer it is (None for the shared vocabulary)."""
     from omniforge.tokenize import ml4m
-    from omniforge.tokenize.models import MemcodesTokenizer
+    from omniforge.tokenize.models import MemcodesTokenizer, VQViTTokenizer
     from omniforge.tokenize.store import _local
 
     folder = artifact.folder
@@ -152,6 +152,9 @@ def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -
                 f"{c.codebook_size} codes ({names})")
         return TokenizerExport(folder, "converted", line, users, c.codebook_size, "VQVAE.from_pretrained",
                                config=config, tensors=tensors)
+    if not isinstance(model, VQViTTokenizer):
+        raise ConfigError(f"{where}: its tokenizer ({type(model).__name__}) has no ml-4m form: tokenize {names} with "
+                          "an ml-4m tokenizer snapshot and train on those tokens, or export with --model-only")
     repo = next((i.ml4m_tokenizer for i in infos if i.ml4m_tokenizer), None)
     fix = (f"tokenize {names} with Apple's (`omniforge tokenizer import-4m {repo} --out DIR`) and train on those "
            "tokens" if repo else f"tokenize {names} with an ml-4m tokenizer snapshot and train on those tokens")

@@ -193,3 +193,17 @@ def test_export_4m_refuses_a_tokenizer_with_more_codes_than_the_model_reads(tmp_
     with pytest.raises(ConfigError, match="reads 8192 token ids.*makes 16384"):
         export_4m(str(run), str(tmp_path / "export"), tokenizers=str(tok))
     assert not (tmp_path / "export").exists()
+
+
+def test_sam_instances_need_the_vocabulary_and_the_mask_tokenizer(tmp_path):
+    tok = tmp_path / "tok"
+    shutil.copytree(SNAPSHOTS / "4M_tokenizers_sam-instance_1k_64", tok / "sam_mask")
+    (tok / "text").mkdir()
+    (tok / "text" / "tokenizer.json").write_bytes(gzip.decompress(VOCAB_GZ.read_bytes()))
+    plans = export4m.plan(str(tok), [get_modality("caption"), get_modality("sam_instance")])
+    assert [(p.folder, p.source, p.modalities) for p in plans] == [
+        ("text", "copied", ("caption", "sam_instance")), ("sam_mask", "imported", ("sam_instance",))]
+    assert plans[1].loader == "VQVAE.from_pretrained" and plans[1].codebook_size == 128
+    shutil.rmtree(tok / "sam_mask")
+    with pytest.raises(ConfigError, match="no sam_mask tokenizer in .*import-4m"):
+        export4m.plan(str(tok), [get_modality("sam_instance")])
