@@ -13,13 +13,17 @@ model folder in it is what ml-4m's `VQVAE.from_pretrained` reads (`config.json` 
   and the quantizer (`quant_proj`, `post_quant_proj`) where omniforge's MLP maps to the latent directly: the
   export moves omniforge's output (input) linear there and gives ml-4m's MLP an identity output (input) linear,
   which multiplies by exactly 1 and adds exactly 0;
+- "trained-in-ml4m-architecture": a ViT VQ-VAE that `omniforge tokenizer train --architecture ml4m` saved in
+  ml-4m's hub layout (`ml4m_train`) is copied unchanged, like an imported one;
 - "copied": the WordPiece vocabulary (`text/tokenizer.json`) every sequence modality shares.
 
 omniforge's own ViT VQ-VAEs (`VQViTTokenizer`: pixels, segmentation, features, SAM masks) are refused, with
 `VQVIT_DIFFERENCE`: ml-4m's ViTEncoder / ViTDecoder has no LayerNorm after its last block, where omniforge's
 `ViTStack` ends in one (a normalisation no weight of ml-4m's can reproduce), and its LayerNorms use eps 1e-6
 where timm's Block uses torch's 1e-5; its position table at another grid is the stored one resized bicubically
-where omniforge recomputes the sin-cos table. Such a modality exports with Apple's tokenizer for it instead.
+where omniforge recomputes the sin-cos table. Such a modality exports with a tokenizer trained in ml-4m's
+architecture (`omniforge tokenizer train --architecture ml4m`) or Apple's tokenizer for it, and the model trained
+on those tokens.
 
 `plan` checks everything and converts in memory; `write` writes only after every folder could be planned.
 """
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from omniforge.modalities import ModalityInfo
     from omniforge.tokenize.models import MemcodesTokenizer
 
-SOURCES = ("imported", "converted", "copied")
+SOURCES = ("imported", "converted", "trained-in-ml4m-architecture", "copied")
 ML4M_FILES = ("config.json", "model.safetensors")
 
 VQVIT_DIFFERENCE = ("ml-4m's ViT tokenizers have no LayerNorm after the last transformer block (omniforge's ViT "
@@ -123,6 +127,7 @@ def _loader(config: Any) -> str:
 def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -> TokenizerExport:
     """One folder: `kind` is the kind whose own tokenizer it is (None for the shared vocabulary)."""
     from omniforge.tokenize import ml4m
+    from omniforge.tokenize.ml4m_train import is_trained_here
     from omniforge.tokenize.models import MemcodesTokenizer, VQViTTokenizer
     from omniforge.tokenize.store import _local
 
@@ -138,7 +143,8 @@ def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -
     if ml4m.is_ml4m_model(model):
         local = _local(where)
         copies = tuple((f, os.path.join(local, f)) for f in ML4M_FILES)
-        return TokenizerExport(folder, "imported", f"{_describe_ml4m(model.config)} ({names})", users,
+        source = "trained-in-ml4m-architecture" if is_trained_here(local) else "imported"
+        return TokenizerExport(folder, source, f"{_describe_ml4m(model.config)} ({names})", users,
                                model.config.codebook_size, _loader(model.config), copies=copies)
     if isinstance(model, MemcodesTokenizer):
         bad = next((i for i in infos if i.ml4m_transform != "global"), None)
@@ -156,8 +162,9 @@ def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -
         raise ConfigError(f"{where}: its tokenizer ({type(model).__name__}) has no ml-4m form: tokenize {names} with "
                           "an ml-4m tokenizer snapshot and train on those tokens, or export with --model-only")
     repo = next((i.ml4m_tokenizer for i in infos if i.ml4m_tokenizer), None)
-    fix = (f"tokenize {names} with Apple's (`omniforge tokenizer import-4m {repo} --out DIR`) and train on those "
-           "tokens" if repo else f"tokenize {names} with an ml-4m tokenizer snapshot and train on those tokens")
+    apple = f"Apple's (`omniforge tokenizer import-4m {repo} --out DIR`)" if repo else "an ml-4m snapshot"
+    fix = (f"train it with `omniforge tokenizer train --architecture ml4m` or use {apple}, then tokenize {names} "
+           "and train on those tokens")
     raise ConfigError(f"{where}: omniforge's own ViT VQ-VAE cannot be written as ml-4m's VQVAE ({VQVIT_DIFFERENCE}): "
                       f"{fix}, or export with --model-only")
 

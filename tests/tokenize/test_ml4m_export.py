@@ -171,6 +171,7 @@ def test_export_4m_refuses_omniforges_vit_tokenizers_in_one_line_and_writes_noth
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "rgb" in err and "LayerNorm" in err and "import-4m EPFL-VILAB/4M_tokenizers_rgb_16k_224-448" in err
+    assert "omniforge tokenizer train --architecture ml4m" in err
     assert "--model-only" in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["released", "tok"]
     # with no --tokenizers recorded or given, the export says how to proceed; --model-only writes the model alone
