@@ -39,7 +39,9 @@ TRAINED_MARK = {"format": "pt", "omniforge": "tokenizer train --architecture ml4
 VIT_KINDS = ("pixels", "segmentation", "features", "mask")  # TokenizerConfig.kind values it trains
 _PRESETS = {(64, 1, 2): "vit_oftiny", (768, 12, 12): "vit_b"}  # (dim, depth, heads) -> ml-4m preset prefix
 # the quantizer's state in ml-4m's layout: VectorQuantize's (1, K, ...) buffers without their codebook axis
-_CODEBOOK = ("embed", "embed_avg", "cluster_size")
+_CODEBOOK = ("embed", "cluster_size")
+TRAINING_FILE = "codebook_training.safetensors"  # the EMA state ml-4m's snapshot has no key for (resume only)
+_EMA_AVG = "quantize.vq._codebook.embed_avg"
 
 
 class TrainableLucid(LucidCodebook):
@@ -132,8 +134,9 @@ def build(tc: TokenizerConfig) -> ML4MTrainable:
 
 
 def hub_state(model: ML4MTrainable) -> dict[str, Tensor]:
-    """The state dict in ml-4m's names: VectorQuantize's `quantize.vq._codebook.*` become ml-4m's
-    `quantize._codebook.*` without the codebook axis (initted as a (1,) tensor)."""
+    """The state dict in ml-4m's names, ml-4m's key set exactly: VectorQuantize's `quantize.vq._codebook.*` become
+    ml-4m's `quantize._codebook.*` without the codebook axis (initted as a (1,) tensor); the EMA sums
+    (`embed_avg`) are left out (TRAINING_FILE)."""
     out = {}
     for name, value in model.state_dict().items():
         value = value.detach().float().cpu()
@@ -149,14 +152,16 @@ def hub_state(model: ML4MTrainable) -> dict[str, Tensor]:
 
 
 def save(model: ML4MTrainable, directory: str) -> None:
-    """Write ml-4m's hub layout: config.json (ml4m_config) and model.safetensors (hub_state, TRAINED_MARK), each
-    through a temporary name renamed into place."""
+    """Write ml-4m's hub layout: config.json (ml4m_config) and model.safetensors (hub_state, TRAINED_MARK), and
+    the codebook's EMA sums for a resume (TRAINING_FILE), each through a temporary name renamed into place."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     os.close(fd)
     try:
+        save_file({_EMA_AVG: model.state_dict()[_EMA_AVG].detach().float().cpu().contiguous()}, tmp)
+        os.replace(tmp, os.path.join(directory, TRAINING_FILE))
         save_file(hub_state(model), tmp, metadata=TRAINED_MARK)
         os.replace(tmp, os.path.join(directory, "model.safetensors"))
         with open(tmp, "w", encoding="utf-8") as f:
@@ -196,6 +201,9 @@ def load_trainable(directory: str, tc: TokenizerConfig) -> ML4MTrainable:
             name = f"quantize.vq._codebook.{field}"
             value = value.reshape(()).bool() if field == "initted" else value[None]
         state[name] = value
+    training = os.path.join(directory, TRAINING_FILE)
+    if os.path.exists(training):
+        state.update(load_file(training))
     expected = model.state_dict()
     state = {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}
     missing = sorted(set(expected) - set(state))
@@ -260,5 +268,5 @@ class ML4MArchitecture:
         return train_model(cfg, self, progress=progress, verbose=verbose)
 
 
-__all__ = ["ARCHITECTURES", "ML4MArchitecture", "ML4MTrainable", "TRAINED_MARK", "TrainableLucid", "VIT_KINDS",
-           "build", "hub_state", "is_trained_here", "load_trainable", "ml4m_config", "save"]
+__all__ = ["ARCHITECTURES", "ML4MArchitecture", "ML4MTrainable", "TRAINED_MARK", "TRAINING_FILE", "TrainableLucid",
+           "VIT_KINDS", "build", "hub_state", "is_trained_here", "load_trainable", "ml4m_config", "save"]

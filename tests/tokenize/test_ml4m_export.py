@@ -208,3 +208,20 @@ def test_sam_instances_need_the_vocabulary_and_the_mask_tokenizer(tmp_path):
     shutil.rmtree(tok / "sam_mask")
     with pytest.raises(ConfigError, match="no sam_mask tokenizer in .*import-4m"):
         export4m.plan(str(tok), [get_modality("sam_instance")])
+
+
+def test_a_tokenizer_trained_in_ml4ms_architecture_is_written_through(tmp_path, capsys):
+    from omniforge.tokenize import ml4m_train
+
+    run = _released_run(tmp_path, ["tok_rgb@224"])
+    tok = tmp_path / "tok"
+    kind = ml4m_train.ML4MArchitecture(kind_for("rgb"))
+    torch.manual_seed(0)
+    kind.save(kind.build(kind.config("tiny")), str(tok / "rgb"))
+    out = tmp_path / "export"
+    assert cli_main(["export-4m", str(run), "--out", str(out), "--tokenizers", str(tok)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tokenizer "))
+    assert ": trained-in-ml4m-architecture, ViT VQ-VAE, vit_oftiny_enc -> vit_oftiny_dec" in line
+    assert sorted(p.name for p in (out / "tokenizers" / "rgb").iterdir()) == ["config.json", "model.safetensors"]
+    for f in ("config.json", "model.safetensors"):
+        assert (out / "tokenizers" / "rgb" / f).read_bytes() == (tok / "rgb" / f).read_bytes()

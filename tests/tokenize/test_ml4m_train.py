@@ -71,6 +71,8 @@ def test_a_depth_tokenizer_trains_in_ml4ms_architecture_and_serves_as_an_ml4m_sn
         assert f.get_slice("quantize._codebook.cluster_size").get_shape() == [128]
         assert f.get_slice("encoder.pos_emb").get_shape() == [1, 64, 14, 14]
         assert not [k for k in f.keys() if k.endswith("norm.weight") and k.count(".") == 2]  # no final norms
+        assert "quantize._codebook.embed_avg" not in f.keys()  # ml-4m's key set; the EMA sums sit beside it
+    assert os.path.getsize(os.path.join(directory, ml4m_train.TRAINING_FILE)) > 0
     assert ml4m.is_snapshot_dir(directory) and ml4m_train.is_trained_here(directory)
     # --tokenizers loads it as an ml-4m tokenizer: ml-4m's depth preprocessing, the trained model's ids
     store = TokenizerStore(out)
