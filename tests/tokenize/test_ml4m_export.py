@@ -225,3 +225,42 @@ def test_a_tokenizer_trained_in_ml4ms_architecture_is_written_through(tmp_path, 
     assert sorted(p.name for p in (out / "tokenizers" / "rgb").iterdir()) == ["config.json", "model.safetensors"]
     for f in ("config.json", "model.safetensors"):
         assert (out / "tokenizers" / "rgb" / f).read_bytes() == (tok / "rgb" / f).read_bytes()
+
+
+def test_export_4m_reads_the_tokenizers_a_fine_tuning_run_recorded(tmp_path, capsys):
+    """A run fine-tuned from a released checkpoint with --tokenizers exports them without being told where."""
+    import io
+
+    from omniforge import shards
+    from omniforge.model.train import main as train_main
+
+    folder = "tok_dinov2_global"
+    root = str(tmp_path / "tokens")
+    keys = [f"k{k}" for k in range(8)]
+    members = []
+    for i, key in enumerate(keys):
+        buf = io.BytesIO()
+        np.save(buf, np.tile((np.arange(16) + i) % 32, (2, 1)).astype(np.int16))
+        members.append((f"{key}.npy", buf.getvalue()))
+    shards.write_tar(shards.tar_uri(root, folder, 0), members)
+    shards.write_status(shards.status_uri(root, folder, 0), [{"key": k, "ok": True} for k in keys])
+    tok = tmp_path / "tok"
+    kind = kind_for("dinov2_global")
+    config = kind.config("tiny")
+    config.codebook_size = 32  # the fixture checkpoint's tok_dinov2_global vocabulary
+    torch.manual_seed(0)
+    save_tokenizer(kind.build(config).eval(), str(tok / "dinov2_global"))
+    run = tmp_path / "run"
+    fm = Path(__file__).parents[1] / "fixtures" / "ml4m_fm" / "swiglu"
+    assert train_main(["--data", root, "--modalities", folder, "--out", str(run), "--init-from", str(fm),
+                       "--tokenizers", str(tok), "--input-tokens", "8", "--target-tokens", "8", "--batch-size", "2",
+                       "--steps", "2", "--save-every", "1000", "--shuffle-buffer", "2", "--device", "cpu",
+                       "--no-tensorboard", "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert cli_main(["export-4m", str(run), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith(f"tokenizer {out / 'tokenizers' / 'dinov2_global'}: converted") for ln in lines)
+    arrays = _vectors(8)
+    np.testing.assert_array_equal(TokenizerStore(str(out / "tokenizers")).encode(kind, arrays),
+                                  TokenizerStore(str(tok)).encode(kind, arrays))
