@@ -113,3 +113,14 @@ def test_the_architecture_option_is_validated(depth_root, tmp_path):
             "--epochs", "1", "--max-samples", "4", "--batch-size", "2", "--architecture", "ml4m", "--no-progress"]
     assert main(argv) == 0
     assert ml4m_train.is_trained_here(str(tmp_path / "t" / "depth"))
+
+
+@pytest.mark.parametrize("modality", ["rgb", "normal", "depth", "semseg_coco", "clip", "sam_instance"])
+def test_the_base_size_is_ml4ms_vit_b_and_every_vit_kind_maps_to_an_ml4m_config(modality):
+    kind = ml4m_train.ML4MArchitecture(kind_for(modality))
+    for size, preset in (("tiny", "vit_oftiny"), ("base", "vit_b")):
+        tc = kind.config(size)
+        c = ml4m.ML4MConfig.from_dict(ml4m_train.ml4m_config(tc))
+        assert (c.enc_type, c.dec_type, c.decoder) == (f"{preset}_enc", f"{preset}_dec", "vit")
+        assert c.num_tokens() == tc.num_tokens and c.codebook_size == tc.codebook_size
+        assert (c.n_labels is not None) == (modality == "semseg_coco") and c.patch_proj == (modality != "clip")
