@@ -11,8 +11,12 @@ The tokenizer is saved directly in ml-4m's hub layout (`save`), which `--tokeniz
 snapshot and `export-4m` writes through unchanged; the safetensors metadata marks it `TRAINED_MARK`.
 
 `ML4MArchitecture(kind)` is the kind the trainer sees: the modality's own kind with the model, its files and the
-preprocessing replaced. The sizes: "tiny" is the `vit_oftiny` preset (64 wide, 1 block, 2 heads; ml-4m reads it
-once that preset is registered on its side), "base" is ml-4m's `vit_b` (768 wide, 12 blocks, 12 heads).
+preprocessing replaced. Its quality metrics are the kind's, in ml-4m's model space (a standardised depth's PSNR
+is over values clamped to [-1, 1], so it is only comparable between runs of this architecture; mask IoU reads
+the decoder's logits through a sigmoid).
+
+The sizes: "tiny" is the `vit_oftiny` preset (64 wide, 1 block, 2 heads; ml-4m reads it once that preset is
+registered on its side), "base" is ml-4m's `vit_b` (768 wide, 12 blocks, 12 heads).
 """
 
 from __future__ import annotations
