@@ -163,25 +163,23 @@ def _sample_cli(args: Any) -> int:
 
 def add_export4m_cli(subparsers: Any) -> None:
     """Register `omniforge export-4m RUN --out DIR` on the top-level subparsers."""
-    p = subparsers.add_parser("export-4m", help="write a trained model (released 4M layout) as ml-4m's hub layout, "
-                              "the folder ml-4m's FM.from_pretrained loads")
+    p = subparsers.add_parser("export-4m", help="write a trained model (released 4M layout) and its tokenizers as "
+                              "ml-4m's hub layout: the folders ml-4m's FM.from_pretrained and VQVAE.from_pretrained "
+                              "load")
     p.add_argument("run", help="training run directory (uses `latest`) or a checkpoint-<step> directory; the model "
                    "must be in the released layout (trained with --init-from a released 4M checkpoint)")
-    p.add_argument("--out", required=True, help="new folder to write: config.json + model.safetensors")
+    p.add_argument("--out", required=True, help="new folder to write: config.json + model.safetensors (the model) "
+                   "and tokenizers/<folder>/ (its tokenizers)")
+    p.add_argument("--tokenizers", default=None, help="the tokenizers directory the run's token shards were made "
+                   "with (default: the run's recorded --tokenizers)")
+    p.add_argument("--model-only", action="store_true", help="write the model alone, no tokenizers")
     p.set_defaults(fn=_export4m_cli)
 
 
 def _export4m_cli(args: Any) -> int:
-    import os
+    from omniforge.model.ml4m import export_4m, export_lines
 
-    from omniforge.errors import ConfigError
-    from omniforge.model.checkpoint import load_model
-    from omniforge.model.ml4m import HUB_CONFIG, HUB_WEIGHTS, export_released
-
-    if any(os.path.exists(os.path.join(args.out, f)) for f in (HUB_CONFIG, HUB_WEIGHTS)):
-        raise ConfigError(f"--out {args.out} already holds {HUB_CONFIG} or {HUB_WEIGHTS}: pick a new folder")
-    loaded = load_model(args.run)
-    config = export_released(loaded.model, args.out)
-    print(f"wrote {args.out}: ml-4m FM, {config['dim']} wide, {config['encoder_depth']} + {config['decoder_depth']} "
-          f"blocks; domains_in {','.join(config['domains_in'])}; domains_out {','.join(config['domains_out'])}")
+    exported = export_4m(args.run, args.out, tokenizers=args.tokenizers, model_only=args.model_only)
+    for line in export_lines(exported):
+        print(line)
     return 0

@@ -8,7 +8,9 @@ layout (``RELEASED_LAYOUT``, see :mod:`omniforge.model.fm`) and ml-4m's domain n
 ...), takes each modality's vocabulary from the weights and its role from the domains (only in ``domains_in``:
 input; only in ``domains_out``: target), and maps every key of the weights to omniforge's by
 :func:`key_map`. :func:`load_released` builds the model; :func:`export_released` is the inverse map, writing an
-omniforge model in the released layout as the folder ``FM.from_pretrained`` reads.
+omniforge model in the released layout as the folder ``FM.from_pretrained`` reads. :func:`export_4m`
+(``omniforge export-4m``) writes a run's model so and its tokenizers under ``OUT/tokenizers/``
+(:mod:`omniforge.tokenize.export4m`), everything checked before anything is written.
 
 What the key map does with each of ml-4m's keys (every key of the file is one of these, or the load fails):
 
@@ -465,9 +467,25 @@ def hub_config(config: ModelConfig, specs: dict[str, ModalitySpec], names: dict[
 def export_released(model: FourM, out: str) -> dict[str, Any]:
     """Write ``model`` (in the released layout) as ml-4m's hub layout in ``out``: config.json and
     model.safetensors, the inverse of :func:`released_state`. ConfigError naming the ModelConfig field when
-    ml-4m's FM cannot express the model. Returns the config written."""
+    ml-4m's FM cannot express the model (before anything is written). Returns the config written."""
+    config, tensors = released_export(model)
+    write_released(config, tensors, out)
+    return config
+
+
+def write_released(config: dict[str, Any], tensors: dict[str, torch.Tensor], out: str) -> None:
+    """Write what :func:`released_export` made as ``out``/config.json and ``out``/model.safetensors."""
     from safetensors.torch import save_file
 
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, HUB_WEIGHTS))
+    with open(os.path.join(out, HUB_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def released_export(model: FourM) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """ml-4m's FM config.json and state dict of ``model`` (in the released layout), written nowhere; ConfigError
+    naming the ModelConfig field (or the folder) when ml-4m's FM cannot express it."""
     problems = released_problems(model.config, model.specs)
     if problems:
         raise ConfigError(f"ml-4m's FM cannot express this model: {problems[0]}" +
@@ -506,8 +524,101 @@ def export_released(model: FourM, out: str) -> dict[str, Any]:
             tensors[key] = torch.zeros(dim)
         else:  # unused by ml-4m's forward: an image decoder's token table
             tensors[key] = torch.zeros(spec.vocab_size, dim)
-    os.makedirs(out, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, HUB_WEIGHTS))
-    with open(os.path.join(out, HUB_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    return config
+    return config, tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# export-4m: the model and its tokenizers
+
+EXPORT_TOKENIZERS = "tokenizers"  # OUT/tokenizers/<folder>/: the run's tokenizers, itself a --tokenizers folder
+_TOKENIZED = ("image", "global", "sequence")  # spec kinds read through a tokenizer (pixels and embeddings are not)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export_4m` wrote: the model's config.json and one TokenizerExport per tokenizer folder."""
+
+    out: str
+    config: dict[str, Any]
+    tokenizers: list[Any]  # omniforge.tokenize.export4m.TokenizerExport
+    tokenizers_from: str | None  # the --tokenizers directory they came from
+
+
+def tokenized_infos(specs: dict[str, ModalitySpec]) -> list[Any]:
+    """The registry modalities whose tokenizers a model's token folders were made with (in the model's order)."""
+    infos = []
+    for folder, spec in specs.items():
+        info = registry_info(folder) if spec.kind in _TOKENIZED else None
+        if info is not None and info.tokenized and info.name not in [i.name for i in infos]:
+            infos.append(info)
+    return infos
+
+
+def export_4m(run: str, out: str, *, tokenizers: str | None = None, model_only: bool = False) -> Exported:
+    """``omniforge export-4m``: the model of ``run`` as ml-4m's FM hub layout in ``out`` (config.json +
+    model.safetensors) and, unless ``model_only``, its tokenizers in ``out``/tokenizers/<folder>/ (see
+    :mod:`omniforge.tokenize.export4m`), read from ``tokenizers`` or else the run's recorded --tokenizers
+    directory. Everything is checked (and converted in memory) before anything is written; ConfigError in one
+    line otherwise, ``out`` untouched. The files are written in a folder next to ``out`` and moved into it."""
+    import shutil
+    import tempfile
+
+    from omniforge.model.checkpoint import load_model
+    from omniforge.tokenize import export4m
+
+    taken = [f for f in (HUB_CONFIG, HUB_WEIGHTS, EXPORT_TOKENIZERS) if os.path.exists(os.path.join(out, f))]
+    if taken:
+        raise ConfigError(f"--out {out} already holds {', '.join(taken)}: pick a new folder")
+    loaded = load_model(run)
+    config, tensors = released_export(loaded.model)
+    infos = [] if model_only else tokenized_infos(loaded.specs)
+    source = tokenizers or (loaded.config.get("train") or {}).get("tokenizers")
+    if infos and not source:
+        raise ConfigError(f"{run} records no --tokenizers directory for {', '.join(i.name for i in infos)}: pass "
+                          "--tokenizers DIR (the tokenizers its token shards were made with), or --model-only")
+    plans = export4m.plan(source, infos) if infos else []
+    _check_vocabularies(loaded.specs, plans)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-")
+    try:
+        write_released(config, tensors, tmp)
+        if plans:
+            export4m.write(plans, os.path.join(tmp, EXPORT_TOKENIZERS))
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Exported(out, config, plans, source if plans else None)
+
+
+def _check_vocabularies(specs: dict[str, ModalitySpec], plans: list[Any]) -> None:
+    """ConfigError when a tokenizer makes ids the model's modality cannot read (a codebook above its vocabulary)."""
+    for folder, spec in specs.items():
+        info = registry_info(folder) if spec.kind in ("image", "global") else None
+        for p in plans:
+            if info is not None and info.name in p.modalities and p.codebook_size and \
+                    p.codebook_size > spec.vocab_size:
+                raise ConfigError(f"{folder}: the model reads {spec.vocab_size} token ids, its tokenizer "
+                                  f"{p.folder} makes {p.codebook_size}: pass the --tokenizers its token shards were "
+                                  "made with")
+
+
+def export_lines(exported: Exported) -> list[str]:
+    """What ``omniforge export-4m`` prints: the model, each tokenizer folder with its source, where it all is."""
+    c, out = exported.config, exported.out
+    lines = [f"model: {os.path.join(out, HUB_CONFIG)} + {HUB_WEIGHTS} (ml-4m FM, {c['dim']} wide, "
+             f"{c['encoder_depth']} + {c['decoder_depth']} blocks; domains_in {','.join(c['domains_in'])}; "
+             f"domains_out {','.join(c['domains_out'])})"]
+    for t in exported.tokenizers:
+        lines.append(f"tokenizer {os.path.join(out, EXPORT_TOKENIZERS, t.folder)}: {t.source}, {t.line}; ml-4m: "
+                     f"{t.loader}")
+    if not exported.tokenizers:
+        lines.append("tokenizers: none written (the model reads no tokenized modality, or --model-only)")
+    where = f"wrote {out}: ml-4m's FM.from_pretrained({out!r}) loads the model"
+    if exported.tokenizers:
+        where += (f"; {os.path.join(out, EXPORT_TOKENIZERS)} is a --tokenizers folder, and the ml-4m reader of "
+                  "each tokenizer folder is named on its line")
+    lines.append(where)
+    return lines

@@ -7,4 +7,6 @@
 - train: `omniforge tokenizer train`.
 - ml4m: Apple's released 4M tokenizers (ml-4m hub snapshots) in omniforge's own implementation, with ml-4m's
   preprocessing; a --tokenizers folder may hold them. import4m: `omniforge tokenizer import-4m`.
+- export4m: a run's tokenizers in ml-4m's hub layout for `omniforge export-4m` (imported snapshots copied,
+  Memcodes MLP tokenizers converted, omniforge's own ViT VQ-VAEs refused).
 """

@@ -25,6 +25,9 @@ def add_cli(subparsers: Any) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--restart", action="store_true", help="ignore a saved training state and start over")
+    t.add_argument("--architecture", default="omniforge", choices=["omniforge", "ml4m"],
+                   help="ViT VQ-VAE kinds: omniforge's own (default) or ml-4m's, saved in ml-4m's hub layout so that "
+                        "`omniforge export-4m` can write it for ml-4m's VQVAE.from_pretrained")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_cmd_train)
     i = sub.add_parser("import-4m", help="lay Apple's released 4M tokenizers (ml-4m hub snapshots) out as a "

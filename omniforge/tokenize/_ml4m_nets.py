@@ -268,17 +268,24 @@ def build(config, state: dict[str, Tensor]) -> ML4MTokenizer:
     """The (unloaded) omniforge network of an ML4MConfig; `state` (already key-mapped) gives the position
     embeddings' grids, which the config does not state."""
     from omniforge.errors import WeightsError
-    from omniforge.tokenize._vit import BottleneckMLP
-    from omniforge.tokenize.memcodes import Memcodes
-    from omniforge.tokenize.ml4m import VIT_PRESETS, mlp_shape
-
-    c = config
 
     def grid_of(prefix: str) -> tuple[int, int]:
         pos = state.get(f"{prefix}.pos_emb")
         if pos is None or pos.ndim != 4:
             raise WeightsError(f"the checkpoint has no {prefix}.pos_emb (1, D, h, w) for its ViT {prefix}")
         return int(pos.shape[2]), int(pos.shape[3])
+
+    return ML4MTokenizer(config, **build_parts(config, grid_of))
+
+
+def build_parts(config, grid_of) -> dict[str, nn.Module]:
+    """The modules of an ML4MConfig's tokenizer (ML4MTokenizer's keyword arguments); `grid_of(prefix)` gives the
+    (h, w) grid of the "encoder" / "decoder" position embedding."""
+    from omniforge.tokenize._vit import BottleneckMLP
+    from omniforge.tokenize.memcodes import Memcodes
+    from omniforge.tokenize.ml4m import VIT_PRESETS, mlp_shape
+
+    c = config
 
     def mlp(model_id: str, dim_in: int | None, dim_out: int | None) -> BottleneckMLP:
         blocks, width, expansion = mlp_shape(model_id)
@@ -314,4 +321,4 @@ def build(config, state: dict[str, Tensor]) -> ML4MTokenizer:
     elif c.decoder == "mlp":
         parts["decoder"] = mlp(c.dec_type, None, out_channels)
         parts["post_quant_proj"] = nn.Conv2d(c.latent_dim, parts["decoder"].linear_in.in_features, 1)
-    return ML4MTokenizer(c, **parts)
+    return parts

@@ -73,6 +73,9 @@ VIT_PRESETS: dict[str, VitPreset] = {
     "vit_s_enc": VitPreset(512, 8, 8), "vit_s_dec": VitPreset(512, 8, 8),
     "vit_b_enc": VitPreset(768, 12, 12), "vit_b_dec": VitPreset(768, 12, 12),  # every released ViT tokenizer
     "vit_l_enc": VitPreset(1024, 24, 16), "vit_l_dec": VitPreset(1024, 24, 16),
+    # omniforge's tiny size of `omniforge tokenizer train --architecture ml4m` (ml-4m reads such a tokenizer once
+    # the same preset is registered in its fourm.vq.models.vit_models; the base size is vit_b)
+    "vit_oftiny_enc": VitPreset(64, 1, 2), "vit_oftiny_dec": VitPreset(64, 1, 2),
 }
 
 

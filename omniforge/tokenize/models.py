@@ -147,6 +147,23 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{self.config.name} token ids must lie in [0, {self.config.codebook_size})")
 
 
+def vq_loss(kind: str, out: Tensor, x: Tensor, quant_loss: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """A ViT VQ-VAE's training loss: the reconstruction loss of its TokenizerConfig.kind (pixels: MSE;
+    segmentation: cross-entropy of class logits; features: smooth-L1 plus cosine distance; mask: BCE of logits)
+    of the raw decoder output `out` against the batch `x`, plus the quantizer's (commitment) loss."""
+    if kind == "pixels":
+        recon = F.mse_loss(out, x.float())
+    elif kind == "segmentation":
+        recon = F.cross_entropy(out, x.long())
+    elif kind == "features":
+        target = x.float()
+        recon = F.smooth_l1_loss(out, target) + (1 - F.cosine_similarity(out, target, dim=1)).mean()
+    else:  # mask
+        recon = F.binary_cross_entropy_with_logits(out, x.float())
+    total = recon + quant_loss
+    return total, {"loss": float(total.detach()), "recon": float(recon.detach()), "quant": float(quant_loss.detach())}
+
+
 class VQViTTokenizer(Tokenizer):
     """ViT encoder -> 32-d latent -> EMA cosine-similarity VQ -> ViT decoder, for every image-like kind."""
 
@@ -207,21 +224,7 @@ class VQViTTokenizer(Tokenizer):
 
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         quantized, _, quant_loss = self.quantizer(self._latents(x))
-        out = self._decode_codes(quantized)
-        kind = self.config.kind
-        if kind == "pixels":
-            recon = F.mse_loss(out, x.float())
-        elif kind == "segmentation":
-            recon = F.cross_entropy(out, x.long())
-        elif kind == "features":
-            target = x.float()
-            recon = F.smooth_l1_loss(out, target) + (1 - F.cosine_similarity(out, target, dim=1)).mean()
-        else:  # mask
-            recon = F.binary_cross_entropy_with_logits(out, x.float())
-        quant_loss = quant_loss.sum()
-        total = recon + quant_loss
-        return total, {"loss": float(total.detach()), "recon": float(recon.detach()),
-                       "quant": float(quant_loss.detach())}
+        return vq_loss(self.config.kind, self._decode_codes(quantized), x, quant_loss.sum())
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -363,5 +366,5 @@ def load_tokenizer(directory: str, device: str = "cpu") -> Tokenizer:
 
 
 __all__ = ["KINDS", "TokenizerConfig", "Tokenizer", "VQViTTokenizer", "MemcodesTokenizer", "build_tokenizer",
-           "codebook_stats", "save_tokenizer", "load_tokenizer"]
+           "codebook_stats", "save_tokenizer", "load_tokenizer", "vq_loss"]
 

@@ -121,8 +121,10 @@ class _Trainer:
             directory = cfg.directory
             start_epoch, step, history = 0, 0, []
             if not cfg.restart and train_state.has_state(directory):
+                load = functools.partial(kind.load_trainable, config=mcfg) if cfg.architecture == "ml4m" else None
                 model, optimizer, start_epoch, step, history = train_state.resume(
-                    directory, mcfg.to_dict(), functools.partial(_optimizer, cfg=cfg))
+                    directory, mcfg.to_dict(), functools.partial(_optimizer, cfg=cfg), load=load,
+                    architecture=cfg.architecture)
                 if dist_info.main:
                     log.info("resuming %s from epoch %d (step %d)", cfg.name, start_epoch, step)
             model.to(device).train()
@@ -317,7 +319,8 @@ def cmd_tokenizer_train(args: Any) -> int:
     cfg = TokenizerTrainConfig(data=args.data, modality=args.modality, out=args.out, size=args.config,
                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                max_samples=args.max_samples, num_workers=args.num_workers, vocab_size=args.vocab_size,
-                               seed=args.seed, device=args.device, restart=args.restart)
+                               seed=args.seed, device=args.device, restart=args.restart,
+                               architecture=args.architecture)
     result = train_tokenizer(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -40,6 +40,7 @@ class TokenizerTrainConfig:
     vocab_size: int = 30000  # text tokenizer only
     restart: bool = False  # ignore a saved training state and start from scratch
     crop: CropConfig = field(default_factory=CropConfig)  # random crops of image-like labels
+    architecture: str = "omniforge"  # ViT VQ-VAE kinds: "omniforge" (its own) or "ml4m" (ml-4m's, exportable)
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -57,6 +58,12 @@ class TokenizerTrainConfig:
         if artifact.trained_by != self.modality:
             raise ConfigError(f"modality: {self.modality} is tokenized with the shared {artifact.folder} tokenizer, "
                               f"trained with --modality {artifact.trained_by}")
+        from omniforge.tokenize.ml4m_train import ARCHITECTURES
+
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"architecture: must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture == "ml4m":
+            self.kind  # noqa: B018 - ConfigError now for a kind ml-4m's architecture does not train
         if self.size not in SIZES:
             raise ConfigError(f"size: must be 'tiny' or 'base', got {self.size!r}")
         for name in ("epochs", "batch_size", "shuffle_buffer", "holdout", "vocab_size"):
@@ -82,7 +89,12 @@ class TokenizerTrainConfig:
         """The tokenizer kind of the modality, bound to it."""
         from omniforge.tokenize.kinds import kind_for
 
-        return kind_for(self.modality)
+        kind = kind_for(self.modality)
+        if self.architecture == "ml4m":
+            from omniforge.tokenize.ml4m_train import ML4MArchitecture
+
+            return ML4MArchitecture(kind)
+        return kind
 
     @property
     def name(self) -> str:

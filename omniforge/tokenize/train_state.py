@@ -69,17 +69,23 @@ def load_optimizer(optimizer: torch.optim.Optimizer, meta: dict[str, Any], tenso
         torch.set_rng_state(tensors["rng.torch"])
 
 
-def resume(directory: str, expected_config: dict[str, Any], optimizer_for: Any
-           ) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, int, list[dict[str, Any]]]:
-    """(model, optimizer, epoch, step, history) of a saved run; ConfigError when it cannot continue it."""
+def resume(directory: str, expected_config: dict[str, Any], optimizer_for: Any, *, load: Any = None,
+           architecture: str = "omniforge") -> tuple[torch.nn.Module, torch.optim.Optimizer, int, int,
+                                                      list[dict[str, Any]]]:
+    """(model, optimizer, epoch, step, history) of a saved run; ConfigError when it cannot continue it. `load`
+    (directory -> model) rebuilds the saved model of `architecture` (TokenizerTrainConfig.architecture): an
+    omniforge tokenizer by default."""
     from omniforge.tokenize.models import load_tokenizer
 
     with open(os.path.join(directory, STATE_JSON), encoding="utf-8") as f:
         meta = json.load(f)
     if meta.get("format") != STATE_FORMAT:
         raise ConfigError(f"{directory}/{STATE_JSON} has an unknown format: pass --restart to start over")
-    model = load_tokenizer(directory, device="cpu")
-    if model.config.to_dict() != expected_config:
+    if meta.get("train_config", {}).get("architecture", "omniforge") != architecture:
+        raise ConfigError(f"the tokenizer in {directory} was trained in another architecture: pass --restart to "
+                          "start over, or the same --architecture")
+    model = load(directory) if load is not None else load_tokenizer(directory, device="cpu")
+    if getattr(model, "tokenizer_config", model.config).to_dict() != expected_config:
         raise ConfigError(f"the tokenizer in {directory} was trained with a different config "
                           f"(size {meta.get('size')!r}): pass --restart to start over, or --config "
                           f"{meta.get('size')}")

@@ -295,9 +295,11 @@ def test_init_from_a_released_checkpoint_fine_tunes(corpus, tmp_path, capsys):
     from omniforge.jobs.cli import main as omniforge
 
     hub = tmp_path / "hub"
-    assert omniforge(["export-4m", str(out), "--out", str(hub)]) == 0
+    assert omniforge(["export-4m", str(out), "--out", str(hub)]) == 2  # the run records no --tokenizers
+    assert "records no --tokenizers directory" in capsys.readouterr().err and not hub.exists()
+    assert omniforge(["export-4m", str(out), "--out", str(hub), "--model-only"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert omniforge(["export-4m", str(out), "--out", str(hub)]) == 2  # never over an existing export
+    assert omniforge(["export-4m", str(out), "--out", str(hub), "--model-only"]) == 2  # never over an export
     assert "already holds" in capsys.readouterr().err
     with safe_open(os.path.join(FIXTURES, "swiglu", "model.safetensors"), "pt") as f, \
             safe_open(str(hub / "model.safetensors"), "pt") as g:
