@@ -394,6 +394,20 @@ def test_plan_maps_token_folders_to_ml4m_sequences_and_checks_vocabularies():
     assert "tok_caption's tokenizer has 300 ids, the checkpoint's caption 100" in str(e.value)
 
 
+def test_plan_keeps_a_modality_at_224_and_448_apart():
+    """tok_depth@224 and tok_depth@448 are one registry modality but two folders: each loads its own."""
+    from omniforge.model.init_from import plan_init
+    from omniforge.model.specs import specs_for
+
+    run = ["tok_depth@448", "tok_depth@224", "tok_semseg@224"]
+    plan = plan_init(os.path.join(FIXTURES, "chain"), specs_for(run, 100))
+    assert plan.loaded == {m: m for m in run}
+    assert plan.dropped == ["rgb@224", "tok_clip@224", "tok_dinov2_global"] and not plan.added
+    assert {m: plan.specs[m].vocab_size for m in run} == dict.fromkeys(run, 256)
+    plan = plan_init(os.path.join(FIXTURES, "swiglu"), specs_for(["tok_depth@448"], 100))
+    assert plan.added == ["tok_depth@448"] and "tok_depth@224" in plan.dropped  # never the 196-token one
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_init_from_under_torchrun(corpus, tmp_path, strategy):
