@@ -25,8 +25,6 @@ from omniforge.jobs.cli import main as cli_main
 from omniforge.modalities import get_modality
 from omniforge.tokenize import ml4m
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 KEY = "people_astronaut"
@@ -51,6 +49,15 @@ COMMANDS = {
               "--to semseg_coco,clip,depth --tokenizers tokenizers --out samples",
     "export": "omniforge export-4m run --out 4M-21_tiny_finetuned",
 }
+
+
+def test_the_readme_shows_these_commands():
+    """The README's tiny chain is COMMANDS, in order (its output blocks are pasted from a run of them)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Starting from 4M-21"):]
+    section = section[:section.index("\n## ", 1)]
+    shown = [line[2:] for line in section.splitlines() if line.startswith("$ omniforge ")]
+    assert shown == list(COMMANDS.values())
 
 
 def _omniforge(line: str) -> str:
@@ -96,6 +103,7 @@ def _members(root: Path, folder: str) -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 def test_the_tokens_are_the_imported_tokenizers_on_ml4m_preprocessing(chain):
     from omniforge.tokenize import crops as C
 
@@ -128,6 +136,7 @@ def test_the_tokens_are_the_imported_tokenizers_on_ml4m_preprocessing(chain):
         assert int(tokens["tok_depth@448"][key].max()) < 256 and int(tokens["tok_dinov2_global"][key].max()) < 128
 
 
+@pytest.mark.slow
 def test_init_from_the_released_model_then_training_lowers_the_loss(chain):
     work, out = chain
     assert "loaded " + ", ".join(TRAINED) in out["train"] and "dropped" not in out["train"]
@@ -137,6 +146,7 @@ def test_init_from_the_released_model_then_training_lowers_the_loss(chain):
     assert set(log[-1]["losses"]) == set(TRAINED[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("samples", ["samples_released", "samples"])
 def test_samples_decode_through_the_vit_decoders_and_write_the_diffusion_ones_tokens(chain, samples):
     from PIL import Image
@@ -155,6 +165,7 @@ def test_samples_decode_through_the_vit_decoders_and_write_the_diffusion_ones_to
     assert (folder / "sample.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_fine_tuned_model_exports_to_the_hub_layout(chain):
     from omniforge.model.checkpoint import load_model
     from omniforge.model.ml4m import load_released, read_released
