@@ -64,12 +64,14 @@ class InitPlan:
         return out
 
 
-def _registry_key(folder: str, spec: ModalitySpec) -> tuple[str, str]:
-    """(registry modality, kind): what makes two folders the same modality (tok_caption and caption)."""
+def _registry_key(folder: str, spec: ModalitySpec) -> tuple[str, str, int]:
+    """(registry modality, kind, image tokens): what makes two folders the same modality (tok_caption and caption;
+    tok_depth@224 and tok_depth@448 are two: their token grids differ)."""
     from omniforge.model.ml4m import registry_info
 
     info = registry_info(folder)
-    return (info.name if info is not None else folder, spec.kind)
+    grid = spec.num_tokens if spec.kind in ("image", "pixels") else 0
+    return (info.name if info is not None else folder, spec.kind, grid)
 
 
 def _read_source(path: str) -> tuple[str, ModelConfig, dict[str, ModalitySpec]]:

@@ -15,14 +15,16 @@ from omniforge.model.ml4m import export_released, is_released, key_map, load_rel
 from omniforge.model.specs import patchify
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "ml4m_fm")
-CONFIGS = ("swiglu", "gelu", "t5")
+CONFIGS = ("swiglu", "gelu", "t5", "chain")  # chain: the README's tiny 4M-21 over the tokenizer fixtures' modalities
 SEQUENCES = ("caption", "det")
 
 
 def _batch(name: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """The fixture batch in omniforge's format (rgb@224 as uint8 patches), restricted to the domains of the
-    fixture model ``name`` (the t5 model's t5_caption rows rebuilt from their valid vectors)."""
-    data = np.load(os.path.join(FIXTURES, "batch.npz"))
+    fixture model ``name`` (the t5 model's t5_caption rows rebuilt from their valid vectors; the chain model has
+    its own batch file)."""
+    own = os.path.join(FIXTURES, name or "", "batch.npz")
+    data = np.load(own if name and os.path.isfile(own) else os.path.join(FIXTURES, "batch.npz"))
     batch: dict[str, dict[str, torch.Tensor]] = {}
     for key in data.files:
         mod, field = key.split("/")
@@ -101,15 +103,16 @@ def test_every_ml4m_key_is_mapped(name):
     # every omniforge parameter comes from the file, but the target-only tok_depth@224's encoder side
     params = {k for k, _ in loaded.model.named_parameters()}
     assert params - copied == set(loaded.fresh)
-    assert bool(loaded.fresh) == (name != "t5") and all("tok_depth@224" in k for k in loaded.fresh)
+    assert bool(loaded.fresh) == (name in ("swiglu", "gelu")) and all("tok_depth@224" in k for k in loaded.fresh)
     # the key map moved real values: perturbed biases and LayerNorm weights, modality embeddings
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(path, "model.safetensors"))
+    tok = "tok_rgb@224" if "tok_rgb@224" in released.specs else "tok_depth@224"
     for ml, omni in [("decoder_norm.weight", "decoder_norm.weight"),
                      ("decoder_proj_context.bias", "context_proj.bias"),
-                     ("decoder_embeddings.tok_rgb@224.mod_emb", "decoder_modality_embeddings.tok_rgb@224"
-                      if released.config.separate_modality_embeddings else "modality_embeddings.tok_rgb@224")]:
+                     (f"decoder_embeddings.{tok}.mod_emb", f"decoder_modality_embeddings.{tok}"
+                      if released.config.separate_modality_embeddings else f"modality_embeddings.{tok}")]:
         assert weights[ml].std() > 0
         assert torch.equal(state[omni], weights[ml].reshape(state[omni].shape))
     if name == "swiglu":
@@ -123,6 +126,11 @@ def test_every_ml4m_key_is_mapped(name):
     elif name == "t5":  # T5-XXL caption embeddings: a projection with a bias
         assert torch.equal(state["encoder_tokens.t5_caption.proj.bias"],
                            weights["encoder_embeddings.t5_caption.emb_proj.bias"])
+    elif name == "chain":  # the tokenizer fixtures' codebooks; a 448 domain at its own grid
+        assert {m: s.vocab_size for m, s in released.specs.items() if s.vocab_size} == {
+            "tok_depth@224": 256, "tok_semseg@224": 256, "tok_clip@224": 256, "tok_dinov2_global": 128,
+            "tok_depth@448": 256}
+        assert released.specs["tok_depth@448"].num_tokens == 784 and released.specs["tok_depth@448"].grid == 28
     else:  # 4M-7's shared modality embeddings, written once under the decoder's name
         assert not released.config.separate_modality_embeddings and released.config.bias
         assert "encoder_embeddings.caption.mod_emb" not in keys
@@ -386,6 +394,20 @@ def test_plan_maps_token_folders_to_ml4m_sequences_and_checks_vocabularies():
     with pytest.raises(ConfigError) as e:  # a text tokenizer of another size is refused
         plan_init(fixture, specs_for(["tok_caption"], 300))
     assert "tok_caption's tokenizer has 300 ids, the checkpoint's caption 100" in str(e.value)
+
+
+def test_plan_keeps_a_modality_at_224_and_448_apart():
+    """tok_depth@224 and tok_depth@448 are one registry modality but two folders: each loads its own."""
+    from omniforge.model.init_from import plan_init
+    from omniforge.model.specs import specs_for
+
+    run = ["tok_depth@448", "tok_depth@224", "tok_semseg@224"]
+    plan = plan_init(os.path.join(FIXTURES, "chain"), specs_for(run, 100))
+    assert plan.loaded == {m: m for m in run}
+    assert plan.dropped == ["rgb@224", "tok_clip@224", "tok_dinov2_global"] and not plan.added
+    assert {m: plan.specs[m].vocab_size for m in run} == dict.fromkeys(run, 256)
+    plan = plan_init(os.path.join(FIXTURES, "swiglu"), specs_for(["tok_depth@448"], 100))
+    assert plan.added == ["tok_depth@448"] and "tok_depth@224" in plan.dropped  # never the 196-token one
 
 
 @pytest.mark.slow
