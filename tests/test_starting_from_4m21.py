@@ -172,7 +172,17 @@ def test_the_fine_tuned_model_exports_to_the_hub_layout(chain):
 
     work, out = chain
     exported = work / "4M-21_tiny_finetuned"
-    assert out["export"].startswith("wrote 4M-21_tiny_finetuned: ml-4m FM, 16 wide, 2 + 2 blocks")
+    lines = out["export"].strip().splitlines()
+    assert lines[0].startswith("model: 4M-21_tiny_finetuned/config.json + model.safetensors (ml-4m FM, 16 wide, "
+                               "2 + 2 blocks;")
+    assert lines[-1].startswith("wrote 4M-21_tiny_finetuned: ")
+    # the run's tokenizers come along, byte for byte the imported snapshots, as a --tokenizers folder
+    exported_tokenizers = {line.split(":", 1)[0].rsplit("/", 1)[1] for line in lines[1:-1]}
+    assert exported_tokenizers == {"depth", "semseg_coco", "clip", "dinov2_global"}
+    for folder in exported_tokenizers:
+        for name in ("config.json", "model.safetensors"):
+            assert (exported / "tokenizers" / folder / name).read_bytes() == (work / "tokenizers" / folder /
+                                                                              name).read_bytes()
     released = read_released(str(exported))
     original = read_released(str(FIXTURES / "ml4m_fm" / "chain"))
     assert {m: s.vocab_size for m, s in released.specs.items()} == {m: s.vocab_size for m, s in
