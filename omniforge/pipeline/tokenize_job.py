@@ -29,7 +29,10 @@ tokenized by the same tokenizer (trained at 224; 784 tokens at 448). A crop abov
 sample whose crop covers fewer stored pixels than the size on a side fails with "too_small" and the
 `omniforge label --storage-size` that fixes it (`omniforge.tokenize.crops.check_crop_sides`). The check is
 per sample because the stored size is: an image smaller than the storage size is stored at its own size,
-and random crops differ per sample; the others of the shard are still written.
+and random crops differ per sample; the others of the shard are still written. A feature map above 224
+(clip@448: 4M-21's tok_clip@448) cannot reuse the stored label, crop 0's 224 map: the teacher runs at that
+size (its `label_at`, the same weights) on every crop's window of the stored rgb, crop 0 included, and the
+tokenizer encodes the (28, 28, C) map.
 """
 
 from __future__ import annotations
@@ -358,15 +361,16 @@ class ShardTokenizer:
         arrays: list[np.ndarray] = []
         info = self.targets[m]
         name, teacher = info.name, self.teachers.get(info.name)
-        size = self.spec.crops.size if info.token_size in (None, IMAGE_SIZE) else info.token_size
+        stored = info.token_size in (None, IMAGE_SIZE)  # the label job's size: crop 0 is the stored label
+        size = self.spec.crops.size if stored else info.token_size
         for k in keys:
-            rows = crops[k] if size != self.spec.crops.size else crops[k][1:]
-            if size == self.spec.crops.size:
+            rows = crops[k][1:] if stored else crops[k]
+            if stored:
                 arrays.append(np.asarray(labels[name][k]))
             if len(rows):
                 image = labels[IMAGE_MODALITY][k]
                 samples = [Sample(key=k, image=crop_image(image, c, size)) for c in rows]
-                results = teacher.label(samples) if size == self.spec.crops.size else teacher.label_at(samples, size)
+                results = teacher.label(samples) if stored else teacher.label_at(samples, size)
                 for r in results:
                     if isinstance(r, SampleError):
                         raise r
