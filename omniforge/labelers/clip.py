@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from omniforge.errors import SampleError
 from omniforge.labelers._open_clip import OpenClipLabeler, tower_at, transform_at
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, Sample, option
-from omniforge.errors import SampleError
 
 ARCH = "ViT-B-16"
 DEFAULT_TAG = "openai"
