@@ -8,7 +8,7 @@ by a plugin flows from its teacher to a trained model with no edit to omniforge:
 - tokens: the tokenizer kind (`tokenizer`, a name in `omniforge.tokenize.kinds`), the token folder the
   tokenize job writes (`token_modality`), tokens per crop (`num_tokens`) and the codebook (`vocab_size`);
   image-like modalities list the crop sides they are tokenized at (`token_sizes`, default (224,); 4M-21's
-  rgb, depth, normal and semseg add 448): `info.at(448)` is the entry of tok_<name>@448 (784 tokens), and
+  rgb, depth, normal, semseg and clip add 448): `info.at(448)` is the entry of tok_<name>@448 (784 tokens), and
   `by_token_folder` / `by_pixel_folder` give such an entry for every size's folder;
 - how a label is cropped before its tokenizer (`crop`): "dense" maps are cropped with `resample`;
   "features" maps are stored for crop 0 and the teacher re-runs on the other crops, as "global" vectors;
@@ -99,7 +99,9 @@ class ModalityInfo:
         at, IMAGE_SIZE (224) first; default (224,). Each size S has its folder (`token_folder(S)`: the
         token_modality's "@224" suffix replaced by "@S", e.g. tok_rgb@448) and its token count
         (`tokens_at(S)`: num_tokens * (S / 224)^2, 784 at 448); the tokenizer trained at 224 encodes every
-        size (its position table follows the input grid, as 4M-21's 224-448 tokenizers). Empty for the rest.
+        size (its position table follows the input grid, as 4M-21's 224-448 tokenizers). A feature map above 224
+        is not the stored label (crop 0 at 224): the tokenize job re-runs its teacher at S on every crop (the
+        teacher's `label_at(samples, S)`), an (h * S / 224, w * S / 224, C) map. Empty for the rest.
     token_size: the crop side of this entry's `token_modality`: 224 in the registry; `at(S)` gives the
         entry of size S. None for modalities without image-like tokens.
     vocab_size: codebook size of the tokenizer; None for sequences (the shared WordPiece vocabulary).
@@ -331,9 +333,6 @@ class ModalityInfo:
         if not sizes or sizes[0] != IMAGE_SIZE or len(set(sizes)) != len(sizes):
             raise bad("token_sizes", f"must start with {IMAGE_SIZE} (the size tokenizers are trained at) and list "
                                      "each size once")
-        if self.crop == "features" and len(sizes) > 1:
-            raise bad("token_sizes", f"must be ({IMAGE_SIZE},) for a feature map: other sizes need the teacher run at "
-                                     "that size, which the label and tokenize jobs do not do")
         if self.token_size is None:
             object.__setattr__(self, "token_size", IMAGE_SIZE)
         if self.token_size not in sizes:
@@ -580,9 +579,9 @@ MODALITIES: dict[str, ModalityInfo] = {
             ml4m_note="ml-4m's transform shifts the ids by one (255, none, becomes 0)"),
         ModalityInfo(
             name="clip", ext="npy", tokenizer="features", vocab_size=8192, shape=(14, 14, 512),
-            ml4m_tokenizer=_4M + "CLIP-B16_8k_224-448", ml4m_transform="features",
-            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features (no "
-                        "tok_clip@448 yet: 4M-21's needs the teacher run at 448, a 28 x 28 map)",
+            token_sizes=SUPER_RESOLUTION, ml4m_tokenizer=_4M + "CLIP-B16_8k_224-448", ml4m_transform="features",
+            description="npy float16 (14, 14, 512), CLIP ViT-B/16 projected last-layer patch features of crop 0 at "
+                        "224 (tok_clip@448: the teacher re-run at 448 on every crop, a 28 x 28 map)",
             ml4m_note="ml-4m's tokenizer training names this folder CLIP-B16"),
         ModalityInfo(
             name="dinov2", ext="npy", tokenizer="features", vocab_size=8192, shape=(16, 16, 768),

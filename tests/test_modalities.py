@@ -51,7 +51,8 @@ def test_token_folders_are_unique():
 
 
 # 4M-21's 224-448 modalities (ml-4m's modality_info.py: tok_rgb@448 ... tok_semseg@448, rgb@448), written out here
-ML4M_448 = {"rgb": "tok_rgb@448", "depth": "tok_depth@448", "normal": "tok_normal@448", "semseg_coco": "tok_semseg@448"}
+ML4M_448 = {"rgb": "tok_rgb@448", "depth": "tok_depth@448", "normal": "tok_normal@448", "semseg_coco": "tok_semseg@448",
+            "clip": "tok_clip@448"}
 
 
 def test_4m21s_448_folders():
@@ -65,15 +66,19 @@ def test_4m21s_448_folders():
         assert info.tokens_at(448) == 784 and info.tokens_at(224) == 196
         spec = specs_for([folder], 1)[folder]
         assert (spec.kind, spec.num_tokens, spec.grid) == ("image", 784, 28)
-        assert kind_for(big).input_layout()[0][:2] == (448, 448)
+        # the tokenizer reads 448 x 448 crops, or the teacher's 28 x 28 map at 448 for a feature map
+        side = 28 if info.crop == "features" else 448
+        assert kind_for(big).input_layout()[0][:2] == (side, side)
+    assert kind_for(get_modality("clip").at(448)).input_layout() == ((28, 28, 512), "float")
+    assert kind_for(get_modality("clip")).input_layout() == ((14, 14, 512), "float")
+    assert get_modality("clip").at(448).shape == (14, 14, 512)  # the stored label stays the 224 map
+    assert "yet" not in get_modality("clip").description
     assert by_pixel_folder("rgb@448").token_size == 448 and by_pixel_folder("rgb@448").name == "rgb"
     assert specs_for(["rgb@448"], 1)["rgb@448"].num_tokens == 784
-    # tok_clip@448 is left out (its teacher would have to run at 448); other modalities have one size
-    assert get_modality("clip").token_sizes == (224,) and by_token_folder("tok_clip@448") is None
-    assert "tok_clip@448" in get_modality("clip").description
+    # other modalities have one size (dinov2 and imagebind: 4M-21 has no 448 folder for them)
     assert get_modality("canny_edge").token_sizes == (224,) and get_modality("caption").token_sizes == ()
-    with pytest.raises(ConfigError, match="modality 'clip' is tokenized at 224, not 448"):
-        get_modality("clip").at(448)
+    with pytest.raises(ConfigError, match="modality 'dinov2' is tokenized at 224, not 448"):
+        get_modality("dinov2").at(448)
 
 
 def test_a_plugin_declares_its_448_folder():
@@ -88,9 +93,9 @@ def test_a_plugin_declares_its_448_folder():
     with pytest.raises(ConfigError, match="token_modality=.*must end with '@224'"):
         ModalityInfo(name="sal_y", ext="png", tokenizer="vqvae", vocab_size=64, token_sizes=(224, 448),
                      token_modality="tok_sal", description="d")
-    with pytest.raises(ConfigError, match="token_sizes=.*feature map"):
-        ModalityInfo(name="feat_y", ext="npy", tokenizer="features", shape=(14, 14, 8), vocab_size=64,
-                     token_sizes=(224, 448), description="d")
+    feats = ModalityInfo(name="feat_y", ext="npy", tokenizer="features", shape=(14, 14, 8), vocab_size=64,
+                         token_sizes=(224, 448), description="d")  # its teacher runs at 448 (label_at)
+    assert feats.at(448).token_modality == "tok_feat_y@448" and feats.at(448).num_tokens == 784
     with pytest.raises(ConfigError, match="token_sizes=.*image-like"):
         ModalityInfo(name="seq_y", ext="json", tokenizer="wordpiece", num_tokens=8, token_sizes=(224,),
                      description="d")

@@ -91,12 +91,73 @@ class OpenClipLabeler(TorchLabeler):
 
     # -- features ------------------------------------------------------------------------------------------
 
-    def encode(self, x: Any) -> tuple[Any, Any]:
+    def encode(self, x: Any, tower: Any = None) -> tuple[Any, Any]:
         """(the class token after ln_post, @ proj when `project_pooled`: (B, embed_dim) or (B, width); the
-        last-layer patch tokens after ln_post: (B, grid_h, grid_w, width))."""
-        pooled, tokens = self.model(x)  # tokens: (B, grid_h * grid_w, width), class token removed
-        grid_h, grid_w = self.model.grid_size
+        last-layer patch tokens after ln_post: (B, grid_h, grid_w, width)), through `tower` (default the
+        model; `tower_at(self.model, size)` for another input size)."""
+        tower = self.model if tower is None else tower
+        pooled, tokens = tower(x)  # tokens: (B, grid_h * grid_w, width), class token removed
+        grid_h, grid_w = tower.grid_size
         return pooled, tokens.reshape(tokens.shape[0], grid_h, grid_w, tokens.shape[-1])
+
+
+def resize_positions(table: Any, grid: int) -> Any:
+    """A ViT position table (1 + g * g, width), class position first, resized to a `grid` x `grid` patch grid
+    the way ml-4m runs its CLIP teacher above 224 (`fourm/utils/clip/model.py`, the DINO convention): the
+    patch positions as a (width, g, g) image, bicubic (a = -0.75, align_corners=False, no antialias) with the
+    scale factor (grid + 0.1) / g, so the output is grid x grid; the class position unchanged. The table itself
+    when grid == g. (open_clip's `resize_pos_embed` and timm's `resample_abs_pos_embed` resize to the exact
+    size with antialias, a = -0.5: other values, so neither is used.)"""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    cls, patches = table[:1], table[1:]
+    side, width = math.isqrt(patches.shape[0]), table.shape[1]
+    if side * side != patches.shape[0]:
+        raise ValueError(f"position table of {patches.shape[0]} patches is not a square grid")
+    if grid == side:
+        return table
+    scale = (grid + 0.1) / side
+    image = patches.float().reshape(1, side, side, width).permute(0, 3, 1, 2)  # (1, width, g, g)
+    image = F.interpolate(image, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+    if tuple(image.shape[-2:]) != (grid, grid):
+        raise ValueError(f"resizing the {side} x {side} positions gave {tuple(image.shape[-2:])}, not {grid} x {grid}")
+    resized = image.permute(0, 2, 3, 1).reshape(grid * grid, width).to(table.dtype)  # (grid * grid, width)
+    return torch.cat([cls, resized], dim=0)
+
+
+def tower_at(visual: Any, size: int) -> Any:
+    """open_clip's image tower `visual` run on `size` x `size` inputs: a shallow copy sharing every weight
+    (no memory for a second tower) but its own position table, `resize_positions` to the size's patch grid,
+    and its own `grid_size` / `image_size`. `visual` itself at its own size. ConfigError when `size` is no
+    multiple of the patch side."""
+    import copy
+
+    import torch
+
+    patch = visual.patch_size[0]
+    if size % patch or size < patch:
+        raise ConfigError(f"an open_clip tower with {patch}-pixel patches cannot run at {size}: use a multiple of "
+                          f"{patch}")
+    grid = size // patch
+    if tuple(visual.grid_size) == (grid, grid):
+        return visual
+    tower = copy.copy(visual)
+    object.__setattr__(tower, "_parameters", dict(visual._parameters))  # the copy's own table; shared weights
+    tower.positional_embedding = torch.nn.Parameter(resize_positions(visual.positional_embedding.detach(), grid),
+                                                    requires_grad=False)
+    tower.grid_size, tower.image_size = (grid, grid), (size, size)
+    return tower
+
+
+def transform_at(visual: Any, size: int) -> Callable:
+    """open_clip's eval preprocess of the tower's release (mean, std, interpolation, resize mode) at `size`."""
+    cfg = open_clip_module().get_model_preprocess_cfg(visual)
+    return open_clip_module().image_transform(
+        size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"), resize_mode=cfg.get("resize_mode"),
+        interpolation=cfg.get("interpolation"), fill_color=cfg.get("fill_color", 0))
 
 
 def pretrained_tag_option(default: str) -> Any:
@@ -105,4 +166,5 @@ def pretrained_tag_option(default: str) -> Any:
                            "weights kind); null for a local checkpoint that is no open_clip release")
 
 
-__all__ = ["OPEN_CLIP_PIP", "OpenClipLabeler", "open_clip_module", "pretrained_tag_option"]
+__all__ = ["OPEN_CLIP_PIP", "OpenClipLabeler", "open_clip_module", "pretrained_tag_option", "resize_positions",
+           "tower_at", "transform_at"]

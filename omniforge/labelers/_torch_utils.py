@@ -174,12 +174,14 @@ class TorchLabeler(Labeler):
 
     # -- labeling ------------------------------------------------------------------------------------------
 
-    def preprocess(self, samples: list[Sample]) -> tuple[list[Any], list[Any], list[int]]:
-        """Apply the package's eval transform to every valid image.
+    def preprocess(self, samples: list[Sample], transform: Callable | None = None
+                   ) -> tuple[list[Any], list[Any], list[int]]:
+        """Apply the package's eval transform (or `transform`) to every valid image.
 
         Returns (out, batch, rows): `out` has one slot per sample, holding the SampleError of an invalid
         image and None elsewhere; `batch` holds the transformed tensors of the samples at indices `rows`.
         """
+        transform = self.transform if transform is None else transform
         out: list[Any] = [None] * len(samples)
         batch, rows = [], []
         for i, sample in enumerate(samples):
@@ -187,23 +189,31 @@ class TorchLabeler(Labeler):
             if err is not None:
                 out[i] = err
                 continue
-            batch.append(self.transform(to_pil(sample.image)))
+            batch.append(transform(to_pil(sample.image)))
             rows.append(i)
         return out, batch, rows
 
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
         """Preprocess each sample with the package's eval transform (crop 0: the largest centred square at
         the teacher's input size), run one batched forward, return float16 features per sample."""
+        return self.run_batch(samples, self.transform, self.forward,
+                              {m: get_modality(m).shape for m in self.wanted})
+
+    def run_batch(self, samples: list[Sample], transform: Callable, forward: Callable[[Any], dict[str, Any]],
+                  shapes: dict[str, tuple[int, ...] | None]) -> list[dict[str, Any] | SampleError]:
+        """`label` with a given eval `transform` and `forward`: float16 features per sample, each modality's
+        checked against its contract shape in `shapes` (None: unchecked); non-finite features are a
+        SampleError("teacher_error"), an invalid image a SampleError("bad_image")."""
         import torch
 
-        out, batch, rows = self.preprocess(samples)
+        out, batch, rows = self.preprocess(samples, transform)
         if batch:
             x = torch.stack(batch).to(self.torch_device)  # (B, 3, S, S)
             with torch.inference_mode(), autocast_for(self.torch_device):
-                feats = self.forward(x)
+                feats = forward(x)
             arrays = {m: feats[m].float().cpu().numpy().astype(np.float16) for m in self.wanted}
             for m, a in arrays.items():
-                shape = get_modality(m).shape
+                shape = shapes.get(m)
                 if shape is not None and a.shape[1:] != shape:
                     raise RuntimeError(f"{self.name}: {m} features have shape {a.shape[1:]}, the contract is {shape}")
             for j, i in enumerate(rows):

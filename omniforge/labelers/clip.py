@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from omniforge.labelers._open_clip import OpenClipLabeler
+from omniforge.errors import SampleError
+from omniforge.labelers._open_clip import OpenClipLabeler, tower_at, transform_at
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, option
+from omniforge.labelers.base import PROFILE_4M21, LabelerOptions, Profile, Sample, option
 
 ARCH = "ViT-B-16"
 DEFAULT_TAG = "openai"
@@ -40,6 +41,11 @@ class ClipLabeler(OpenClipLabeler):
     checkpoint with "state_dict") through open_clip's own loader; "tiny" builds the same CLIP class with a
     2-layer, width-64 vision tower and random weights seeded identically in every process.
 
+    Other input sizes (`label_at`, for tok_clip@448): the same tower on a `size` x `size` input, its position
+    table resized to the (size / 16)^2 patch grid as ml-4m runs its CLIP teacher at 448
+    (`omniforge.labelers._open_clip.resize_positions`: bicubic, scale (grid + 0.1) / 14, class position kept),
+    open_clip's eval preprocess at that size: clip (size / 16, size / 16, 512) float16, (28, 28, 512) at 448.
+
     Option `pretrained_tag` (`ClipOptions`) names the open_clip release; for a local file it says which
     release the file is (its activation: the OpenAI and DFN/MetaCLIP releases use QuickGELU, which a state
     dict cannot record, and its preprocessing), so it is part of the fingerprint for every weights kind.
@@ -57,12 +63,28 @@ class ClipLabeler(OpenClipLabeler):
     model_name = ARCH
     tiny_cfg = TINY_CFG
 
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._towers: dict[int, tuple[Any, Any]] = {}  # input side -> (tower_at, transform_at), built on first use
+
     @property
     def pretrained_tag(self) -> str:
         return self.options.pretrained_tag
 
     # -- features ------------------------------------------------------------------------------------------
 
-    def forward(self, x: Any) -> dict[str, Any]:
-        _, tokens = self.encode(x)  # (B, 14, 14, width): last layer, after ln_post, class token removed
-        return {"clip": tokens @ self.model.proj}  # (B, 14, 14, 512)
+    def forward(self, x: Any, tower: Any = None) -> dict[str, Any]:
+        _, tokens = self.encode(x, tower)  # (B, 14, 14, width) at 224: last layer, after ln_post, no class token
+        return {"clip": tokens @ self.model.proj}  # (B, 14, 14, 512); (B, 28, 28, 512) at 448
+
+    def label_at(self, samples: list[Sample], size: int) -> list[dict[str, Any] | SampleError]:
+        """`label` with the teacher run at `size` x `size` (see the class docstring): clip is
+        (size / 16, size / 16, 512) float16. `label` itself at 224."""
+        if size == self.model.image_size[0]:
+            return self.label(samples)
+        if size not in self._towers:
+            self._towers[size] = (tower_at(self.model, size), transform_at(self.model, size))
+        tower, transform = self._towers[size]
+        grid = tower.grid_size[0]
+        return self.run_batch(samples, transform, lambda x: self.forward(x, tower),
+                              {"clip": (grid, grid, int(self.model.proj.shape[1]))})

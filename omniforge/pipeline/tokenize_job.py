@@ -29,7 +29,10 @@ tokenized by the same tokenizer (trained at 224; 784 tokens at 448). A crop abov
 sample whose crop covers fewer stored pixels than the size on a side fails with "too_small" and the
 `omniforge label --storage-size` that fixes it (`omniforge.tokenize.crops.check_crop_sides`). The check is
 per sample because the stored size is: an image smaller than the storage size is stored at its own size,
-and random crops differ per sample; the others of the shard are still written.
+and random crops differ per sample; the others of the shard are still written. A feature map above 224
+(clip@448: 4M-21's tok_clip@448) cannot reuse the stored label, crop 0's 224 map: the teacher runs at that
+size (its `label_at`, the same weights) on every crop's window of the stored rgb, crop 0 included, and the
+tokenizer encodes the (28, 28, C) map.
 """
 
 from __future__ import annotations
@@ -349,19 +352,26 @@ class ShardTokenizer:
         return self._encode(m, arrays)
 
     def _teacher_crops(self, m: str, keys: list[str], labels: dict, crops: dict) -> list[np.ndarray]:
+        """Feature maps and global vectors per crop: at 224, crop 0 is the stored label and the teacher runs on
+        crops 1..; above 224 (tok_clip@448) the stored label is the 224 map, so the teacher runs at that size on
+        every crop's window (`label_at`)."""
         from omniforge.labelers import Sample
         from omniforge.tokenize.crops import crop_image
 
         arrays: list[np.ndarray] = []
-        size = self.spec.crops.size
-        name = self.targets[m].name
+        info = self.targets[m]
+        name, teacher = info.name, self.teachers.get(info.name)
+        stored = info.token_size in (None, IMAGE_SIZE)  # the label job's size: crop 0 is the stored label
+        size = self.spec.crops.size if stored else info.token_size
         for k in keys:
-            arrays.append(np.asarray(labels[name][k]))
-            extra = crops[k][1:]
-            if len(extra):
+            rows = crops[k][1:] if stored else crops[k]
+            if stored:
+                arrays.append(np.asarray(labels[name][k]))
+            if len(rows):
                 image = labels[IMAGE_MODALITY][k]
-                samples = [Sample(key=k, image=crop_image(image, c, size)) for c in extra]
-                for r in self.teachers[name].label(samples):
+                samples = [Sample(key=k, image=crop_image(image, c, size)) for c in rows]
+                results = teacher.label(samples) if stored else teacher.label_at(samples, size)
+                for r in results:
                     if isinstance(r, SampleError):
                         raise r
                     arrays.append(np.asarray(r[name]))
@@ -424,9 +434,13 @@ class _ShardStage:
 # ------------------------------------------------------------------------------------------------ driver
 
 def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str, int], list[str]]) -> tuple:
-    """Feature teachers for crops 1.., checked against the fingerprint the label job recorded."""
-    wanted = tuple(m for m in label_modalities(cfg.modalities) if get_modality(m).teacher_crops)
-    if cfg.crops.n_crops < 2 or not wanted:
+    """Feature teachers for crops 1.. (and for every crop of a feature target above 224, tok_clip@448), checked
+    against the fingerprint the label job recorded; a teacher asked to run above 224 must have `label_at`."""
+    resized = {parse_token_target(t).name for t in cfg.modalities
+               if parse_token_target(t).teacher_crops and parse_token_target(t).token_size not in (None, IMAGE_SIZE)}
+    wanted = tuple(m for m in label_modalities(cfg.modalities)
+                   if get_modality(m).teacher_crops and (cfg.crops.n_crops > 1 or m in resized))
+    if not wanted:
         return ()
     from omniforge.labelers import labeler_for_modality
     from omniforge.pipeline.teachers import profile_teachers, resolve_teachers
@@ -440,6 +454,9 @@ def _resolve_teachers(cfg: TokenizeConfig, root: str, label_fps: dict[tuple[str,
     teachers = resolve_teachers(wanted, weights, options, teachers=chosen, root=root, profile=cfg.profile)
     for t in teachers:
         for m in t.modalities:
+            if m in resized and not callable(getattr(t.cls, "label_at", None)):
+                raise ConfigError(f"teacher {t.name} cannot run at another input size (it has no label_at): tokenize "
+                                  f"{m} at 224 only, or pick a teacher for {m} that can")
             recorded = {fp for (mod, _), fps in label_fps.items() if mod == m for fp in fps}
             if recorded and recorded != {t.fingerprint}:
                 raise ConfigError(f"{m} labels were made with another teacher, other weights or other options than "

@@ -476,12 +476,19 @@ class _StoredKind(TokenizerKind):
 class FeaturesKind(_StoredKind, _ImageKind):
     """(h, w, C) teacher feature maps (clip, dinov2, imagebind), stored for crop 0 only.
 
-    Model space: float (B, C, h, w) as stored, patch size 1; trained with smooth-L1 plus cosine distance.
+    Model space: float (B, C, h, w) as stored, patch size 1; trained with smooth-L1 plus cosine distance. The
+    model is the one of the stored (224) map; an entry at another size (`info.at(448)`) reads the teacher's map
+    at that size, (h * S / 224, w * S / 224, C): (28, 28, 512) for tok_clip@448.
     """
 
     name = "features"
     crops = ("features",)
     model_kind = "features"
+
+    def input_layout(self) -> tuple[tuple[int, ...], str]:
+        h, w, c = self.info.shape  # the stored map, at IMAGE_SIZE
+        scale = self.info.token_size
+        return (h * scale // IMAGE_SIZE, w * scale // IMAGE_SIZE, c), "float"
 
     def check(self) -> None:
         h, w, _ = self.info.shape

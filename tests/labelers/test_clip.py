@@ -131,3 +131,84 @@ def test_fingerprints(tmp_path):
     assert ClipLabeler.fingerprint(weights="tiny", pretrained_tag="laion2b_s34b_b88k") != ft
     with pytest.raises(WeightsError):
         ClipLabeler.fingerprint(weights=str(tmp_path / "missing.bin"))
+
+
+# -- at 448 (tok_clip@448): ml-4m runs its CLIP-B16 teacher on 448 inputs, its position table resized bicubically
+# with the DINO convention (scale factor (28 + 0.1) / 14, class position kept), a 28 x 28 map
+
+
+def ml4m_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """The position table resized as ml-4m's CLIP `interpolate_pos_encoding` (fourm/utils/clip/model.py) does:
+    bicubic with scale_factor (grid + 0.1) / side, align_corners False, no antialias, class position kept."""
+    side = int((table.shape[0] - 1) ** 0.5)
+    patches = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, scale_factor=((grid + 0.1) / side,) * 2, mode="bicubic")
+    return torch.cat([table[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
+
+
+def test_positions_are_resized_as_ml4m_not_as_open_clip():
+    from omniforge.labelers._open_clip import resize_positions
+
+    table = torch.randn(1 + 14 * 14, 8, generator=torch.Generator().manual_seed(0))
+    out = resize_positions(table, 28)
+    assert out.shape == (1 + 28 * 28, 8) and torch.equal(out[0], table[0])
+    torch.testing.assert_close(out, ml4m_positions(table, 28), rtol=0, atol=1e-6)
+    # open_clip's own resize_pos_embed (exact size, antialiased bicubic) gives other values
+    state = {"visual.positional_embedding": table.clone()}
+
+    class Tower:
+        grid_size = (28, 28)
+
+    class Model:
+        visual = Tower()
+
+    open_clip.model.resize_pos_embed(state, Model())
+    assert (state["visual.positional_embedding"] - out).abs().max() > 1e-3
+    assert resize_positions(table, 14) is table  # at its own size: unchanged
+
+
+def test_448_matches_open_clip_at_448_with_ml4m_positions(official):
+    from PIL import Image
+
+    path, ref224 = official
+    labeler = create_labeler("clip", weights=path)
+    out = labeler.label_at(photos(), 448)
+    # the reference: open_clip's own ViT-B/16 built for 448 inputs, the checkpoint's positions resized as ml-4m,
+    # open_clip's eval preprocess at 448
+    model = open_clip.create_model("ViT-B-16-quickgelu", force_image_size=448)
+    state = torch.load(path, weights_only=True)
+    state["visual.positional_embedding"] = ml4m_positions(state["visual.positional_embedding"], 28)
+    model.load_state_dict(state)
+    visual = model.eval().visual
+    visual.output_tokens = True
+    preprocess = open_clip.image_transform(448, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                           std=open_clip.OPENAI_DATASET_STD)
+    x = torch.stack([preprocess(Image.fromarray(s.image)) for s in photos()])
+    with torch.inference_mode():
+        _, tokens = visual(x)  # (B, 784, 768)
+        ref = (tokens @ visual.proj).reshape(len(x), 28, 28, 512).numpy()
+    for o, r in zip(out, ref):
+        assert o["clip"].shape == (28, 28, 512) and o["clip"].dtype == np.float16
+        assert np.abs(r).mean() > 0.1
+        np.testing.assert_allclose(o["clip"].astype(np.float32), r, rtol=1e-2, atol=1e-2)
+    # the 224 output is unchanged by running at 448: still open_clip's own 224 features
+    again = labeler.label(photos())
+    for o, r in zip(again, ref224):
+        np.testing.assert_allclose(o["clip"].astype(np.float32), r, rtol=1e-2, atol=1e-2)
+    assert tuple(labeler.model.positional_embedding.shape) == (197, 768)
+
+
+def test_tiny_at_448_and_at_224():
+    labeler = ClipLabeler(weights="tiny")
+    before = labeler.label(photos())
+    big = labeler.label_at(photos(), 448)
+    for b in big:
+        assert b["clip"].shape == (28, 28, 512) and b["clip"].dtype == np.float16 and np.isfinite(b["clip"]).all()
+    assert not np.array_equal(big[0]["clip"], big[1]["clip"])
+    for x, y, z in zip(before, labeler.label(photos()), labeler.label_at(photos(), 224)):
+        np.testing.assert_array_equal(x["clip"], y["clip"])
+        np.testing.assert_array_equal(x["clip"], z["clip"])
+    bad = labeler.label_at([Sample("gray", skimage_data.camera())], 448)
+    assert isinstance(bad[0], SampleError) and bad[0].error_type == "bad_image"
+    with pytest.raises(ConfigError, match="cannot run at 450"):
+        labeler.label_at(photos(), 450)

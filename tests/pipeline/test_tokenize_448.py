@@ -38,9 +38,9 @@ def _corpus(folder: Path) -> Path:
     return folder
 
 
-def _label(tmp: Path, storage_size: int, ray_address: str) -> str:
-    root = str(tmp / f"labels{storage_size}")
-    label(LabelConfig(input=str(tmp / "corpus"), output=root, modalities=("rgb",), storage_size=storage_size,
+def _label(tmp: Path, storage_size: int, ray_address: str, modalities: tuple[str, ...] = ("rgb",)) -> str:
+    root = str(tmp / f"labels{storage_size}{''.join(m for m in modalities if m != 'rgb')}")
+    label(LabelConfig(input=str(tmp / "corpus"), output=root, modalities=modalities, storage_size=storage_size,
                       shard_size=8, progress=False), ray_address=ray_address)
     return root
 
@@ -123,8 +123,80 @@ def test_labels_stored_too_small_are_never_upsampled(corpus, tokenizer_dir, ray_
     assert alone.written == 3
 
 
+def test_clip_448_runs_the_teacher_at_448_on_every_crop(corpus, ray_address):
+    # tok_clip@448, as 4M-21: the stored clip label is crop 0's 224 map, so every crop (crop 0 included) is the
+    # teacher run at 448 on that crop's 448 window of the stored rgb, then the clip tokenizer at a 28 x 28 grid
+    from omniforge.labelers import Sample
+    from omniforge.labelers.clip import ClipLabeler
+
+    root = _label(corpus, STORAGE, ray_address, ("rgb", "clip"))
+    torch.manual_seed(0)
+    kind224, kind448 = kind_for("clip"), kind_for(parse_token_target("clip@448"))
+    tokenizers = corpus / "clip_tokenizers"
+    kind224.save(kind224.build(kind224.config("tiny")), str(tokenizers / kind224.artifact.folder))
+    summary = tokenize(TokenizeConfig(input=root, tokenizers=str(tokenizers), modalities=("clip", "clip@448"),
+                                      crops=CROPS, progress=False), ray_address=ray_address)
+    assert summary.written == 2 and summary.left_out == {"too_small": 1}  # chelsea: never upsampled
+    report = verify(root)
+    assert report.ok, report.lines()
+    rgb, stored, crops = _members(root, "rgb"), _members(root, "clip"), _members(root, "crop_settings")
+    t224, t448 = _members(root, "tok_clip@224"), _members(root, "tok_clip@448")
+    assert list(t224) == list(t448) == list(crops) == ["astronaut", "coffee"]
+    tok = models.load_tokenizer(str(tokenizers / "clip"))
+    teacher = ClipLabeler(weights="tiny")  # the label job's teacher (tiny, the same seeded weights)
+    for key, cs in crops.items():
+        assert t448[key].dtype == np.int16 and t448[key].shape == (2, 784) and t224[key].shape == (2, 196)
+        windows = [Sample(key=key, image=C.crop_image(rgb[key], c, 448)) for c in cs]
+        feats = [r["clip"] for r in teacher.label_at(windows, 448)]
+        assert all(f.shape == (28, 28, 512) for f in feats)
+        np.testing.assert_array_equal(t448[key], tok.encode(kind448.prepare(feats)).numpy())
+        # the 224 folder is as before: crop 0 is the stored label, never the 448 map
+        np.testing.assert_array_equal(t224[key][0], tok.encode(kind224.prepare([stored[key]]))[0].numpy())
+    assert not np.array_equal(t448["astronaut"][0], t448["coffee"][0])
+    # one crop: the teacher still runs for the 448 folder (crop 0 cannot reuse the stored 224 map)
+    one = tokenize(TokenizeConfig(input=root, output=str(corpus / "clip448_one"), tokenizers=str(tokenizers),
+                                  modalities=("clip@448",), crops=C.CropConfig(n_crops=1, seed=3), progress=False),
+                   ray_address=ray_address)
+    assert one.written == 2
+    ones = _members(str(corpus / "clip448_one"), "tok_clip@448")
+    for key in ones:
+        np.testing.assert_array_equal(ones[key][0], t448[key][0])  # crop 0 is the same centred square
+
+
+def test_clip_448_through_the_released_224_448_tokenizer(corpus, ray_address):
+    # Apple's CLIP-B16_8k_224-448 (the fixture snapshot, ml-4m's own classes at a tiny width) encodes the 28 x 28
+    # map of the teacher run at 448, its position embedding interpolated
+    import json
+    import shutil
+
+    from omniforge.labelers import Sample
+    from omniforge.labelers.clip import ClipLabeler
+    from omniforge.tokenize import ml4m
+
+    fixtures = Path(__file__).parents[1] / "fixtures" / "ml4m_tokenizers"
+    for name, p in json.loads((fixtures / "tiny_presets.json").read_text()).items():
+        ml4m.register_vit_preset(name, **p)
+    tokenizers = corpus / "clip_snapshot"
+    shutil.copytree(fixtures / "snapshots" / "4M_tokenizers_CLIP-B16_8k_224-448", tokenizers / "clip")
+    root = _label(corpus, STORAGE, ray_address, ("rgb", "clip"))
+    out = str(corpus / "clip448_snapshot")
+    summary = tokenize(TokenizeConfig(input=root, output=out, tokenizers=str(tokenizers), modalities=("clip@448",),
+                                      crops=CROPS, progress=False), ray_address=ray_address)
+    assert summary.written == 2 and summary.left_out == {"too_small": 1}
+    rgb, crops, t448 = _members(root, "rgb"), _members(out, "crop_settings"), _members(out, "tok_clip@448")
+    model = ml4m.load_snapshot(str(tokenizers / "clip"))
+    info = parse_token_target("clip@448")
+    teacher = ClipLabeler(weights="tiny")
+    for key, cs in crops.items():
+        feats = [r["clip"] for r in teacher.label_at([Sample(key=key, image=C.crop_image(rgb[key], c, 448))
+                                                      for c in cs], 448)]
+        expected = model.encode(ml4m.prepare(info, np.stack(feats))).numpy()
+        assert t448[key].shape == (2, 784) and expected.shape == (2, 784)
+        np.testing.assert_array_equal(t448[key], expected)
+
+
 @pytest.mark.parametrize("target, says", [
-    ("clip@448", "modality 'clip' is tokenized at 224, not 448 (modalities tokenized at 448: rgb, "),
+    ("dinov2@448", "modality 'dinov2' is tokenized at 224, not 448 (modalities tokenized at 448: rgb, "),
     ("caption@448", "modality 'caption' has no image-like tokens"),
     ("depth@336", "modality 'depth' is tokenized at 224, 448, not 336"),
     ("depth@big", "'depth@big': a size is <modality>@<pixels>, e.g. depth@448"),
