@@ -379,8 +379,10 @@ def test_import_4m_fails_whole_and_in_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_the_tokenize_job_writes_ml4m_tokens_with_imported_snapshots(tmp_path, ray_address):
-    """Label a small corpus, import the snapshots (and ml-4m's vocabulary) as --tokenizers, run the tokenize job:
-    every crop's tokens are the ml-4m tokenizer's on ml-4m's preprocessing of that crop, recomputed here."""
+    """Label a small corpus, import the snapshots and ml-4m's vocabulary as --tokenizers, run the tokenize job: the
+    sequence folders (caption, sam_instance: ml-4m's SAM-mask tokenizer inside ml-4m's vocabulary) read back through
+    that vocabulary. The dense and feature folders, 224 and 448, are checked crop by crop against the snapshots in
+    tests/test_starting_from_4m21.py, which runs the same job through the README's commands."""
     from omniforge import codecs, shards
     from omniforge.jobs.demo_corpus import build_demo_corpus
     from omniforge.pipeline import LabelConfig, label, parse_weights, verify
@@ -390,14 +392,14 @@ def test_the_tokenize_job_writes_ml4m_tokens_with_imported_snapshots(tmp_path, r
 
     corpus = build_demo_corpus(tmp_path / "corpus", n_images=3)
     root = str(tmp_path / "labels")
-    modalities = ("rgb", "caption", "depth", "semseg_coco", "clip", "dinov2_global", "sam_instance")
+    modalities = ("rgb", "caption", "sam_instance")
     options = {"sam_instance": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
     label(LabelConfig(input=str(corpus), output=root, modalities=modalities, weights=parse_weights("tiny"),
                       options=options, shard_size=2, batch_size=4, progress=False), ray_address=ray_address)
     tok_dir = tmp_path / "tokenizers"
     import_4m([str(_imported(tmp_path))], str(tok_dir), link=True)
     crops = C.CropConfig(n_crops=2, seed=3)
-    tokenized = ("depth", "semseg_coco", "clip", "dinov2_global", "sam_instance", "caption")
+    tokenized = ("sam_instance", "caption")
     summary = tokenize(TokenizeConfig(input=root, tokenizers=str(tok_dir), modalities=tokenized, crops=crops,
                                       options=options, progress=False), ray_address=ray_address)
     assert summary.written == 3 and verify(root).ok
@@ -406,27 +408,15 @@ def test_the_tokenize_job_writes_ml4m_tokens_with_imported_snapshots(tmp_path, r
         return {shards.member_key(n): codecs.decode(n.split(".", 1)[1], d)
                 for n, d in shards.iter_tar(shards.tar_uri(root, folder, shard))}
 
-    models = {m: ml4m.load_snapshot(str(SNAPSHOTS / s)) for m, s in (("depth", DEPTH), ("semseg_coco", SEMSEG),
-                                                                     ("clip", CLIP), ("dinov2_global", GLOBAL))}
     text = TokenizerStore(str(tok_dir)).text()
     checked = 0
     for s in range(2):
-        crop_rows = members("crop_settings", s)
-        labels = {m: members(m, s) for m in ("depth", "semseg_coco", "clip", "dinov2_global", "caption")}
+        captions = members("caption", s)
         toks = {m: members(get_modality(m).token_modality, s) for m in tokenized}
-        for key, rows in crop_rows.items():
-            for m in ("depth", "semseg_coco"):
-                info = get_modality(m)
-                assert toks[m][key].shape == (2, 196) and toks[m][key].dtype == np.int16
-                cropped = np.stack([C.crop_dense(np.asarray(labels[m][key]), r, 224, mode=info.resample) for r in rows])
-                np.testing.assert_array_equal(toks[m][key], models[m].encode(ml4m.prepare(info, cropped)).numpy())
-            for m in ("clip", "dinov2_global"):  # crop 0: the label job's features
-                want = models[m].encode(ml4m.prepare(get_modality(m), np.asarray(labels[m][key])[None])).numpy()
-                np.testing.assert_array_equal(toks[m][key][0], want[0])
-            assert int(toks["depth"][key].max()) < 256  # the imported codebook
+        for key, caption_label in captions.items():
             caption = text.decode(toks["caption"][key][0].tolist())
-            assert caption and caption.split()[0] in labels["caption"][key].lower()
-            assert "v0=" in text.decode(toks["sam_instance"][key][0].tolist()) or "v1=" in text.decode(
-                toks["sam_instance"][key][0].tolist())
+            assert caption and caption.split()[0] in caption_label.lower()
+            sam = text.decode(toks["sam_instance"][key][0].tolist())
+            assert "v0=" in sam or "v1=" in sam
             checked += 1
     assert checked == 3
