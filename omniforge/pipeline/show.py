@@ -72,7 +72,8 @@ def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
 
 def load_generated(directory: str, modalities: list[str] | None = None) -> dict[str, object]:
     """What `omniforge sample` wrote for one key (SAMPLES/<key>/): token rows ``<folder>.npy`` (1, N) under their
-    folder names, and decoded outputs (``.png``, ``.decoded.npy``, ``.txt``) under their modality names."""
+    folder names, and decoded outputs (``.png``, ``.decoded.npy``, ``.decoded.json``, ``.txt``) under their modality
+    names."""
     import os
 
     from PIL import Image
@@ -89,6 +90,9 @@ def load_generated(directory: str, modalities: list[str] | None = None) -> dict[
             values[folder] = np.load(path, allow_pickle=False)
         elif ext == "decoded.npy":
             values[panel] = np.load(path, allow_pickle=False)
+        elif ext == "decoded.json":  # a sequence kind's label (human_poses' people)
+            with open(path, "rb") as f:
+                values[panel] = codecs.decode("json", f.read())
         elif ext == "png":
             with Image.open(path) as img:
                 values[panel] = np.asarray(img)
