@@ -14,7 +14,8 @@ A source is a local folder or a hub repository id:
 
 Which modality a repository serves is the registry's `ModalityInfo.ml4m_tokenizer`; its folder under DIR is
 the modality's tokenizer folder (`TokenizerKind.artifact.folder`: the modality name, `sam_mask` for the SAM
-instance tokenizer, `human_poses` for the SMPL pose tokenizer), and one repository may fill several (the edge tokenizer: canny_edge and sam_edge). Every
+instance tokenizer, `human_poses` for the SMPL pose tokenizer), and one repository may fill several (the edge
+tokenizer: canny_edge and sam_edge). Every
 snapshot is loaded and checked against its modalities before anything is written; the folders are then
 written next to DIR and renamed into place, so a failure leaves DIR as it was. A repository no registered
 modality names is reported and skipped.

@@ -276,7 +276,8 @@ class TokenizerKind:
 
     def ml4m_form(self, label: Any, crops: np.ndarray, store: TokenizerStore) -> Any:
         """The label in ml-4m's form for `omniforge export --dialect ml4m`, for kinds whose modality has
-        `ml4m="export"` (the value is saved as a `.npy`, pickled when it is an object array)."""
+        `ml4m="export"` (an array is saved as a `.npy`, pickled when it is an object array; any other value is
+        written in the modality's own extension, e.g. JSON)."""
         raise ConfigError(f"{self.info.name}: the {self.name} tokenizer kind has no ml-4m export form: set the "
                           "modality's ml4m to 'direct' or 'none'")
 

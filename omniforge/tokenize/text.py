@@ -12,10 +12,11 @@ interchangeable with ml-4m's:
   `TextTokenizer.encode_units` packs whole units into the fixed token budget of the modality.
 
 What 4M-21 draws per training sample (the palette size k, the metadata order, SAM's query points and the
-order of their instances, the order of each person's SMPL groups) the serializers draw from `Crop.generator()`: the trainer hands every sample its
-own generator, so two epochs see different draws as in ml-4m; the tokenize job, which freezes one draw into
-the token shards, gets a generator seeded by (crop seed, key, crop index), the same in every process. Each
-serializer has a parser that reads the string (or the tokenizer's decoded, lower-cased string) back.
+order of their instances, the order of each person's SMPL groups) the serializers draw from `Crop.generator()`:
+the trainer hands every sample its own generator, so two epochs see different draws as in ml-4m; the tokenize job,
+which freezes one draw into the token shards, gets a generator seeded by (crop seed, key, crop index), the same in
+every process. Each serializer has a parser that reads the string (or the tokenizer's decoded, lower-cased string)
+back.
 """
 
 from __future__ import annotations

@@ -477,8 +477,8 @@ def test_init_from_a_default_layout_omniforge_run(corpus, tmp_path, capsys):
 
 def test_a_modality_ml4m_names_alike_but_means_otherwise_is_not_loaded(tmp_path, monkeypatch):
     """A folder the registry marks as not ml-4m's modality of that name (ml4m "none", as omniforge's ViTPose
-    keypoints, named human_poses before issue 14, were) is not loaded from a released checkpoint, and a model trained on it is not
-    exported as ml-4m's. Here det is marked so."""
+    keypoints, named human_poses before issue 14, were) is not loaded from a released checkpoint, and a model
+    trained on it is not exported as ml-4m's. Here det is marked so."""
     from dataclasses import replace
 
     from omniforge.modalities import MODALITIES

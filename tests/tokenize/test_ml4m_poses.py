@@ -185,9 +185,9 @@ def test_only_pose_is_what_the_pose_tokenizer_is_fed():
 
 
 # The SMPL body joints (SMPL's joints 1..23) and their mirror twins, written out here from SMPL's joint list.
-_JOINTS = ["left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2", "left_ankle", "right_ankle", "spine3",
-           "left_foot", "right_foot", "neck", "left_collar", "right_collar", "head", "left_shoulder", "right_shoulder",
-           "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hand", "right_hand"]
+_JOINTS = ["left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2", "left_ankle", "right_ankle",
+           "spine3", "left_foot", "right_foot", "neck", "left_collar", "right_collar", "head", "left_shoulder",
+           "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hand", "right_hand"]
 
 
 def test_a_flipped_crop_mirrors_the_people():
