@@ -158,7 +158,9 @@ def _describe(snap: Snapshot, model, info: ModalityInfo, tokens: int) -> str:
     else:
         big = int(m.group(2)) / int(m.group(1))
         count = f"{tokens}-{round(tokens * big * big)} tokens"
-    where = "" if info.crop == "sequence" else f"resolution {_resolutions(snap.name, c.trained_side)}, "  # poses: none
+    # an MLP tokenizer of a sequence modality (the pose tokenizer) has no image resolution: its name ends in a count
+    where = "" if c.mlp_encoder and info.crop == "sequence" else \
+        f"resolution {_resolutions(snap.name, c.trained_side)}, "
     return f"{c.family}, codebook {c.codebook_size}, {count}, {where}decoder: {c.decoder_line}"
 
 

@@ -338,7 +338,7 @@ def test_import_4m_lays_out_the_folders_and_prints_what_each_covers(tmp_path, ca
     assert "decoder: ViT" in by_folder["semseg_coco"] and "feature maps" in by_folder["clip"]
     assert "Memcodes MLP" in by_folder["dinov2_global"] and "16 tokens" in by_folder["dinov2_global"]
     assert "decoder: MLP" in by_folder["dinov2_global"]
-    assert "(for sam_instance)" in by_folder["sam_mask"] and "16 tokens" in by_folder["sam_mask"]
+    assert "(for sam_instance)" in by_folder["sam_mask"] and "16 tokens, resolution 64" in by_folder["sam_mask"]
     assert "WordPiece vocabulary, 30000 tokens" in by_folder["text"] and "caption" in by_folder["text"]
     assert "human_poses" in by_folder["text"]
     assert by_folder["human_poses"].endswith("Memcodes MLP, codebook 64, 8 tokens, decoder: MLP")
