@@ -205,6 +205,15 @@ def test_the_trainer_trains_on_raw_folders_and_logs_the_cuts(corpus, tmp_path):
 
     samples = tmp_path / "samples"
     assert cli_main(["sample", "--checkpoint", str(out), "--input", root, "--key", "chelsea", "--from",
-                     "caption,color_palette", "--to", "det", "--out", str(samples), "--tokenizers", tokenizers,
-                     "--device", "cpu"]) == 0
+                     "caption,color_palette,human_poses", "--to", "det", "--out", str(samples), "--tokenizers",
+                     tokenizers, "--device", "cpu"]) == 0
     assert (samples / "chelsea" / "det.npy").exists() and (samples / "chelsea" / "sample.png").exists()
+    # a human_poses input (drawn in sample.png above) is decoded back to people by the pose tokenizer, not as text
+    from omniforge.model.sample import decode_output, read_input
+    from omniforge.schemas import check_human_poses
+
+    tok = TextTokenizer.from_file(storage.join(tokenizers, "text", "tokenizer.json"))
+    spec = specs_for(["human_poses"], tok.vocab_size)["human_poses"]
+    people = decode_output("human_poses", read_input(root, spec, "chelsea", tokenizers), spec, tokenizers, tok)
+    check_human_poses(people)
+    assert len(people["bbox_xyxy"]) == PEOPLE["chelsea"]
