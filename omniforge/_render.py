@@ -156,7 +156,7 @@ def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable
         return _array_painter(name, style, value)
     if style == "palette" or _is_palette(value):
         return lambda ax: _draw_palette(ax, value)  # type: ignore[arg-type]
-    if style in ("boxes", "poses"):
+    if style in ("boxes", "keypoints"):
         rgb = values.get(IMAGE_MODALITY)
         background = np.asarray(rgb) if isinstance(rgb, np.ndarray) else None
         return lambda ax: _draw_instances(ax, style, value, background)
@@ -342,7 +342,7 @@ def _draw_instances(ax: Axes, style: str, value: object, rgb: np.ndarray | None)
 
 def _instance_items(style: str, value: object) -> list[tuple[list[float], str, list[list[float]]]] | None:
     """Normalize instance JSON ({"instances": [...]} with "boxes" / "bbox" / "box", "class_name" or "label",
-    "score", "keypoints") into (xyxy box, label, keypoints) triples; people ("poses") are labeled person."""
+    "score", "keypoints") into (xyxy box, label, keypoints) triples; people ("keypoints") are labeled person."""
     if isinstance(value, dict):
         raw = value.get("instances", value.get("people", value.get("annotations")))
     else:
@@ -358,7 +358,7 @@ def _instance_items(style: str, value: object) -> list[tuple[list[float], str, l
             box = box[0]
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
             return None
-        label = str(inst.get("class_name", inst.get("label", "person" if style == "poses" else "")))
+        label = str(inst.get("class_name", inst.get("label", "person" if style == "keypoints" else "")))
         score = inst.get("score")
         if isinstance(score, (int, float)):
             label = f"{label} {score:.2f}".strip()

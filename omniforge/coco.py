@@ -1,4 +1,4 @@
-"""COCO label tables shared by the teachers that speak COCO (det, human_poses) and the tokenizers that
+"""COCO label tables shared by the teachers that speak COCO (det, human_keypoints) and the tokenizers that
 serialize them."""
 
 from __future__ import annotations

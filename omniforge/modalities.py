@@ -66,7 +66,7 @@ ML4M = ("direct", "export", "none")
 ML4M_TRANSFORMS = ("rgb", "normal", "depth", "semseg", "features", "global", "mask")
 _ML4M_TRANSFORM_CROPS = {"rgb": "dense", "normal": "dense", "depth": "dense", "semseg": "dense",
                          "features": "features", "global": "global", "mask": "sequence"}
-DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "poses", "palette",
+DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "keypoints", "palette",
          "json")
 NO_TOKENIZER = "none"
 TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
@@ -544,10 +544,18 @@ MODALITIES: dict[str, ModalityInfo] = {
                         "every box the teacher kept (the serializer keeps score >= 0.6, as ml-4m)",
             ml4m_note="every box the teacher kept; ml-4m's transform and omniforge's serializer keep score >= 0.6"),
         ModalityInfo(
-            name="human_poses", ext="json", tokenizer=_TEXT, num_tokens=275, draw="poses",
-            serializer="omniforge.tokenize.text:pose_crop_units", schema=_SCHEMA + "check_human_poses",
-            ml4m="none", ml4m_note="ViTPose COCO-17 keypoints; ml-4m's human_poses are HMR2.0 SMPL parameters",
-            description="JSON per person: bbox, keypoints, optional SMPL parameters"),
+            name="human_poses", ext="json", draw="json", schema=_SCHEMA + "check_human_poses", format_version=2,
+            ml4m="none", ml4m_note="HMR2.0's SMPL people, ml-4m's form; its tokens need the pose tokenizer (issue 14)",
+            description='JSON as ml-4m reads it, {} when there is nobody: {"bbox_xyxy": N x [x0, y0, x1, y1] pixels, '
+                        '"pred_smpl_params": {"global_orient": N x (1, 3, 3), "body_pose": N x (23, 3, 3) rotation '
+                        'matrices, "betas": N x (10,)}, "pred_cam": N x [s, tx, ty] weak-perspective crop camera, '
+                        '"score": N det scores}, HMR2.0 on det\'s person boxes'),
+        ModalityInfo(
+            name="human_keypoints", ext="json", tokenizer=_TEXT, num_tokens=275, draw="keypoints",
+            serializer="omniforge.tokenize.text:keypoint_crop_units", schema=_SCHEMA + "check_human_keypoints",
+            ml4m="none", ml4m_note="not a 4M-21 modality: 2D COCO-17 keypoints (4M-21's people are human_poses, SMPL)",
+            description='JSON {"keypoint_names": [17 COCO names], "instances": [{"bbox": [xmin, ymin, xmax, ymax] in '
+                        '0..1, "score", "keypoints": 17 x [x, y, score] in 0..1}]}, ViTPose on det\'s person boxes'),
         ModalityInfo(
             name="sam_instance", ext="json", tokenizer="sam_mask", num_tokens=290, draw="boxes",
             ml4m_tokenizer=_4M + "sam-instance_1k_64", ml4m_transform="mask",

@@ -107,14 +107,45 @@ def check_sam_instance(label: Any) -> None:
             raise _bad(f"sam_instance instance {i}: needs a \"bbox\" [xmin, ymin, xmax, ymax] and a \"score\"")
 
 
-def check_human_poses(label: Any) -> None:
+def check_human_keypoints(label: Any) -> None:
     """{"instances": [{"bbox": 4 numbers, "keypoints": [[x, y, score], ...], ...}], ...}."""
-    for i, inst in enumerate(_instances(label, "human_poses")):
+    for i, inst in enumerate(_instances(label, "human_keypoints")):
         if not isinstance(inst, dict) or _numbers(inst.get("bbox"), 4) is None:
-            raise _bad(f"human_poses person {i}: needs a \"bbox\" of 4 numbers")
+            raise _bad(f"human_keypoints person {i}: needs a \"bbox\" of 4 numbers")
         kps = inst.get("keypoints", [])
         if not isinstance(kps, list) or any(_numbers(kp, 3) is None for kp in kps):
-            raise _bad(f"human_poses person {i}: \"keypoints\" must be [x, y, score] triples")
+            raise _bad(f"human_keypoints person {i}: \"keypoints\" must be [x, y, score] triples")
+
+
+def _shaped(value: Any, shape: tuple[int, ...]) -> bool:
+    """Whether `value` is a nested list of finite numbers of exactly `shape`."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return arr.shape == shape and bool(np.isfinite(arr).all())
+
+
+def check_human_poses(label: Any) -> None:
+    """HMR2.0's people as ml-4m's HumanPoseTransform reads them: {} when there is nobody, else
+    {"bbox_xyxy": N x [x0, y0, x1, y1] (pixels), "pred_smpl_params": {"global_orient": N x (1, 3, 3),
+    "body_pose": N x (23, 3, 3), "betas": N x (10,)}, "pred_cam": N x (3,), ...} with the same N > 0 everywhere
+    (other keys, such as "score", are allowed)."""
+    if not isinstance(label, dict):
+        raise _bad("a human_poses label is a JSON object ({} when there is nobody)")
+    if not label:
+        return
+    boxes, smpl, cam = label.get("bbox_xyxy"), label.get("pred_smpl_params"), label.get("pred_cam")
+    if not isinstance(boxes, list) or not boxes or not isinstance(smpl, dict):
+        raise _bad('human_poses: needs "bbox_xyxy" (one box per person) and "pred_smpl_params" ({} for nobody)')
+    n = len(boxes)
+    parts = [("bbox_xyxy", boxes, (n, 4)), ("pred_cam", cam, (n, 3)),
+             ("pred_smpl_params.global_orient", smpl.get("global_orient"), (n, 1, 3, 3)),
+             ("pred_smpl_params.body_pose", smpl.get("body_pose"), (n, 23, 3, 3)),
+             ("pred_smpl_params.betas", smpl.get("betas"), (n, 10))]
+    for name, value, shape in parts:
+        if not _shaped(value, shape):
+            raise _bad(f"human_poses: {name} must be finite numbers of shape {shape} (one entry per person)")
 
 
 _DTYPES = {"uint8": (np.uint8,), "uint16": (np.uint16,), "float": (np.float16, np.float32)}
@@ -157,5 +188,5 @@ def check_label(info: ModalityInfo, label: Any) -> None:
 
 
 __all__ = ["check_aesthetic_score", "check_array", "check_caption", "check_color_palette", "check_det",
-           "check_embedding", "check_human_poses", "check_label", "check_metadata", "check_sam_instance",
-           "check_watermark_score"]
+           "check_embedding", "check_human_keypoints", "check_human_poses", "check_label", "check_metadata",
+           "check_sam_instance", "check_watermark_score"]

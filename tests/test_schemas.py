@@ -27,6 +27,19 @@ def test_what_the_labelers_write_matches_its_schema(teacher):
         check_label(get_modality(m), label)
 
 
+def _person(**smpl) -> dict:
+    """One HMR2.0 person in ml-4m's form: identity rotations, mean shape."""
+    eye = np.eye(3).tolist()
+    params = {"global_orient": [[eye]], "body_pose": [[eye] * 23], "betas": [[0.0] * 10], **smpl}
+    return {"bbox_xyxy": [[10.0, 20.0, 50.0, 120.0]], "pred_smpl_params": params, "pred_cam": [[0.9, 0.0, 0.1]],
+            "score": [0.9]}
+
+
+def test_human_poses_in_ml4ms_form_pass_and_nobody_is_an_empty_object():
+    check_label(get_modality("human_poses"), {})
+    check_label(get_modality("human_poses"), _person())
+
+
 @pytest.mark.parametrize("modality,label,why", [
     ("color_palette", [[1, 2, 3]], "omniforge 0.1"),  # the bare list of omniforge 0.1
     ("color_palette", [{str(k): [[0, 0, 0]] for k in range(1, 7)}], "k = 1, 2"),  # k=7 missing
@@ -42,6 +55,12 @@ def test_what_the_labelers_write_matches_its_schema(teacher):
     ("dinov2_global", np.full((768,), np.nan, np.float16), "NaN"),
     ("watermark_score", 1.5, "in 0..1"),
     ("aesthetic_score", "5", "JSON number"),
+    ("human_poses", [], "JSON object"),
+    ("human_poses", {"bbox_xyxy": [], "pred_smpl_params": {}}, "one box per person"),
+    ("human_poses", {**_person(), "pred_cam": [[1.0, 0.0]]}, r"pred_cam must be finite numbers of shape \(1, 3\)"),
+    ("human_poses", {**_person(), "bbox_xyxy": [[0, 0, 1, 1], [0, 0, 2, 2]]}, r"shape \(2, 3\)"),  # N differs
+    ("human_poses", _person(body_pose=[[[[float("nan")] * 3] * 3] * 23]), "body_pose must be finite"),
+    ("human_keypoints", {"instances": [{"bbox": [0, 0, 1, 1], "keypoints": [[0.5, 0.5]]}]}, "triples"),
 ])
 def test_bad_labels_are_named(modality, label, why):
     with pytest.raises(SampleError, match=why):

@@ -1,4 +1,4 @@
-"""det (RT-DETR, COCO objects) and human_poses (ViTPose COCO-17 keypoints on det's person boxes).
+"""det (RT-DETR, COCO objects) and human_keypoints (ViTPose COCO-17 keypoints on det's person boxes).
 
 Both teachers run transformers models: `AutoModelForObjectDetection` / `VitPoseForPoseEstimation` with the
 checkpoint's own `AutoImageProcessor` for preprocessing and post-processing, so omniforge's output is what
@@ -40,7 +40,7 @@ class DetOptions(LabelerOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class HumanPosesOptions(LabelerOptions):
+class HumanKeypointsOptions(LabelerOptions):
     hub_id: str = option(POSE_HUB_ID, "the transformers ViTPose checkpoint (COCO-17 keypoints) loaded by --weights "
                                       "pretrained")
     person_threshold: float = option(PERSON_THRESHOLD, "run on det's person boxes scoring at least this", ge=0.0,
@@ -162,10 +162,10 @@ class DetLabeler(_TransformersLabeler):
 
 
 @register_labeler
-class HumanPosesLabeler(_TransformersLabeler):
-    """human_poses: COCO-17 body keypoints with ViTPose (transformers), top-down on det's person boxes.
+class HumanKeypointsLabeler(_TransformersLabeler):
+    """human_keypoints: COCO-17 body keypoints with ViTPose (transformers), top-down on det's person boxes.
 
-    Output: human_poses, JSON {"keypoint_names": [17 COCO names], "instances": [{"bbox": [xmin, ymin, xmax,
+    Output: human_keypoints, JSON {"keypoint_names": [17 COCO names], "instances": [{"bbox": [xmin, ymin, xmax,
     ymax], "score": float, "keypoints": [[x, y, score] x 17]}]}: one instance per det "person" with
     score >= `person_threshold` (default 0.3), highest det score first, at most `max_persons` (default 20);
     bbox and score are that det instance's (bbox clipped to [0, 1]); keypoints are in the order of
@@ -183,18 +183,18 @@ class HumanPosesLabeler(_TransformersLabeler):
     random weights seeded identically in every process.
     """
 
-    name = "human_poses"
-    modalities = default_for = ("human_poses",)
+    name = "human_keypoints"
+    modalities = default_for = ("human_keypoints",)
     learned = True
-    options_class = HumanPosesOptions
-    options: HumanPosesOptions
+    options_class = HumanKeypointsOptions
+    options: HumanKeypointsOptions
     requires = ("det",)
     model_class = "VitPoseForPoseEstimation"
 
     def check_model(self, model: Any) -> Any:
         if model.config.num_labels != len(COCO_KEYPOINTS):
             raise WeightsError(f"{self.name}: the checkpoint predicts {model.config.num_labels} keypoints; "
-                               f"human_poses needs a COCO-17 keypoint model such as {POSE_HUB_ID!r}")
+                               f"human_keypoints needs a COCO-17 keypoint model such as {POSE_HUB_ID!r}")
         return model
 
     def build_tiny(self) -> tuple[Any, Callable]:
@@ -250,7 +250,7 @@ class HumanPosesLabeler(_TransformersLabeler):
             if kept:
                 jobs.append((i, kept, xywh))
             else:
-                out[i] = {"human_poses": {"keypoint_names": list(COCO_KEYPOINTS), "instances": []}}
+                out[i] = {"human_keypoints": {"keypoint_names": list(COCO_KEYPOINTS), "instances": []}}
         if not jobs:
             return out  # type: ignore[return-value]
 
@@ -280,8 +280,8 @@ class HumanPosesLabeler(_TransformersLabeler):
                     "keypoints": [[round(float(x), ROUND), round(float(y), ROUND), round(float(s), ROUND)]
                                   for (x, y), s in zip(xy, kp_scores)]})
             else:
-                out[i] = {"human_poses": {"keypoint_names": list(COCO_KEYPOINTS), "instances": instances}}
+                out[i] = {"human_keypoints": {"keypoint_names": list(COCO_KEYPOINTS), "instances": instances}}
         return out  # type: ignore[return-value]
 
 
-__all__ = ["DetLabeler", "DetOptions", "HumanPosesLabeler", "HumanPosesOptions"]
+__all__ = ["DetLabeler", "DetOptions", "HumanKeypointsLabeler", "HumanKeypointsOptions"]

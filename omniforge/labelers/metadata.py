@@ -40,7 +40,8 @@ class MetadataLabeler(Labeler):
       entropy           Shannon entropy of the 8-bit luma histogram, bits (0..8)
     From caption (when present): caption_n_chars, caption_n_words, caption_n_sentences (runs of text
       ended by . ! ? or the end).
-    From human_poses: n_humans (crowdedness), the number of detected people.
+    From human_poses (HMR2.0, 4M-21's source) when it ran, else from human_keypoints (ViTPose): n_humans
+      (crowdedness), the number of people the pose teacher found (both run on the same det person boxes).
     From sam_instance: n_sam_instances (SAM clutter), the number of SAM instances.
     From det: n_coco_instances (COCO clutter) and coco_instance_diversity, the number of detections and of
       distinct classes among them.
@@ -59,8 +60,8 @@ class MetadataLabeler(Labeler):
     version = "2"  # 1: omniforge's own field names (n_sam_masks, n_coco_classes) and brightness etc. in 0..1
     modalities = default_for = ("metadata",)
     options_class = LabelerOptions
-    optional_inputs = ("human_poses", "sam_instance", "det", "semseg_coco", "normal", "depth", "aesthetic_score",
-                       "watermark_score")
+    optional_inputs = ("human_poses", "human_keypoints", "sam_instance", "det", "semseg_coco", "normal", "depth",
+                       "aesthetic_score", "watermark_score")
     profiles = {PROFILE_4M21: Profile(
         reference="4M-21's 21 metadata fields, from the image, the caption and the other pseudo labels",
         stand_in="4M-21's metadata code is not published: omniforge computes each field from the paper's "
@@ -79,8 +80,10 @@ class MetadataLabeler(Labeler):
         if sample.caption:
             out.update(caption_statistics(sample.caption))
         inputs = sample.inputs
-        if "human_poses" in inputs:
-            out["n_humans"] = len(inputs["human_poses"].get("instances", []))
+        if "human_poses" in inputs:  # 4M-21's: HMR2.0's people ({} when there is nobody)
+            out["n_humans"] = len(inputs["human_poses"].get("bbox_xyxy", []))
+        elif "human_keypoints" in inputs:
+            out["n_humans"] = len(inputs["human_keypoints"].get("instances", []))
         if "sam_instance" in inputs:
             out["n_sam_instances"] = len(inputs["sam_instance"].get("instances", []))
         if "det" in inputs:

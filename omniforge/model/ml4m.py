@@ -176,7 +176,7 @@ def registry_info(folder: str):
 
 def not_ml4m(folder: str) -> str | None:
     """Why a folder's content is not ml-4m's modality of the same name (the registry's ``ml4m == "none"``, e.g.
-    omniforge's ViTPose human_poses against 4M-21's SMPL ones), or None when it is ml-4m's."""
+    a plugin's modality that only shares ml-4m's name), or None when it is ml-4m's."""
     info = registry_info(folder)
     return info.ml4m_note if info is not None and info.ml4m == "none" else None
 

@@ -15,8 +15,8 @@ ml-4m's loader shape the rest:
   tar ends early): export keeps, per shard, the keys present in every exported folder, links a tar that
   holds exactly those and rewrites one that holds more, and counts what it left out.
 
-Folders ml-4m cannot read (registry `ml4m="none"`: human_poses, whose ml-4m form is HMR2.0's SMPL
-parameters) are left out with the reason. The registry's `ml4m` field says which folders export converts
+Folders ml-4m cannot read (registry `ml4m="none"`: human_keypoints, which is not a 4M-21 modality) are
+left out with the reason. The registry's `ml4m` field says which folders export converts
 (`ml4m="export"`, through their tokenizer kind's `ml4m_form`). Nothing under ROOT changes; a re-run rewrites OUT.
 """
 

@@ -352,8 +352,8 @@ def _mirror_permutation(names: list[str]) -> list[int]:
     return perm
 
 
-def crop_poses(label: dict[str, Any], crop: np.ndarray, height: int, width: int) -> dict[str, Any]:
-    """human_poses label in the crop frame, same schema.
+def crop_keypoints(label: dict[str, Any], crop: np.ndarray, height: int, width: int) -> dict[str, Any]:
+    """human_keypoints label in the crop frame, same schema.
 
     Each person's "bbox" goes through the crop like a det box (clipped, normalized to the crop, mirrored on
     flip); people whose box has no area inside the crop are dropped. Keypoints [x, y, score] are mapped to
@@ -552,4 +552,4 @@ def uncrop_mask(mask: np.ndarray, bbox: Any, size: int) -> np.ndarray:
 
 
 __all__ = ["CROP_FIELDS", "DENSE_MODES", "CropConfig", "SamInstance", "centre_crop", "check_crop_sides", "crop_dense",
-           "crop_det", "crop_image", "crop_poses", "crop_sam", "crop_settings", "min_storage_size", "uncrop_mask"]
+           "crop_det", "crop_image", "crop_keypoints", "crop_sam", "crop_settings", "min_storage_size", "uncrop_mask"]

@@ -1,7 +1,7 @@
 """The WordPiece text tokenizer and the 4M-21 text forms of the sequence modalities.
 
-Sequence modalities (caption, det, human_poses, sam_instance, color_palette, metadata) are written as text
-and tokenized by one shared WordPiece vocabulary, exactly as 4M-21 does, so token streams are
+Sequence modalities (caption, det, human_poses, human_keypoints, sam_instance, color_palette, metadata) are
+written as text and tokenized by one shared WordPiece vocabulary, exactly as 4M-21 does, so token streams are
 interchangeable with ml-4m's:
 
 - the vocabulary starts with [PAD] [UNK] [SOS] [EOS] (ids 0..3), the sentinels [S_0]..[S_199] used by span
@@ -449,19 +449,19 @@ def parse_metadata(text: str) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# human_poses
+# human_keypoints
 
-POSE_TOKENS_PER_PERSON = 1 + 4 + 2 * len(COCO_KEYPOINTS)  # 39, as a 4M-21 person (human, box, SMPL groups)
+KEYPOINT_TOKENS_PER_PERSON = 1 + 4 + 2 * len(COCO_KEYPOINTS)  # 39, as a 4M-21 person (human, box, SMPL groups)
 
 
-def pose_units(label: dict, *, bins: int = 1000) -> list[str]:
-    """human_poses -> one unit per person (39 tokens), or ["none"] when there is nobody (as 4M-21).
+def keypoint_units(label: dict, *, bins: int = 1000) -> list[str]:
+    """human_keypoints -> one unit per person (39 tokens), or ["none"] when there is nobody (as 4M-21's poses).
 
     A person is "human v0=<xmin> v1=<ymin> v2=<xmax> v3=<ymax>" (bbox in 0..1 scaled as det) then the 17
     COCO keypoints in COCO order (COCO_KEYPOINTS; the label's `keypoint_names` say where each is), each
     "v0=<x> v1=<y>" scaled to 0..bins-1 when visible (score > 0) and "v2=0 v3=0" when not (or missing).
-    omniforge has no SMPL parameters, so the keypoints take the place of 4M-21's SMPL token groups, with
-    the same budget per person. People keep the label's order (highest score first).
+    The keypoints take the place of 4M-21's SMPL token groups (human_poses), with the same budget per person.
+    People keep the label's order (highest score first).
     """
     _check_bins(bins)
     names = list(label.get("keypoint_names") or COCO_KEYPOINTS)
@@ -487,14 +487,14 @@ def pose_units(label: dict, *, bins: int = 1000) -> list[str]:
     return units or ["none"]
 
 
-def parse_poses(text: str, bins: int = 1000) -> list[dict]:
-    """A human_poses string -> [{"bbox": [xmin, ymin, xmax, ymax] in 0..1, "keypoints": [[x, y, visible]
+def parse_keypoints(text: str, bins: int = 1000) -> list[dict]:
+    """A human_keypoints string -> [{"bbox": [xmin, ymin, xmax, ymax] in 0..1, "keypoints": [[x, y, visible]
     x 17]}] (visible 1 or 0; an invisible keypoint is [0.0, 0.0, 0]). "none" and incomplete people give
     nothing."""
     _check_bins(bins)
     words = text.split()
     out = []
-    n = POSE_TOKENS_PER_PERSON
+    n = KEYPOINT_TOKENS_PER_PERSON
     for i, w in enumerate(words):
         if w != "human" or i + n > len(words):
             continue
@@ -693,11 +693,11 @@ def det_crop_units(label: dict, crop: Crop) -> list[str]:
     return det_units(crop_det(label, crop.row, crop.height, crop.width), min_score=DET_MIN_SCORE)
 
 
-def pose_crop_units(label: dict, crop: Crop) -> list[str]:
-    """human_poses people inside the crop (crops.crop_poses), serialized by :func:`pose_units`."""
-    from omniforge.tokenize.crops import crop_poses
+def keypoint_crop_units(label: dict, crop: Crop) -> list[str]:
+    """human_keypoints people inside the crop (crops.crop_keypoints), serialized by :func:`keypoint_units`."""
+    from omniforge.tokenize.crops import crop_keypoints
 
-    return pose_units(crop_poses(label, crop.row, crop.height, crop.width))
+    return keypoint_units(crop_keypoints(label, crop.row, crop.height, crop.width))
 
 
 def palette_crop_units(label: list, crop: Crop) -> list[str]:
@@ -717,10 +717,11 @@ def metadata_crop_units(label: dict, crop: Crop) -> list[str]:
 
 
 __all__ = [
-    "COORD_BINS", "Crop", "DET_MIN_SCORE", "DRAW_METADATA", "DRAW_PALETTE", "DRAW_SAM", "EOS", "MAX_PALETTE_COLORS",
-    "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS", "PAD", "POSE_TOKENS_PER_PERSON", "SERIALIZER_WORDS",
-    "SOS", "TextTokenizer", "UNK", "check_metadata", "det_crop_units", "det_units", "metadata_crop_units",
-    "metadata_units", "palette_crop_units", "palette_draw", "palette_units", "palettes_of", "parse_det",
-    "parse_metadata", "parse_palette", "parse_poses", "parse_sam", "pose_crop_units", "pose_units",
-    "sam_bbox", "sam_contours", "sam_draw_units", "sam_query_points", "sam_units", "text_units", "train_wordpiece",
+    "COORD_BINS", "Crop", "DET_MIN_SCORE", "DRAW_METADATA", "DRAW_PALETTE", "DRAW_SAM", "EOS",
+    "KEYPOINT_TOKENS_PER_PERSON", "MAX_PALETTE_COLORS", "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS",
+    "PAD", "SERIALIZER_WORDS", "SOS", "TextTokenizer", "UNK", "check_metadata", "det_crop_units", "det_units",
+    "keypoint_crop_units", "keypoint_units", "metadata_crop_units", "metadata_units", "palette_crop_units",
+    "palette_draw", "palette_units", "palettes_of", "parse_det", "parse_keypoints", "parse_metadata", "parse_palette",
+    "parse_sam", "sam_bbox", "sam_contours", "sam_draw_units", "sam_query_points", "sam_units", "text_units",
+    "train_wordpiece",
 ]

@@ -1,4 +1,4 @@
-"""det and human_poses: checkpoints written as transformers `save_pretrained` folders must give transformers'
+"""det and human_keypoints: checkpoints written as transformers `save_pretrained` folders must give transformers'
 own predictions (RT-DETR detections, ViTPose keypoints), normalized to 0..1 image coordinates."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ skimage_data = pytest.importorskip("skimage.data")
 from omniforge.errors import ConfigError, SampleError, WeightsError  # noqa: E402
 from omniforge.labelers import Sample, create_labeler, get_labeler_class  # noqa: E402
 from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS  # noqa: E402
-from omniforge.labelers.detection import DetLabeler, HumanPosesLabeler  # noqa: E402
+from omniforge.labelers.detection import DetLabeler, HumanKeypointsLabeler  # noqa: E402
 from omniforge.modalities import MODALITIES  # noqa: E402
 from omniforge.pipeline.label import _encode_checked  # noqa: E402
 
@@ -182,7 +182,7 @@ def test_det_options_and_fingerprints(tmp_path, rtdetr_folder):
     assert DetLabeler.fingerprint(weights=str(folder)) != f1
 
 
-# -- human_poses -------------------------------------------------------------------------------------------
+# -- human_keypoints -------------------------------------------------------------------------------------------
 
 ASTRONAUT_PERSON = [0.2, 0.04, 0.86, 1.0]  # around the astronaut in skimage's astronaut photo (XYXY, 0..1)
 
@@ -221,15 +221,15 @@ def det_json(*instances: tuple[list[float], str, float]) -> dict:
     return {"instances": [{"boxes": b, "class_name": c, "score": s} for b, c, s in instances]}
 
 
-def test_human_poses_local_folder_matches_transformers(vitpose_folder):
+def test_human_keypoints_local_folder_matches_transformers(vitpose_folder):
     folder, model, processor = vitpose_folder
     image = skimage_data.astronaut()
     det = det_json((ASTRONAUT_PERSON, "person", 0.9), ([0.0, 0.0, 0.3, 0.3], "cat", 0.95),
                    ([0.5, 0.5, 0.6, 0.6], "person", 0.1))  # a cat and a person below person_threshold: ignored
-    labeler = create_labeler("human_poses", weights=folder)
+    labeler = create_labeler("human_keypoints", weights=folder)
     (out,) = labeler.label([Sample("astronaut", image, inputs={"det": det})])
-    encodes("human_poses", out["human_poses"])
-    poses = out["human_poses"]
+    encodes("human_keypoints", out["human_keypoints"])
+    poses = out["human_keypoints"]
     assert poses["keypoint_names"] == list(COCO_KEYPOINTS)
     assert len(poses["instances"]) == 1
     inst = poses["instances"][0]
@@ -243,7 +243,7 @@ def test_human_poses_local_folder_matches_transformers(vitpose_folder):
     np.testing.assert_allclose(kps[:, 2], ref_scores, atol=1e-4)
 
 
-def test_human_poses_batches_several_people_and_images(vitpose_folder):
+def test_human_keypoints_batches_several_people_and_images(vitpose_folder):
     folder, model, processor = vitpose_folder
     astronaut, chelsea = skimage_data.astronaut(), skimage_data.chelsea()
     second = [0.05, 0.1, 0.5, 0.9]
@@ -253,8 +253,8 @@ def test_human_poses_batches_several_people_and_images(vitpose_folder):
         Sample("nobody", astronaut, inputs={"det": det_json(([0.1, 0.1, 0.5, 0.5], "dog", 0.9))}),
         Sample("chelsea", chelsea, inputs={"det": det_json((second, "person", 0.7))}),
     ]
-    out = HumanPosesLabeler(weights=folder).label(samples)
-    a, nobody, c = (o["human_poses"] for o in out)
+    out = HumanKeypointsLabeler(weights=folder).label(samples)
+    a, nobody, c = (o["human_keypoints"] for o in out)
     assert [i["score"] for i in a["instances"]] == [0.9, 0.5]  # highest det score first
     assert nobody == {"keypoint_names": list(COCO_KEYPOINTS), "instances": []}  # no person: a valid empty result
     for inst, image in ((a["instances"][0], astronaut), (a["instances"][1], astronaut), (c["instances"][0], chelsea)):
@@ -263,13 +263,13 @@ def test_human_poses_batches_several_people_and_images(vitpose_folder):
         kps = np.array(inst["keypoints"])
         np.testing.assert_allclose(kps[:, :2] * [w, h], np.clip(ref_xy, 0, [w, h]), atol=0.02)
         np.testing.assert_allclose(kps[:, 2], ref_scores, atol=1e-4)
-    one = HumanPosesLabeler(weights=folder, max_persons=1, person_threshold=0.6).label(samples)
-    assert [len(o["human_poses"]["instances"]) for o in one] == [1, 0, 1]
-    assert one[0]["human_poses"]["instances"][0] == a["instances"][0]
+    one = HumanKeypointsLabeler(weights=folder, max_persons=1, person_threshold=0.6).label(samples)
+    assert [len(o["human_keypoints"]["instances"]) for o in one] == [1, 0, 1]
+    assert one[0]["human_keypoints"]["instances"][0] == a["instances"][0]
 
 
-def test_human_poses_inputs_and_edge_cases():
-    labeler = create_labeler("human_poses", weights="tiny")
+def test_human_keypoints_inputs_and_edge_cases():
+    labeler = create_labeler("human_keypoints", weights="tiny")
     image = skimage_data.astronaut()
     person = det_json((ASTRONAUT_PERSON, "person", 0.8))
     out = labeler.label([
@@ -281,39 +281,39 @@ def test_human_poses_inputs_and_edge_cases():
         Sample("dot", np.full((1, 1, 3), 9, np.uint8), inputs={"det": det_json(([0, 0, 1, 1], "person", 0.9))}),
         Sample("sliver", image, inputs={"det": det_json(([0.5, 0.5, 0.5, 0.9], "person", 0.9))}),
     ])
-    assert len(out[0]["human_poses"]["instances"]) == 1
-    encodes("human_poses", out[0]["human_poses"])
+    assert len(out[0]["human_keypoints"]["instances"]) == 1
+    encodes("human_keypoints", out[0]["human_keypoints"])
     assert [o.error_type for o in out[1:5]] == ["missing_input", "bad_input", "bad_input", "bad_image"]
-    assert len(out[5]["human_poses"]["instances"]) == 1  # a 1x1 image with a whole-image person box
-    assert out[6]["human_poses"]["instances"] == []  # a zero-width box is skipped
-    again = HumanPosesLabeler(weights="tiny").label([Sample("ok", image, inputs={"det": person})])
+    assert len(out[5]["human_keypoints"]["instances"]) == 1  # a 1x1 image with a whole-image person box
+    assert out[6]["human_keypoints"]["instances"] == []  # a zero-width box is skipped
+    again = HumanKeypointsLabeler(weights="tiny").label([Sample("ok", image, inputs={"det": person})])
     assert again[0] == out[0]  # the tiny weights are seeded
-    cls = get_labeler_class("human_poses")
+    cls = get_labeler_class("human_keypoints")
     assert cls.learned and cls.requires == ("det",)
 
 
-def test_human_poses_weights_and_options(tmp_path, monkeypatch):
+def test_human_keypoints_weights_and_options(tmp_path, monkeypatch):
     config = transformers.VitPoseConfig(backbone_config=transformers.VitPoseBackboneConfig(
         image_size=[32, 32], hidden_size=16, num_hidden_layers=1, num_attention_heads=1, out_indices=[1]),
         num_labels=5)
     transformers.VitPoseForPoseEstimation(config).save_pretrained(tmp_path / "five")
     transformers.VitPoseImageProcessor().save_pretrained(tmp_path / "five")
     with pytest.raises(WeightsError, match="predicts 5 keypoints"):
-        HumanPosesLabeler(weights=str(tmp_path / "five"))
-    with pytest.raises(WeightsError, match="--weights human_poses="):
-        HumanPosesLabeler(weights=str(tmp_path / "missing"))
+        HumanKeypointsLabeler(weights=str(tmp_path / "five"))
+    with pytest.raises(WeightsError, match="--weights human_keypoints="):
+        HumanKeypointsLabeler(weights=str(tmp_path / "missing"))
 
     def offline(*args, **kwargs):
         raise OSError("no network")
 
     monkeypatch.setattr(transformers.VitPoseForPoseEstimation, "from_pretrained", offline)
     with pytest.raises(WeightsError, match="could not load the pretrained"):
-        HumanPosesLabeler(weights="pretrained")
+        HumanKeypointsLabeler(weights="pretrained")
     with pytest.raises(ConfigError, match="person_threshold"):
-        HumanPosesLabeler(weights="tiny", person_threshold=-0.1)
+        HumanKeypointsLabeler(weights="tiny", person_threshold=-0.1)
     with pytest.raises(ConfigError, match="max_persons"):
-        HumanPosesLabeler(weights="tiny", max_persons=2.5)
-    ft = HumanPosesLabeler.fingerprint(weights="tiny")
-    assert HumanPosesLabeler.fingerprint(weights="tiny", person_threshold=0.3, max_persons=20) == ft
-    assert HumanPosesLabeler.fingerprint(weights="tiny", person_threshold=0.5) != ft
-    assert HumanPosesLabeler.fingerprint(weights=str(tmp_path / "five")) != ft
+        HumanKeypointsLabeler(weights="tiny", max_persons=2.5)
+    ft = HumanKeypointsLabeler.fingerprint(weights="tiny")
+    assert HumanKeypointsLabeler.fingerprint(weights="tiny", person_threshold=0.3, max_persons=20) == ft
+    assert HumanKeypointsLabeler.fingerprint(weights="tiny", person_threshold=0.5) != ft
+    assert HumanKeypointsLabeler.fingerprint(weights=str(tmp_path / "five")) != ft

@@ -54,6 +54,18 @@ def test_metadata_uses_only_the_inputs_it_gets():
     assert full["original_width"] == 1024 and full["caption_n_words"] == 2
 
 
+def test_n_humans_comes_from_the_smpl_teacher_when_it_ran():
+    labeler = create_labeler("metadata")
+    image = np.zeros((8, 8, 3), np.uint8)
+    smpl = {"bbox_xyxy": [[0, 0, 4, 4], [2, 2, 8, 8]]}  # HMR2.0's people (only their count matters here)
+    keypoints = {"instances": [{"bbox": [0, 0, 1, 1], "keypoints": []}]}  # ViTPose's, on other boxes
+    n = {name: labeler.label([Sample(key="a", image=image, inputs=inputs)])[0]["metadata"].get("n_humans")
+         for name, inputs in [("both", {"human_poses": smpl, "human_keypoints": keypoints}),
+                              ("nobody", {"human_poses": {}, "human_keypoints": keypoints}),
+                              ("keypoints", {"human_keypoints": keypoints}), ("none", {})]}
+    assert n == {"both": 2, "nobody": 0, "keypoints": 1, "none": None}
+
+
 def _step(h: int, w: int, at: int, low: int = 0, high: int = 65535) -> np.ndarray:
     """An (h, w) uint16 depth map: `low` left of column `at`, `high` from it on (one vertical depth step)."""
     depth = np.full((h, w), low, np.uint16)

@@ -475,26 +475,23 @@ def test_init_from_a_default_layout_omniforge_run(corpus, tmp_path, capsys):
     assert set(source.state_dict()) < set(model.state_dict())
 
 
-def test_a_modality_ml4m_names_alike_but_means_otherwise_is_not_loaded(tmp_path):
-    """omniforge's human_poses (ViTPose keypoints) are not 4M-21's (SMPL): the registry says so (ml4m "none"),
-    so a released human_poses is not loaded into them, and a model trained on them is not exported as ml-4m's."""
+def test_a_modality_ml4m_names_alike_but_means_otherwise_is_not_loaded(tmp_path, monkeypatch):
+    """A folder the registry marks as not ml-4m's modality of that name (ml4m "none", as omniforge's ViTPose
+    human_poses were before issue 14) is not loaded from a released checkpoint, and a model trained on it is not
+    exported as ml-4m's. Here det is marked so."""
+    from dataclasses import replace
+
+    from omniforge.modalities import MODALITIES
     from omniforge.model.init_from import plan_init
     from omniforge.model.specs import specs_for
 
+    monkeypatch.setitem(MODALITIES, "det", replace(MODALITIES["det"], ml4m="none", ml4m_note="omniforge's own boxes"))
     folder = tmp_path / "ckpt"
     shutil.copytree(os.path.join(FIXTURES, "swiglu"), folder)
-    config = _config()
-    config["domains_in"] = [d if d != "det" else "human_poses" for d in config["domains_in"]]
-    config["domains_out"] = [d if d != "det" else "human_poses" for d in config["domains_out"]]
-    (folder / "config.json").write_text(json.dumps(config))
-    from safetensors.torch import load_file, save_file
-
-    weights = {k.replace(".det.", ".human_poses."): v for k, v in load_file(str(folder / "model.safetensors")).items()}
-    save_file(weights, str(folder / "model.safetensors"))
-    plan = plan_init(str(folder), specs_for(["human_poses", RGB], 100))
-    assert plan.loaded == {RGB: RGB} and plan.added == ["human_poses"]
+    plan = plan_init(str(folder), specs_for(["det", RGB], 100))
+    assert plan.loaded == {RGB: RGB} and plan.added == ["det"]
     lines = "\n".join(plan.lines())
-    assert "added human_poses: fresh embeddings and head, the checkpoint's human_poses is another modality" in lines
-    assert "dropped the checkpoint's human_poses: not the modality" in lines
-    with pytest.raises(ConfigError, match="human_poses: omniforge's human_poses is not ml-4m's modality"):
+    assert "added det: fresh embeddings and head, the checkpoint's det is another modality" in lines
+    assert "dropped the checkpoint's det: not the modality" in lines
+    with pytest.raises(ConfigError, match="det: omniforge's det is not ml-4m's modality of that name .omniforge's own"):
         export_released(load_released(str(folder)).model, str(tmp_path / "out"))

@@ -20,7 +20,7 @@ from omniforge.tokenize.kinds import kind_for
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "ml4m"
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
 EXT = {"rgb": "jpg", "crop_settings": "npy", "det": "json", "metadata": "json", "color_palette": "json",
-       "caption": "txt", "sam_instance": "json", "human_poses": "json"}
+       "caption": "txt", "sam_instance": "json", "human_keypoints": "json"}
 UNTOKENIZED = "coffee"  # labeled, but crop_settings lacks it (as when its tokenize failed)
 
 
@@ -44,7 +44,7 @@ def corpus(tmp_path_factory) -> tuple[str, str]:
     for m in ("det", "metadata", "color_palette", "caption"):
         _write(root, m, {k: codecs.encode(EXT[m], v[m]) for k, v in LABELS.items()})
     _write(root, "sam_instance", {k: codecs.encode("json", _sam_label(v)) for k, v in images.items()})
-    _write(root, "human_poses", {k: codecs.encode("json", {"instances": []}) for k in LABELS})
+    _write(root, "human_keypoints", {k: codecs.encode("json", {"instances": []}) for k in LABELS})
     _write(root, "crop_settings", {k: codecs.encode("npy", np.asarray(v["crops"], np.int32))
                                    for k, v in LABELS.items() if k != UNTOKENIZED})
     tokenizers = str(tmp_path_factory.mktemp("tokenizers"))
@@ -64,15 +64,15 @@ def test_export_writes_ml4ms_files_with_aligned_keys(corpus, tmp_path, capsys):
     assert cli_main(["export", root, out, "--dialect", "ml4m", "--tokenizers", tokenizers, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "2 samples in every folder, 1 left out" in printed and "missing in crop_settings" in printed
-    assert "human_poses" in printed and "HMR2.0" in printed  # not exported, and why
-    assert not os.path.exists(shards.tar_uri(out, "human_poses", 0))
+    assert "human_keypoints" in printed and "not a 4M-21 modality" in printed  # not exported, and why
+    assert not os.path.exists(shards.tar_uri(out, "human_keypoints", 0))
     tokenized = sorted(k for k in LABELS if k != UNTOKENIZED)
     for folder in ("rgb", "det", "metadata", "color_palette", "caption", "crop_settings", "sam_instance"):
         assert _keys(shards.tar_uri(out, folder, 0)) == tokenized, folder  # ml-4m needs identical keys
     assert os.path.islink(shards.tar_uri(out, "crop_settings", 0))  # already aligned: linked, not copied
     assert not os.path.islink(shards.tar_uri(out, "det", 0))  # held the untokenized key: rewritten
     record = json.loads(storage.read_bytes(storage.join(out, "export.json")))
-    assert record["samples"] == 2 and record["skipped"]["human_poses"]
+    assert record["samples"] == 2 and record["skipped"]["human_keypoints"]
 
     members = dict(shards.iter_tar(shards.tar_uri(out, "sam_instance", 0)))
     import io

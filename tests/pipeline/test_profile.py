@@ -62,7 +62,7 @@ def test_4m21_is_built_in_and_has_one_teacher_per_modality():
         assert len(in_profile) <= 1, (m.name, in_profile)
     assert profile_teacher(PROFILE_4M21, "depth") is OmnidataDepthLabeler  # not the default Depth Anything
     assert profile_teacher(PROFILE_4M21, "semseg_coco") is SemsegCocoLabeler
-    assert profile_teacher(PROFILE_4M21, "human_poses") is None  # HMR2.0 is not an omniforge teacher yet
+    assert profile_teacher(PROFILE_4M21, "human_keypoints") is None  # ViTPose keypoints: not a 4M-21 modality
     rows = {r.modality: r for r in profile_rows(PROFILE_4M21)}
     assert {m for m, r in rows.items() if r.entry is not None and r.entry.stand_in} == EXPECTED_STAND_INS
     assert rows["clip"].entry.options["pretrained_tag"] == "openai"
@@ -177,13 +177,13 @@ def test_the_users_flags_override_the_profile():
 
 def test_a_modality_without_a_teacher_in_the_profile_is_an_error_saying_what_to_do():
     with pytest.raises(ConfigError) as e:
-        by_name(("rgb", "det", "human_poses"))
+        by_name(("rgb", "det", "human_keypoints"))
     message = str(e.value)
-    assert "\n" not in message and message.startswith("profile 4m21 has no teacher for human_poses")
-    assert "drop human_poses from --modalities" in message and "--teacher human_poses=NAME" in message
-    chosen = by_name(("rgb", "det", "human_poses"), weights=parse_weights("human_poses=tiny"),
-                     teachers={"human_poses": "human_poses"})
-    assert chosen["human_poses"].profile["outside"] and chosen["det"].profile["stand_in"]
+    assert "\n" not in message and message.startswith("profile 4m21 has no teacher for human_keypoints")
+    assert "drop human_keypoints from --modalities" in message and "--teacher human_keypoints=NAME" in message
+    chosen = by_name(("rgb", "det", "human_keypoints"), weights=parse_weights("human_keypoints=tiny"),
+                     teachers={"human_keypoints": "human_keypoints"})
+    assert chosen["human_keypoints"].profile["outside"] and chosen["det"].profile["stand_in"]
 
 
 def test_an_unknown_profile_is_a_one_line_error_listing_the_known_ones():
@@ -235,15 +235,16 @@ def test_list_profile_prints_every_modality_and_names_each_stand_in_with_its_rea
     for m in EXPECTED_STAND_INS:
         assert rows[m].endswith("STAND-IN: " + profile_teacher(PROFILE_4M21, m).profiles[PROFILE_4M21].stand_in)
     assert "detectron2" in rows["det"] and "PyPI" in rows["color_palette"]
-    assert "not in profile 4m21" in rows["human_poses"] and "--teacher human_poses=NAME" in rows["human_poses"]
+    keypoints = rows["human_keypoints"]
+    assert "not in profile 4m21" in keypoints and "--teacher human_keypoints=NAME" in keypoints
 
 
 def test_cli_profile_errors_are_one_line_before_any_work(capsys, tmp_path):
     code = cli_main(["list", "--profile", "nope"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unknown teacher profile 'nope'; known profiles: 4m21" in err
-    code = cli_main(["label", "--output", str(tmp_path / "out"), "--modalities", "rgb,human_poses",
+    code = cli_main(["label", "--output", str(tmp_path / "out"), "--modalities", "rgb,human_keypoints",
                      "--profile", PROFILE_4M21, "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "no teacher for human_poses" in err
+    assert code == 2 and err.count("\n") == 1 and "no teacher for human_keypoints" in err
     assert not (tmp_path / "out").exists()  # refused before planning anything

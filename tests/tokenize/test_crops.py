@@ -21,7 +21,7 @@ from omniforge.tokenize.crops import (
     crop_dense,
     crop_det,
     crop_image,
-    crop_poses,
+    crop_keypoints,
     crop_sam,
     crop_settings,
     uncrop_mask,
@@ -184,7 +184,7 @@ def test_one_crop_puts_every_modality_at_the_same_place(crop):
     np.testing.assert_allclose(np.array(inst["boxes"]) * SIZE, expected, atol=0.01)
     assert inst["class_name"] == "dog" and inst["score"] == 0.9
 
-    (person,) = crop_poses(poses, crop, H, W)["instances"]
+    (person,) = crop_keypoints(poses, crop, H, W)["instances"]
     np.testing.assert_allclose(np.array(person["bbox"]) * SIZE, expected, atol=0.01)
     top, left, h, w, _ = (int(v) for v in crop)
     cx, cy = (280 - left) * SIZE / w, (130 - top) * SIZE / h
@@ -308,7 +308,7 @@ def test_poses_swap_left_and_right_on_flip():
         {"bbox": [0.25, 0.1, 0.4, 1.0], "score": 0.8, "keypoints": kps},
         {"bbox": [0.9, 0.1, 1.0, 0.5], "score": 0.7, "keypoints": kps},  # right of the crop below
     ]}
-    out = crop_poses(label, np.array((0, 0, H, W, 1)), H, W)  # the whole image, mirrored
+    out = crop_keypoints(label, np.array((0, 0, H, W, 1)), H, W)  # the whole image, mirrored
     assert out["keypoint_names"] == names and len(out["instances"]) == 2
     got = out["instances"][0]["keypoints"]
     np.testing.assert_allclose(got[names.index("left_eye")], [1 - 0.35, 0.2, 0.92])
@@ -317,7 +317,7 @@ def test_poses_swap_left_and_right_on_flip():
     np.testing.assert_allclose(out["instances"][0]["bbox"], [0.6, 0.1, 0.75, 1.0])
 
     # Top-left 240 x 240: the second person is outside (x >= 0.9 * 400 = 360 > 240) and dropped.
-    cut = crop_poses(label, np.array((0, 0, 240, 240, 0)), H, W)
+    cut = crop_keypoints(label, np.array((0, 0, 240, 240, 0)), H, W)
     (person,) = cut["instances"]
     ankle = person["keypoints"][names.index("left_ankle")]
     assert ankle[2] == 0.0 and 0 <= ankle[0] <= 1 and 0 <= ankle[1] <= 1

@@ -9,7 +9,7 @@ from omniforge.coco import COCO_DETECTION_CLASSES, COCO_KEYPOINTS
 from omniforge.modalities import all_modalities, get_modality
 from omniforge.tokenize.text import (
     EOS, NUM_SENTINELS, NUM_SPECIAL_TOKENS, PAD, SOS, UNK, TextTokenizer, det_units, metadata_units,
-    palette_units, parse_det, parse_metadata, parse_palette, parse_poses, parse_sam, pose_units,
+    palette_units, parse_det, parse_metadata, parse_palette, parse_keypoints, parse_sam, keypoint_units,
     sam_contours, sam_draw_units, sam_query_points, sam_units, train_wordpiece,
 )
 
@@ -160,12 +160,12 @@ def test_pose_exact_string():
     kps[1] = [0.3, 0.3, 0.0]  # left eye, score 0: not visible
     label = {"keypoint_names": list(COCO_KEYPOINTS), "instances": [_person(kps)]}
     expected = "human v0=100 v1=200 v2=500 v3=999 v0=250 v1=500" + " v2=0 v3=0" * 15 + " v0=999 v1=0"
-    assert pose_units(label) == [expected]
+    assert keypoint_units(label) == [expected]
     assert len(expected.split()) == 39
     # keypoint_names say where each keypoint is: a reversed layout gives the same string
     rev = {"keypoint_names": list(reversed(COCO_KEYPOINTS)), "instances": [_person(list(reversed(kps)))]}
-    assert pose_units(rev) == [expected]
-    assert pose_units({"keypoint_names": list(COCO_KEYPOINTS), "instances": []}) == ["none"]
+    assert keypoint_units(rev) == [expected]
+    assert keypoint_units({"keypoint_names": list(COCO_KEYPOINTS), "instances": []}) == ["none"]
 
 
 def test_pose_round_trip():
@@ -174,8 +174,8 @@ def test_pose_round_trip():
     for _ in range(3):
         kps = np.c_[rng.random((17, 2)), (rng.random(17) > 0.3) * rng.random(17)].tolist()
         people.append({"bbox": sorted(rng.random(2).tolist()) * 2, "score": 1.0, "keypoints": kps})
-    units = pose_units({"keypoint_names": list(COCO_KEYPOINTS), "instances": people})
-    parsed = parse_poses(" ".join(units))
+    units = keypoint_units({"keypoint_names": list(COCO_KEYPOINTS), "instances": people})
+    parsed = parse_keypoints(" ".join(units))
     assert len(parsed) == 3
     for p, src in zip(parsed, people):
         assert np.allclose(p["bbox"], src["bbox"], atol=0.5 / 999 + 1e-9)
@@ -183,7 +183,7 @@ def test_pose_round_trip():
             assert vis == (1 if ss > 0 else 0)
             if vis:
                 assert abs(x - sx) <= 0.5 / 999 + 1e-9 and abs(y - sy) <= 0.5 / 999 + 1e-9
-    assert parse_poses("none") == []
+    assert parse_keypoints("none") == []
 
 
 # ---------------------------------------------------------------------------------------------- sam
@@ -327,7 +327,7 @@ def test_decode_round_trip(tok):
     ids = tok.encode("two cats") + [tok.eos_id] + tok.encode("red")
     assert tok.decode(ids) == "two cats"
     assert tok.decode([tok.sos_id] + tok.encode("[S_5] red")) == "[S_5] red"
-    units = pose_units({"instances": []}) + sam_units([(1, 2)], [])
+    units = keypoint_units({"instances": []}) + sam_units([(1, 2)], [])
     assert tok.decode(tok.encode_units(units, 10)) == "none point v0=2 v1=1 none"
 
 
@@ -368,5 +368,5 @@ def test_train_vocab_size_bounds():
 
 def test_sequence_budgets_are_4m21s():
     budgets = {m.name: m.num_tokens for m in all_modalities() if m.crop == "sequence"}
-    assert budgets == {"caption": 256, "det": 256, "human_poses": 275, "sam_instance": 290,
+    assert budgets == {"caption": 256, "det": 256, "human_keypoints": 275, "sam_instance": 290,
                        "color_palette": 23, "metadata": 40}
