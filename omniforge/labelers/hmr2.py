@@ -55,7 +55,7 @@ class HumanPosesLabeler(TorchLabeler):
     Output: human_poses, JSON {"bbox_xyxy": [[x0, y0, x1, y1] per person], "pred_smpl_params": {"global_orient":
     [(1, 3, 3) per person], "body_pose": [(23, 3, 3) per person], "betas": [(10,) per person]}, "pred_cam":
     [(3,) per person], "score": [det score per person]}, people in det-score order (highest first), one entry
-    per det "person" scoring at least `person_threshold` (default 0.5), at most `max_persons` (default 20).
+    per det "person" scoring at least `person_threshold` (default 0.5), of det's `max_persons` (default 20) best.
     bbox_xyxy is det's box in pixels of the labeled image (x right, y down, origin at its top-left corner;
     rounded to 0.01 px); global_orient is the body's root rotation and body_pose the 23 SMPL joints' rotations
     relative to their parents, as row-major 3 x 3 rotation matrices in HMR2.0's camera frame; betas the 10 SMPL
