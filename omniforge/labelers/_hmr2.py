@@ -252,7 +252,7 @@ def rot6d_to_rotmat(x: torch.Tensor) -> torch.Tensor:
 
 
 class SMPLHead(nn.Module):
-    """Backbone features -> SMPL parameters and camera (see the module docstring)."""
+    """Backbone features -> SMPL parameters and camera (see the module docstring), in float32."""
 
     def __init__(self, cfg: HMR2Config):
         super().__init__()
@@ -270,13 +270,15 @@ class SMPLHead(nn.Module):
         self.register_buffer("mean_cam", torch.zeros(1, N_CAM))
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        b = features.shape[0]
-        context = features.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        x = self.token_embed(features.new_zeros(b, 1, 1)) + self.query_pos  # (B, 1, dim)
-        for layer in self.layers:
-            x = layer(x, context)
-        with torch.autocast(features.device.type, enabled=False):  # read-outs and rotations in float32
-            token = x[:, 0].float()  # (B, dim)
+        # float32 whatever the autocast: the head is a few percent of the network's work, and bfloat16 here
+        # doubles the error of the rotations
+        with torch.autocast(features.device.type, enabled=False):
+            b = features.shape[0]
+            context = features.float().flatten(2).transpose(1, 2)  # (B, h*w, C)
+            x = self.token_embed(context.new_zeros(b, 1, 1)) + self.query_pos  # (B, 1, dim)
+            for layer in self.layers:
+                x = layer(x, context)
+            token = x[:, 0]  # (B, dim)
             # The query is the zero token at every refinement step, so the decoder's output is the same each
             # time: 4D-Humans' loop adds the same three read-outs `ief_iters` times.
             pose, betas, cam = self.mean_pose.expand(b, -1), self.mean_betas.expand(b, -1), self.mean_cam.expand(b, -1)

@@ -67,8 +67,8 @@ class HumanPosesLabeler(TorchLabeler):
     Input: the image and `Sample.inputs["det"]`; each box (its sides times `rescale_factor`) is cropped as
     4D-Humans' ViTDetDataset does (`_hmr2.person_crop`: square of the box expanded to 192:256, anti-aliased,
     256 x 256, ImageNet-normalized), the backbone sees its middle 256 x 192; the crops of every person of
-    the batch run together, `batch_size` at a time, in bfloat16 autocast on CUDA (the read-outs and rotations
-    in float32).
+    the batch run together, `batch_size` at a time; on CUDA the backbone runs in bfloat16 autocast, the head
+    always in float32.
 
     Weights: a path loads the publisher's release: its run folder (model_config.yaml and checkpoints/ with one
     .ckpt) or the .ckpt itself (model_config.yaml two folders up, as 4D-Humans' load_hmr2), read safely (only

@@ -114,6 +114,16 @@ def test_fixture_checkpoint_gives_4d_humans_outputs_on_its_crops(fixture_labeler
     assert np.abs(reference["betas"][0] - reference["betas"][1]).max() > 0.05  # the outputs depend on the crop
 
 
+def test_the_head_runs_in_float32_under_autocast(fixture_labeler, crops):
+    model = fixture_labeler.model
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast_for gives on CUDA, here on the CPU
+            out = model(torch.from_numpy(crops["crops"][:2]))
+        plain = model.head(out["features"].float())
+    assert out["betas"].dtype == torch.float32  # and the head ignored the autocast: bfloat16 there moves them
+    assert all(torch.equal(out[k], plain[k]) for k in SMPL_KEYS)
+
+
 def test_the_ckpt_file_and_its_run_folder_load_the_same(fixture_labeler, crops):
     by_file = create_labeler("human_poses", weights=str(CKPT), backbone_heads=FIXTURE_HEADS)
     a, b = (lab.predict(crops["crops"][:2]) for lab in (fixture_labeler, by_file))
