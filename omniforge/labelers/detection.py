@@ -49,11 +49,15 @@ class HumanKeypointsOptions(LabelerOptions):
 
 
 def det_persons(sample: Sample, teacher: str, threshold: float, max_persons: int
-                ) -> list[tuple[list[float], float]] | SampleError:
-    """det's person instances in `sample.inputs["det"]` as (normalized XYXY box clipped to [0, 1], score), those
-    scoring at least `threshold`, highest score first, at most `max_persons`: the people of the pose teachers
-    (human_keypoints, human_poses). No det input: SampleError("missing_input"); a det label that is not
-    {"instances": [{"boxes", "class_name", "score"}]} with finite numbers: SampleError("bad_input")."""
+                ) -> list[tuple[list[float], list[float], float]] | SampleError:
+    """The people of the pose teachers (human_keypoints, human_poses): det's person instances in
+    `sample.inputs["det"]` scoring at least `threshold`, highest score first, at most `max_persons`, each as
+    (XYXY box clipped to [0, 1], the same box in pixels of `sample.image`, score). An image that breaks the
+    Sample contract: SampleError("bad_image"); no det input: SampleError("missing_input"); a det label that is
+    not {"instances": [{"boxes", "class_name", "score"}]} with finite numbers: SampleError("bad_input")."""
+    err = check_image(sample)
+    if err is not None:
+        return err
     if "det" not in sample.inputs:
         return SampleError("missing_input", f"{teacher} needs the det label of this sample")
     det = sample.inputs["det"]
@@ -72,7 +76,8 @@ def det_persons(sample: Sample, teacher: str, threshold: float, max_persons: int
         if cls == "person" and score >= threshold:
             persons.append(([min(max(v, 0.0), 1.0) for v in box], score))
     persons.sort(key=lambda p: -p[1])
-    return persons[:max_persons]
+    h, w = sample.image.shape[:2]
+    return [(box, [box[0] * w, box[1] * h, box[2] * w, box[3] * h], score) for box, score in persons[:max_persons]]
 
 
 class _TransformersLabeler(TorchLabeler):
@@ -240,16 +245,12 @@ class HumanKeypointsLabeler(_TransformersLabeler):
         out: list[dict[str, Any] | SampleError | None] = [None] * len(samples)
         jobs = []  # (sample index, persons, COCO xywh pixel boxes)
         for i, sample in enumerate(samples):
-            err = check_image(sample)
-            persons = det_persons(sample, self.name, self.options.person_threshold, self.options.max_persons) \
-                if err is None else err
+            persons = det_persons(sample, self.name, self.options.person_threshold, self.options.max_persons)
             if isinstance(persons, SampleError):
                 out[i] = persons
                 continue
-            h, w = sample.image.shape[:2]
             kept, xywh = [], []
-            for box, score in persons:
-                x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
+            for box, (x0, y0, x1, y1), score in persons:
                 if x1 - x0 >= 1.0 and y1 - y0 >= 1.0:
                     kept.append((box, score))
                     xywh.append([x0, y0, x1 - x0, y1 - y0])

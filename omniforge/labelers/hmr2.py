@@ -15,7 +15,7 @@ import numpy as np
 
 from omniforge.errors import ConfigError, SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
-from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, check_image, seeded, short_error
+from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, seeded, short_error
 from omniforge.labelers.base import PRETRAINED, PROFILE_4M21, TINY, LabelerOptions, Profile, Sample, file_sha256, \
     option
 from omniforge.labelers.detection import ROUND, det_persons
@@ -150,15 +150,11 @@ class HumanPosesLabeler(TorchLabeler):
         out: list[dict[str, Any] | SampleError | None] = [None] * len(samples)
         people: list[tuple[int, list[float], float]] = []  # (sample index, XYXY pixel box, det score)
         for i, sample in enumerate(samples):
-            err = check_image(sample)
-            persons = det_persons(sample, self.name, self.options.person_threshold, self.options.max_persons) \
-                if err is None else err
+            persons = det_persons(sample, self.name, self.options.person_threshold, self.options.max_persons)
             if isinstance(persons, SampleError):
                 out[i] = persons
                 continue
-            h, w = sample.image.shape[:2]
-            boxes = [([b[0] * w, b[1] * h, b[2] * w, b[3] * h], score) for b, score in persons]
-            kept = [(i, box, score) for box, score in boxes if box[2] > box[0] and box[3] > box[1]]
+            kept = [(i, box, score) for _, box, score in persons if box[2] > box[0] and box[3] > box[1]]
             if not kept:
                 out[i] = {"human_poses": {}}
             people += kept
