@@ -387,6 +387,12 @@ class Inert(dict):
     def extend(self, items: Any) -> None:
         pass
 
+    def __hash__(self) -> int:  # usable as a dict key or in a set, as the object it replaces may be (an Enum)
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
     def __repr__(self) -> str:
         return f"<inert {self.pickled_as}>"
 
@@ -442,7 +448,7 @@ def read_lightning_checkpoint(path: str) -> dict[str, Any]:
             if "mmap" not in str(e):
                 raise
             return torch.load(path, **kwargs)  # a file in torch's legacy (non-zip) format cannot be mapped
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise WeightsError(f"cannot read {path} as a PyTorch Lightning checkpoint ({type(e).__name__}: "
                            f"{' '.join(str(e).split())[:200]}): pass HMR2.0's .ckpt, e.g. {RELEASE_CHECKPOINT}") from e
 

@@ -5,6 +5,7 @@ tests/fixtures/hmr2/weights_rule.py."""
 
 from __future__ import annotations
 
+import enum
 import json
 import pickle
 import shutil
@@ -82,6 +83,27 @@ def test_crops_are_4d_humans_crops_on_every_hand_placed_box(crops):
         else:  # 4D-Humans warps the uint8 image and rounds; omniforge's crop is the unrounded one
             assert diff.max() <= 0.5 * LEVEL + 1e-6 and diff.mean() < 0.1 * LEVEL, (name, diff.max(), diff.mean())
         assert np.abs(unnormalized(official) - unnormalized(crops["crops"][(i + 1) % len(official)])).max() > 0.1
+
+
+def test_cropping_a_window_equals_cropping_the_whole_image():
+    """person_crop blurs and warps only the pixels around the box: the same crop as 4D-Humans' whole-image way,
+    blur everything, then warp (done here with scikit-image and OpenCV directly), for a box well inside a large
+    image, with and without the anti-aliasing blur."""
+    import cv2
+    from skimage.filters import gaussian
+
+    image = np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8)  # sharp everywhere
+    for box in (np.array([400.0, 80.0, 1100.0, 1413.5]), np.array([400.3, 500.0, 560.0, 780.0])):
+        side = _hmr2.crop_size(box)
+        factor = side / 512
+        center = (box[:2] + box[2:]).astype(np.float32) / 2
+        whole = gaussian(image, sigma=float((factor - 1) / 2), channel_axis=2, preserve_range=True) \
+            if factor > 1.1 else image.astype(np.float64)
+        matrix = cv2.getAffineTransform(np.float32([center, center + [0, side / 2], center + [side / 2, 0]]),
+                                        np.float32([[128, 128], [128, 256], [256, 128]]))
+        expected = cv2.warpAffine(whole, matrix, (256, 256), flags=cv2.INTER_LINEAR).transpose(2, 0, 1) / 255
+        np.testing.assert_allclose(unnormalized(_hmr2.person_crop(image, box)), expected, atol=1e-5)
+        assert (factor > 2.5) if box[0] == 400.0 else (factor < 1.1)  # blurred (sigma 0.8), not blurred
 
 
 def test_crop_is_black_outside_the_image_and_scales_with_rescale_factor(crops):
@@ -222,6 +244,10 @@ def test_weights_errors_name_the_problem_and_the_fix(tmp_path, fixture_state):
 
 # -- the safe reader -------------------------------------------------------------------------------------------
 
+class Mode(enum.Enum):
+    FIT = "fit"
+
+
 class _Payload:
     """Unpickling this runs code: it writes `path`."""
 
@@ -260,6 +286,18 @@ def test_the_reader_keeps_every_tensor_and_instantiates_nothing(tmp_path, fixtur
     assert not marker.exists()
     preds = labeler.predict(crops["crops"][:2])
     np.testing.assert_allclose(preds["betas"], reference["betas"][:2], atol=1e-4)
+
+
+def test_the_reader_takes_any_python_object_as_a_shell(tmp_path, fixture_state):
+    """Objects of unknown classes where dict keys, sets, lists and object state go: kept as inert shells."""
+    path = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": fixture_state, "hyper_parameters": {Mode.FIT: [Mode.FIT, {Mode.FIT}, Path("/x")]}},
+               path)
+    loaded = _hmr2.read_lightning_checkpoint(str(path))
+    (key, value), = loaded["hyper_parameters"].items()
+    assert isinstance(key, _hmr2.Inert) and key.pickled_as.endswith(".Mode") and len(value) == 3
+    assert all(isinstance(v, _hmr2.Inert) for v in (value[0], *value[1], value[2]))
+    assert all(torch.equal(loaded["state_dict"][k], v) for k, v in fixture_state.items())
 
 
 def test_the_reader_reads_torch_legacy_files(tmp_path, fixture_state):
