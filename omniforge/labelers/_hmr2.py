@@ -26,7 +26,7 @@ Key map, publisher (`state_dict` of the Lightning checkpoint) -> omniforge (`HMR
     smpl_head.dec{pose,shape,cam}.<p>                                -> head.dec_{pose,shape,cam}.<p>
     smpl_head.init_{body_pose,betas,cam}                             -> head.mean_{pose,betas,cam}
 
-Every other key (discriminator.*, smpl.*, initialized) is left unread. A missing key, a key under backbone. or
+Every other key (discriminator.*, smpl.*, initialized) is dropped. A missing key, a key under backbone. or
 smpl_head. that the map does not know, or a shape that differs is a WeightsError: no partial loads.
 """
 
@@ -403,7 +403,6 @@ _ALLOWED_GLOBALS = frozenset({  # what a tensor state dict needs; torch resolves
     ("torch._utils", "_rebuild_parameter_with_state"),
     ("collections", "OrderedDict"),
 })
-_INERT: dict[str, type[Inert]] = {}
 
 
 class _TensorOnlyUnpickler(pickle.Unpickler):
@@ -411,9 +410,7 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         full = f"{module}.{name}"
-        if full not in _INERT:
-            _INERT[full] = type(f"Inert[{full}]", (Inert,), {"pickled_as": full})
-        return _INERT[full]
+        return type(f"Inert[{full}]", (Inert,), {"pickled_as": full})
 
 
 class TensorOnlyPickle:
