@@ -66,8 +66,8 @@ ML4M = ("direct", "export", "none")
 ML4M_TRANSFORMS = ("rgb", "normal", "depth", "semseg", "features", "global", "mask")
 _ML4M_TRANSFORM_CROPS = {"rgb": "dense", "normal": "dense", "depth": "dense", "semseg": "dense",
                          "features": "features", "global": "global", "mask": "sequence"}
-DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "keypoints", "palette",
-         "json")
+DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "keypoints", "smpl",
+         "palette", "json")
 NO_TOKENIZER = "none"
 TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
 # What `omniforge label` labels when --modalities is not given: the cheap teachers and the common features.
@@ -544,7 +544,7 @@ MODALITIES: dict[str, ModalityInfo] = {
                         "every box the teacher kept (the serializer keeps score >= 0.6, as ml-4m)",
             ml4m_note="every box the teacher kept; ml-4m's transform and omniforge's serializer keep score >= 0.6"),
         ModalityInfo(
-            name="human_poses", ext="json", draw="json", schema=_SCHEMA + "check_human_poses", format_version=2,
+            name="human_poses", ext="json", draw="smpl", schema=_SCHEMA + "check_human_poses", format_version=2,
             ml4m="none", ml4m_note="HMR2.0's SMPL people, ml-4m's form; its tokens need the pose tokenizer (issue 14)",
             description='JSON as ml-4m reads it, {} when there is nobody: {"bbox_xyxy": N x [x0, y0, x1, y1] pixels, '
                         '"pred_smpl_params": {"global_orient": N x (1, 3, 3), "body_pose": N x (23, 3, 3) rotation '
