@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omniforge._smpl import BOX_ASPECT, CROP_SIZE, NUM_JOINTS, RESCALE_FACTOR
 from omniforge.errors import WeightsError
 
 # -- the release -------------------------------------------------------------------------------------------------
@@ -54,10 +55,9 @@ RELEASE_RUN = "logs/train/multiruns/hmr2/0"  # the run folder inside it: model_c
 RELEASE_CHECKPOINT = "epoch=35-step=1000000.ckpt"
 MODEL_CONFIG = "model_config.yaml"
 
-IMAGE_SIZE = 256  # the square person crop
-BBOX_SHAPE = (192, 256)  # (width, height): the box is expanded to this aspect; the backbone sees the middle 192
+# From omniforge._smpl: CROP_SIZE (256, the square person crop), BOX_ASPECT ((192, 256), w:h: the box is expanded
+# to it; the backbone sees the crop's middle 192 columns), NUM_JOINTS (24: the global orientation and 23 joints).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-N_JOINTS = 24  # SMPL: the global orientation and 23 body joints
 N_BETAS, N_CAM = 10, 3
 
 
@@ -83,23 +83,23 @@ class HMR2Config:
     @property
     def grid(self) -> tuple[int, int]:
         """The backbone's token grid on the 256 x 192 input (its patch conv pads 2 pixels on every side)."""
-        h, w = IMAGE_SIZE, IMAGE_SIZE * BBOX_SHAPE[0] // BBOX_SHAPE[1]
+        h, w = CROP_SIZE, CROP_SIZE * BOX_ASPECT[0] // BOX_ASPECT[1]
         return (h + 2 * PatchEmbed.PADDING - self.patch) // self.patch + 1, \
             (w + 2 * PatchEmbed.PADDING - self.patch) // self.patch + 1
 
 
 # -- the person crop --------------------------------------------------------------------------------------------
 
-def crop_size(box: np.ndarray, rescale: float = 1.0) -> np.float32:
+def crop_size(box: np.ndarray, rescale: float = RESCALE_FACTOR) -> np.float32:
     """The side of the square crop of an XYXY pixel box: its sides times `rescale`, expanded to 192:256 (width
     to height) without shrinking either, and the larger of the two. float32 arithmetic as 4D-Humans' (which
     keeps box sides in units of 200 px, `scale = wh / 200`, and multiplies back), so that the crops match."""
     box = np.asarray(box, np.float32)
     w, h = (box[2:] - box[:2]) * np.float32(rescale) / np.float32(200.0) * np.float32(200.0)
-    return np.float32(max(h, w * np.float32(BBOX_SHAPE[1] / BBOX_SHAPE[0])))
+    return np.float32(max(h, w * np.float32(BOX_ASPECT[1] / BOX_ASPECT[0])))
 
 
-def person_crop(image: np.ndarray, box: np.ndarray, rescale: float = 1.0,
+def person_crop(image: np.ndarray, box: np.ndarray, rescale: float = RESCALE_FACTOR,
                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> np.ndarray:
     """4D-Humans' person crop: (H, W, 3) uint8 RGB image, XYXY pixel box -> (3, 256, 256) float32, normalized.
 
@@ -123,21 +123,21 @@ def person_crop(image: np.ndarray, box: np.ndarray, rescale: float = 1.0,
     box = np.asarray(box, np.float32)
     center = (box[:2] + box[2:]) / np.float32(2.0)
     side = crop_size(box, rescale)
-    factor = side / np.float32(IMAGE_SIZE) / np.float32(2.0)
+    factor = side / np.float32(CROP_SIZE) / np.float32(2.0)
     sigma = float((factor - 1) / 2) if factor > 1.1 else 0.0
-    half = IMAGE_SIZE / 2
+    half = CROP_SIZE / 2
     src_pts = np.float32([center, center + [0, side / 2], center + [side / 2, 0]])  # centre, down, right
-    dst_pts = np.float32([[half, half], [half, IMAGE_SIZE], [IMAGE_SIZE, half]])
+    dst_pts = np.float32([[half, half], [half, CROP_SIZE], [CROP_SIZE, half]])
     to_image = cv2.invertAffineTransform(cv2.getAffineTransform(src_pts, dst_pts))  # crop -> image pixels
     reach = 2 + (int(4.0 * sigma + 0.5) if sigma else 0)  # bilinear neighbours, scipy's gaussian radius
     (x0, y0), (x1, y1) = _window(center, side, reach, image.shape[:2])
-    patch = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.float64)
+    patch = np.zeros((CROP_SIZE, CROP_SIZE, 3), np.float64)
     if x1 > x0 and y1 > y0:  # else the square is wholly outside the image: black
         region = image[y0:y1, x0:x1]
         region = (gaussian(region, sigma=sigma, channel_axis=2, preserve_range=True) if sigma
                   else region.astype(np.float64))  # OpenCV 5 interpolates float32 more coarsely
         to_region = to_image - np.array([[0, 0, x0], [0, 0, y0]], np.float64)
-        patch = cv2.warpAffine(region, to_region, (IMAGE_SIZE, IMAGE_SIZE), flags=cv2.INTER_LINEAR |
+        patch = cv2.warpAffine(region, to_region, (CROP_SIZE, CROP_SIZE), flags=cv2.INTER_LINEAR |
                                cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     patch = patch.transpose(2, 0, 1).astype(np.float32)  # (3, 256, 256), 0..255
     scale = np.float32(255.0)
@@ -262,10 +262,10 @@ class SMPLHead(nn.Module):
         self.query_pos = nn.Parameter(torch.zeros(1, 1, dim))
         self.layers = nn.ModuleList(DecoderLayer(dim, cfg.head_heads, cfg.head_dim_head, cfg.head_mlp, cfg.width)
                                     for _ in range(cfg.head_depth))
-        self.dec_pose = nn.Linear(dim, 6 * N_JOINTS)
+        self.dec_pose = nn.Linear(dim, 6 * NUM_JOINTS)
         self.dec_shape = nn.Linear(dim, N_BETAS)
         self.dec_cam = nn.Linear(dim, N_CAM)
-        self.register_buffer("mean_pose", torch.zeros(1, 6 * N_JOINTS))
+        self.register_buffer("mean_pose", torch.zeros(1, 6 * NUM_JOINTS))
         self.register_buffer("mean_betas", torch.zeros(1, N_BETAS))
         self.register_buffer("mean_cam", torch.zeros(1, N_CAM))
 
@@ -286,7 +286,7 @@ class SMPLHead(nn.Module):
                 pose = self.dec_pose(token) + pose
                 betas = self.dec_shape(token) + betas
                 cam = self.dec_cam(token) + cam
-            rotations = rot6d_to_rotmat(pose.reshape(b, N_JOINTS, 6))  # (B, 24, 3, 3)
+            rotations = rot6d_to_rotmat(pose.reshape(b, NUM_JOINTS, 6))  # (B, 24, 3, 3)
         return {"global_orient": rotations[:, :1], "body_pose": rotations[:, 1:], "betas": betas, "pred_cam": cam,
                 "pose_6d": pose, "token": token}
 
@@ -303,8 +303,8 @@ class HMR2(nn.Module):
         self.head = SMPLHead(cfg)
 
     def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
-        margin = (IMAGE_SIZE - IMAGE_SIZE * BBOX_SHAPE[0] // BBOX_SHAPE[1]) // 2  # 32
-        features = self.backbone(crops[..., margin:IMAGE_SIZE - margin])  # (B, D, 16, 12)
+        margin = (CROP_SIZE - CROP_SIZE * BOX_ASPECT[0] // BOX_ASPECT[1]) // 2  # 32
+        features = self.backbone(crops[..., margin:CROP_SIZE - margin])  # (B, D, 16, 12)
         return {**self.head(features), "features": features}
 
 
@@ -335,13 +335,13 @@ def read_model_config(path: str) -> dict[str, Any]:
         if got != want:
             raise WeightsError(f"{path}: {key} is {got!r}; omniforge's HMR2.0 implements {want!r} (the release's)")
 
-    require("MODEL.IMAGE_SIZE", IMAGE_SIZE)
-    require("MODEL.BBOX_SHAPE", list(BBOX_SHAPE), list(BBOX_SHAPE))
+    require("MODEL.IMAGE_SIZE", CROP_SIZE)
+    require("MODEL.BBOX_SHAPE", list(BOX_ASPECT), list(BOX_ASPECT))
     require("MODEL.BACKBONE.TYPE", "vit")
     require("MODEL.SMPL_HEAD.TYPE", "transformer_decoder")
     require("MODEL.SMPL_HEAD.JOINT_REP", "6d", "6d")
     require("MODEL.SMPL_HEAD.TRANSFORMER_INPUT", "zero", "zero")
-    require("SMPL.NUM_BODY_JOINTS", N_JOINTS - 1)
+    require("SMPL.NUM_BODY_JOINTS", NUM_JOINTS - 1)
     decoder = _get(cfg, "MODEL.SMPL_HEAD.TRANSFORMER_DECODER")
     if not isinstance(decoder, dict):
         raise WeightsError(f"{path}: MODEL.SMPL_HEAD.TRANSFORMER_DECODER is missing: pass the model_config.yaml "
@@ -606,14 +606,14 @@ def build_tiny(backbone_heads: int) -> HMR2:
     the camera (0.9, 0, 0)."""
     model = HMR2(tiny_config(backbone_heads))
     with torch.no_grad():
-        model.head.mean_pose.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0]).repeat(N_JOINTS)[None])
+        model.head.mean_pose.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0]).repeat(NUM_JOINTS)[None])
         model.head.mean_cam.copy_(torch.tensor([[0.9, 0.0, 0.0]]))
         nn.init.trunc_normal_(model.backbone.pos_embed, std=0.02)
         nn.init.normal_(model.head.query_pos)
     return model.eval()
 
 
-__all__ = ["BBOX_SHAPE", "CACHE_DIR", "HMR2", "HMR2Config", "IMAGE_SIZE", "Inert", "RELEASE_CHECKPOINT", "RELEASE_RUN",
+__all__ = ["CACHE_DIR", "HMR2", "HMR2Config", "Inert", "RELEASE_CHECKPOINT", "RELEASE_RUN",
            "RELEASE_URL", "SMPLHead", "TensorOnlyPickle", "ViTBackbone", "build_tiny", "convert_hmr2_state_dict",
            "crop_size", "load_hmr2", "person_crop", "read_lightning_checkpoint", "read_model_config",
            "rename", "resolve_release", "rot6d_to_rotmat", "tiny_config"]

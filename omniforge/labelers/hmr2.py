@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from omniforge._smpl import RESCALE_FACTOR
 from omniforge.errors import ConfigError, SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, seeded, short_error
@@ -34,8 +35,9 @@ class HumanPosesOptions(LabelerOptions):
     person_threshold: float = option(PERSON_THRESHOLD, "run on det's person boxes scoring at least this (4D-Humans' "
                                                        "demo: 0.5)", ge=0.0, le=1.0)
     max_persons: int = option(MAX_PERSONS, "at most this many persons per image, highest det score first", ge=1)
-    rescale_factor: float = option(1.0, "each det box's sides are multiplied by this before the crop (4D-Humans' "
-                                        "demo and ViTDetDataset: 1, the box as detected)", ge=0.1, le=10.0)
+    rescale_factor: float = option(RESCALE_FACTOR, "each det box's sides are multiplied by this before the crop "
+                                                   "(4D-Humans' demo and ViTDetDataset: 1, the box as detected)",
+                                   ge=0.1, le=10.0)
     backbone_heads: int = option(16, "attention heads of the ViT backbone, which its weights do not tell (16 for the "
                                      "released ViT-H/16)", ge=1)
     batch_size: int = option(32, "person crops per forward pass (memory only: not part of the fingerprint)", ge=1)
@@ -44,8 +46,8 @@ class HumanPosesOptions(LabelerOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.smpl_model is not None and not os.path.exists(os.path.expanduser(self.smpl_model)):
-            raise ConfigError(f"option smpl_model={self.smpl_model!r} does not exist: pass the path of the SMPL body "
-                              f"model file (or its folder), or leave the option out")
+            raise ConfigError(f"option smpl_model={self.smpl_model!r}: no such file or folder; pass the path of the "
+                              f"SMPL body model (SMPL_NEUTRAL.pkl, or its folder), or leave the option out")
 
 
 @register_labeler
