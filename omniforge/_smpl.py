@@ -51,15 +51,13 @@ def person_box(bbox_xyxy: Sequence[float], rescale_factor: float = RESCALE_FACTO
 
     The box (x0, y0, x1, y1), scaled by `rescale_factor` about its centre, is grown (never shrunk) to the
     aspect `aspect` = (w, h): a box wider than w:h gets the height width * h / w, a taller one the width
-    height * w / h; the side is the larger of the two (a box of zero area has side 0)."""
-    x0, y0, x1, y1 = (float(v) for v in bbox_xyxy)
-    w, h = rescale_factor * (x1 - x0), rescale_factor * (y1 - y0)
-    aw, ah = aspect
-    if h * aw < w * ah:  # wider than the aspect: grow the height
-        h = max(w * ah / aw, h)
-    else:  # taller: grow the width
-        w = max(h * aw / ah, w)
-    return np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0]), max(w, h)
+    height * w / h; the side is the larger of the two (a box of zero area has side 0). float32 arithmetic as
+    4D-Humans' (which keeps box sides in units of 200 px, `scale = wh / 200`, and multiplies back), so that the
+    teacher's crops (`omniforge.labelers._hmr2.person_crop`) match the official ones bit for bit."""
+    box = np.asarray(bbox_xyxy, np.float32)
+    w, h = (box[2:] - box[:2]) * np.float32(rescale_factor) / np.float32(200.0) * np.float32(200.0)
+    side = max(h, w * np.float32(aspect[1] / aspect[0]))
+    return (box[:2].astype(np.float64) + box[2:]) / 2.0, float(side)
 
 
 def full_image_focal(image_size: tuple[int, int]) -> float:
@@ -125,10 +123,15 @@ class SmplBody:
 def place_people(label: Mapping[str, Any], body: SmplBody, image_size: tuple[int, int],
                  rescale_factor: float = RESCALE_FACTOR) -> np.ndarray:
     """Every person's 24 SMPL joints in the image: pixels (N, 24, 2) of a `human_poses` label (N >= 1 people,
-    the schema checked) in an image of (width, height); NaN where a joint is not in front of the camera."""
-    boxes = [person_box(b, rescale_factor) for b in label["bbox_xyxy"]]
-    center = np.stack([c for c, _ in boxes])
-    size = np.array([s for _, s in boxes])
+    the schema checked) in an image of (width, height); NaN where a joint is not in front of the camera.
+    The crop each pred_cam refers to is the label's "box_center" and "box_size" (the teacher records them),
+    else `person_box` of its bbox_xyxy with `rescale_factor` (decoded tokens carry boxes only)."""
+    if "box_center" in label and "box_size" in label:
+        center, size = np.asarray(label["box_center"], np.float64), np.asarray(label["box_size"], np.float64)
+    else:
+        boxes = [person_box(b, rescale_factor) for b in label["bbox_xyxy"]]
+        center = np.stack([c for c, _ in boxes])
+        size = np.array([s for _, s in boxes])
     focal = full_image_focal(image_size)
     translation = cam_crop_to_full(np.asarray(label["pred_cam"]), center, size, image_size, focal)
     return project(body.joints(label["pred_smpl_params"]), translation, focal, image_size)

@@ -121,6 +121,16 @@ def test_people_land_where_the_crop_camera_puts_them(model) -> None:
     np.testing.assert_allclose(uv[1], expected, atol=1e-3)
 
 
+def test_the_crop_the_teacher_recorded_places_the_person(model) -> None:
+    """A label made with another rescale_factor records its crops (box_center, box_size): show uses them."""
+    body, _ = model
+    label = {**_people([[100, 50, 200, 350]], [[0.8, 0.05, 0.1]]), "box_center": [[150.0, 200.0]],
+             "box_size": [750.0]}  # rescale_factor 2.5: a 750 px square instead of 300
+    uv = place_people(label, body, (W, H))
+    assert uv[0, 0] == pytest.approx([150 + 0.05 * 750 * 0.8 / 2, 200 + 0.1 * 750 * 0.8 / 2])
+    assert place_people(label, body, (W, H), rescale_factor=2.5) == pytest.approx(uv, nan_ok=True)
+
+
 def _panel(label, rgb, smpl):
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     canvas = FigureCanvasAgg(fig)

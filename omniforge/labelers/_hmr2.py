@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniforge._smpl import BOX_ASPECT, CROP_SIZE, NUM_JOINTS, RESCALE_FACTOR
+from omniforge._smpl import BOX_ASPECT, CROP_SIZE, NUM_JOINTS, RESCALE_FACTOR, person_box
 from omniforge.errors import WeightsError
 
 # -- the release -------------------------------------------------------------------------------------------------
@@ -91,12 +91,9 @@ class HMR2Config:
 # -- the person crop --------------------------------------------------------------------------------------------
 
 def crop_size(box: np.ndarray, rescale: float = RESCALE_FACTOR) -> np.float32:
-    """The side of the square crop of an XYXY pixel box: its sides times `rescale`, expanded to 192:256 (width
-    to height) without shrinking either, and the larger of the two. float32 arithmetic as 4D-Humans' (which
-    keeps box sides in units of 200 px, `scale = wh / 200`, and multiplies back), so that the crops match."""
-    box = np.asarray(box, np.float32)
-    w, h = (box[2:] - box[:2]) * np.float32(rescale) / np.float32(200.0) * np.float32(200.0)
-    return np.float32(max(h, w * np.float32(BOX_ASPECT[1] / BOX_ASPECT[0])))
+    """The side of the square crop of an XYXY pixel box (`omniforge._smpl.person_box`, which `show` uses to
+    place the people too)."""
+    return np.float32(person_box(box, rescale)[1])
 
 
 def person_crop(image: np.ndarray, box: np.ndarray, rescale: float = RESCALE_FACTOR,

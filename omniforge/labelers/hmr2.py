@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from omniforge._smpl import RESCALE_FACTOR
+from omniforge._smpl import RESCALE_FACTOR, person_box
 from omniforge.errors import ConfigError, SampleError, WeightsError
 from omniforge.labelers._registry import register_labeler
 from omniforge.labelers._torch_utils import TorchLabeler, autocast_for, seeded, short_error
@@ -56,14 +56,17 @@ class HumanPosesLabeler(TorchLabeler):
 
     Output: human_poses, JSON {"bbox_xyxy": [[x0, y0, x1, y1] per person], "pred_smpl_params": {"global_orient":
     [(1, 3, 3) per person], "body_pose": [(23, 3, 3) per person], "betas": [(10,) per person]}, "pred_cam":
-    [(3,) per person], "score": [det score per person]}, people in det-score order (highest first), one entry
+    [(3,) per person], "box_center": [[x, y] per person], "box_size": [side per person], "score": [det score
+    per person]}, people in det-score order (highest first), one entry
     per det "person" scoring at least `person_threshold` (default 0.5), of det's `max_persons` (default 20) best.
     bbox_xyxy is det's box in pixels of the labeled image (x right, y down, origin at its top-left corner;
     rounded to 0.01 px); global_orient is the body's root rotation and body_pose the 23 SMPL joints' rotations
     relative to their parents, as row-major 3 x 3 rotation matrices in HMR2.0's camera frame; betas the 10 SMPL
     shape coefficients; pred_cam HMR2.0's weak-perspective camera (s, tx, ty) of the 256 x 256 crop (4D-Humans
-    turns it into the translation (tx, ty, 2 * 5000 / (256 * s)) for its 5000 px focal length); all rounded
-    to 5 decimals. An image with no person is {} (ml-4m's transform reads an empty label as "none"). A det
+    turns it into the translation (tx, ty, 2 * 5000 / (256 * s)) for its 5000 px focal length); box_center and
+    box_size the square crop pred_cam refers to (pixels; `omniforge._smpl.person_box` of the box with
+    `rescale_factor`), which `show` needs to place the person in the image (ml-4m ignores them); rounded to
+    5 decimals (pixels to 0.01). An image with no person is {} (ml-4m's transform reads an empty label as "none"). A det
     box of zero width or height is skipped (it has no crop); a non-finite output fails that image
     (SampleError "teacher_error"); a sample without det fails with "missing_input".
     Input: the image and `Sample.inputs["det"]`; each box (its sides times `rescale_factor`) is cropped as
@@ -194,10 +197,13 @@ class HumanPosesLabeler(TorchLabeler):
         def rounded(a: Any, decimals: int = ROUND) -> list:
             return np.round(np.asarray(a, np.float64), decimals).tolist()
 
+        crops = [person_box(box, self.options.rescale_factor) for box, _ in people]
         return {"human_poses": {
             "bbox_xyxy": rounded([box for box, _ in people], PIXEL_DECIMALS),
             "pred_smpl_params": {k: rounded(preds[k]) for k in ("global_orient", "body_pose", "betas")},
             "pred_cam": rounded(preds["pred_cam"]),
+            "box_center": rounded([center for center, _ in crops], PIXEL_DECIMALS),
+            "box_size": rounded([side for _, side in crops], PIXEL_DECIMALS),
             "score": [round(score, ROUND) for _, score in people]}}
 
 

@@ -172,6 +172,9 @@ def test_labeling_the_fixture_images_gives_4d_humans_people(fixture_labeler, cro
     assert len(a["bbox_xyxy"]) == 3 and len(b["bbox_xyxy"]) == 1 and a["score"] == [0.9, 0.8, 0.7]
     rows = [0, 1, 2, 8]
     np.testing.assert_allclose(np.array(a["bbox_xyxy"] + b["bbox_xyxy"]), crops["boxes"][rows], atol=0.01)
+    # the crops pred_cam refers to, as 4D-Humans' ViTDetDataset gives them (show places people with them)
+    np.testing.assert_allclose(np.array(a["box_center"] + b["box_center"]), crops["box_center"][rows], atol=0.01)
+    np.testing.assert_allclose(np.array(a["box_size"] + b["box_size"]), crops["box_size"][rows], atol=0.01)
     images = [crops["image_a"]] * 3 + [crops["image_b"]]
     ours = fixture_labeler.predict(np.stack([_hmr2.person_crop(im, crops["boxes"][r]) for im, r in zip(images, rows)]))
     for key in SMPL_KEYS:
