@@ -15,15 +15,20 @@ import math
 import warnings
 import textwrap
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
 from omniforge.modalities import IMAGE_MODALITY, all_modalities
+
+if TYPE_CHECKING:
+    from omniforge._smpl import SmplBody
 
 COLUMNS = 4
 PANEL_INCHES = (3.4, 3.2)
@@ -43,16 +48,20 @@ def render_sample(
     *,
     failures: Mapping[str, str] | None = None,
     title: str | None = None,
+    smpl: SmplBody | None = None,
 ) -> Image.Image:
     """Draw one sample's modalities as a grid of titled panels; returns an RGB PIL image.
 
     `values` maps modality name to its decoded label (numpy arrays, PIL images, str, JSON values);
     `failures` maps modality name to the recorded failure reason, drawn as a red "failed: ..." panel.
-    A value that cannot be drawn becomes a panel saying why, so rendering itself never fails on data.
+    `smpl` is the SMPL body model (`omniforge._smpl.load_smpl`) that the "smpl" style poses people with; without
+    it they are drawn as boxes. A value that cannot be drawn becomes a panel saying why, so rendering itself
+    never fails on data.
     """
     failures = dict(failures or {})
     names = _ordered(list(values))
-    panels: list[tuple[str, Callable[[Axes], str]]] = [(n, _painter(n, values[n], values)) for n in names]
+    panels: list[tuple[str, Callable[[Axes], str]]] = [(n, _painter(n, values[n], values, smpl=smpl))
+                                                       for n in names]
     panels += [(n, _failure_painter(reason)) for n, reason in sorted(failures.items())]
     if not panels:
         panels = [("(empty)", lambda ax: _text(ax, "this sample has no modalities", color="0.4") or "")]
@@ -134,7 +143,8 @@ def _draw_panel(ax: Axes, name: str, paint: Callable[[Axes], str]) -> None:
     ax.set_title(f"{name}\n{desc}" if desc else name, fontsize=9)
 
 
-def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable[[Axes], str]:
+def _painter(name: str, value: object, values: Mapping[str, object], *,
+             smpl: SmplBody | None = None) -> Callable[[Axes], str]:
     """Choose how to draw one modality from its registry draw style first, then from the value's type and
     shape.
 
@@ -152,15 +162,21 @@ def _painter(name: str, value: object, values: Mapping[str, object]) -> Callable
         return lambda ax: _text(ax, f"{len(value)} undecoded bytes", color="0.4") or "bytes"
     if isinstance(value, str):
         return lambda ax: _draw_caption(ax, value)
+    if style == "smpl" and isinstance(value, Mapping):
+        return lambda ax: _draw_people(ax, name, value, _background(values), smpl)
     if isinstance(value, np.ndarray):
         return _array_painter(name, style, value)
     if style == "palette" or _is_palette(value):
         return lambda ax: _draw_palette(ax, value)  # type: ignore[arg-type]
     if style in ("boxes", "keypoints"):
-        rgb = values.get(IMAGE_MODALITY)
-        background = np.asarray(rgb) if isinstance(rgb, np.ndarray) else None
-        return lambda ax: _draw_instances(ax, style, value, background)
+        return lambda ax: _draw_instances(ax, style, value, _background(values))
     return lambda ax: _draw_json(ax, value)
+
+
+def _background(values: Mapping[str, object]) -> np.ndarray | None:
+    """The sample's image (its rgb label), that boxes and people are drawn over; None when it is not shown."""
+    rgb = values.get(IMAGE_MODALITY)
+    return np.asarray(rgb) if isinstance(rgb, np.ndarray) else None
 
 
 def _array_painter(name: str, style: str | None, arr: np.ndarray) -> Callable[[Axes], str]:
@@ -338,6 +354,58 @@ def _draw_instances(ax: Axes, style: str, value: object, rgb: np.ndarray | None)
         if keypoints:
             ax.scatter([k[0] * scale[0] for k in keypoints], [k[1] * scale[1] for k in keypoints], s=6, c=color)
     return f"{len(items)} instance{'' if len(items) == 1 else 's'}"
+
+
+def _draw_people(ax: Axes, modality: str, label: Mapping, rgb: np.ndarray | None, smpl: SmplBody | None) -> str:
+    """SMPL people (the "smpl" style: HMR2.0's human_poses, pixel boxes): each person's box and detector score
+    over the image and, with the SMPL body model, their 24 3D joints projected with HMR2.0's camera and joined
+    along SMPL's kinematic tree; {} (nobody) is the image with a "no person" note. Without the model, or without
+    the image (whose size places the camera), the boxes only, saying what is missing."""
+    from omniforge._smpl import SMPL_MODEL_OPTION, place_people
+    from omniforge.schemas import check_human_poses
+
+    check_human_poses(label)
+    image = rgb is not None and rgb.ndim == 3
+    if image:
+        ax.imshow(rgb)
+    if not label:
+        _note(ax, "no person", fontsize=10)
+        return "no person"
+    boxes = label["bbox_xyxy"]
+    if not image:  # no image: a blank canvas that holds the boxes
+        ax.set_xlim(0, max(b[2] for b in boxes) * 1.05 or 1)
+        ax.set_ylim(max(b[3] for b in boxes) * 1.05 or 1, 0)
+    scores = label.get("score")
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        color = _BOX_COLORS[i % len(_BOX_COLORS)]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, lw=1.0, ls="--"))
+        score = scores[i] if isinstance(scores, list) and len(scores) == len(boxes) else None
+        ax.text(x0, y0, "person" + (f" {score:.2f}" if isinstance(score, (int, float)) else ""), color="white",
+                fontsize=7, va="bottom", bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
+    people = f"{len(boxes)} {'person' if len(boxes) == 1 else 'people'}"
+    if not image:
+        return f"{people}, boxes only (no rgb to place the camera)"
+    if smpl is None:
+        _note(ax, f"no SMPL body model: --option {modality}.{SMPL_MODEL_OPTION}=PATH draws the 3D joints")
+        return f"{people}, boxes only"
+    height, width = rgb.shape[:2]
+    limits = ax.get_xlim(), ax.get_ylim()
+    joints = place_people(label, smpl, (width, height))  # (N, 24, 2) pixels, NaN behind the camera
+    for i, points in enumerate(joints):
+        color = _BOX_COLORS[i % len(_BOX_COLORS)]
+        bones = [(points[j], points[p]) for j, p in enumerate(smpl.parents) if p >= 0]
+        ax.add_collection(LineCollection(bones, colors=color, linewidths=1.5))
+        ax.scatter(points[:, 0], points[:, 1], s=7, c=color, zorder=3)
+    ax.set_xlim(limits[0])
+    ax.set_ylim(limits[1])
+    hidden = int(np.isnan(joints).all(axis=(1, 2)).sum())
+    return f"{people}, SMPL joints" + (f", {hidden} behind the camera" if hidden else "")
+
+
+def _note(ax: Axes, text: str, *, fontsize: int = 6) -> None:
+    """A short note on a white label at the bottom of a panel."""
+    ax.text(0.5, 0.03, "\n".join(textwrap.wrap(text, 60)), transform=ax.transAxes, ha="center", va="bottom",
+            fontsize=fontsize, bbox={"facecolor": "white", "alpha": 0.85, "pad": 2, "edgecolor": "none"})
 
 
 def _instance_items(style: str, value: object) -> list[tuple[list[float], str, list[list[float]]]] | None:

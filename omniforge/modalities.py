@@ -66,8 +66,8 @@ ML4M = ("direct", "export", "none")
 ML4M_TRANSFORMS = ("rgb", "normal", "depth", "semseg", "features", "global", "mask", "pose")
 _ML4M_TRANSFORM_CROPS = {"rgb": "dense", "normal": "dense", "depth": "dense", "semseg": "dense",
                          "features": "features", "global": "global", "mask": "sequence", "pose": "sequence"}
-DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "keypoints", "palette",
-         "json")
+DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "keypoints", "smpl",
+         "palette", "json")
 NO_TOKENIZER = "none"
 TEXT_SERIALIZER = "omniforge.tokenize.text:text_units"  # a txt label is one unit of text
 # What `omniforge label` labels when --modalities is not given: the cheap teachers and the common features.
@@ -546,7 +546,7 @@ MODALITIES: dict[str, ModalityInfo] = {
                         "every box the teacher kept (the serializer keeps score >= 0.6, as ml-4m)",
             ml4m_note="every box the teacher kept; ml-4m's transform and omniforge's serializer keep score >= 0.6"),
         ModalityInfo(
-            name="human_poses", ext="json", tokenizer="smpl_pose", num_tokens=275, draw="json",
+            name="human_poses", ext="json", tokenizer="smpl_pose", num_tokens=275, draw="smpl",
             schema=_SCHEMA + "check_human_poses", format_version=2, ml4m_tokenizer=_4M + "human-poses_1k_8",
             ml4m_transform="pose", ml4m="export",
             ml4m_note="ml-4m's transform needs each person's pose tokens in the JSON (pose_tokenized, N x 8)",

@@ -129,8 +129,8 @@ def _shaped(value: Any, shape: tuple[int, ...]) -> bool:
 def check_human_poses(label: Any) -> None:
     """HMR2.0's people as ml-4m's HumanPoseTransform reads them: {} when there is nobody, else
     {"bbox_xyxy": N x [x0, y0, x1, y1] (pixels), "pred_smpl_params": {"global_orient": N x (1, 3, 3),
-    "body_pose": N x (23, 3, 3), "betas": N x (10,)}, "pred_cam": N x (3,), ...} with the same N > 0 everywhere
-    (other keys, such as "score", are allowed)."""
+    "body_pose": N x (23, 3, 3), "betas": N x (10,)}, "pred_cam": N x (3,), ...} with the same N > 0 everywhere;
+    the teacher's "box_center" (N x 2), "box_size" (N) and "score" (N) are checked when present, other keys allowed."""
     if not isinstance(label, dict):
         raise _bad("a human_poses label is a JSON object ({} when there is nobody)")
     if not label:
@@ -143,6 +143,8 @@ def check_human_poses(label: Any) -> None:
              ("pred_smpl_params.global_orient", smpl.get("global_orient"), (n, 1, 3, 3)),
              ("pred_smpl_params.body_pose", smpl.get("body_pose"), (n, 23, 3, 3)),
              ("pred_smpl_params.betas", smpl.get("betas"), (n, 10))]
+    optional = (("box_center", (n, 2)), ("box_size", (n,)), ("score", (n,)))
+    parts += [(name, label[name], shape) for name, shape in optional if name in label]
     for name, value, shape in parts:
         if not _shaped(value, shape):
             raise _bad(f"human_poses: {name} must be finite numbers of shape {shape} (one entry per person)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from omniforge import shards
-from omniforge.smpl import random_rotations
+from omniforge._smpl import random_rotations
 
 
 def prototypes(rng: np.random.Generator, n: int = 8) -> np.ndarray:

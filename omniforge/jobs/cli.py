@@ -101,10 +101,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from omniforge.pipeline import show
+    from omniforge.pipeline import parse_options, show
 
     out = show(args.root, args.key, args.out, list(_csv(args.modalities)) if args.modalities else None,
-               tokenizers=args.tokenizers)
+               tokenizers=args.tokenizers, options=parse_options(args.option), note=print)
     print(f"wrote {out}")
     return 0
 
@@ -372,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", help="comma list (default: every modality found)")
     p.add_argument("--tokenizers", default=None, help="folder of trained tokenizers: also draw each token "
                    "modality decoded back (a reconstruction beside its label)")
+    p.add_argument("--option", action="append", default=[], metavar="TEACHER.KEY=VALUE",
+                   help="human_poses.smpl_model=PATH: the SMPL body model (SMPL_NEUTRAL.pkl, licensed separately) "
+                        "with which each person is drawn as their projected 3D joints, not only a box")
     p.set_defaults(fn=cmd_show)
 
     p = sub.add_parser("list", help="registered labelers and modalities with their formats, one teacher's options, or "

@@ -48,6 +48,38 @@ class HumanKeypointsOptions(LabelerOptions):
     max_persons: int = option(MAX_PERSONS, "at most this many persons per image, highest det score first", ge=1)
 
 
+def det_persons(sample: Sample, teacher: str, threshold: float, max_persons: int
+                ) -> list[tuple[list[float], list[float], float]] | SampleError:
+    """The people of the pose teachers (human_keypoints, human_poses): det's person instances in
+    `sample.inputs["det"]` scoring at least `threshold`, highest score first, at most `max_persons`, each as
+    (XYXY box clipped to [0, 1], the same box in pixels of `sample.image`, score). An image that breaks the
+    Sample contract: SampleError("bad_image"); no det input: SampleError("missing_input"); a det label that is
+    not {"instances": [{"boxes", "class_name", "score"}]} with finite numbers: SampleError("bad_input")."""
+    err = check_image(sample)
+    if err is not None:
+        return err
+    if "det" not in sample.inputs:
+        return SampleError("missing_input", f"{teacher} needs the det label of this sample")
+    det = sample.inputs["det"]
+    instances = det.get("instances") if isinstance(det, dict) else None
+    if not isinstance(instances, list):
+        return SampleError("bad_input", 'det label is not {"instances": [...]}')
+    persons = []
+    for inst in instances:
+        try:
+            box, score, cls = inst["boxes"], float(inst["score"]), inst["class_name"]
+            box = [float(v) for v in box]
+        except (KeyError, TypeError, ValueError):
+            return SampleError("bad_input", f"det instance {str(inst)[:100]} lacks boxes, class_name or score")
+        if len(box) != 4 or not all(math.isfinite(v) for v in [*box, score]):
+            return SampleError("bad_input", f"det instance has a bad box {box} or score {score}")
+        if cls == "person" and score >= threshold:
+            persons.append(([min(max(v, 0.0), 1.0) for v in box], score))
+    persons.sort(key=lambda p: -p[1])
+    h, w = sample.image.shape[:2]
+    return [(box, [box[0] * w, box[1] * h, box[2] * w, box[3] * h], score) for box, score in persons[:max_persons]]
+
+
 class _TransformersLabeler(TorchLabeler):
     """A teacher whose weights are a transformers checkpoint: a hub id, or a local `save_pretrained` folder
     holding the model and its image processor."""
@@ -207,43 +239,18 @@ class HumanKeypointsLabeler(_TransformersLabeler):
         processor = transformers.VitPoseImageProcessor(size={"height": 64, "width": 48})
         return model, processor
 
-    def _person_boxes(self, sample: Sample) -> list[tuple[list[float], float]] | SampleError:
-        """det's person instances as (normalized XYXY box clipped to [0, 1], score), highest score first."""
-        if "det" not in sample.inputs:
-            return SampleError("missing_input", f"{self.name} needs the det label of this sample")
-        det = sample.inputs["det"]
-        instances = det.get("instances") if isinstance(det, dict) else None
-        if not isinstance(instances, list):
-            return SampleError("bad_input", 'det label is not {"instances": [...]}')
-        persons = []
-        for inst in instances:
-            try:
-                box, score, cls = inst["boxes"], float(inst["score"]), inst["class_name"]
-                box = [float(v) for v in box]
-            except (KeyError, TypeError, ValueError):
-                return SampleError("bad_input", f"det instance {str(inst)[:100]} lacks boxes, class_name or score")
-            if len(box) != 4 or not all(math.isfinite(v) for v in [*box, score]):
-                return SampleError("bad_input", f"det instance has a bad box {box} or score {score}")
-            if cls == "person" and score >= self.options.person_threshold:
-                persons.append(([min(max(v, 0.0), 1.0) for v in box], score))
-        persons.sort(key=lambda p: -p[1])
-        return persons[: self.options.max_persons]
-
     def label(self, samples: list[Sample]) -> list[dict[str, Any] | SampleError]:
         import torch
 
         out: list[dict[str, Any] | SampleError | None] = [None] * len(samples)
         jobs = []  # (sample index, persons, COCO xywh pixel boxes)
         for i, sample in enumerate(samples):
-            err = check_image(sample)
-            persons = self._person_boxes(sample) if err is None else err
+            persons = det_persons(sample, self.name, self.options.person_threshold, self.options.max_persons)
             if isinstance(persons, SampleError):
                 out[i] = persons
                 continue
-            h, w = sample.image.shape[:2]
             kept, xywh = [], []
-            for box, score in persons:
-                x0, y0, x1, y1 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
+            for box, (x0, y0, x1, y1), score in persons:
                 if x1 - x0 >= 1.0 and y1 - y0 >= 1.0:
                     kept.append((box, score))
                     xywh.append([x0, y0, x1 - x0, y1 - y0])
@@ -284,4 +291,4 @@ class HumanKeypointsLabeler(_TransformersLabeler):
         return out  # type: ignore[return-value]
 
 
-__all__ = ["DetLabeler", "DetOptions", "HumanKeypointsLabeler", "HumanKeypointsOptions"]
+__all__ = ["DetLabeler", "DetOptions", "HumanKeypointsLabeler", "HumanKeypointsOptions", "det_persons"]

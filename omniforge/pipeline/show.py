@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -50,13 +52,20 @@ def load_sample(root: str, key: str, modalities: list[str] | None = None) -> tup
 
 def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
     """Crop 0 of every token modality among `values`, decoded back by its tokenizer kind: image-like and global
-    modalities as label arrays (drawn like the label, to compare), sequences as their text. A tokenizer that cannot
-    decode here (a released ml-4m tokenizer whose decoder is a diffusion model) gives the one line saying so."""
+    modalities as label arrays (drawn like the label, to compare), sequences as their text, or as their label
+    (human_poses' people, placed back in the rgb image when `values` hold it and crop_settings). A tokenizer that
+    cannot decode here (a released ml-4m tokenizer whose decoder is a diffusion model) gives the one line saying so."""
     from omniforge.errors import NoDecoderError
+    from omniforge.modalities import IMAGE_MODALITY
     from omniforge.tokenize.kinds import kind_for
     from omniforge.tokenize.store import TokenizerStore
+    from omniforge.tokenize.text import Crop
 
     store = TokenizerStore(tokenizers)
+    crop = None
+    if shards.CROP_SETTINGS in values and isinstance(values.get(IMAGE_MODALITY), np.ndarray):
+        height, width = values[IMAGE_MODALITY].shape[:2]
+        crop = Crop(row=np.asarray(values[shards.CROP_SETTINGS])[0], height=height, width=width)
     out: dict[str, object] = {}
     for info in token_folders():  # every size's folder (tok_rgb@448 decodes at 448)
         folder = info.token_modality
@@ -64,7 +73,11 @@ def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
             continue
         ids = np.asarray(values[folder])[0]
         try:
-            out[f"{info.name} (decoded from {folder}, crop 0)"] = kind_for(info).decode(ids, store)
+            kind = kind_for(info)
+            decoded = kind.decode(ids, store)
+            if crop is not None:  # where the crop's image is drawn: labels with image coordinates placed in it
+                decoded = kind.in_image(decoded, crop)
+            out[f"{info.name} (decoded from {folder}, crop 0)"] = decoded
         except NoDecoderError as e:
             out[f"{info.name} ({folder}, crop 0, not decoded)"] = str(e)
     return out
@@ -102,11 +115,79 @@ def load_generated(directory: str, modalities: list[str] | None = None) -> dict[
     return values
 
 
-def show(root: str, key: str, out: str, modalities: list[str] | None = None, *, tokenizers: str | None = None) -> str:
-    """Draw one key of a corpus root, or of an `omniforge sample` output directory (ROOT/<key>/ written by it)."""
-    import os
+def smpl_teachers() -> dict[str, str]:
+    """{teacher: modality} for every modality `show` draws as SMPL people (registry draw "smpl"): the teachers whose
+    `--option TEACHER.smpl_model=PATH` passes the SMPL body model, the modality's own name while no teacher of it
+    is registered."""
+    from omniforge.labelers import labelers_for_modality
 
+    out: dict[str, str] = {}
+    for m in all_modalities():
+        if m.draw == "smpl":
+            out.update({cls.name: m.name for cls in labelers_for_modality(m.name)} or {m.name: m.name})
+    return out
+
+
+def smpl_model_option(options: Mapping[str, Mapping[str, Any]]) -> tuple[str, str | None]:
+    """The `--option` `show` reads and the SMPL model path it gives, or None when it is not given, from
+    `parse_options` items ({teacher: {key: value}}). The value is checked by the teacher's options class when
+    the teacher is registered. Any other option is a one-line ConfigError: the rest belong to `omniforge label`."""
+    from omniforge._smpl import SMPL_MODEL_OPTION
+    from omniforge.labelers import get_labeler_class, list_labelers
+
+    teachers = smpl_teachers()
+    option = f"{next(iter(teachers))}.{SMPL_MODEL_OPTION}"
+    path = None
+    for teacher, opts in options.items():
+        wrong = [f"{teacher}.{k}" for k in opts if teacher not in teachers or k != SMPL_MODEL_OPTION]
+        if wrong:
+            raise ConfigError(f"show takes only --option {option}=PATH (the SMPL body model that draws people's 3D "
+                              f"joints), not {', '.join(wrong)}: teacher options belong to `omniforge label`")
+        value = opts[SMPL_MODEL_OPTION]
+        if teacher in list_labelers():  # the teacher's options class checks its own field
+            value = getattr(get_labeler_class(teacher).make_options(**{SMPL_MODEL_OPTION: value}), SMPL_MODEL_OPTION)
+        if value is not None and not (isinstance(value, str) and value):
+            raise ConfigError(f"--option {teacher}.{SMPL_MODEL_OPTION}={value!r}: give the path of the SMPL body model "
+                              f"file (SMPL_NEUTRAL.pkl)")
+        option, path = f"{teacher}.{SMPL_MODEL_OPTION}", value
+    return option, path
+
+
+def _people_without_model(values: Mapping[str, object]) -> bool:
+    """Whether a panel of `values` draws SMPL people (a non-empty label of a "smpl" modality) as boxes only."""
+    styles = {m.name: m.draw for m in all_modalities()}
+    return any(styles.get(name.split(" ", 1)[0]) == "smpl" and isinstance(v, Mapping) and bool(v)
+               for name, v in values.items())
+
+
+def show(root: str, key: str, out: str, modalities: list[str] | None = None, *, tokenizers: str | None = None,
+         options: Mapping[str, Mapping[str, Any]] | None = None, note: Callable[[str], None] | None = None) -> str:
+    """Draw one key of a corpus root, or of an `omniforge sample` output directory (ROOT/<key>/ written by it).
+
+    `options` are `--option` items; show reads one, `human_poses.smpl_model=PATH` (`smpl_model_option`): the
+    SMPL body model, loaded before anything is drawn (a bad path is a one-line ConfigError), with which people
+    are drawn as their projected 3D joints, else as boxes. `note` gets the one line saying the model is what is
+    missing, when people were drawn without it."""
     from omniforge._render import render_sample
+    from omniforge._smpl import load_smpl, missing_model_note
+
+    option, smpl_path = smpl_model_option(options or {})
+    smpl = load_smpl(smpl_path, option=option) if smpl_path else None
+    values, failures, title = _load_panels(root, key, modalities, tokenizers)
+    image = render_sample(key, values, failures=failures, title=title, smpl=smpl)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    storage.write_bytes(out, buf.getvalue())
+    if note is not None and smpl is None and _people_without_model(values):
+        note(missing_model_note(option))
+    return out
+
+
+def _load_panels(root: str, key: str, modalities: list[str] | None,
+                 tokenizers: str | None) -> tuple[dict[str, Any], dict[str, str], str | None]:
+    """What to draw of one key: its values by panel name, failure reasons by modality, and the title (None: the
+    key), from a corpus root or an `omniforge sample` output directory."""
+    import os
 
     generated = os.path.join(root, key)
     if not storage.is_s3(root) and not storage.exists(shards.manifest_uri(root)) and os.path.isdir(generated):
@@ -116,18 +197,10 @@ def show(root: str, key: str, out: str, modalities: list[str] | None = None, *, 
         if tokenizers:  # decode the token rows again; drop the decoded files written beside them
             values = {m: v for m, v in values.items() if m.startswith("tok_")}
             values = decode_tokens(values, tokenizers)
-        image = render_sample(key, values, title=f"{key}: generated by omniforge sample")
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        storage.write_bytes(out, buf.getvalue())
-        return out
+        return values, {}, f"{key}: generated by omniforge sample"
     values, failures = load_sample(root, key, modalities)
     if tokenizers:  # labels beside what their tokens decode to, instead of raw token ids
         decoded = decode_tokens(values, tokenizers)
         values = {m: v for m, v in values.items() if not m.startswith("tok_") and m != "crop_settings"}
         values.update(decoded)
-    image = render_sample(key, values, failures=failures)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    storage.write_bytes(out, buf.getvalue())
-    return out
+    return values, failures, None

@@ -405,7 +405,7 @@ class SmplPerson:
 
     box: (xmin, ymin, xmax, ymax) normalized to the crop, clipped to [0, 1] (it may have no area: a box that only
     touches the crop); global_orient (3, 3), body_pose (23, 3, 3), betas (10,), cam (3,) [s, tx, ty]: float64, the
-    label's values, mirrored on a flipped crop (`omniforge.smpl.mirror_person`); index: its place in the label.
+    label's values, mirrored on a flipped crop (`omniforge._smpl.mirror_person`); index: its place in the label.
     """
 
     box: tuple[float, float, float, float]
@@ -447,11 +447,11 @@ def crop_smpl(label: Any, crop: np.ndarray, height: int, width: int) -> list[Smp
     is then clipped to [0, 1]: a box that only touches the crop is kept with no area, as ml-4m keeps it.
 
     Flip: ml-4m's transform ignores the crop's flip, so a mirrored image would get unmirrored people. omniforge
-    mirrors them: the box (xmin, xmax -> 1 - xmax, 1 - xmin) and the SMPL parameters (`omniforge.smpl.mirror_person`:
+    mirrors them: the box (xmin, xmax -> 1 - xmax, 1 - xmin) and the SMPL parameters (`omniforge._smpl.mirror_person`:
     left and right joints exchanged, every rotation R -> M R M with M = diag(-1, 1, 1), tx -> -tx). An unflipped
     crop gives ml-4m's result exactly.
     """
-    from omniforge.smpl import mirror_person
+    from omniforge._smpl import mirror_person
 
     top, left, h, w, flip = _unpack(crop, height, width)
     out = []

@@ -290,6 +290,11 @@ class TokenizerKind:
             recon = model.decode(torch.from_numpy(np.asarray(ids).astype(np.int64))[None])
         return self.restore_for(model, recon)[0]
 
+    def in_image(self, decoded: Any, crop: Crop) -> Any:
+        """`decode`'s output for tokens made from `crop`, placed in the frame of the crop's image, for kinds whose
+        decoded label holds image coordinates (human_poses' boxes); the others' output is the crop itself, as is."""
+        return decoded
+
 
 # ------------------------------------------------------------------------------------------ VQ-VAE kinds
 
@@ -732,7 +737,7 @@ class SmplPoseKind(TokenizerKind):
         return text_artifact(), self.artifact
 
     def config(self, size: str = "tiny") -> TokenizerConfig:
-        from omniforge.smpl import POSE_CHANNELS
+        from omniforge._smpl import POSE_CHANNELS
         from omniforge.tokenize.models import TokenizerConfig
 
         if size not in SIZES:
@@ -748,7 +753,7 @@ class SmplPoseKind(TokenizerKind):
         return self.POSE_TOKENS
 
     def input_layout(self) -> tuple[tuple[int, ...], str]:
-        from omniforge.smpl import POSE_CHANNELS
+        from omniforge._smpl import POSE_CHANNELS
 
         return (POSE_CHANNELS,), "float"
 
@@ -759,20 +764,20 @@ class SmplPoseKind(TokenizerKind):
 
     def restore(self, x: Tensor) -> list[np.ndarray]:
         """Decoded (B, 207) -> float32 (207,) each, every (3, 3) block projected to the nearest rotation."""
-        from omniforge.smpl import nearest_rotation
+        from omniforge._smpl import nearest_rotation
 
         flat = x.detach().float().cpu().numpy().reshape(x.shape[0], -1, 3, 3)
         return [a.reshape(-1) for a in nearest_rotation(flat).astype(np.float32)]
 
     def quality(self, x: Tensor, recon: Tensor) -> dict[str, float]:
-        from omniforge.smpl import nearest_rotation, rotation_angle_deg
+        from omniforge._smpl import nearest_rotation, rotation_angle_deg
 
         target = x.detach().float().cpu().numpy().reshape(x.shape[0], -1, 3, 3)
         got = nearest_rotation(recon.detach().float().cpu().numpy().reshape(target.shape))
         return {"rotation_error_deg": float(rotation_angle_deg(got, target).mean())}
 
     def example_inputs(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-        from omniforge.smpl import BODY_JOINTS, random_rotations
+        from omniforge._smpl import BODY_JOINTS, random_rotations
 
         return [r.astype(np.float32).reshape(-1) for r in random_rotations(rng, (n, len(BODY_JOINTS)), 60.0)]
 
@@ -822,11 +827,11 @@ class SmplPoseKind(TokenizerKind):
         """Token ids of one crop -> the people they describe, as a human_poses label ({} for nobody): the text
         parsed (`text.parse_smpl_poses`), each person's pose tokens decoded by the pose tokenizer and every joint
         projected to the nearest rotation, the global orientation likewise; "bbox_xyxy" in pixels of the crop at
-        DECODED_SIZE x DECODED_SIZE (224). A generated person whose pose tokens the tokenizer has no code for (a
-        tiny tokenizer has 128) is left out."""
+        DECODED_SIZE x DECODED_SIZE (224) (`in_image` places them in the crop's image). A generated person whose
+        pose tokens the tokenizer has no code for (a tiny tokenizer has 128) is left out."""
         import torch
 
-        from omniforge.smpl import BODY_JOINTS, nearest_rotation
+        from omniforge._smpl import BODY_JOINTS, nearest_rotation
         from omniforge.tokenize import text
 
         people = text.parse_smpl_poses(store.text().decode(np.asarray(ids).tolist()))
@@ -846,6 +851,30 @@ class SmplPoseKind(TokenizerKind):
                 "pred_smpl_params": {"global_orient": orients[:, None].tolist(), "body_pose": poses.tolist(),
                                      "betas": [p["betas"] for p in people]},
                 "pred_cam": [p["pred_cam"] for p in people]}
+
+    def in_image(self, decoded: dict, crop: Crop) -> dict:
+        """Decoded people (boxes in pixels of the DECODED_SIZE crop) in the pixels of the crop's image (its height x
+        width frame): a flipped crop's people mirrored back (`omniforge._smpl.mirror_person`), then the crop's map
+        inverted (x_image = left + x * w / DECODED_SIZE, y_image = top + y * h / DECODED_SIZE). The crop camera
+        needs nothing else: it refers to the person's box, wherever that lies."""
+        from omniforge._smpl import mirror_person
+
+        if not decoded:
+            return decoded
+        top, left, h, w, flip = (int(v) for v in np.asarray(crop.row).reshape(-1))
+        boxes = np.asarray(decoded["bbox_xyxy"], np.float64) / self.DECODED_SIZE  # normalized to the crop
+        smpl = decoded["pred_smpl_params"]
+        orients, poses = np.asarray(smpl["global_orient"])[:, 0], np.asarray(smpl["body_pose"])
+        cams = np.asarray(decoded["pred_cam"], np.float64)
+        if flip:
+            boxes = np.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], 1)
+            mirrored = [mirror_person(o, p, b, c) for o, p, b, c in zip(orients, poses, smpl["betas"], cams)]
+            orients, poses, cams = (np.stack([m[i] for m in mirrored]) for i in (0, 1, 3))
+        pixels = boxes * np.array([w, h, w, h], np.float64) + np.array([left, top, left, top], np.float64)
+        return {"bbox_xyxy": pixels.tolist(),
+                "pred_smpl_params": {"global_orient": orients[:, None].tolist(), "body_pose": poses.tolist(),
+                                     "betas": smpl["betas"]},
+                "pred_cam": cams.tolist()}
 
 
 __all__ = ["Artifact", "FeaturesKind", "MemcodesKind", "SIZES", "SamInstanceKind", "SegmentationKind", "SmplPoseKind",

@@ -498,7 +498,7 @@ def check_fits(model: Any, info: ModalityInfo, where: str, *, side: int | None, 
     elif t == "mask":
         want, have, field = 1, c.n_channels, "n_channels"
     elif t == "pose":
-        from omniforge.smpl import POSE_CHANNELS
+        from omniforge._smpl import POSE_CHANNELS
 
         want, have, field = POSE_CHANNELS, c.n_channels, "n_channels"
     else:

@@ -269,7 +269,7 @@ def test_export_4m_reads_the_tokenizers_a_fine_tuning_run_recorded(tmp_path, cap
 def test_the_pose_tokenizer_converts_to_ml4ms_human_poses_layout(tmp_path):
     """omniforge's own pose tokenizer (human_poses/) is a Memcodes MLP: it converts to ml-4m's VQVAE of 207 channels
     and 8 heads (the layout of ml-4m's human-poses snapshot), with the same ids, beside the shared vocabulary."""
-    from omniforge.smpl import random_rotations
+    from omniforge._smpl import random_rotations
 
     kind = kind_for("human_poses")
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from omniforge import codecs
 from omniforge.errors import CorpusError, SampleError, WeightsError
 from omniforge.jobs.cli import main as cli_main
 from omniforge.schemas import check_human_poses
-from omniforge.smpl import nearest_rotation, rotation_angle_deg
+from omniforge._smpl import nearest_rotation, rotation_angle_deg
 from omniforge.tokenize import text
 from omniforge.tokenize.kinds import kind_for
 from omniforge.tokenize.store import TokenizerStore
@@ -174,3 +174,27 @@ def test_seven_people_fill_the_275_token_budget_and_an_eighth_is_cut(store):
     assert len(units) == 8
     ids, cut = tok.pack(units, 275)
     assert cut == 1 and int(np.count_nonzero(ids)) == 7 * 39 + 1  # 7 people and [EOS]
+
+
+def test_decoded_people_go_back_into_the_image_for_show(store):
+    """`in_image` undoes the crop (and a flip) of decoded people, so that `show --tokenizers` draws them where the
+    teacher's are: boxes in the rgb label's pixels, the global orientation and camera as labeled (to quantization)."""
+    from omniforge.pipeline.show import decode_tokens
+
+    rng = np.random.default_rng(6)
+    label = smpl_label(rng, [[100.0, 30.0, 180.0, 220.0], [200.0, 60.0, 260.0, 200.0]])
+    kind, tok = kind_for("human_poses"), store.text()
+    for row in ((0, 40, 240, 240, 0), (5, 50, 230, 250, 1)):  # both hold the people whole
+        crop = _crop(row)
+        ids = tok.encode_units(kind.units(label, crop, store), 275)
+        values = {"rgb": np.zeros((H, W, 3), np.uint8), "crop_settings": np.asarray([row], np.int32),
+                  "tok_human_poses": ids[None]}
+        (placed,) = decode_tokens(values, store.directory).values()
+        assert placed == kind.in_image(kind.decode(ids, store), crop)
+        check_human_poses(placed)
+        scale = max(row[2], row[3]) / 999
+        np.testing.assert_allclose(placed["bbox_xyxy"], label["bbox_xyxy"], atol=scale)
+        np.testing.assert_allclose(placed["pred_cam"], label["pred_cam"], atol=1 / 49.95)
+        for got, want in zip(placed["pred_smpl_params"]["global_orient"], label["pred_smpl_params"]["global_orient"]):
+            assert rotation_angle_deg(np.asarray(got[0]), np.asarray(want[0])) < 0.5
+    assert kind.in_image({}, _crop()) == {}
