@@ -22,6 +22,11 @@ class NoDecoderError(ConfigError):
     model): callers that decode for drawing say so in one line and keep the tokens."""
 
 
+class NothingToTrain(ConfigError):
+    """A modality's labels hold nothing its tokenizer can train on (every label empty, e.g. nobody in any image):
+    a caller that trains every tokenizer of a corpus (the demo) says so and goes on without that tokenizer."""
+
+
 class CorpusError(OmniforgeError):
     """The input corpus cannot be read or planned."""
 

@@ -63,9 +63,9 @@ KEEPS = ("random", "all", "binary")
 ROLES = ("both", "input", "target")
 ML4M = ("direct", "export", "none")
 # ml-4m's preprocessing before its tokenizers (omniforge.tokenize.ml4m.TRANSFORMS says what each one does)
-ML4M_TRANSFORMS = ("rgb", "normal", "depth", "semseg", "features", "global", "mask")
+ML4M_TRANSFORMS = ("rgb", "normal", "depth", "semseg", "features", "global", "mask", "pose")
 _ML4M_TRANSFORM_CROPS = {"rgb": "dense", "normal": "dense", "depth": "dense", "semseg": "dense",
-                         "features": "features", "global": "global", "mask": "sequence"}
+                         "features": "features", "global": "global", "mask": "sequence", "pose": "sequence"}
 DRAWS = ("rgb", "gray", "heat", "semseg", "features", "vector", "embedding", "text", "boxes", "keypoints", "smpl",
          "palette", "json")
 NO_TOKENIZER = "none"
@@ -88,7 +88,7 @@ class ModalityInfo:
         txt. An npz is an embedding label as ml-4m's CaptionEmbTransform reads it: "emb" float16 (n, L, D)
         and "mask_valid" bool (n, L), True where a vector is real (`omniforge.codecs.embedding_problem`).
     description: the raw format as stored, shown by `omniforge list`.
-    tokenizer: the tokenizer kind ("vqvae", "segmentation", "features", "memcodes", "sam_mask",
+    tokenizer: the tokenizer kind ("vqvae", "segmentation", "features", "memcodes", "sam_mask", "smpl_pose",
         "wordpiece", a plugin's kind), or "none" for a label-only modality.
     token_modality: folder of the token shards; default tok_<name>@224 for image-like crops ("dense",
         "features"), tok_<name> otherwise, None for label-only modalities.
@@ -145,7 +145,8 @@ class ModalityInfo:
         whenever the modality's --tokenizers folder holds one (whatever omniforge's own tokenizers do): "rgb"
         (x / 255 to [-1, 1]), "normal" (the same), "depth" (/ 65535, then standardised per image without its
         lowest and highest 10%), "semseg" (ids + 1, 255 "none" becomes 0), "features" / "global" (as stored),
-        "mask" (SAM instance masks in {0, 1}); None: no ml-4m tokenizer can be used. Required with ml4m_tokenizer.
+        "mask" (SAM instance masks in {0, 1}), "pose" (a person's SMPL body pose flattened to 207, as stored); None:
+        no ml-4m tokenizer can be used. Required with ml4m_tokenizer.
     """
 
     name: str
@@ -272,11 +273,12 @@ class ModalityInfo:
             if t not in ML4M_TRANSFORMS:
                 raise bad("ml4m_transform", f"is not one of {', '.join(ML4M_TRANSFORMS)}")
             if _ML4M_TRANSFORM_CROPS[t] != self.crop or (t == "semseg") != (self.tokenizer == "segmentation") or (
-                    t == "mask") != (self.tokenizer == "sam_mask"):
+                    t == "mask") != (self.tokenizer == "sam_mask") or (t == "pose") != (self.tokenizer == "smpl_pose"):
                 raise bad("ml4m_transform", f"does not fit crop={self.crop!r} with tokenizer={self.tokenizer!r} "
                                             f"('{t}' is for {_ML4M_TRANSFORM_CROPS[t]} crops"
                                             f"{' of a segmentation' if t == 'semseg' else ''}"
-                                            f"{' of the sam_mask tokenizer' if t == 'mask' else ''})")
+                                            f"{' of the sam_mask tokenizer' if t == 'mask' else ''}"
+                                            f"{' of the smpl_pose tokenizer' if t == 'pose' else ''})")
         if self.ml4m_tokenizer is not None:
             if not isinstance(self.ml4m_tokenizer, str) or not _HUB_RE.match(self.ml4m_tokenizer):
                 raise bad("ml4m_tokenizer", "must be a hub repository id, owner/name")
@@ -544,8 +546,10 @@ MODALITIES: dict[str, ModalityInfo] = {
                         "every box the teacher kept (the serializer keeps score >= 0.6, as ml-4m)",
             ml4m_note="every box the teacher kept; ml-4m's transform and omniforge's serializer keep score >= 0.6"),
         ModalityInfo(
-            name="human_poses", ext="json", draw="smpl", schema=_SCHEMA + "check_human_poses", format_version=2,
-            ml4m="none", ml4m_note="HMR2.0's SMPL people, ml-4m's form; its tokens need the pose tokenizer (issue 14)",
+            name="human_poses", ext="json", tokenizer="smpl_pose", num_tokens=275, draw="smpl",
+            schema=_SCHEMA + "check_human_poses", format_version=2, ml4m_tokenizer=_4M + "human-poses_1k_8",
+            ml4m_transform="pose", ml4m="export",
+            ml4m_note="ml-4m's transform needs each person's pose tokens in the JSON (pose_tokenized, N x 8)",
             description='JSON as ml-4m reads it, {} when there is nobody: {"bbox_xyxy": N x [x0, y0, x1, y1] pixels, '
                         '"pred_smpl_params": {"global_orient": N x (1, 3, 3), "body_pose": N x (23, 3, 3) rotation '
                         'matrices, "betas": N x (10,)}, "pred_cam": N x [s, tx, ty] weak-perspective crop camera, '

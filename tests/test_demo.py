@@ -24,7 +24,12 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     # then tiny tokenizers and token shards of every tokenizable modality, with 2 crops
     from omniforge.modalities import get_modality
 
-    tokenized = [get_modality(m).token_modality for m in expected if get_modality(m).tokenized]
+    # the random-weight detector finds nobody, so human_poses has no person to train its pose tokenizer on: the demo
+    # says so and leaves it out of tokenizing, training and the export (its labels are there, {} each)
+    assert "human_poses tokenizer: not trained: " in out and "every label is empty" in out
+    assert "demo: human_poses left out of tokenizing, training and the export: no tokenizer" in out
+    expected_tokens = expected - {"human_poses"}
+    tokenized = [get_modality(m).token_modality for m in expected_tokens if get_modality(m).tokenized]
     assert len(tokenized) == 17
     for folder in tokenized:
         assert (report.modalities[folder].labeled, report.modalities[folder].failed) == (12, 1), folder
@@ -49,7 +54,7 @@ def test_demo_labels_every_teacher_and_verifies(tmp_path, ray_address, capsys):
     with open(f"{checkpoint}/config.json", encoding="utf-8") as f:
         specs = json.load(f)["specs"]
     assert specs["rgb@224"]["kind"] == "pixels" and specs["t5_caption"]["kind"] == "embedding"
-    sequences = [m for m in expected if get_modality(m).crop == "sequence"]
+    sequences = [m for m in expected_tokens if get_modality(m).crop == "sequence"]
     assert all(specs[m]["kind"] == "sequence" and specs[m]["source"] == m for m in sequences)  # read raw, as ml-4m
     assert len(specs) == 2 + len(tokenized) and all(e["budget_cuts"].keys() == set(sequences) for e in log)
     key_dir = next((tmp_path / "samples").iterdir())

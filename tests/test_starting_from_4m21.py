@@ -109,7 +109,7 @@ def test_the_tokens_are_the_imported_tokenizers_on_ml4m_preprocessing(chain):
 
     work, out = chain
     assert "8 tokenized with every modality, 5 left out" in out["tokenize"] and "too_small" in out["tokenize"]
-    assert "skipped 4M_tokenizers_human-poses_1k_8" in out["import"]
+    assert "human_poses    <- 4M_tokenizers_human-poses_1k_8: Memcodes MLP, codebook 64, 8 tokens" in out["import"]
     labels = work / "labels"
     crops = _members(labels, "crop_settings")
     tokens = {m: _members(labels, m) for m in ("tok_depth@224", "tok_depth@448", "tok_semseg@224", "tok_clip@224",

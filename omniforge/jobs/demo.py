@@ -41,17 +41,21 @@ def demo(out: str, *, ray_address: str | None = None, weights: str = "tiny") -> 
     preview_key = next((k for k, u in zip(keys, uris) if u.endswith("astronaut.jpg")), keys[0])
     preview = show(root, preview_key, str(out_dir / "preview.png"))
     print(f"demo: {len(keys)} samples, preview of {preview_key!r} -> {preview}")
-    tokens_ok = _tokenize(root, out_dir / "tokenizers", modalities, preview_key, out_dir, ray_address)
-    _train_and_sample(root, out_dir / "tokenizers", modalities, preview_key, out_dir)
-    _export(root, out_dir / "tokenizers", out_dir / "ml4m")
+    tokens_ok, untokenized = _tokenize(root, out_dir / "tokenizers", modalities, preview_key, out_dir, ray_address)
+    kept = tuple(m for m in modalities if m not in untokenized)
+    _train_and_sample(root, out_dir / "tokenizers", kept, preview_key, out_dir)
+    _export(root, out_dir / "tokenizers", out_dir / "ml4m", untokenized)
     print(f"demo: done in {time.time() - t0:.0f}s; labels and token shards under {root}, the model run under "
           f"{out_dir / 'train'}, the corpus as ml-4m's loader reads it under {out_dir / 'ml4m'}")
     return 0 if report.ok and tokens_ok else 1
 
 
 def _tokenize(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str, out_dir: Path,
-              ray_address: str | None) -> bool:
-    """Train a tiny tokenizer per tokenizable modality on the demo labels, then tokenize them with 2 crops."""
+              ray_address: str | None) -> tuple[bool, set[str]]:
+    """Train a tiny tokenizer per tokenizable modality on the demo labels, then tokenize them with 2 crops. A
+    tokenizer whose labels hold nothing to train on (human_poses when the random-weight detector finds nobody) is
+    left out with its reason, and so are the modalities that need it: (verify ok, those modalities)."""
+    from omniforge.errors import NothingToTrain
     from omniforge.pipeline import show, verify
     from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenizable, tokenize
     from omniforge.tokenize.crops import CropConfig
@@ -63,10 +67,19 @@ def _tokenize(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str
     names = sorted(source)
     print(f"demo: training {len(names)} tiny tokenizers on the labels ({', '.join(names)}); with 12 photos and "
           f"random-weight teachers the reconstructions are rough: this shows the machinery, not quality")
+    untrained = set()
     for name in names:
         cfg = TokenizerTrainConfig(data=root, modality=source[name], out=str(tokenizers), size="tiny",
                                    epochs=DEMO_TOKENIZER_EPOCHS, batch_size=4, vocab_size=8000)
-        print(f"  {summary(cfg, train_tokenizer(cfg, progress=False, verbose=False))}")
+        try:
+            print(f"  {summary(cfg, train_tokenizer(cfg, progress=False, verbose=False))}")
+        except NothingToTrain as e:
+            print(f"  {name} tokenizer: not trained: {e}")
+            untrained.add(name)
+    untokenized = {m for m in wanted if any(a.folder in untrained for a in kind_for(m).artifacts)}
+    if untokenized:
+        print(f"demo: {', '.join(sorted(untokenized))} left out of tokenizing, training and the export: no tokenizer")
+    wanted = tuple(m for m in wanted if m not in untokenized)
     summary_t = tokenize(TokenizeConfig(input=root, tokenizers=str(tokenizers), modalities=wanted,
                                         crops=CropConfig(n_crops=2)), ray_address=ray_address)
     print("\n".join(summary_t.lines()))
@@ -76,14 +89,18 @@ def _tokenize(root: str, tokenizers: Path, modalities: tuple[str, ...], key: str
         print("\n".join(report.lines()))
     recon = show(root, key, str(out_dir / "reconstruction.png"), tokenizers=str(tokenizers))
     print(f"demo: labels beside their token reconstructions (crop 0) -> {recon}")
-    return report.ok
+    return report.ok, untokenized
 
 
-def _export(root: str, tokenizers: Path, out: Path) -> None:
-    """The corpus in ml-4m's dialect: sam_instance pre-tokenized, every folder of a shard with the same keys."""
+def _export(root: str, tokenizers: Path, out: Path, untokenized: set[str]) -> None:
+    """The corpus in ml-4m's dialect: sam_instance pre-tokenized, every folder of a shard with the same keys (but
+    the folders of modalities left untokenized)."""
     from omniforge.pipeline.export import ExportConfig, export
+    from omniforge.pipeline.verify import discover_modalities
 
-    summary = export(ExportConfig(root=root, out=str(out), tokenizers=str(tokenizers), progress=False))
+    folders = tuple(f for f in discover_modalities(root) if f not in untokenized)
+    summary = export(ExportConfig(root=root, out=str(out), tokenizers=str(tokenizers), folders=folders,
+                                  progress=False))
     print("\n".join(summary.lines()))
 
 

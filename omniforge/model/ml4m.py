@@ -24,7 +24,10 @@ What the key map does with each of ml-4m's keys (every key of the file is one of
 
 Known difference: ml-4m's decoder gives a sequence target at rank >= the modality's ``max_length`` position 0;
 omniforge caps at the registry's ``num_tokens``, which is the same number for every released sequence but
-human_poses (ml-4m: max_length 263, max_tokens 275), so only pose targets of more than 263 tokens differ.
+human_poses (ml-4m: max_length 263, max_tokens 275: 7 people of 39 tokens and [EOS]). omniforge keeps 275: a
+released checkpoint's human_poses loads unchanged (ml-4m stores every sequence's sin-cos table at 512 rows) and
+gives ml-4m's logits for every pose target but the tokens predicted from rank 263 on, the last tokens of a 7th
+person (6 people and [EOS] are 235 tokens; tests/model/test_ml4m_fm.py checks both on ml-4m's own outputs).
 
 With ``share_modality_embeddings`` (4M-7's default) the encoder and decoder of a modality share one modality
 embedding, which ``save_pretrained`` writes once, under the decoder's name: the encoder's key is then optional.

@@ -689,13 +689,18 @@ def _modality_of(folder: str) -> str | None:
 
 
 def decode_output(folder: str, ids: np.ndarray, spec: ModalitySpec, tokenizers: str, text_tok: Any) -> Any:
-    """Generated ids decoded by the folder's tokenizer kind: a label array (images, features) or text (sequences)."""
+    """Generated ids decoded by the folder's tokenizer kind: a label array (images, features), text (sequences), or
+    a sequence kind's label (human_poses: the people, `SmplPoseKind.decode`)."""
     from omniforge.modalities import by_token_folder
+    from omniforge.model.specs import raw_sequence_info
     from omniforge.tokenize.kinds import kind_for
     from omniforge.tokenize.store import TokenizerStore
 
     if spec.kind == "sequence":
-        return text_tok.decode(ids.tolist())
+        info = by_token_folder(folder) or raw_sequence_info(folder)
+        if info is None:  # a folder the registry does not know: its text
+            return text_tok.decode(ids.tolist())
+        return kind_for(info).decode(np.asarray(ids), TokenizerStore(tokenizers))
     info = by_token_folder(folder)
     if info is None:
         raise ConfigError(f"{folder} is not a registered token folder: no tokenizer to decode it")
@@ -703,11 +708,19 @@ def decode_output(folder: str, ids: np.ndarray, spec: ModalitySpec, tokenizers: 
 
 
 def _save_decoded(folder: str, value: Any, out_dir: str) -> str:
-    """Write a decoded output: text as .txt, an 8/16-bit image as .png, anything else as .npy."""
+    """Write a decoded output: text as .txt, a label structure (human_poses' people) as .decoded.json, an 8/16-bit
+    image as .png, anything else as .npy."""
     if isinstance(value, str):
         path = os.path.join(out_dir, f"{folder}.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write(value + "\n")
+        return path
+    if isinstance(value, (dict, list)):
+        from omniforge import codecs
+
+        path = os.path.join(out_dir, f"{folder}.decoded.json")
+        with open(path, "wb") as f:
+            f.write(codecs.encode("json", value))
         return path
     if value.dtype in (np.uint8, np.uint16) and (value.ndim == 2 or (value.ndim == 3 and value.shape[-1] == 3)):
         from PIL import Image

@@ -11,6 +11,9 @@ ml-4m's loader shape the rest:
   ymax, xmax]), the format its SAMInstanceTokTransform loads with `allow_pickle=True`. omniforge never writes
   a pickle by default, so export makes these files from the native labels, the corpus' crop_settings and
   the SAM-mask tokenizer (`tokenizers`);
+- human_poses: ml-4m's HumanPoseTransform needs each person's pose tokens in the JSON ("pose_tokenized", N x 8),
+  so export writes `<key>.json` as the label plus those, from the pose tokenizer (`tokenizers`; ml-4m crops the
+  boxes itself);
 - every folder of a shard must hold the same keys in the same order (ml-4m silently drops samples when a
   tar ends early): export keeps, per shard, the keys present in every exported folder, links a tar that
   holds exactly those and rewrites one that holds more, and counts what it left out.
@@ -47,7 +50,7 @@ class ExportConfig:
     root: str
     out: str
     dialect: str = "ml4m"
-    tokenizers: str | None = None  # the SAM-mask tokenizer for sam_instance (DIR/sam_mask)
+    tokenizers: str | None = None  # sam_instance's SAM-mask tokenizer (DIR/sam_mask), human_poses' (DIR/human_poses)
     folders: tuple[str, ...] | None = None  # default: every folder with committed shards
     copy: bool = False  # copy tars instead of linking them (always copied to S3)
     workers: int = 4
@@ -180,8 +183,7 @@ def _export_shard(cfg: ExportConfig, shard: int, folders: list[str], store: Any,
             if crops is None:
                 crops = _members(shards.tar_uri(cfg.root, shards.CROP_SETTINGS, shard), set(common))
             labels = _members(src, set(common))
-            shards.write_tar(dst, ((f"{k}.npy", _ml4m_file(converted[f], labels[k], crops[k], store, src, k))
-                                   for k in common))
+            shards.write_tar(dst, (_ml4m_member(converted[f], labels[k], crops[k], store, src, k) for k in common))
             rewritten[f] += 1
         elif keys[f] == common:
             _link(src, dst, copy=cfg.copy)
@@ -220,14 +222,18 @@ def _link(src: str, dst: str, *, copy: bool) -> None:
     os.symlink(os.path.abspath(src), dst)
 
 
-def _ml4m_file(kind: Any, label_bytes: bytes, crops: bytes, store: Any, uri: str, key: str) -> bytes:
+def _ml4m_member(kind: Any, label_bytes: bytes, crops: bytes, store: Any, uri: str, key: str) -> tuple[str, bytes]:
+    """(member name, bytes) of one key in ml-4m's form: an array as `<key>.npy` (pickled when it is an object
+    array), any other value (a JSON structure) in the modality's own extension."""
     try:
         value = kind.ml4m_form(codecs.decode(kind.info.ext, label_bytes), codecs.decode("npy", crops), store)
     except SampleError as e:
         raise ConfigError(f"{uri}: {key}: {e.message} (`omniforge verify` lists every bad label)") from None
+    if not isinstance(value, np.ndarray):
+        return f"{key}.{kind.info.ext}", codecs.encode(kind.info.ext, value)
     buf = io.BytesIO()
     np.save(buf, value, allow_pickle=value.dtype == object)  # ml-4m's format; omniforge never reads it back
-    return buf.getvalue()
+    return f"{key}.npy", buf.getvalue()
 
 
 __all__ = ["DIALECTS", "ExportConfig", "ExportSummary", "export"]

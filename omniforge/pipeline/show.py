@@ -52,13 +52,20 @@ def load_sample(root: str, key: str, modalities: list[str] | None = None) -> tup
 
 def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
     """Crop 0 of every token modality among `values`, decoded back by its tokenizer kind: image-like and global
-    modalities as label arrays (drawn like the label, to compare), sequences as their text. A tokenizer that cannot
-    decode here (a released ml-4m tokenizer whose decoder is a diffusion model) gives the one line saying so."""
+    modalities as label arrays (drawn like the label, to compare), sequences as their text, or as their label
+    (human_poses' people, placed back in the rgb image when `values` hold it and crop_settings). A tokenizer that
+    cannot decode here (a released ml-4m tokenizer whose decoder is a diffusion model) gives the one line saying so."""
     from omniforge.errors import NoDecoderError
+    from omniforge.modalities import IMAGE_MODALITY
     from omniforge.tokenize.kinds import kind_for
     from omniforge.tokenize.store import TokenizerStore
+    from omniforge.tokenize.text import Crop
 
     store = TokenizerStore(tokenizers)
+    crop = None
+    if shards.CROP_SETTINGS in values and isinstance(values.get(IMAGE_MODALITY), np.ndarray):
+        height, width = values[IMAGE_MODALITY].shape[:2]
+        crop = Crop(row=np.asarray(values[shards.CROP_SETTINGS])[0], height=height, width=width)
     out: dict[str, object] = {}
     for info in token_folders():  # every size's folder (tok_rgb@448 decodes at 448)
         folder = info.token_modality
@@ -66,7 +73,11 @@ def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
             continue
         ids = np.asarray(values[folder])[0]
         try:
-            out[f"{info.name} (decoded from {folder}, crop 0)"] = kind_for(info).decode(ids, store)
+            kind = kind_for(info)
+            decoded = kind.decode(ids, store)
+            if crop is not None:  # where the crop's image is drawn: labels with image coordinates placed in it
+                decoded = kind.in_image(decoded, crop)
+            out[f"{info.name} (decoded from {folder}, crop 0)"] = decoded
         except NoDecoderError as e:
             out[f"{info.name} ({folder}, crop 0, not decoded)"] = str(e)
     return out
@@ -74,7 +85,8 @@ def decode_tokens(values: dict, tokenizers: str) -> dict[str, object]:
 
 def load_generated(directory: str, modalities: list[str] | None = None) -> dict[str, object]:
     """What `omniforge sample` wrote for one key (SAMPLES/<key>/): token rows ``<folder>.npy`` (1, N) under their
-    folder names, and decoded outputs (``.png``, ``.decoded.npy``, ``.txt``) under their modality names."""
+    folder names, and decoded outputs (``.png``, ``.decoded.npy``, ``.decoded.json``, ``.txt``) under their modality
+    names."""
     import os
 
     from PIL import Image
@@ -91,6 +103,9 @@ def load_generated(directory: str, modalities: list[str] | None = None) -> dict[
             values[folder] = np.load(path, allow_pickle=False)
         elif ext == "decoded.npy":
             values[panel] = np.load(path, allow_pickle=False)
+        elif ext == "decoded.json":  # a sequence kind's label (human_poses' people)
+            with open(path, "rb") as f:
+                values[panel] = codecs.decode("json", f.read())
         elif ext == "png":
             with Image.open(path) as img:
                 values[panel] = np.asarray(img)

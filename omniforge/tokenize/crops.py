@@ -10,7 +10,8 @@ at integer coordinates and pixel i covering [i, i + 1):
     on hflip: x_crop -> size - x_crop           (pixel column i -> size - 1 - i)
 
 so a box, a keypoint, a mask pixel and a semseg pixel that coincide in the image coincide in the crop.
-Normalized coordinates (det boxes, pose keypoints) use the same map divided by size.
+Normalized coordinates (det boxes, pose keypoints) use the same map divided by size. On hflip a person's SMPL
+parameters are mirrored with the image (`crop_smpl`).
 
 Crop 0 is the centre crop: the largest centred square, never flipped (the crop the label job fed to the
 feature teachers). Crops 1.. are random resized crops (torchvision `RandomResizedCrop.get_params`'
@@ -395,6 +396,81 @@ def _keypoints(value: Any, n: int) -> list[tuple[float, float, float]]:
     return kps
 
 
+# ----------------------------------------------------------------------------------------------- SMPL people
+
+
+@dataclass
+class SmplPerson:
+    """One HMR2.0 person of a human_poses label, in a crop's frame.
+
+    box: (xmin, ymin, xmax, ymax) normalized to the crop, clipped to [0, 1] (it may have no area: a box that only
+    touches the crop); global_orient (3, 3), body_pose (23, 3, 3), betas (10,), cam (3,) [s, tx, ty]: float64, the
+    label's values, mirrored on a flipped crop (`omniforge._smpl.mirror_person`); index: its place in the label.
+    """
+
+    box: tuple[float, float, float, float]
+    global_orient: np.ndarray
+    body_pose: np.ndarray
+    betas: np.ndarray
+    cam: np.ndarray
+    index: int
+
+    def pose_input(self) -> np.ndarray:
+        """float32 (207,): the body pose flattened, the pose tokenizer's input (ml-4m's `only_pose` form)."""
+        return self.body_pose.astype(np.float32).reshape(-1)
+
+
+def smpl_people(label: Any) -> list[SmplPerson]:
+    """Every person of a human_poses label as stored (no crop); SampleError("bad_label", ...) naming what is
+    wrong when the label is not in ml-4m's form (`omniforge.schemas.check_human_poses`: shapes, NaN, ...)."""
+    from omniforge.schemas import check_human_poses
+
+    check_human_poses(label)
+    if not label:
+        return []
+    smpl = label["pred_smpl_params"]
+    boxes = np.asarray(label["bbox_xyxy"], dtype=np.float64)
+    orients = np.asarray(smpl["global_orient"], dtype=np.float64).reshape(-1, 3, 3)
+    poses = np.asarray(smpl["body_pose"], dtype=np.float64)
+    betas = np.asarray(smpl["betas"], dtype=np.float64)
+    cams = np.asarray(label["pred_cam"], dtype=np.float64)
+    return [SmplPerson(tuple(float(v) for v in boxes[i]), orients[i], poses[i], betas[i], cams[i], i)
+            for i in range(len(boxes))]
+
+
+def crop_smpl(label: Any, crop: np.ndarray, height: int, width: int) -> list[SmplPerson]:
+    """The people of a human_poses label inside one crop, in label order (ml-4m's HumanPoseTransform crop).
+
+    A box ("bbox_xyxy", pixels of the height x width image) goes to the crop's normalized frame with ml-4m's own
+    arithmetic (albumentations' bbox_crop of the box normalized to the image: ((x / W) * W - left) / w); a person
+    is dropped when both x or both y of its box lie below 0, or both above 1 (wholly outside the crop), and the box
+    is then clipped to [0, 1]: a box that only touches the crop is kept with no area, as ml-4m keeps it.
+
+    Flip: ml-4m's transform ignores the crop's flip, so a mirrored image would get unmirrored people. omniforge
+    mirrors them: the box (xmin, xmax -> 1 - xmax, 1 - xmin) and the SMPL parameters (`omniforge._smpl.mirror_person`:
+    left and right joints exchanged, every rotation R -> M R M with M = diag(-1, 1, 1), tx -> -tx). An unflipped
+    crop gives ml-4m's result exactly.
+    """
+    from omniforge._smpl import mirror_person
+
+    top, left, h, w, flip = _unpack(crop, height, width)
+    out = []
+    for p in smpl_people(label):
+        x0, y0, x1, y1 = p.box
+        xs = [((x0 / width) * width - left) / w, ((x1 / width) * width - left) / w]
+        ys = [((y0 / height) * height - top) / h, ((y1 / height) * height - top) / h]
+        if all(v < 0 for v in ys) or all(v < 0 for v in xs) or all(v > 1 for v in ys) or all(v > 1 for v in xs):
+            continue
+        cx0, cx1 = (min(max(v, 0.0), 1.0) for v in xs)
+        cy0, cy1 = (min(max(v, 0.0), 1.0) for v in ys)
+        if flip:
+            orient, pose, betas, cam = mirror_person(p.global_orient, p.body_pose, p.betas, p.cam)
+            out.append(SmplPerson((1.0 - cx1, cy0, 1.0 - cx0, cy1), orient, pose, betas, cam, p.index))
+        else:
+            out.append(SmplPerson((cx0, cy0, cx1, cy1), p.global_orient, p.body_pose, p.betas, p.cam, p.index))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- SAM instances
 
 
@@ -551,5 +627,6 @@ def uncrop_mask(mask: np.ndarray, bbox: Any, size: int) -> np.ndarray:
     return out
 
 
-__all__ = ["CROP_FIELDS", "DENSE_MODES", "CropConfig", "SamInstance", "centre_crop", "check_crop_sides", "crop_dense",
-           "crop_det", "crop_image", "crop_keypoints", "crop_sam", "crop_settings", "min_storage_size", "uncrop_mask"]
+__all__ = ["CROP_FIELDS", "DENSE_MODES", "CropConfig", "SamInstance", "SmplPerson", "centre_crop", "check_crop_sides",
+           "crop_dense", "crop_det", "crop_image", "crop_keypoints", "crop_sam", "crop_settings", "crop_smpl",
+           "min_storage_size", "smpl_people", "uncrop_mask"]

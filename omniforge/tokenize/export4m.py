@@ -147,11 +147,11 @@ def _plan_one(store: Any, artifact: Any, kind: Any, infos: list[ModalityInfo]) -
         return TokenizerExport(folder, source, f"{_describe_ml4m(model.config)} ({names})", users,
                                model.config.codebook_size, _loader(model.config), copies=copies)
     if isinstance(model, MemcodesTokenizer):
-        bad = next((i for i in infos if i.ml4m_transform != "global"), None)
+        bad = next((i for i in infos if i.ml4m_transform not in ("global", "pose")), None)
         if bad is not None:
             raise ConfigError(f"{where}: modality {bad.name!r} declares no ml-4m preprocessing of global vectors "
-                              f"(ModalityInfo.ml4m_transform={bad.ml4m_transform!r}, not 'global'): its tokenizer "
-                              "cannot be exported as ml-4m's; export with --model-only")
+                              f"or poses (ModalityInfo.ml4m_transform={bad.ml4m_transform!r}, not 'global' or "
+                              "'pose'): its tokenizer cannot be exported as ml-4m's; export with --model-only")
         config, tensors = memcodes_to_ml4m(model)
         c = model.config
         line = (f"Memcodes MLP, {config['enc_type']} -> {config['dec_type']}, {c.num_tokens} tokens of "

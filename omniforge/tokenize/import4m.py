@@ -14,7 +14,8 @@ A source is a local folder or a hub repository id:
 
 Which modality a repository serves is the registry's `ModalityInfo.ml4m_tokenizer`; its folder under DIR is
 the modality's tokenizer folder (`TokenizerKind.artifact.folder`: the modality name, `sam_mask` for the SAM
-instance tokenizer), and one repository may fill several (the edge tokenizer: canny_edge and sam_edge). Every
+instance tokenizer, `human_poses` for the SMPL pose tokenizer), and one repository may fill several (the edge
+tokenizer: canny_edge and sam_edge). Every
 snapshot is loaded and checked against its modalities before anything is written; the folders are then
 written next to DIR and renamed into place, so a failure leaves DIR as it was. A repository no registered
 modality names is reported and skipped.
@@ -157,8 +158,10 @@ def _describe(snap: Snapshot, model, info: ModalityInfo, tokens: int) -> str:
     else:
         big = int(m.group(2)) / int(m.group(1))
         count = f"{tokens}-{round(tokens * big * big)} tokens"
-    return (f"{c.family}, codebook {c.codebook_size}, {count}, resolution {_resolutions(snap.name, c.trained_side)}, "
-            f"decoder: {c.decoder_line}")
+    # an MLP tokenizer of a sequence modality (the pose tokenizer) has no image resolution: its name ends in a count
+    where = "" if c.mlp_encoder and info.crop == "sequence" else \
+        f"resolution {_resolutions(snap.name, c.trained_side)}, "
+    return f"{c.family}, codebook {c.codebook_size}, {count}, {where}decoder: {c.decoder_line}"
 
 
 def plan(sources: list[str]) -> tuple[list[tuple[Imported, str]], list[str]]:

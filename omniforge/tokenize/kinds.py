@@ -13,6 +13,7 @@ it. The built-in kinds:
     features      (h, w, C) teacher features     float (B, C, h, w)                   h * w, ViT VQ-VAE
     memcodes      (D,) global vectors            float (B, D)                         16, Memcodes MLP
     sam_mask      SAM instances (json)           float (B, 1, 64, 64) masks           text + 16 per instance
+    smpl_pose     HMR2.0 SMPL people (json)      float (B, 207) body poses            text + 8 per person
     wordpiece     json / txt via a serializer    text units                           WordPiece ids
 
 Data flows through three spaces:
@@ -275,7 +276,8 @@ class TokenizerKind:
 
     def ml4m_form(self, label: Any, crops: np.ndarray, store: TokenizerStore) -> Any:
         """The label in ml-4m's form for `omniforge export --dialect ml4m`, for kinds whose modality has
-        `ml4m="export"` (the value is saved as a `.npy`, pickled when it is an object array)."""
+        `ml4m="export"` (an array is saved as a `.npy`, pickled when it is an object array; any other value is
+        written in the modality's own extension, e.g. JSON)."""
         raise ConfigError(f"{self.info.name}: the {self.name} tokenizer kind has no ml-4m export form: set the "
                           "modality's ml4m to 'direct' or 'none'")
 
@@ -287,6 +289,11 @@ class TokenizerKind:
         with torch.inference_mode():
             recon = model.decode(torch.from_numpy(np.asarray(ids).astype(np.int64))[None])
         return self.restore_for(model, recon)[0]
+
+    def in_image(self, decoded: Any, crop: Crop) -> Any:
+        """`decode`'s output for tokens made from `crop`, placed in the frame of the crop's image, for kinds whose
+        decoded label holds image coordinates (human_poses' boxes); the others' output is the crop itself, as is."""
+        return decoded
 
 
 # ------------------------------------------------------------------------------------------ VQ-VAE kinds
@@ -696,6 +703,180 @@ class SamInstanceKind(TokenizerKind):
         return store.text().decode(np.asarray(ids).tolist())
 
 
-__all__ = ["Artifact", "FeaturesKind", "MemcodesKind", "SIZES", "SamInstanceKind", "SegmentationKind",
+@register_kind
+class SmplPoseKind(TokenizerKind):
+    """HMR2.0's people (human_poses) as 4M-21 writes them: per person a box, the 8 tokens of its body pose and its
+    global orientation, camera and shape as value tokens, the four groups in an order drawn per person
+    (`text.smpl_person_unit`); "none" when nobody is in the crop.
+
+    The learned part is the pose tokenizer: a Memcodes bottleneck MLP (ml-4m's human-poses tokenizer: 8 tokens,
+    1024 codes, 6 blocks of width 1024 at "base") of one person's body pose, its 23 (3, 3) joint rotations
+    flattened to 207 values, trained on every person of every label. Model space float (B, 207); quality is the
+    mean joint rotation error in degrees (each reconstructed (3, 3) projected to the nearest rotation, then its
+    geodesic angle to the input's). Its folder is `human_poses/` (or a snapshot of Apple's
+    `4M_tokenizers_human-poses_1k_8`, fed the body pose as is: ml4m_transform "pose").
+
+    Departures from ml-4m: a flipped crop mirrors the people (`crops.crop_smpl`; ml-4m ignores the flip), the
+    global orientation and betas are clipped to ml-4m's stated ranges (`text.smpl_person_unit`), and the tokenizer
+    trains on every person of a label, never on the all-zero "pose" ml-4m's `only_pose` gives an image of nobody.
+    """
+
+    name = "smpl_pose"
+    crops = ("sequence",)
+    sequence = True
+    model_kind = "global"
+    summary_metrics = ("rotation_error_deg",)
+    draws_reconstruction = False
+    one_input_per_label = False
+    POSE_TOKENS = 8
+    POSE_CODEBOOK = 1024
+    DECODED_SIZE = IMAGE_SIZE  # a decoded label's boxes are pixels of the crop at this side
+
+    @property
+    def artifacts(self) -> tuple[Artifact, ...]:
+        return text_artifact(), self.artifact
+
+    def config(self, size: str = "tiny") -> TokenizerConfig:
+        from omniforge._smpl import POSE_CHANNELS
+        from omniforge.tokenize.models import TokenizerConfig
+
+        if size not in SIZES:
+            raise ConfigError(f"unknown tokenizer size {size!r}; choose one of {', '.join(SIZES)}")
+        tiny = size == "tiny"
+        return TokenizerConfig(
+            name=self.info.name, kind=self.model_kind, in_channels=POSE_CHANNELS, image_size=0, patch_size=0,
+            codebook_size=_TINY_CODEBOOK if tiny else self.POSE_CODEBOOK, latent_dim=32 if tiny else 128,
+            dim=128 if tiny else 1024, depth=2 if tiny else 6, heads=0, num_tokens=self.POSE_TOKENS)
+
+    @property
+    def tokens_per_input(self) -> int:
+        return self.POSE_TOKENS
+
+    def input_layout(self) -> tuple[tuple[int, ...], str]:
+        from omniforge._smpl import POSE_CHANNELS
+
+        return (POSE_CHANNELS,), "float"
+
+    def prepare(self, arrays: list[np.ndarray]) -> Tensor:
+        import torch
+
+        return torch.from_numpy(self._check(arrays).astype(np.float32))  # (B, 207)
+
+    def restore(self, x: Tensor) -> list[np.ndarray]:
+        """Decoded (B, 207) -> float32 (207,) each, every (3, 3) block projected to the nearest rotation."""
+        from omniforge._smpl import nearest_rotation
+
+        flat = x.detach().float().cpu().numpy().reshape(x.shape[0], -1, 3, 3)
+        return [a.reshape(-1) for a in nearest_rotation(flat).astype(np.float32)]
+
+    def quality(self, x: Tensor, recon: Tensor) -> dict[str, float]:
+        from omniforge._smpl import nearest_rotation, rotation_angle_deg
+
+        target = x.detach().float().cpu().numpy().reshape(x.shape[0], -1, 3, 3)
+        got = nearest_rotation(recon.detach().float().cpu().numpy().reshape(target.shape))
+        return {"rotation_error_deg": float(rotation_angle_deg(got, target).mean())}
+
+    def example_inputs(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        from omniforge._smpl import BODY_JOINTS, random_rotations
+
+        return [r.astype(np.float32).reshape(-1) for r in random_rotations(rng, (n, len(BODY_JOINTS)), 60.0)]
+
+    def count_inputs(self, label: Any) -> int:
+        from omniforge.tokenize.crops import smpl_people
+
+        return len(smpl_people(label))
+
+    def crop_inputs(self, label: Any, row: np.ndarray, size: int) -> list[np.ndarray]:
+        """Every person's body pose (float32 (207,)) as stored: the pose does not depend on the crop (a flipped
+        crop's mirrored poses are poses too)."""
+        from omniforge.tokenize.crops import smpl_people
+
+        return [p.pose_input() for p in smpl_people(label)]
+
+    def crop_people(self, label: Any, crop: Crop, store: TokenizerStore) -> list[dict]:
+        """The people of one crop as `text.smpl_units` reads them: box, the pose tokenizer's 8 tokens of the
+        (mirrored, on a flipped crop) body pose, global orientation, betas and camera (`crops.crop_smpl`)."""
+        from omniforge.tokenize.crops import crop_smpl
+
+        persons = crop_smpl(label, crop.row, crop.height, crop.width)
+        tokens = store.encode(self, [p.pose_input() for p in persons]) if persons else []
+        return [{"box": p.box, "pose_tokens": t.tolist(), "global_orient": p.global_orient, "betas": p.betas,
+                 "pred_cam": p.cam} for p, t in zip(persons, tokens)]
+
+    def units(self, label: Any, crop: Crop, store: TokenizerStore) -> list[str]:
+        """One unit per person of the crop (or ["none"]), each person's group order drawn from
+        `crop.generator(DRAW_POSES)` (per training sample in the trainer, frozen per crop in the tokenize job)."""
+        from omniforge.tokenize import text
+
+        people = self.crop_people(label, crop, store)
+        return text.smpl_units(people, text.smpl_group_orders(len(people), crop.generator(text.DRAW_POSES)))
+
+    def ml4m_form(self, label: Any, crops: np.ndarray, store: TokenizerStore) -> dict:
+        """The label as ml-4m's HumanPoseTransform reads it, a JSON object: the label itself plus "pose_tokenized",
+        int (N, 8), this kind's pose tokens of each person's body pose ({} stays {}). The crops do not enter: ml-4m
+        crops the boxes itself (and ignores a flip)."""
+        from omniforge.tokenize.crops import smpl_people
+
+        people = smpl_people(label)
+        if not people:
+            return {}
+        tokens = store.encode(self, [p.pose_input() for p in people])
+        return {**label, "pose_tokenized": tokens.astype(np.int64).tolist()}
+
+    def decode(self, ids: np.ndarray, store: TokenizerStore) -> dict:
+        """Token ids of one crop -> the people they describe, as a human_poses label ({} for nobody): the text
+        parsed (`text.parse_smpl_poses`), each person's pose tokens decoded by the pose tokenizer and every joint
+        projected to the nearest rotation, the global orientation likewise; "bbox_xyxy" in pixels of the crop at
+        DECODED_SIZE x DECODED_SIZE (224) (`in_image` places them in the crop's image). A generated person whose
+        pose tokens the tokenizer has no code for (a tiny tokenizer has 128) is left out."""
+        import torch
+
+        from omniforge._smpl import BODY_JOINTS, nearest_rotation
+        from omniforge.tokenize import text
+
+        people = text.parse_smpl_poses(store.text().decode(np.asarray(ids).tolist()))
+        if not people:
+            return {}
+        model = store.model(self)
+        codes = store.codebook_size(self) or self.POSE_CODEBOOK
+        people = [p for p in people if max(p["pose_tokens"]) < codes]  # ids the tokenizer has no code for
+        if not people:
+            return {}
+        with torch.inference_mode():
+            flat = model.decode(torch.tensor([p["pose_tokens"] for p in people], dtype=torch.int64))
+        poses = nearest_rotation(flat.float().cpu().numpy().reshape(len(people), len(BODY_JOINTS), 3, 3))
+        orients = nearest_rotation(np.asarray([p["global_orient"] for p in people]))
+        side = self.DECODED_SIZE
+        return {"bbox_xyxy": [[c * side for c in p["bbox"]] for p in people],
+                "pred_smpl_params": {"global_orient": orients[:, None].tolist(), "body_pose": poses.tolist(),
+                                     "betas": [p["betas"] for p in people]},
+                "pred_cam": [p["pred_cam"] for p in people]}
+
+    def in_image(self, decoded: dict, crop: Crop) -> dict:
+        """Decoded people (boxes in pixels of the DECODED_SIZE crop) in the pixels of the crop's image (its height x
+        width frame): a flipped crop's people mirrored back (`omniforge._smpl.mirror_person`), then the crop's map
+        inverted (x_image = left + x * w / DECODED_SIZE, y_image = top + y * h / DECODED_SIZE). The crop camera
+        needs nothing else: it refers to the person's box, wherever that lies."""
+        from omniforge._smpl import mirror_person
+
+        if not decoded:
+            return decoded
+        top, left, h, w, flip = (int(v) for v in np.asarray(crop.row).reshape(-1))
+        boxes = np.asarray(decoded["bbox_xyxy"], np.float64) / self.DECODED_SIZE  # normalized to the crop
+        smpl = decoded["pred_smpl_params"]
+        orients, poses = np.asarray(smpl["global_orient"])[:, 0], np.asarray(smpl["body_pose"])
+        cams = np.asarray(decoded["pred_cam"], np.float64)
+        if flip:
+            boxes = np.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], 1)
+            mirrored = [mirror_person(o, p, b, c) for o, p, b, c in zip(orients, poses, smpl["betas"], cams)]
+            orients, poses, cams = (np.stack([m[i] for m in mirrored]) for i in (0, 1, 3))
+        pixels = boxes * np.array([w, h, w, h], np.float64) + np.array([left, top, left, top], np.float64)
+        return {"bbox_xyxy": pixels.tolist(),
+                "pred_smpl_params": {"global_orient": orients[:, None].tolist(), "body_pose": poses.tolist(),
+                                     "betas": smpl["betas"]},
+                "pred_cam": cams.tolist()}
+
+
+__all__ = ["Artifact", "FeaturesKind", "MemcodesKind", "SIZES", "SamInstanceKind", "SegmentationKind", "SmplPoseKind",
            "TokenizerKind", "VQVAEKind", "WordPieceKind", "get_kind", "kind_for", "list_kinds", "register_kind",
            "text_artifact"]

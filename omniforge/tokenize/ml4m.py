@@ -389,6 +389,8 @@ TRANSFORMS = {  # ModalityInfo.ml4m_transform -> what ml-4m does to the label be
     "features": "none: the teacher's feature map as it is, (B, C, h, w)",
     "global": "none: the teacher's vector as it is, (B, D) (ml-4m passes it as (B, D, 1, 1))",
     "mask": "SAMInstanceTransform: the instance's filled 64 x 64 mask in {0, 1}, (B, 1, 64, 64)",
+    "pose": "HumanPoseTransform(only_pose=True): a person's SMPL body pose, (23, 3, 3) rotations flattened to 207 as "
+            "they are, (B, 207) (ml-4m passes it as (B, 207, 1, 1))",
 }
 DEPTH_TRIM = 0.1  # the fraction of lowest and highest depth values the standardisation leaves out
 DEPTH_EPS = 1e-6  # added to the variance
@@ -444,7 +446,7 @@ def prepare(info: ModalityInfo, batch: np.ndarray):
         return torch.from_numpy((batch.astype(np.uint8) + np.uint8(1)).astype(np.int64))  # 255 wraps to 0
     if t == "features":
         return torch.from_numpy(batch.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
-    if t == "global":
+    if t in ("global", "pose"):
         return torch.from_numpy(batch.astype(np.float32))
     if t == "mask":
         return torch.from_numpy((batch > 0).astype(np.float32))[:, None]
@@ -464,6 +466,8 @@ def restore(info: ModalityInfo, x: Tensor) -> list[np.ndarray]:
         return [np.ascontiguousarray(a) for a in x.numpy().astype(np.float16).transpose(0, 2, 3, 1)]
     if t == "global":
         return [np.ascontiguousarray(a) for a in x.reshape(x.shape[0], -1).numpy().astype(np.float16)]
+    if t == "pose":  # the decoder's 207 values as they are (the kind projects them to rotations)
+        return [np.ascontiguousarray(a) for a in x.reshape(x.shape[0], -1).numpy().astype(np.float32)]
     if t == "mask":
         return list((x[:, 0].sigmoid() > 0.5).numpy().astype(np.uint8))
     lo, hi = info.value_range
@@ -493,9 +497,13 @@ def check_fits(model: Any, info: ModalityInfo, where: str, *, side: int | None, 
         want, have, field = info.shape[-1], c.n_channels, "n_channels"
     elif t == "mask":
         want, have, field = 1, c.n_channels, "n_channels"
+    elif t == "pose":
+        from omniforge._smpl import POSE_CHANNELS
+
+        want, have, field = POSE_CHANNELS, c.n_channels, "n_channels"
     else:
         want, have, field = info.channels, c.n_channels, "n_channels"
-    if have != want or (t == "semseg") != (c.n_labels is not None) or (t == "global") != c.mlp_encoder:
+    if have != want or (t == "semseg") != (c.n_labels is not None) or (t in ("global", "pose")) != c.mlp_encoder:
         raise WeightsError(f"the ml-4m tokenizer in {where} ({c.family}, {field}={have}) does not fit modality "
                            f"{info.name!r} ({t}: {field}={want}); import the right one with "
                            f"`omniforge tokenizer import-4m {info.ml4m_tokenizer or 'SNAPSHOT'} --out DIR`")
@@ -503,11 +511,14 @@ def check_fits(model: Any, info: ModalityInfo, where: str, *, side: int | None, 
     if made != tokens:
         raise WeightsError(f"the ml-4m tokenizer in {where} makes {made} tokens per input "
                            f"{'' if side is None else f'of {side} x {side} '}where modality {info.name!r} has {tokens}")
-    from omniforge.tokenize.text import SAM_MASK_VOCAB
+    from omniforge.tokenize.text import POSE_VOCAB, SAM_MASK_VOCAB
 
     if t == "mask" and c.codebook_size > SAM_MASK_VOCAB:
         raise WeightsError(f"the ml-4m SAM mask tokenizer in {where} has {c.codebook_size} codes; 4M-21's SAM "
                            f"serialization writes at most {SAM_MASK_VOCAB}")
+    if t == "pose" and c.codebook_size > POSE_VOCAB:
+        raise WeightsError(f"the ml-4m pose tokenizer in {where} has {c.codebook_size} codes; 4M-21's human_poses "
+                           f"serialization writes at most {POSE_VOCAB}")
 
 
 __all__ = ["DIFFUSION_LINE", "IGNORED", "KEY_MAP", "ML4MConfig", "ML4MTokenizer", "TRANSFORMS",  # noqa: F822 (lazy)

@@ -12,10 +12,11 @@ interchangeable with ml-4m's:
   `TextTokenizer.encode_units` packs whole units into the fixed token budget of the modality.
 
 What 4M-21 draws per training sample (the palette size k, the metadata order, SAM's query points and the
-order of their instances) the serializers draw from `Crop.generator()`: the trainer hands every sample its
-own generator, so two epochs see different draws as in ml-4m; the tokenize job, which freezes one draw into
-the token shards, gets a generator seeded by (crop seed, key, crop index), the same in every process. Each
-serializer has a parser that reads the string (or the tokenizer's decoded, lower-cased string) back.
+order of their instances, the order of each person's SMPL groups) the serializers draw from `Crop.generator()`:
+the trainer hands every sample its own generator, so two epochs see different draws as in ml-4m; the tokenize job,
+which freezes one draw into the token shards, gets a generator seeded by (crop seed, key, crop index), the same in
+every process. Each serializer has a parser that reads the string (or the tokenizer's decoded, lower-cased string)
+back.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ COORD_BINS = 1000  # value tokens v0=0 .. v0=999 (and v1, v2, v3)
 NUM_VALUE_TYPES = 4  # v0, v1, v2, v3
 
 # Plain words the serializers write; training feeds them so each is one token of the vocabulary.
-SERIALIZER_WORDS: tuple[str, ...] = ("human", "point", "polygon", "none")
+SERIALIZER_WORDS: tuple[str, ...] = ("human", "point", "polygon", "none", "pose", "global", "camera", "shape")
 _WORD_WEIGHT = 1000  # how many times each serializer word is fed to the trainer
 
-# SAM instance mask tokens: ids 0..1023 written as v0=<t> (t < 512) or v1=<t - 512>, as 4M-21.
+# SAM instance mask tokens and SMPL pose tokens: ids 0..1023 written as v0=<t> (t < 512) or v1=<t - 512>, as 4M-21.
 SAM_MASK_VOCAB = 1024
+POSE_VOCAB = 1024
 _SAM_HALF = 512
 
 _INT16_MAX = np.iinfo(np.int16).max
@@ -515,6 +517,130 @@ def parse_keypoints(text: str, bins: int = 1000) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# human_poses
+
+SMPL_GROUPS: tuple[str, ...] = ("pose", "global", "camera", "shape")  # ml-4m's group list (its randperm indexes it)
+SMPL_GROUP_SIZES = {"pose": 8, "global": 9, "camera": 3, "shape": 10}  # values after each group word
+SMPL_TOKENS_PER_PERSON = 1 + 4 + sum(1 + n for n in SMPL_GROUP_SIZES.values())  # 39: human, box, four groups
+GLOBAL_RANGE = (-1.0, 1.0)  # entries of the global orientation's rotation matrix
+CAMERA_RANGE = (-1.0, 19.0)  # pred_cam (s, tx, ty), clipped as ml-4m
+BETAS_RANGE = (-3.0, 3.0)  # SMPL shape coefficients
+
+
+def _clipped(values: Any, n: int, lo: float, hi: float, what: str) -> list[float]:
+    try:
+        out = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != n or not all(math.isfinite(v) for v in out):
+        raise _bad(f"a person's {what} must be {n} finite numbers")
+    return [min(max(v, lo), hi) for v in out]
+
+
+def smpl_person_unit(box: Sequence[float], pose_tokens: Sequence[int], global_orient: Any, betas: Any, cam: Any,
+                     order: Sequence[int] = (0, 1, 2, 3), *, bins: int = 1000) -> str:
+    """One person as 4M-21 writes it (ml-4m's HumanPoseTransform): "human v0=<xmin> v1=<ymin> v2=<xmax>
+    v3=<ymax>" (the box in 0..1, clipped, scaled to round(c * (bins - 1))), then the four groups in `order`
+    (indices into SMPL_GROUPS = pose, global, camera, shape):
+
+    - "pose" and the 8 pose-tokenizer ids, each "v0=<t>" when t < 512 else "v1=<t - 512>";
+    - "global" and the 9 entries of the global orientation, each "v0=<round(499.5 g + 499.5)>";
+    - "camera" and pred_cam (s, tx, ty) clipped to [-1, 19], each "v0=<round(49.95 c + 49.95)>";
+    - "shape" and the 10 betas, each "v0=<round(166.5 b + 499.5)>".
+
+    Python's round, as ml-4m. ml-4m clips only the camera; omniforge also clips the global orientation to [-1, 1]
+    and the betas to [-3, 3] (ml-4m's stated ranges), so that every value is one of the value tokens v0=0..999
+    (outside those ranges ml-4m would write "v0=1082", which no vocabulary holds as one token): the same text for
+    every value inside them.
+    """
+    _check_bins(bins)
+    tokens = [int(t) for t in pose_tokens]
+    if len(tokens) != SMPL_GROUP_SIZES["pose"] or not all(0 <= t < POSE_VOCAB for t in tokens):
+        raise _bad(f"a person needs {SMPL_GROUP_SIZES['pose']} pose tokens in 0..{POSE_VOCAB - 1}, got {tokens}")
+    if sorted(int(i) for i in order) != [0, 1, 2, 3]:
+        raise ValueError(f"order={list(order)} is not a permutation of the 4 SMPL groups")
+    corners = _clipped(box, 4, -math.inf, math.inf, "box")
+    groups = {
+        "pose": [_sam_token(t) for t in tokens],
+        "global": [_value(0, round(499.5 * g + 499.5)) for g in _clipped(global_orient, 9, *GLOBAL_RANGE,
+                                                                       "global orientation")],
+        "camera": [_value(0, round(49.95 * c + 49.95)) for c in _clipped(cam, 3, *CAMERA_RANGE, "camera")],
+        "shape": [_value(0, round(166.5 * b + 499.5)) for b in _clipped(betas, 10, *BETAS_RANGE, "betas")],
+    }
+    words = ["human", *(_value(k, _bin(c, bins)) for k, c in enumerate(corners))]
+    for i in order:
+        name = SMPL_GROUPS[int(i)]
+        words += [name, *groups[name]]
+    return " ".join(words)
+
+
+def smpl_group_orders(n: int, rng: np.random.Generator) -> list[list[int]]:
+    """4M-21's group order of each of `n` people: a permutation of SMPL_GROUPS drawn per person (ml-4m draws a
+    torch.randperm(4) for every person of every sample)."""
+    return [rng.permutation(len(SMPL_GROUPS)).tolist() for _ in range(n)]
+
+
+def smpl_units(people: Sequence[dict], orders: Sequence[Sequence[int]] | None = None) -> list[str]:
+    """human_poses people -> one unit (39 tokens) per person, in the given order, or ["none"] when there is nobody.
+
+    A person is {"box": [xmin, ymin, xmax, ymax] in 0..1 (the crop's frame), "pose_tokens": 8 ids, "global_orient":
+    (3, 3) or 9 values, "betas": 10, "pred_cam": 3}; `orders[i]` orders person i's groups (see
+    :func:`smpl_person_unit`; None: pose, global, camera, shape).
+    """
+    if orders is not None and len(orders) != len(people):
+        raise ValueError(f"orders has {len(orders)} entries for {len(people)} people")
+    units = []
+    for i, p in enumerate(people):
+        try:
+            args = (p["box"], p["pose_tokens"], p["global_orient"], p["betas"], p["pred_cam"])
+        except (KeyError, TypeError):
+            raise _bad(f"person {i} needs box, pose_tokens, global_orient, betas and pred_cam") from None
+        units.append(smpl_person_unit(*args, order=(0, 1, 2, 3) if orders is None else orders[i]))
+    return units or ["none"]
+
+
+def parse_smpl_poses(text: str, bins: int = 1000) -> list[dict]:
+    """A human_poses string -> [{"bbox": [xmin, ymin, xmax, ymax] in 0..1, "pose_tokens": [8 ids], "global_orient":
+    (3, 3) nested lists, "betas": [10], "pred_cam": [3], "order": [group indices as written]}], the values
+    dequantized as ml-4m's plotting reads them ((v - 499.5) / 499.5, (v - 499.5) / 166.5, (v - 49.95) / 49.95).
+    "none", incomplete people (a sequence cut by the token budget, a malformed model output) and people whose
+    groups are missing, repeated or of the wrong length give nothing."""
+    _check_bins(bins)
+    words = text.split()
+    out = []
+    for i, w in enumerate(words):
+        if w != "human":
+            continue
+        person = _parse_person(words, i + 1, bins)
+        if person is not None:
+            out.append(person)
+    return out
+
+
+def _parse_person(words: list[str], start: int, bins: int) -> dict | None:
+    box = [_parse_value(w) for w in words[start:start + 4]]
+    if len(box) != 4 or any(v is None or v[0] != k for k, v in enumerate(box)):
+        return None
+    j, groups, order = start + 4, {}, []
+    while len(groups) < len(SMPL_GROUPS):
+        name = words[j] if j < len(words) else None
+        if name not in SMPL_GROUP_SIZES or name in groups:
+            return None
+        n = SMPL_GROUP_SIZES[name]
+        vals = [_parse_value(x) for x in words[j + 1:j + 1 + n]]
+        allowed = (0, 1) if name == "pose" else (0,)
+        if len(vals) != n or any(v is None or v[0] not in allowed for v in vals):
+            return None
+        groups[name] = [v[1] + _SAM_HALF * v[0] for v in vals] if name == "pose" else [v[1] for v in vals]
+        order.append(SMPL_GROUPS.index(name))
+        j += 1 + n
+    glob = [(v - 499.5) / 499.5 for v in groups["global"]]
+    return {"bbox": [v[1] / (bins - 1) for v in box], "pose_tokens": groups["pose"],
+            "global_orient": [glob[0:3], glob[3:6], glob[6:9]], "betas": [(v - 499.5) / 166.5 for v in groups["shape"]],
+            "pred_cam": [(v - 49.95) / 49.95 for v in groups["camera"]], "order": order}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # sam_instance
 
 
@@ -649,7 +775,7 @@ def parse_sam(text: str) -> list[dict]:
 DET_MIN_SCORE = 0.6  # ml-4m's DetectionTransform keeps boxes scoring at least this (4M-21's det_threshold)
 
 # Purposes of the draws of one crop: each gets its own stream, so adding a draw never shifts another.
-DRAW_PALETTE, DRAW_METADATA, DRAW_SAM = 1, 2, 3
+DRAW_PALETTE, DRAW_METADATA, DRAW_SAM, DRAW_POSES = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -717,11 +843,13 @@ def metadata_crop_units(label: dict, crop: Crop) -> list[str]:
 
 
 __all__ = [
-    "COORD_BINS", "Crop", "DET_MIN_SCORE", "DRAW_METADATA", "DRAW_PALETTE", "DRAW_SAM", "EOS",
-    "KEYPOINT_TOKENS_PER_PERSON", "MAX_PALETTE_COLORS", "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS",
-    "PAD", "SERIALIZER_WORDS", "SOS", "TextTokenizer", "UNK", "check_metadata", "det_crop_units", "det_units",
-    "keypoint_crop_units", "keypoint_units", "metadata_crop_units", "metadata_units", "palette_crop_units",
-    "palette_draw", "palette_units", "palettes_of", "parse_det", "parse_keypoints", "parse_metadata", "parse_palette",
-    "parse_sam", "sam_bbox", "sam_contours", "sam_draw_units", "sam_query_points", "sam_units", "text_units",
+    "BETAS_RANGE", "CAMERA_RANGE", "COORD_BINS", "Crop", "DET_MIN_SCORE", "DRAW_METADATA", "DRAW_PALETTE",
+    "DRAW_POSES", "DRAW_SAM", "EOS", "GLOBAL_RANGE", "KEYPOINT_TOKENS_PER_PERSON", "MAX_PALETTE_COLORS",
+    "METADATA_FIELD_IDS", "NUM_SENTINELS", "NUM_SPECIAL_TOKENS", "PAD", "POSE_VOCAB", "SERIALIZER_WORDS",
+    "SMPL_GROUPS", "SMPL_GROUP_SIZES", "SMPL_TOKENS_PER_PERSON", "SOS", "TextTokenizer", "UNK", "check_metadata",
+    "det_crop_units", "det_units", "keypoint_crop_units", "keypoint_units", "metadata_crop_units", "metadata_units",
+    "palette_crop_units", "palette_draw", "palette_units", "palettes_of", "parse_det", "parse_keypoints",
+    "parse_metadata", "parse_palette", "parse_sam", "parse_smpl_poses", "sam_bbox", "sam_contours", "sam_draw_units",
+    "sam_query_points", "sam_units", "smpl_group_orders", "smpl_person_unit", "smpl_units", "text_units",
     "train_wordpiece",
 ]

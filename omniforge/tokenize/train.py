@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from omniforge._progress import Progress
 from omniforge._torch_run import all_reduce_sum, barrier, resolve_device, setup_distributed, warmup_cosine, write_text
-from omniforge.errors import ConfigError
+from omniforge.errors import ConfigError, NothingToTrain
 from omniforge.tokenize import train_report, train_state
 from omniforge.tokenize.kinds import TokenizerKind
 from omniforge.tokenize.train_config import TokenizerTrainConfig, TrainResult
@@ -224,7 +224,7 @@ class _Trainer:
             n_train = sum(self.kind.count_inputs(v) for s in train_shards
                           for k, v in iter_values(s, self.inputs.ext) if k not in holdout)
             if n_train == 0:
-                raise ConfigError(f"the {self.cfg.modality} labels under {self.cfg.data} give nothing to train the "
+                raise NothingToTrain(f"the {self.cfg.modality} labels under {self.cfg.data} give nothing to train the "
                                   f"{self.cfg.name} tokenizer on (every label is empty)")
         return train_shards, holdout, n_train
 
@@ -238,7 +238,8 @@ class _Trainer:
                 arrays[key] = self.inputs.arrays(key, value, 0, self.cfg.crop.seed)
         flat = [a for k in sorted(arrays) for a in arrays[k]][:_MAX_HOLDOUT_INPUTS]
         if not flat:
-            raise ConfigError(f"the held-out {self.cfg.modality} samples have nothing to evaluate on (empty labels)")
+            raise NothingToTrain(f"the held-out {self.cfg.modality} samples have nothing to evaluate on (empty "
+                                 "labels)")
         return flat
 
     def _evaluate(self, model: torch.nn.Module, x: torch.Tensor, mcfg: Any) -> dict[str, float]:

@@ -56,3 +56,4 @@ def test_list_dialect_says_how_ml4m_reads_every_folder(capsys):
     assert "export --dialect ml4m" in rows["sam_instance"] and "pickled" in rows["sam_instance"]
     assert "not in ml-4m's form" in rows["human_keypoints"] and "not a 4M-21 modality" in rows["human_keypoints"]
     assert "reads it as is" in rows["det"] and "0.6" in rows["det"]
+    assert "export --dialect ml4m" in rows["human_poses"] and "pose_tokenized" in rows["human_poses"]

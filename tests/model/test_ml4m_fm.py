@@ -477,8 +477,8 @@ def test_init_from_a_default_layout_omniforge_run(corpus, tmp_path, capsys):
 
 def test_a_modality_ml4m_names_alike_but_means_otherwise_is_not_loaded(tmp_path, monkeypatch):
     """A folder the registry marks as not ml-4m's modality of that name (ml4m "none", as omniforge's ViTPose
-    human_poses were before issue 14) is not loaded from a released checkpoint, and a model trained on it is not
-    exported as ml-4m's. Here det is marked so."""
+    keypoints, named human_poses before issue 14, were) is not loaded from a released checkpoint, and a model
+    trained on it is not exported as ml-4m's. Here det is marked so."""
     from dataclasses import replace
 
     from omniforge.modalities import MODALITIES
@@ -495,3 +495,28 @@ def test_a_modality_ml4m_names_alike_but_means_otherwise_is_not_loaded(tmp_path,
     assert "dropped the checkpoint's det: not the modality" in lines
     with pytest.raises(ConfigError, match="det: omniforge's det is not ml-4m's modality of that name .omniforge's own"):
         export_released(load_released(str(folder)).model, str(tmp_path / "out"))
+
+
+def test_a_released_human_poses_loads_with_ml4ms_logits_but_past_its_263_positions(tmp_path):
+    """4M-21's human_poses (ml-4m's max_tokens 275, max_length 263) loads from a released checkpoint. ml-4m's decoder
+    gives target ranks >= 263 position 0, omniforge counts on to 275 (omniforge/model/ml4m.py): on ml-4m's own
+    logits every prediction agrees but those from rank 263 on (a 272-token target: 8 of them), which differ."""
+    folder = os.path.join(FIXTURES, "poses")
+    loaded = load_released(folder)
+    assert loaded.released.specs["human_poses"].num_tokens == 275 and loaded.released.specs["human_poses"].raw
+    expected, batch = _expected("poses"), _batch("poses")
+    with torch.no_grad():
+        logits = loaded.model.decoder_logits(batch, scatter=True)
+    index, want = expected["index/human_poses"], expected["logits/human_poses"]
+    got = logits["human_poses"][index[:, 0], index[:, 1]].numpy()
+    targets = ~batch["human_poses"]["target_mask"].numpy()
+    rank = np.array([int(targets[b, :p].sum()) - 1 for b, p in index])  # the rank of the query predicting it
+    err = np.abs(got - want).max(axis=1)
+    assert (rank >= 263).sum() == 8 and err[rank < 263].max() < 1e-4 and err[rank >= 263].min() > 1e-3
+    caption = expected["index/caption"]
+    np.testing.assert_allclose(logits["caption"][caption[:, 0], caption[:, 1]].numpy(), expected["logits/caption"],
+                               atol=1e-4)
+    export_released(loaded.model, str(tmp_path / "export"))  # and it exports as ml-4m's again
+    again = load_released(str(tmp_path / "export"))
+    with torch.no_grad():
+        assert torch.equal(again.model.decoder_logits(batch, scatter=True)["human_poses"], logits["human_poses"])

@@ -2,7 +2,7 @@
 
 The corpus is the ml-4m fixture's (tests/fixtures/ml4m): three photos with the det, metadata, color_palette
 and caption labels omniforge wrote, their crop_settings, and ml-4m's own WordPiece vocabulary as the text
-tokenizer.
+tokenizer; sam_instance and human_poses labels made here (rectangles; synthetic SMPL people, nobody in one).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from skimage import data
 
 from sam_labels import rectangles, sam_label
+from smpl_labels import random_boxes, smpl_label
 
 from omniforge import codecs, shards, storage
 from omniforge.errors import ConfigError
@@ -30,7 +31,8 @@ from omniforge.tokenize.text import METADATA_FIELD_IDS, TextTokenizer
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "ml4m"
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
-RAW = ("color_palette", "metadata", "det", "caption", "sam_instance")
+RAW = ("color_palette", "metadata", "det", "caption", "sam_instance", "human_poses")
+PEOPLE = {"astronaut": 2, "chelsea": 1, "coffee": 0}
 EVERY_FIELD = "coffee"  # its metadata gets all 21 fields: 42 tokens, over the 40-token budget
 
 
@@ -43,7 +45,7 @@ def _write(root: str, folder: str, members: dict[str, bytes], fingerprint: str =
 
 
 _EXT = {"rgb": "jpg", "crop_settings": "npy", "det": "json", "metadata": "json", "color_palette": "json",
-        "caption": "txt", "sam_instance": "json"}
+        "caption": "txt", "sam_instance": "json", "human_poses": "json"}
 
 
 def _sam_label(image: np.ndarray) -> dict:
@@ -60,17 +62,21 @@ def corpus(tmp_path_factory) -> tuple[str, str]:
     _write(root, "rgb", {k: codecs.encode("jpg", np.ascontiguousarray(getattr(data, k)())) for k in LABELS})
     _write(root, "crop_settings", {k: codecs.encode("npy", np.asarray(v["crops"], np.int32))
                                    for k, v in LABELS.items()})
-    labels = {m: {k: v[m] for k, v in LABELS.items()} for m in RAW if m != "sam_instance"}
+    labels = {m: {k: v[m] for k, v in LABELS.items()} for m in RAW if m not in ("sam_instance", "human_poses")}
     labels["sam_instance"] = {k: _sam_label(getattr(data, k)()) for k in LABELS}
+    rng = np.random.default_rng(3)
+    labels["human_poses"] = {k: smpl_label(rng, random_boxes(rng, PEOPLE[k], *getattr(data, k)().shape[:2]))
+                             for k in LABELS}
     labels["metadata"][EVERY_FIELD] = {name: 1 for name in METADATA_FIELD_IDS}
     for m in RAW:
         _write(root, m, {k: codecs.encode(_EXT[m], v) for k, v in labels[m].items()})
     tokenizers = str(tmp_path_factory.mktemp("tokenizers"))
     storage.write_bytes(storage.join(tokenizers, "text", "tokenizer.json"), gzip.decompress(
         (FIXTURES / "text_tokenizer_4m_wordpiece_30k.json.gz").read_bytes()))
-    kind = kind_for("sam_instance")
     torch.manual_seed(0)
-    kind.save(kind.build(kind.config("tiny")), storage.join(tokenizers, kind.artifact.folder))
+    for m in ("sam_instance", "human_poses"):
+        kind = kind_for(m)
+        kind.save(kind.build(kind.config("tiny")), storage.join(tokenizers, kind.artifact.folder))
     return root, tokenizers
 
 
@@ -102,10 +108,20 @@ def _sam_points(batch, i: int, tok: TextTokenizer) -> frozenset:
                      if p == point and a in value and b in value)
 
 
+def _first_groups(batch, i: int, tok: TextTokenizer) -> set:
+    """The SMPL group words that follow a person's box (its v3= token) in row i's human_poses tokens: a person's
+    first group, which only changes when the group order is drawn again."""
+    groups = {tok.token_to_id(w) for w in ("pose", "global", "camera", "shape")}
+    ymax = {tok.token_to_id(f"v3={v}") for v in range(1000)}
+    ids = batch["human_poses"]["tensor"][i].tolist()
+    return {b for a, b in zip(ids, ids[1:]) if b in groups and a in ymax}
+
+
 def test_every_epoch_draws_again_and_the_draws_cover_ml4ms(corpus):
     torch.set_num_threads(1)
     masker, tok = _masker(corpus[1])
-    ks, points = defaultdict(list), defaultdict(list)
+    ks, points, firsts = defaultdict(list), defaultdict(list), defaultdict(set)
+    humans, nobody = defaultdict(int), defaultdict(int)
     for batch in make_loader(_cfg(corpus, epochs=16), masker, rank=0, world_size=1):
         for i, key in enumerate(batch["__key__"]):
             k = _palette_k(batch, i, tok)
@@ -114,9 +130,16 @@ def test_every_epoch_draws_again_and_the_draws_cover_ml4ms(corpus):
             p = _sam_points(batch, i, tok)
             if p:
                 points[key].append(p)
+            firsts[key] |= _first_groups(batch, i, tok)
+            poses = batch["human_poses"]["tensor"][i].tolist()
+            humans[key] += poses.count(tok.token_to_id("human"))
+            nobody[key] += poses.count(tok.token_to_id("none"))
     assert sorted(ks) == sorted(LABELS) and all(len(v) >= 3 for v in ks.values())
     assert all(len(set(v)) > 1 for v in ks.values())  # the same sample, other palette sizes in other epochs
     assert sorted(points) == sorted(LABELS) and all(len(set(v)) == len(v) >= 3 for v in points.values())
+    # the SMPL group order is drawn per sample: a fixed order would start each person with one group in every epoch
+    assert all(len(firsts[k]) > n for k, n in PEOPLE.items() if n) and not firsts["coffee"]
+    assert humans["coffee"] == 0 and nobody["coffee"] > 0 and humans["astronaut"] > 0 and humans["chelsea"] > 0
 
 
 def test_budget_cuts_are_counted_per_sample(corpus):
@@ -182,6 +205,15 @@ def test_the_trainer_trains_on_raw_folders_and_logs_the_cuts(corpus, tmp_path):
 
     samples = tmp_path / "samples"
     assert cli_main(["sample", "--checkpoint", str(out), "--input", root, "--key", "chelsea", "--from",
-                     "caption,color_palette", "--to", "det", "--out", str(samples), "--tokenizers", tokenizers,
-                     "--device", "cpu"]) == 0
+                     "caption,color_palette,human_poses", "--to", "det", "--out", str(samples), "--tokenizers",
+                     tokenizers, "--device", "cpu"]) == 0
     assert (samples / "chelsea" / "det.npy").exists() and (samples / "chelsea" / "sample.png").exists()
+    # a human_poses input (drawn in sample.png above) is decoded back to people by the pose tokenizer, not as text
+    from omniforge.model.sample import decode_output, read_input
+    from omniforge.schemas import check_human_poses
+
+    tok = TextTokenizer.from_file(storage.join(tokenizers, "text", "tokenizer.json"))
+    spec = specs_for(["human_poses"], tok.vocab_size)["human_poses"]
+    people = decode_output("human_poses", read_input(root, spec, "chelsea", tokenizers), spec, tokenizers, tok)
+    check_human_poses(people)
+    assert len(people["bbox_xyxy"]) == PEOPLE["chelsea"]

@@ -12,6 +12,7 @@ import torch
 from skimage import data
 
 from sam_labels import rectangles, sam_label
+from smpl_labels import random_boxes, smpl_label
 
 from omniforge import codecs, shards, storage
 from omniforge.jobs.cli import main as cli_main
@@ -20,7 +21,7 @@ from omniforge.tokenize.kinds import kind_for
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "ml4m"
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
 EXT = {"rgb": "jpg", "crop_settings": "npy", "det": "json", "metadata": "json", "color_palette": "json",
-       "caption": "txt", "sam_instance": "json", "human_keypoints": "json"}
+       "caption": "txt", "sam_instance": "json", "human_keypoints": "json", "human_poses": "json"}
 UNTOKENIZED = "coffee"  # labeled, but crop_settings lacks it (as when its tokenize failed)
 
 
@@ -45,12 +46,16 @@ def corpus(tmp_path_factory) -> tuple[str, str]:
         _write(root, m, {k: codecs.encode(EXT[m], v[m]) for k, v in LABELS.items()})
     _write(root, "sam_instance", {k: codecs.encode("json", _sam_label(v)) for k, v in images.items()})
     _write(root, "human_keypoints", {k: codecs.encode("json", {"instances": []}) for k in LABELS})
+    rng = np.random.default_rng(0)
+    people = {k: smpl_label(rng, random_boxes(rng, i, *images[k].shape[:2])) for i, k in enumerate(sorted(LABELS))}
+    _write(root, "human_poses", {k: codecs.encode("json", v) for k, v in people.items()})
     _write(root, "crop_settings", {k: codecs.encode("npy", np.asarray(v["crops"], np.int32))
                                    for k, v in LABELS.items() if k != UNTOKENIZED})
     tokenizers = str(tmp_path_factory.mktemp("tokenizers"))
-    kind = kind_for("sam_instance")
     torch.manual_seed(0)
-    kind.save(kind.build(kind.config("tiny")), os.path.join(tokenizers, kind.artifact.folder))
+    for m in ("sam_instance", "human_poses"):
+        kind = kind_for(m)
+        kind.save(kind.build(kind.config("tiny")), os.path.join(tokenizers, kind.artifact.folder))
     return root, tokenizers
 
 
@@ -67,7 +72,8 @@ def test_export_writes_ml4ms_files_with_aligned_keys(corpus, tmp_path, capsys):
     assert "human_keypoints" in printed and "not a 4M-21 modality" in printed  # not exported, and why
     assert not os.path.exists(shards.tar_uri(out, "human_keypoints", 0))
     tokenized = sorted(k for k in LABELS if k != UNTOKENIZED)
-    for folder in ("rgb", "det", "metadata", "color_palette", "caption", "crop_settings", "sam_instance"):
+    for folder in ("rgb", "det", "metadata", "color_palette", "caption", "crop_settings", "sam_instance",
+                   "human_poses"):
         assert _keys(shards.tar_uri(out, folder, 0)) == tokenized, folder  # ml-4m needs identical keys
     assert os.path.islink(shards.tar_uri(out, "crop_settings", 0))  # already aligned: linked, not copied
     assert not os.path.islink(shards.tar_uri(out, "det", 0))  # held the untokenized key: rewritten
@@ -90,6 +96,33 @@ def test_export_writes_ml4ms_files_with_aligned_keys(corpus, tmp_path, capsys):
                 xy = polygons[0].reshape(-1, 2)
                 assert polygons[0].shape[1:] == (1, 2) and xy.min() >= 0 and xy.max() <= 223
                 assert (xmin, ymin, xmax, ymax) == (xy[:, 0].min(), xy[:, 1].min(), xy[:, 0].max(), xy[:, 1].max())
+
+
+def test_export_writes_human_poses_with_their_pose_tokens(corpus, tmp_path):
+    """human_poses as ml-4m's HumanPoseTransform reads it: `<key>.json`, the label plus "pose_tokenized" (N x 8) from
+    the pose tokenizer in --tokenizers; nobody stays {}."""
+    from omniforge.tokenize.store import TokenizerStore
+
+    root, tokenizers = corpus
+    out = str(tmp_path / "ml4m")
+    assert cli_main(["export", root, out, "--dialect", "ml4m", "--tokenizers", tokenizers, "--modalities",
+                     "rgb,crop_settings,human_poses", "--no-progress"]) == 0
+    labels = {shards.member_key(n): codecs.decode("json", d) for n, d in
+              shards.iter_tar(shards.tar_uri(root, "human_poses", 0))}
+    store, kind = TokenizerStore(tokenizers), kind_for("human_poses")
+    people = 0
+    for name, member in shards.iter_tar(shards.tar_uri(out, "human_poses", 0)):
+        key = shards.member_key(name)
+        assert name == f"{key}.json"
+        exported, label = codecs.decode("json", member), labels[key]
+        if not label:
+            assert exported == {}
+            continue
+        assert {k: v for k, v in exported.items() if k != "pose_tokenized"} == label
+        poses = np.asarray(label["pred_smpl_params"]["body_pose"], np.float32).reshape(-1, 207)
+        np.testing.assert_array_equal(exported["pose_tokenized"], store.encode(kind, list(poses)))
+        people += len(poses)
+    assert people >= 1
 
 
 def test_export_refuses_what_it_cannot_do_in_one_line(corpus, tmp_path, capsys):

@@ -29,7 +29,7 @@ from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenize
 LABELED = ("rgb", "caption", "depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global",
            "color_palette", "metadata")
 TOKENIZED = ("depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global", "caption", "color_palette",
-             "metadata")
+             "metadata", "human_poses")
 OPTIONS = {"det": {"threshold": 0.0, "max_detections": 8},
            "sam_instance": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
 CROPS = C.CropConfig(n_crops=3, seed=7)
@@ -45,7 +45,22 @@ def labels(tmp_path_factory, ray_address) -> str:
                     ray_address=ray_address)
     assert summary.labeled["det"] >= 5
     _spread_det_scores(root)
+    _write_people(root)
     return root
+
+
+def _write_people(root: str) -> None:
+    """human_poses labels in the teacher's format for every sample rgb holds (0 to 3 people each, boxes in the rgb
+    label's pixels), committed as the label job commits them; the sample whose rgb failed fails here too."""
+    from smpl_labels import random_boxes, smpl_label, write_label_shard
+
+    rng = np.random.default_rng(5)
+    for s in range(3):
+        status = shards.read_status(shards.status_uri(root, "rgb", s)).to_pylist()
+        rgb = _members(root, "rgb", s)
+        people = {r["key"]: smpl_label(rng, random_boxes(rng, i % 4, *rgb[r["key"]].shape[:2]))
+                  for i, r in enumerate(status) if r["ok"]}
+        write_label_shard(root, s, people, {r["key"]: "the image did not decode" for r in status if not r["ok"]})
 
 
 def _spread_det_scores(root: str) -> None:
@@ -68,7 +83,7 @@ def _spread_det_scores(root: str) -> None:
 def tokenizer_dir(tmp_path_factory, labels) -> str:
     out = tmp_path_factory.mktemp("tokenizers")
     torch.manual_seed(0)
-    for name in ("depth", "semseg_coco", "clip", "dinov2_global", "sam_instance"):
+    for name in ("depth", "semseg_coco", "clip", "dinov2_global", "sam_instance", "human_poses"):
         kind = kind_for(name)
         kind.save(kind.build(kind.config("tiny")), str(out / kind.artifact.folder))
     captions = [codecs.decode("txt", data) for s in range(3)
@@ -96,7 +111,7 @@ def test_token_shards_verify_and_hold_the_same_keys(labels, tokenized):
     report = verify(labels)
     assert report.ok, report.lines()
     folders = ["crop_settings", "tok_depth@224", "tok_semseg@224", "tok_det", "tok_sam_instance", "tok_clip@224",
-               "tok_dinov2_global", "tok_caption", "tok_color_palette", "tok_metadata"]
+               "tok_dinov2_global", "tok_caption", "tok_color_palette", "tok_metadata", "tok_human_poses"]
     assert set(folders) <= set(report.modalities)
     for s in range(3):
         key_lists = {f: list(_members(labels, f, s)) for f in folders}
@@ -135,6 +150,31 @@ def test_every_modality_gets_the_same_crop(labels, tokenizer_dir, tokenized):
             expected = clip_tok.encode(kind_for("clip").prepare(feats)).numpy()
             np.testing.assert_array_equal(tok_clip[key], expected)
     assert checked_boxes > 0  # the det comparison saw real boxes
+
+
+def test_human_poses_tokens_are_each_crops_people(labels, tokenizer_dir, tokenized):
+    """tok_human_poses: per crop, the people inside it (mirrored on flipped crops) with the tiny pose tokenizer's
+    tokens, in the group orders frozen for (crop seed, key, crop index): what the kind makes of the label here."""
+    from omniforge.tokenize.store import TokenizerStore
+
+    store = TokenizerStore(tokenizer_dir)
+    kind, tok = kind_for("human_poses"), store.text()
+    people = flipped = 0
+    for s in range(3):
+        rgb, poses, crops = (_members(labels, m, s) for m in ("rgb", "human_poses", "crop_settings"))
+        tokens = _members(labels, "tok_human_poses", s)
+        for key, cs in crops.items():
+            h, w = rgb[key].shape[:2]
+            assert tokens[key].shape == (3, 275) and tokens[key].dtype == np.int16
+            for i, row in enumerate(cs):
+                crop = text.Crop(row=row, height=h, width=w, key=key, index=i, seed=CROPS.seed)
+                units = kind.units(poses[key], crop, store)
+                np.testing.assert_array_equal(tokens[key][i], tok.encode_units(units, 275))
+                parsed = text.parse_smpl_poses(tok.decode(tokens[key][i].tolist()))
+                assert len(parsed) == (0 if units == ["none"] else len(units))
+                people += len(parsed)
+                flipped += int(row[4]) * len(parsed)
+    assert people >= 10 and flipped >= 1
 
 
 def test_rerun_skips_and_a_new_tokenizer_redoes(labels, tokenizer_dir, tokenized, ray_address, tmp_path):

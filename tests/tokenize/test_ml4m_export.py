@@ -264,3 +264,29 @@ def test_export_4m_reads_the_tokenizers_a_fine_tuning_run_recorded(tmp_path, cap
     arrays = _vectors(8)
     np.testing.assert_array_equal(TokenizerStore(str(out / "tokenizers")).encode(kind, arrays),
                                   TokenizerStore(str(tok)).encode(kind, arrays))
+
+
+def test_the_pose_tokenizer_converts_to_ml4ms_human_poses_layout(tmp_path):
+    """omniforge's own pose tokenizer (human_poses/) is a Memcodes MLP: it converts to ml-4m's VQVAE of 207 channels
+    and 8 heads (the layout of ml-4m's human-poses snapshot), with the same ids, beside the shared vocabulary."""
+    from omniforge._smpl import random_rotations
+
+    kind = kind_for("human_poses")
+    torch.manual_seed(0)
+    native = kind.build(kind.config("tiny")).eval()
+    tok = tmp_path / "tok"
+    save_tokenizer(native, str(tok / "human_poses"))
+    (tok / "text").mkdir()
+    (tok / "text" / "tokenizer.json").write_bytes(gzip.decompress(VOCAB_GZ.read_bytes()))
+    text_plan, plan = export4m.plan(str(tok), [get_modality("human_poses")])
+    assert (text_plan.folder, text_plan.source) == ("text", "copied")
+    assert (plan.folder, plan.source, plan.codebook_size) == ("human_poses", "converted", 128)
+    assert {k: plan.config[k] for k in ("n_channels", "num_codebooks", "quant_type")} == {
+        k: json.loads((SNAPSHOTS / "4M_tokenizers_human-poses_1k_8" / "config.json").read_text())[k]
+        for k in ("n_channels", "num_codebooks", "quant_type")}
+    out = tmp_path / "out"
+    export4m.write([plan], str(out))
+    poses = [r.astype(np.float32).reshape(-1) for r in random_rotations(np.random.default_rng(0), (32, 23), 90.0)]
+    want = native.encode(torch.from_numpy(np.stack(poses)))
+    assert want.unique().numel() > 8
+    assert torch.equal(ml4m.load_snapshot(str(out / "human_poses")).encode(torch.from_numpy(np.stack(poses))), want)

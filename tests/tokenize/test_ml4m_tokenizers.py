@@ -85,14 +85,23 @@ def test_token_ids_equal_ml4m_for_every_kind_at_224_and_448(inputs, expected):
         assert len(np.unique(ids)) > 20  # varied codes, not a handful winning every token
 
 
-def test_the_pose_tokenizer_loads_and_encodes(inputs, expected):
-    """human-poses_1k_8 (SMPL poses are issue 14: no omniforge modality uses it yet): ml-4m's ids and decoding."""
+def test_the_pose_tokenizer_loads_and_encodes(tmp_path, inputs, expected):
+    """human-poses_1k_8, laid out by import-4m as human_poses' pose tokenizer: ml-4m's ids from the body poses as
+    they are (ml4m_transform "pose"), and its decoding."""
+    from omniforge.tokenize.import4m import import_4m
+
     model = ml4m.load_snapshot(str(SNAPSHOTS / POSES))
     assert model.config.family == "Memcodes MLP" and model.config.num_tokens() == 8
     ids = model.encode(torch.from_numpy(inputs["human_poses"])).numpy()
     _assert_ids(ids, expected["poses_ids"], expected["poses_margin"])
     np.testing.assert_allclose(model.decode(torch.from_numpy(expected["poses_ids"])).numpy(), expected["poses_recon"],
                                atol=1e-5)
+    out = tmp_path / "tok"
+    import_4m([str(_imported(tmp_path, (POSES,), vocab=False))], str(out))
+    store, kind = TokenizerStore(str(out)), kind_for("human_poses")
+    got = store.encode(kind, list(inputs["human_poses"]))
+    _assert_ids(got.astype(np.int64), expected["poses_ids"], expected["poses_margin"])
+    assert store.codebook_size(kind) == 64 and ml4m.is_ml4m_model(store.model(kind))
 
 
 def test_reconstructions_match_ml4m(expected):
@@ -311,26 +320,29 @@ def test_vit_presets_are_ml4ms_and_extendable():
 
 def test_import_4m_lays_out_the_folders_and_prints_what_each_covers(tmp_path, capsys):
     src = _imported(tmp_path)
-    shutil.copytree(SNAPSHOTS / POSES, src / "EPFL-VILAB--4M_tokenizers_human-poses_1k_8")  # no modality uses it
+    shutil.copytree(SNAPSHOTS / POSES, src / "EPFL-VILAB--4M_tokenizers_human-poses_1k_8")
+    shutil.copytree(SNAPSHOTS / POSES, src / "EPFL-VILAB--4M_tokenizers_toy_1k_8")  # no modality uses it
     out = tmp_path / "tok"
     assert cli_main(["tokenizer", "import-4m", str(src), "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert sorted(p.name for p in out.iterdir()) == ["clip", "depth", "dinov2_global", "sam_mask", "semseg_coco",
-                                                     "text"]
-    for folder, snap in (("clip", CLIP), ("depth", DEPTH), ("sam_mask", SAM)):
+    assert sorted(p.name for p in out.iterdir()) == ["clip", "depth", "dinov2_global", "human_poses", "sam_mask",
+                                                     "semseg_coco", "text"]
+    for folder, snap in (("clip", CLIP), ("depth", DEPTH), ("sam_mask", SAM), ("human_poses", POSES)):
         for f in ("config.json", "model.safetensors"):
             assert (out / folder / f).read_bytes() == (SNAPSHOTS / snap / f).read_bytes()
     assert (out / "text" / "tokenizer.json").stat().st_size > 100_000
     by_folder = {ln.split()[0]: ln for ln in lines if "<-" in ln}
-    assert any(ln.startswith("skipped 4M_tokenizers_human-poses_1k_8") for ln in lines)
+    assert any(ln.startswith("skipped 4M_tokenizers_toy_1k_8") for ln in lines)
     assert "codebook 256" in by_folder["semseg_coco"] and "196-784 tokens" in by_folder["semseg_coco"]
     assert "resolution 224-448" in by_folder["depth"] and "decoder: diffusion (tokens only)" in by_folder["depth"]
     assert "decoder: ViT" in by_folder["semseg_coco"] and "feature maps" in by_folder["clip"]
     assert "Memcodes MLP" in by_folder["dinov2_global"] and "16 tokens" in by_folder["dinov2_global"]
     assert "decoder: MLP" in by_folder["dinov2_global"]
-    assert "(for sam_instance)" in by_folder["sam_mask"] and "16 tokens" in by_folder["sam_mask"]
+    assert "(for sam_instance)" in by_folder["sam_mask"] and "16 tokens, resolution 64" in by_folder["sam_mask"]
     assert "WordPiece vocabulary, 30000 tokens" in by_folder["text"] and "caption" in by_folder["text"]
-    assert lines[-1].startswith("6 tokenizer folders")
+    assert "human_poses" in by_folder["text"]
+    assert by_folder["human_poses"].endswith("Memcodes MLP, codebook 64, 8 tokens, decoder: MLP")
+    assert lines[-1].startswith("7 tokenizer folders")
     # a second import refuses to overwrite; --link --overwrite replaces with links
     assert cli_main(["tokenizer", "import-4m", str(src), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -369,8 +381,8 @@ def test_import_4m_fails_whole_and_in_one_line(tmp_path, capsys, monkeypatch):
     assert cli_main(["tokenizer", "import-4m", "EPFL-VILAB/4M_tokenizers_depth_8k_224-448", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot download EPFL-VILAB/4M_tokenizers_depth_8k_224-448" in err[0]
-    assert cli_main(["tokenizer", "import-4m", "EPFL-VILAB/4M_tokenizers_human-poses_1k_8", "--out", str(out)]) == 2
-    assert "no registered modality uses EPFL-VILAB/4M_tokenizers_human-poses_1k_8" in capsys.readouterr().err
+    assert cli_main(["tokenizer", "import-4m", "EPFL-VILAB/4M_tokenizers_toy_1k_8", "--out", str(out)]) == 2
+    assert "no registered modality uses EPFL-VILAB/4M_tokenizers_toy_1k_8" in capsys.readouterr().err
     assert cli_main(["tokenizer", "import-4m", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "neither a local folder nor a hub repository id" in capsys.readouterr().err
 

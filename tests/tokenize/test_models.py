@@ -92,7 +92,10 @@ def test_names_and_configs():
     trained = {kind_for(m).artifact.folder for m in all_modalities() if m.tokenized and kind_for(m).model_kind}
     assert trained == {
         "rgb", "depth", "normal", "semseg_coco", "canny_edge", "sam_edge", "clip", "dinov2", "imagebind",
-        "dinov2_global", "imagebind_global", "sam_mask"}
+        "dinov2_global", "imagebind_global", "sam_mask", "human_poses"}
+    poses = kind_for("human_poses").config("base")  # ml-4m's human-poses tokenizer: 8 tokens of 1024 codes
+    assert (poses.kind, poses.in_channels, poses.num_tokens, poses.codebook_size) == ("global", 207, 8, 1024)
+    assert (poses.dim, poses.depth, poses.num_tokens * poses.latent_dim) == (1024, 6, 1024)
     base_codebooks = {"rgb": 16384, "semseg_coco": 4096, "sam_mask": 1024, "depth": 8192, "normal": 8192,
                       "canny_edge": 8192, "sam_edge": 8192, "clip": 8192, "dinov2": 8192, "imagebind": 8192,
                       "dinov2_global": 8192, "imagebind_global": 8192}

@@ -10,7 +10,8 @@ from omniforge.modalities import all_modalities, get_modality
 from omniforge.tokenize.text import (
     EOS, NUM_SENTINELS, NUM_SPECIAL_TOKENS, PAD, SOS, UNK, TextTokenizer, det_units, metadata_units,
     palette_units, parse_det, parse_metadata, parse_palette, parse_keypoints, parse_sam, keypoint_units,
-    sam_contours, sam_draw_units, sam_query_points, sam_units, train_wordpiece,
+    sam_contours, sam_draw_units, sam_query_points, sam_units, train_wordpiece, SMPL_TOKENS_PER_PERSON,
+    parse_smpl_poses, smpl_units,
 )
 
 DOG = {"boxes": [0.1, 0.2, 0.5, 1.0], "class_name": "dog", "score": 0.9}
@@ -186,6 +187,69 @@ def test_pose_round_trip():
     assert parse_keypoints("none") == []
 
 
+# ------------------------------------------------------------------------------------ smpl (human_poses)
+
+# A person, and its 4M-21 text worked out by hand (ml-4m's HumanPoseTransform rules): box round(c * 999); pose
+# tokens t < 512 -> v0=t, else v1=t-512; global round(499.5 g + 499.5): 1 -> 999, 0 -> 499.5 -> 500 (half to even),
+# -1 -> 0; camera clipped to [-1, 19], round(49.95 c + 49.95): 1 -> 99.9 -> 100, -0.5 -> 24.975 -> 25, 25 -> 19 ->
+# 999; shape round(166.5 b + 499.5): 0 -> 500, 1 -> 666, 3.5 (clipped to 3) -> 999.
+SMPL_PERSON = {"box": [0.1, 0.2, 0.5, 1.0], "pose_tokens": [0, 511, 512, 1023, 5, 600, 700, 100],
+               "global_orient": [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]],
+               "betas": [0.0] * 8 + [1.0, 3.5], "pred_cam": [1.0, -0.5, 25.0]}
+SMPL_GROUPS_S = {"pose": "pose v0=0 v0=511 v1=0 v1=511 v0=5 v1=88 v1=188 v0=100",
+                 "global": "global v0=999 v0=500 v0=500 v0=500 v0=500 v0=0 v0=500 v0=999 v0=500",
+                 "camera": "camera v0=100 v0=25 v0=999",
+                 "shape": "shape" + " v0=500" * 8 + " v0=666 v0=999"}
+
+
+def test_smpl_exact_string_in_any_group_order():
+    head = "human v0=100 v1=200 v2=500 v3=999"
+    assert smpl_units([SMPL_PERSON]) == [" ".join([head, *SMPL_GROUPS_S.values()])]  # pose, global, camera, shape
+    (unit,) = smpl_units([SMPL_PERSON], [[3, 1, 0, 2]])  # ml-4m's order indices into (pose, global, camera, shape)
+    assert unit == " ".join([head, SMPL_GROUPS_S["shape"], SMPL_GROUPS_S["global"], SMPL_GROUPS_S["pose"],
+                             SMPL_GROUPS_S["camera"]])
+    assert len(unit.split()) == SMPL_TOKENS_PER_PERSON == 39
+    assert smpl_units([]) == ["none"]
+
+
+def test_smpl_round_trip_and_what_the_parser_skips():
+    rng = np.random.default_rng(2)
+    people = [{"box": sorted(rng.random(2).tolist()) * 2, "pose_tokens": rng.integers(0, 1024, 8).tolist(),
+               "global_orient": rng.uniform(-1, 1, (3, 3)), "betas": rng.uniform(-3, 3, 10),
+               "pred_cam": [rng.uniform(-1, 19), rng.uniform(-1, 1), rng.uniform(-1, 1)]} for _ in range(3)]
+    orders = [rng.permutation(4).tolist() for _ in people]
+    units = smpl_units(people, orders)
+    parsed = parse_smpl_poses(" ".join(units))
+    assert len(parsed) == 3
+    for p, src, order in zip(parsed, people, orders):
+        assert p["order"] == order and p["pose_tokens"] == src["pose_tokens"]
+        np.testing.assert_allclose(p["bbox"], src["box"], atol=0.5 / 999 + 1e-9)
+        np.testing.assert_allclose(p["global_orient"], src["global_orient"], atol=0.5 / 499.5 + 1e-9)
+        np.testing.assert_allclose(p["betas"], src["betas"], atol=0.5 / 166.5 + 1e-9)
+        np.testing.assert_allclose(p["pred_cam"], src["pred_cam"], atol=0.5 / 49.95 + 1e-9)
+    text = " ".join(units)
+    assert parse_smpl_poses("none") == [] and len(parse_smpl_poses(text.rsplit(" ", 3)[0])) == 2  # cut short
+    first = units[0].split()
+    broken = [" ".join(w for w in first if w != "camera"),  # a group word missing
+              units[0].replace("pose", "global", 1),  # a group twice
+              " ".join(first[:-1])]  # its last group one value short
+    assert len(parse_smpl_poses(units[0])) == 1 and all(parse_smpl_poses(b) == [] for b in broken)
+    assert parse_smpl_poses(text.upper().lower()) == parsed  # the tokenizer's decoded, lower-cased text
+
+
+def test_smpl_bad_people_are_sample_errors():
+    for bad, why in [({**SMPL_PERSON, "pose_tokens": [1024] * 8}, "pose tokens"),
+                     ({**SMPL_PERSON, "pose_tokens": [0] * 7}, "pose tokens"),
+                     ({**SMPL_PERSON, "betas": [float("nan")] * 10}, "betas"),
+                     ({**SMPL_PERSON, "pred_cam": [1.0, 2.0]}, "camera"),
+                     ({k: v for k, v in SMPL_PERSON.items() if k != "betas"}, "needs box")]:
+        with pytest.raises(SampleError, match=why) as err:
+            smpl_units([bad])
+        assert err.value.error_type == "bad_label"
+    with pytest.raises(ValueError, match="permutation"):
+        smpl_units([SMPL_PERSON], [[0, 1, 2, 2]])
+
+
 # ---------------------------------------------------------------------------------------------- sam
 
 
@@ -281,7 +345,7 @@ def test_special_tokens_and_vocabulary(tok):
     for name in COCO_DETECTION_CLASSES:
         assert tok.encode(name) == [tok.token_to_id(name)], name
         assert tok.encode(name.upper()) == [tok.token_to_id(name)]  # class names are normalized (lower-cased)
-    for word in ("human", "point", "polygon", "none"):
+    for word in ("human", "point", "polygon", "none", "pose", "global", "camera", "shape"):
         assert len(tok.encode(word)) == 1, word
     assert NUM_SPECIAL_TOKENS < tok.vocab_size <= 30_000
 
@@ -363,10 +427,11 @@ def test_train_vocab_size_bounds():
     bound = NUM_SPECIAL_TOKENS + 120
     small = train_wordpiece([" ".join(_WORDS)] * 5, vocab_size=bound)
     assert small.vocab_size <= bound
-    assert all(len(small.encode(w)) == 1 for w in ("human", "point", "polygon", "none"))
+    assert all(len(small.encode(w)) == 1 for w in ("human", "point", "polygon", "none", "pose", "global", "camera",
+                                                   "shape"))
 
 
 def test_sequence_budgets_are_4m21s():
     budgets = {m.name: m.num_tokens for m in all_modalities() if m.crop == "sequence"}
-    assert budgets == {"caption": 256, "det": 256, "human_keypoints": 275, "sam_instance": 290,
+    assert budgets == {"caption": 256, "det": 256, "human_poses": 275, "human_keypoints": 275, "sam_instance": 290,
                        "color_palette": 23, "metadata": 40}
