@@ -1,4 +1,5 @@
-"""Shared fixtures: one real S3-compatible server on loopback and one local Ray cluster per session."""
+"""Shared fixtures: one real S3-compatible server on loopback, one local Ray cluster per session, one torch
+thread."""
 
 import pytest
 
@@ -17,10 +18,11 @@ def ray_address(s3_server):  # noqa: F811 - the S3 env must exist before Ray sta
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """One torch thread for the test: two OpenMP threads on a shared 2-core machine stall on every small op (one
-    is 10-70x faster here). Modules of small-tensor tests use it with `pytestmark`."""
+    """One torch thread in the test process, for the whole session: two OpenMP threads on a shared 2-core machine
+    stall on every small op (one is 10-70x faster here; a tiny FourM trains ~6x faster). Subprocesses that run
+    torch (torchrun, the CLI) get OMP_NUM_THREADS=1 from their test; Ray actors set their own threads."""
     import torch
 
     before = torch.get_num_threads()

@@ -79,7 +79,6 @@ def test_trains_and_samples_tok_rgb_448(corpus, tmp_path):
     cfg = TrainConfig(data=corpus, modalities=(PIX448, TOK448), out=out, input_tokens=128, target_tokens=128,
                       batch_size=4, steps=2, lr=1e-3, warmup_steps=1, shuffle_buffer=4, tensorboard=False,
                       device="cpu", save_every=2, tokenizers=str(tokenizers))
-    torch.set_num_threads(2)
     result = train(cfg, progress=False)
     assert len(result.losses) == 2 and all(np.isfinite(e["losses"][TOK448]) for e in result.losses)
     parser = argparse.ArgumentParser()

@@ -216,7 +216,6 @@ def test_learns_tokens_from_pixels_and_samples_them(solid, tmp_path, capsys):
     cfg = TrainConfig(data=corpus, modalities=(RGB, DEPTH), out=out, masking=str(masking), input_tokens=196,
                       target_tokens=64, batch_size=5, steps=60, lr=3e-3, warmup_steps=10, final_lr=1e-4,
                       shuffle_buffer=16, tensorboard=False, device="cpu", save_every=120)
-    torch.set_num_threads(2)
     result = train(cfg, progress=False)
     last = np.mean([e["losses"][DEPTH] for e in result.losses[-5:]])
     assert last < 0.25 * np.log(len(COLOURS)), last
