@@ -1,5 +1,5 @@
-"""Shared fixtures: one real S3-compatible server on loopback, one local Ray cluster per session, one torch
-thread."""
+"""Shared fixtures: one real S3-compatible server on loopback, one local Ray cluster and one small labeled corpus
+per session, one torch thread."""
 
 import pytest
 
@@ -16,6 +16,18 @@ def ray_address(s3_server):  # noqa: F811 - the S3 env must exist before Ray sta
     ensure_ray(None)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_labels(tmp_path_factory, ray_address) -> str:
+    """The session's small labeled corpus (tests/tiny_labels.py), read-only: copy it to write beside it."""
+    import tiny_labels as T
+
+    root = T.label_tiny_corpus(tmp_path_factory.mktemp("tiny_labels"), ray_address)
+    before = T.digest(root)
+    yield root
+    changed = sorted(set(before.items()) ^ set(T.digest(root).items()))
+    assert not changed, f"a test wrote into the shared tiny_labels root: {sorted({p for p, _ in changed})[:5]}"
 
 
 @pytest.fixture(scope="session", autouse=True)
