@@ -2,7 +2,6 @@
 
 import argparse
 import importlib
-import io
 import json
 import os
 import shutil
@@ -19,16 +18,11 @@ from omniforge.model.checkpoint import latest_checkpoint, load_model
 from omniforge.model.train import TrainConfig, config_from_args, main, train
 from omniforge import shards
 from omniforge.tokenize.text import train_wordpiece
+from _helpers import npy_bytes
 
 DEPTH, CAP = "tok_depth@224", "tok_caption"
 N_SHARDS, N_KEYS, N_CROPS = 3, 8, 2
 CAPTIONS = ["a dog on a red sofa", "two cats under a table", "a man riding a bike", "a bowl of green apples"]
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def corpus(tmp_path_factory):
                     arr = depth
                 else:
                     arr = np.stack([tok.encode_units([CAPTIONS[k % 2]], 256)] * N_CROPS)
-                members.append((f"{key}.npy", _npy(arr)))
+                members.append((f"{key}.npy", npy_bytes(arr)))
             shards.write_tar(shards.tar_uri(root, folder, s), members)
             shards.write_status(shards.status_uri(root, folder, s), [{"key": k, "ok": True} for k in keys])
     return root, toks
@@ -289,7 +283,7 @@ def test_loss_per_corpus_when_mixing(corpus, tmp_path):
                        (noisy, lambda: rng.integers(0, 16, (N_CROPS, 196)).astype(np.int16))):
         for s in range(N_SHARDS):
             keys = [f"s{s:03d}-k{k:03d}" for k in range(N_KEYS)]
-            shards.write_tar(shards.tar_uri(root, DEPTH, s), [(f"{key}.npy", _npy(make())) for key in keys])
+            shards.write_tar(shards.tar_uri(root, DEPTH, s), [(f"{key}.npy", npy_bytes(make())) for key in keys])
             shards.write_status(shards.status_uri(root, DEPTH, s), [{"key": k, "ok": True} for k in keys])
     result = train(_cfg(corpus, tmp_path / "run", data=(clean, noisy), modalities=(DEPTH,), steps=120,
                         save_every=1000), progress=False)
