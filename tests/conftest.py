@@ -31,10 +31,24 @@ def tiny_labels(tmp_path_factory, ray_address) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def session_torch_threads():
+    """One torch thread in the test process unless a test asks for more; yields torch's default count. Two
+    OpenMP threads on a shared 2-core machine stall on every small op: a tiny FourM trains ~6x faster on one
+    (the pixels test: 10 s against 56 s). The full-size official models of tests/labelers/ are faster on the
+    default threads (tests/labelers/conftest.py). Subprocesses that run torch get OMP_NUM_THREADS=1 from their
+    test; Ray actors set their own threads."""
+    import torch
+
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield default
+    torch.set_num_threads(default)
+
+
+@pytest.fixture
 def one_torch_thread():
-    """One torch thread in the test process, for the whole session: two OpenMP threads on a shared 2-core machine
-    stall on every small op (one is 10-70x faster here; a tiny FourM trains ~6x faster). Subprocesses that run
-    torch (torchrun, the CLI) get OMP_NUM_THREADS=1 from their test; Ray actors set their own threads."""
+    """One torch thread for the test (the session's count outside tests/labelers/); modules of small-tensor tests
+    use it with `pytestmark`."""
     import torch
 
     before = torch.get_num_threads()
