@@ -34,7 +34,6 @@ def env(tmp_path_factory) -> dict[str, str]:
                           "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["OMP_NUM_THREADS"] = "1"  # the commands that train in-process: one torch thread (see conftest.py)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return env
 
