@@ -1,4 +1,5 @@
-"""Shared fixtures: one real S3-compatible server on loopback and one local Ray cluster per session."""
+"""Shared fixtures: one real S3-compatible server on loopback, one local Ray cluster and one small labeled corpus
+per session, one torch thread."""
 
 import pytest
 
@@ -17,10 +18,37 @@ def ray_address(s3_server):  # noqa: F811 - the S3 env must exist before Ray sta
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_labels(tmp_path_factory, ray_address) -> str:
+    """The session's small labeled corpus (tests/tiny_labels.py), read-only: copy it to write beside it."""
+    import tiny_labels as T
+
+    root = T.label_tiny_corpus(tmp_path_factory.mktemp("tiny_labels"), ray_address)
+    before = T.digest(root)
+    yield root
+    changed = sorted(set(before.items()) ^ set(T.digest(root).items()))
+    assert not changed, f"a test wrote into the shared tiny_labels root: {sorted({p for p, _ in changed})[:5]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_torch_threads():
+    """One torch thread in the test process unless a test asks for more; yields torch's default count. Two
+    OpenMP threads on a shared 2-core machine stall on every small op: a tiny FourM trains ~6x faster on one
+    (the pixels test: 10 s against 56 s). The full-size official models of tests/labelers/ are faster on the
+    default threads (tests/labelers/conftest.py). Subprocesses that run torch get OMP_NUM_THREADS=1 from their
+    test; Ray actors set their own threads."""
+    import torch
+
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield default
+    torch.set_num_threads(default)
+
+
 @pytest.fixture
 def one_torch_thread():
-    """One torch thread for the test: two OpenMP threads on a shared 2-core machine stall on every small op (one
-    is 10-70x faster here). Modules of small-tensor tests use it with `pytestmark`."""
+    """One torch thread for the test (the session's count outside tests/labelers/); modules of small-tensor tests
+    use it with `pytestmark`."""
     import torch
 
     before = torch.get_num_threads()

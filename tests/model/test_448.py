@@ -1,7 +1,6 @@
 """The trainer at 448: tok_rgb@448 (784 tokens on a 28 x 28 grid) and rgb@448 pixels, trained, sampled, decoded."""
 
 import argparse
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -16,21 +15,10 @@ from omniforge.model.fm import FourM, model_config
 from omniforge.model.specs import specs_for
 from omniforge.model.train import TrainConfig, train
 from omniforge.tokenize.kinds import kind_for
+from _helpers import jpg_bytes, npy_bytes
 
 TOK448, PIX448, TOK224 = "tok_rgb@448", "rgb@448", "tok_rgb@224"
 COLOURS = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 240, 240]], dtype=np.uint8)
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
-def _jpg(image):
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +32,9 @@ def corpus(tmp_path_factory):
         for k in range(4):
             key = f"s{s}-k{k}"
             classes = np.random.default_rng(10 * s + k).integers(len(COLOURS), size=(28, 28))
-            rgb.append((f"{key}.jpg", _jpg(np.kron(COLOURS[classes], np.ones((16, 16, 1), np.uint8)))))
-            crops.append((f"{key}.npy", _npy(np.array([[0, 0, 448, 448, 0]], dtype=np.int32))))
-            toks.append((f"{key}.npy", _npy(classes.reshape(1, 784).astype(np.int16))))
+            rgb.append((f"{key}.jpg", jpg_bytes(np.kron(COLOURS[classes], np.ones((16, 16, 1), np.uint8)))))
+            crops.append((f"{key}.npy", npy_bytes(np.array([[0, 0, 448, 448, 0]], dtype=np.int32))))
+            toks.append((f"{key}.npy", npy_bytes(classes.reshape(1, 784).astype(np.int16))))
             manifest["key"].append(key)
             manifest["shard"].append(s)
         for folder, members in (("rgb", rgb), (shards.CROP_SETTINGS, crops), (TOK448, toks)):
@@ -79,7 +67,6 @@ def test_trains_and_samples_tok_rgb_448(corpus, tmp_path):
     cfg = TrainConfig(data=corpus, modalities=(PIX448, TOK448), out=out, input_tokens=128, target_tokens=128,
                       batch_size=4, steps=2, lr=1e-3, warmup_steps=1, shuffle_buffer=4, tensorboard=False,
                       device="cpu", save_every=2, tokenizers=str(tokenizers))
-    torch.set_num_threads(2)
     result = train(cfg, progress=False)
     assert len(result.losses) == 2 and all(np.isfinite(e["losses"][TOK448]) for e in result.losses)
     parser = argparse.ArgumentParser()
@@ -105,7 +92,7 @@ def test_rgb_448_pixels_are_never_upsampled(corpus, tmp_path):
     root = str(tmp_path / "small")
     shutil.copytree(corpus, root)
     for s in range(2):
-        members = [(f"s{s}-k{k}.npy", _npy(np.array([[0, 0, 300, 300, 0]], dtype=np.int32))) for k in range(4)]
+        members = [(f"s{s}-k{k}.npy", npy_bytes(np.array([[0, 0, 300, 300, 0]], dtype=np.int32))) for k in range(4)]
         shards.write_tar(shards.tar_uri(root, shards.CROP_SETTINGS, s), members)
     specs = specs_for([PIX448, TOK448], 1)
     masker = Masker(MaskingConfig.uniform([PIX448, TOK448]), specs, sentinel_ids=[], eos_id=3)

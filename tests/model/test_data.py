@@ -1,6 +1,5 @@
 """The token-shard loader: key coverage across ranks and workers, crops, missing modalities, exact resume."""
 
-import io
 from collections import Counter
 
 import numpy as np
@@ -12,6 +11,7 @@ from omniforge.model.data import DataConfig, TokenShardDataset, make_loader, par
 from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model.specs import ModalitySpec
 from omniforge import shards
+from _helpers import npy_bytes
 
 EOS, PAD = 3, 0
 SENTINELS = list(range(10, 210))
@@ -20,12 +20,6 @@ SPECS = {IMG: ModalitySpec(name=IMG, kind="image", num_tokens=16, vocab_size=409
          CAP: ModalitySpec(name=CAP, kind="sequence", num_tokens=8, vocab_size=4096)}
 N_SHARDS, N_KEYS, N_CROPS = 5, 5, 3
 MISSING = ("s001-k002", IMG)  # this key has no rgb tokens
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def root(tmp_path_factory):
                     arr = np.array([[1000 + 10 * c + p % 10 for p in range(16)] for c in range(N_CROPS)])
                 else:
                     arr = np.array([[300 + s * N_KEYS + k, 400 + c, EOS] + [PAD] * 5 for c in range(N_CROPS)])
-                members.append((f"{key}.npy", _npy(arr.astype(np.int16))))
+                members.append((f"{key}.npy", npy_bytes(arr.astype(np.int16))))
                 rows.append({"key": key, "ok": True})
             shards.write_tar(shards.tar_uri(root, folder, s), members)
             shards.write_status(shards.status_uri(root, folder, s), rows)
@@ -143,7 +137,7 @@ def captions_only(tmp_path_factory):
     for s in range(3):
         keys = [f"c{s:03d}-k{k:03d}" for k in range(4)]
         arr = np.array([[500, 400, EOS] + [PAD] * 5], dtype=np.int16)
-        shards.write_tar(shards.tar_uri(root, CAP, s), [(f"{k}.npy", _npy(arr)) for k in keys])
+        shards.write_tar(shards.tar_uri(root, CAP, s), [(f"{k}.npy", npy_bytes(arr)) for k in keys])
         shards.write_status(shards.status_uri(root, CAP, s), [{"key": k, "ok": True} for k in keys])
     return root
 

@@ -2,7 +2,6 @@
 projection and positions, checkpoints, and learning from the vectors."""
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from omniforge.model.fm import FourM, model_config
 from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model.specs import specs_for
 from omniforge.model.train import TrainConfig, main, train
+from _helpers import npy_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,12 +28,6 @@ T5, DEPTH = "t5_caption", "tok_depth@224"
 L, D = 77, 4096
 N_SHARDS, N_KEYS, N_CLASSES = 2, 6, 4
 PROTOTYPES = np.random.default_rng(7).normal(size=(N_CLASSES, D)).astype(np.float16)
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 def _vectors(s, k):
@@ -72,7 +66,8 @@ def _write_corpus(root, gaps=True):
         _status(root, T5, s, [name.split(".")[0] for name, _ in t5])
         if s == N_SHARDS:
             continue
-        depth = [(f"{key}.npy", _npy(np.full((1, 196), (s + k) % N_CLASSES, np.int16))) for k, key in enumerate(keys)]
+        depth = [(f"{key}.npy", npy_bytes(np.full((1, 196), (s + k) % N_CLASSES, np.int16)))
+                 for k, key in enumerate(keys)]
         shards.write_tar(shards.tar_uri(root, DEPTH, s), depth)
         _status(root, DEPTH, s, keys)
     manifest["key"].append("x-extra")

@@ -2,7 +2,6 @@
 
 import argparse
 import importlib
-import io
 import json
 import os
 import shutil
@@ -19,16 +18,11 @@ from omniforge.model.checkpoint import latest_checkpoint, load_model
 from omniforge.model.train import TrainConfig, config_from_args, main, train
 from omniforge import shards
 from omniforge.tokenize.text import train_wordpiece
+from _helpers import npy_bytes
 
 DEPTH, CAP = "tok_depth@224", "tok_caption"
 N_SHARDS, N_KEYS, N_CROPS = 3, 8, 2
 CAPTIONS = ["a dog on a red sofa", "two cats under a table", "a man riding a bike", "a bowl of green apples"]
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def corpus(tmp_path_factory):
                     arr = depth
                 else:
                     arr = np.stack([tok.encode_units([CAPTIONS[k % 2]], 256)] * N_CROPS)
-                members.append((f"{key}.npy", _npy(arr)))
+                members.append((f"{key}.npy", npy_bytes(arr)))
             shards.write_tar(shards.tar_uri(root, folder, s), members)
             shards.write_status(shards.status_uri(root, folder, s), [{"key": k, "ok": True} for k in keys])
     return root, toks
@@ -65,7 +59,6 @@ def _cfg(corpus, out, **kw):
 
 
 def test_loss_falls(corpus, tmp_path):
-    torch.set_num_threads(1)
     root, _ = corpus
     result = train(_cfg(corpus, tmp_path / "run", steps=150, save_every=1000, eval_data=root, eval_every=50,
                         eval_batches=2), progress=False)
@@ -87,7 +80,6 @@ def test_loss_falls(corpus, tmp_path):
 
 
 def test_exact_resume(corpus, tmp_path):
-    torch.set_num_threads(1)
     held_out = dict(eval_data=corpus[0], eval_every=2, eval_batches=1)  # evaluations leave training as it was
     full = train(_cfg(corpus, tmp_path / "full", **held_out), progress=False)
     assert [e["step"] for e in full.losses] == [1, 2, 3, 4, 5, 6]
@@ -125,7 +117,6 @@ def test_exact_resume(corpus, tmp_path):
 
 
 def test_checkpoint_reloads(corpus, tmp_path):
-    torch.set_num_threads(1)
     cfg = _cfg(corpus, tmp_path / "run", steps=2, save_every=2, tensorboard=True, log_every=1)
     train(cfg, progress=True)
     try:
@@ -182,7 +173,6 @@ def test_config_errors(corpus, tmp_path):
 
 
 def test_cli_runs(corpus, tmp_path, capsys):
-    torch.set_num_threads(1)
     root, toks = corpus
     rc = main(["--config", "tiny", "--data", root, "--modalities", DEPTH, "--out", str(tmp_path / "cli"),
                "--steps", "2", "--grad-accum", "2", "--batch-size", "2",
@@ -203,7 +193,6 @@ def test_held_out_loss_repeats_and_follows_the_weights(corpus, tmp_path):
     from omniforge._torch_run import Dist
     from omniforge.model.train import _Run
 
-    torch.set_num_threads(1)
     run = _Run(_cfg(corpus, tmp_path / "run", eval_data=corpus[0], eval_batches=2), torch.device("cpu"), Dist())
     rng = torch.get_rng_state()
     a, b = run.evaluate(0), run.evaluate(0)
@@ -225,7 +214,6 @@ def test_compiled_blocks_train_like_eager(corpus, tmp_path):
     recompiles although every batch packs to other lengths), and checkpoints an eager model loads."""
     from torch._dynamo.utils import counters
 
-    torch.set_num_threads(1)
     torch._dynamo.reset()
     counters.clear()
     eager = train(_cfg(corpus, tmp_path / "eager", steps=4), progress=False)
@@ -289,14 +277,13 @@ def test_named_datasets_from_a_yaml_config(corpus, tmp_path, capsys):
 def test_loss_per_corpus_when_mixing(corpus, tmp_path):
     """Mixed corpora get a loss each in log.jsonl: the corpus whose depth tokens are noise stays far above
     the one whose tokens are all alike, while the per-modality loss mixes both."""
-    torch.set_num_threads(1)
     clean, noisy = str(tmp_path / "clean"), str(tmp_path / "noisy")
     rng = np.random.default_rng(0)
     for root, make in ((clean, lambda: np.full((N_CROPS, 196), 5, np.int16)),
                        (noisy, lambda: rng.integers(0, 16, (N_CROPS, 196)).astype(np.int16))):
         for s in range(N_SHARDS):
             keys = [f"s{s:03d}-k{k:03d}" for k in range(N_KEYS)]
-            shards.write_tar(shards.tar_uri(root, DEPTH, s), [(f"{key}.npy", _npy(make())) for key in keys])
+            shards.write_tar(shards.tar_uri(root, DEPTH, s), [(f"{key}.npy", npy_bytes(make())) for key in keys])
             shards.write_status(shards.status_uri(root, DEPTH, s), [{"key": k, "ok": True} for k in keys])
     result = train(_cfg(corpus, tmp_path / "run", data=(clean, noisy), modalities=(DEPTH,), steps=120,
                         save_every=1000), progress=False)

@@ -1,7 +1,6 @@
 """Raw-pixel input (rgb@224): patches, input-only masking, the loader's crops, and learning from pixels."""
 
 import argparse
-import io
 import os
 
 import numpy as np
@@ -18,22 +17,11 @@ from omniforge.model.fm import FourM, model_config
 from omniforge.model.masking import Masker, MaskingConfig
 from omniforge.model.specs import patchify, resolve_folder, specs_for, unpatchify
 from omniforge.model.train import TrainConfig, train
+from _helpers import jpg_bytes, npy_bytes
 
 RGB, DEPTH = "rgb@224", "tok_depth@224"
 COLOURS = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 240, 240]], dtype=np.uint8)
 N_SHARDS, N_KEYS = 2, 6
-
-
-def _npy(arr):
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
-def _jpg(image):
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
 
 
 def _classes(seed):
@@ -61,13 +49,15 @@ def _write_corpus(root, class_fn):
         rgb, crops, depth = [], [], []
         for k, key in enumerate(keys):
             classes = class_fn(100 * s + k)
-            rgb.append((f"{key}.jpg", _jpg(_image(classes))))
+            rgb.append((f"{key}.jpg", jpg_bytes(_image(classes))))
             manifest["key"].append(key)
             manifest["shard"].append(s)
             if k == N_KEYS - 1:
                 continue
-            crops.append((f"{key}.npy", _npy(np.array([[0, 0, 224, 224, 0], [0, 0, 224, 224, 1]], dtype=np.int32))))
-            depth.append((f"{key}.npy", _npy(np.stack([classes.ravel(), classes[:, ::-1].ravel()]).astype(np.int16))))
+            crop = np.array([[0, 0, 224, 224, 0], [0, 0, 224, 224, 1]], dtype=np.int32)
+            crops.append((f"{key}.npy", npy_bytes(crop)))
+            tokens = np.stack([classes.ravel(), classes[:, ::-1].ravel()]).astype(np.int16)
+            depth.append((f"{key}.npy", npy_bytes(tokens)))
         for folder, members in (("rgb", rgb), (shards.CROP_SETTINGS, crops), (DEPTH, depth)):
             shards.write_tar(shards.tar_uri(root, folder, s), members)
             shards.write_status(shards.status_uri(root, folder, s),
@@ -216,7 +206,6 @@ def test_learns_tokens_from_pixels_and_samples_them(solid, tmp_path, capsys):
     cfg = TrainConfig(data=corpus, modalities=(RGB, DEPTH), out=out, masking=str(masking), input_tokens=196,
                       target_tokens=64, batch_size=5, steps=60, lr=3e-3, warmup_steps=10, final_lr=1e-4,
                       shuffle_buffer=16, tensorboard=False, device="cpu", save_every=120)
-    torch.set_num_threads(2)
     result = train(cfg, progress=False)
     last = np.mean([e["losses"][DEPTH] for e in result.losses[-5:]])
     assert last < 0.25 * np.log(len(COLOURS)), last

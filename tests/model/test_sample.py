@@ -5,7 +5,6 @@ trainer's layout."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 
@@ -20,6 +19,7 @@ from omniforge.model.fm import FourM, ModelConfig
 from omniforge.model.sample import SampleConfig, add_cli, filter_logits, generate, token_schedule
 from omniforge.model.specs import ModalitySpec
 from omniforge import shards
+from _helpers import npy_bytes, random_ids, tiny_fourm
 
 IMG, SEQ, GLB = "tok_rgb@224", "tok_caption", "tok_dinov2_global"
 SPECS = {
@@ -38,12 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model() -> FourM:
-    torch.manual_seed(0)
-    return FourM(ModelConfig(dim=32, encoder_depth=1, decoder_depth=1, heads=2), SPECS).eval()
-
-
-def _image(spec: ModalitySpec, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, spec.vocab_size, spec.num_tokens)
+    return tiny_fourm(SPECS)
 
 
 CAPTION = np.array([20, 21, 22, 23, EOS])
@@ -83,14 +78,14 @@ def _check_sequence(ids: np.ndarray, decoding: str = "omniforge") -> None:
 @pytest.mark.parametrize("order", ["maskgit", "random"])
 def test_generate_returns_valid_ids_for_every_target(model, order, decoding):
     cfg = SampleConfig(steps=4, order=order, top_k=10, top_p=0.9, seed=3, sequence_sampling=decoding)
-    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
+    out = generate(model, SPECS, {IMG: random_ids(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
     assert list(out) == [GLB, SEQ]
     glb = out[GLB]
     assert glb.shape == (16,) and glb.dtype == np.int64 and glb.min() >= 0 and glb.max() < 24
     _check_sequence(out[SEQ], decoding)
     out2 = generate(model, SPECS, {SEQ: CAPTION[:-1]}, [IMG], cfg, **TEXT)  # a caption without its EOS
     assert out2[IMG].shape == (16,) and 0 <= out2[IMG].min() and out2[IMG].max() < 32
-    again = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
+    again = generate(model, SPECS, {IMG: random_ids(SPECS[IMG])}, [GLB, SEQ], cfg, **TEXT)
     assert all(np.array_equal(out[m], again[m]) for m in out)  # same seed, same output
 
 
@@ -117,7 +112,7 @@ def test_greedy_single_step_is_argmax(model):
 
 
 def test_greedy_sequence_is_argmax_decoding(model):
-    image = _image(SPECS[IMG])
+    image = random_ids(SPECS[IMG])
     out = generate(model, SPECS, {IMG: image}, [SEQ], SampleConfig(temperature=0.0, steps=1, **OMNI), **TEXT)[SEQ]
     # independent greedy decoding: target row [S_1, t1, t2, ...] at position 0, banned [PAD] and sentinels
     spec = SPECS[SEQ]
@@ -141,7 +136,7 @@ def test_greedy_sequence_is_argmax_decoding(model):
 def test_greedy_ml4m_sequence_is_argmax_decoding(model):
     """ml-4m's convention: the row is its empty sequence (input [S_1] at 0, target [S_1] from position 1), nothing
     is banned, and the first sentinel drawn ends the sequence (it is not part of it)."""
-    image = _image(SPECS[IMG])
+    image = random_ids(SPECS[IMG])
     out = generate(model, SPECS, {IMG: image}, [SEQ], SampleConfig(temperature=0.0, sequence_sampling="ml4m"),
                    **TEXT)[SEQ]
     spec = SPECS[SEQ]
@@ -173,7 +168,7 @@ def test_ml4m_sequence_stops_at_a_sentinel_not_at_eos(model, monkeypatch):
         return {m: logits}
 
     spy = _Spy(model, monkeypatch, eos_then_close)
-    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1, sequence_sampling="ml4m"),
+    out = generate(model, SPECS, {IMG: random_ids(SPECS[IMG])}, [SEQ], SampleConfig(seed=1, sequence_sampling="ml4m"),
                    **TEXT)[SEQ]
     assert len(out) == 3 and out[1:].tolist() == [EOS, 50] and len(spy.calls) == 4
 
@@ -185,7 +180,7 @@ def test_sequence_stops_at_eos(model, monkeypatch):
         return {m: logits}
 
     spy = _Spy(model, monkeypatch, eos_from_third)
-    out = generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [SEQ], SampleConfig(seed=1, **OMNI), **TEXT)[SEQ]
+    out = generate(model, SPECS, {IMG: random_ids(SPECS[IMG])}, [SEQ], SampleConfig(seed=1, **OMNI), **TEXT)[SEQ]
     assert len(out) == 3 and out[-1] == EOS and EOS not in out[:-1]
     assert len(spy.calls) == 3  # no decoding after EOS
 
@@ -220,14 +215,14 @@ def test_chained_generation_feeds_earlier_targets(model, monkeypatch):
 
 def test_chained_target_already_given_is_an_error(model):
     with pytest.raises(ConfigError, match="also given as inputs"):
-        generate(model, SPECS, {IMG: _image(SPECS[IMG])}, [IMG], GREEDY, **TEXT)
+        generate(model, SPECS, {IMG: random_ids(SPECS[IMG])}, [IMG], GREEDY, **TEXT)
     with pytest.raises(ConfigError, match="not among"):
-        generate(model, SPECS, {IMG: _image(SPECS[IMG])}, ["tok_nope"], GREEDY, **TEXT)
+        generate(model, SPECS, {IMG: random_ids(SPECS[IMG])}, ["tok_nope"], GREEDY, **TEXT)
 
 
 def test_maskgit_one_step_reveals_everything(model, monkeypatch):
     spy = _Spy(model, monkeypatch)
-    out = generate(model, SPECS, {GLB: _image(SPECS[GLB])}, [IMG], SampleConfig(steps=1), **TEXT)[IMG]
+    out = generate(model, SPECS, {GLB: random_ids(SPECS[GLB])}, [IMG], SampleConfig(steps=1), **TEXT)[IMG]
     assert out.shape == (16,)
     assert len(spy.calls) == 1
     _, batch, logits = spy.calls[0]
@@ -345,9 +340,9 @@ def test_load_model(model, tmp_path):
 def test_sample_cli_writes_token_rows(model, tmp_path, capsys):
     root = str(tmp_path / "corpus")
     shards.write_parquet(shards.manifest_uri(root), pa.table({"key": ["a", "b"], "shard": [0, 0]}))
-    rows = {k: np.stack([_image(SPECS[IMG], seed), _image(SPECS[IMG], seed + 9)]).astype(np.int16)
+    rows = {k: np.stack([random_ids(SPECS[IMG], seed), random_ids(SPECS[IMG], seed + 9)]).astype(np.int16)
             for k, seed in (("a", 1), ("b", 2))}
-    shards.write_tar(shards.tar_uri(root, IMG, 0), [(f"{k}.npy", _npy(v)) for k, v in rows.items()])
+    shards.write_tar(shards.tar_uri(root, IMG, 0), [(f"{k}.npy", npy_bytes(v)) for k, v in rows.items()])
     run = str(tmp_path / "run")
     _write_checkpoint(run, model, 2)
 
@@ -383,12 +378,6 @@ def test_sample_cli_writes_token_rows(model, tmp_path, capsys):
                               "--to", GLB, "--out", out])
     with pytest.raises(ConfigError, match="not in"):
         args.fn(args)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
 
 
 def test_per_target_settings_apply_to_their_target_only(model, monkeypatch):
@@ -445,8 +434,8 @@ def test_sample_cli_per_target_settings_and_undecodable_targets(model, tmp_path,
 
     root = str(tmp_path / "corpus")
     shards.write_parquet(shards.manifest_uri(root), pa.table({"key": ["a", "b"], "shard": [0, 0]}))
-    rows = {k: _image(SPECS[GLB], seed)[None].astype(np.int16) for k, seed in (("a", 1), ("b", 2))}
-    shards.write_tar(shards.tar_uri(root, GLB, 0), [(f"{k}.npy", _npy(v)) for k, v in rows.items()])
+    rows = {k: random_ids(SPECS[GLB], seed)[None].astype(np.int16) for k, seed in (("a", 1), ("b", 2))}
+    shards.write_tar(shards.tar_uri(root, GLB, 0), [(f"{k}.npy", npy_bytes(v)) for k, v in rows.items()])
     run = str(tmp_path / "run")
     _write_checkpoint(run, model, 2)
     real_decode = sample.decode_output

@@ -20,6 +20,7 @@ from omniforge.model.sample import (SampleConfig, drop_condition, filter_logits,
                                     guided_logits, multi_guided_logits, temperature_schedule, token_distribution,
                                     token_schedule)
 from omniforge.model.specs import ModalitySpec
+from _helpers import random_ids, tiny_fourm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -187,12 +188,7 @@ TEXT = dict(sentinel_ids=list(range(4, 204)), eos_id=3, pad_id=0)  # ml-4m's voc
 
 @pytest.fixture(scope="module")
 def model() -> FourM:
-    torch.manual_seed(0)
-    return FourM(ModelConfig(dim=32, encoder_depth=1, decoder_depth=1, heads=2), SPECS).eval()
-
-
-def _image(spec: ModalitySpec, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, spec.vocab_size, spec.num_tokens)
+    return tiny_fourm(SPECS)
 
 
 class _Calls:
@@ -234,7 +230,7 @@ def test_ml4m_sequence_merge(expected, monkeypatch):
 
         calls = _Calls(model, monkeypatch, force)
         cfg = SampleConfig(temperature=0.0, sequence_sampling="ml4m")
-        out = generate(model, specs, {IMG: _image(SPECS[IMG])}, [SEQ], cfg, **TEXT)[SEQ]
+        out = generate(model, specs, {IMG: random_ids(SPECS[IMG])}, [SEQ], cfg, **TEXT)[SEQ]
         assert out.tolist() == merge["merged"], merge
         closing = next((i for i, t in enumerate(forced) if t in sentinels), len(forced) - 1)
         assert len(calls.calls) == closing + 1  # no draw after the first sentinel (it ends ml-4m's merged span)
@@ -245,7 +241,7 @@ def test_ml4m_sequence_merge(expected, monkeypatch):
 
 
 def test_guidance_scale_one_is_the_conditional_result(model, monkeypatch):
-    inputs = {GLB: _image(SPECS[GLB]), SEQ: np.array([300, 301, 3])}
+    inputs = {GLB: random_ids(SPECS[GLB]), SEQ: np.array([300, 301, 3])}
     for order in ("maskgit", "random"):
         plain = SampleConfig(steps=3, order=order, seed=4, top_p=0.9)
         one = SampleConfig(steps=3, order=order, seed=4, top_p=0.9, guidance_scale=1.0, guidance_grow=False)
@@ -264,7 +260,7 @@ def test_guidance_scale_one_is_the_conditional_result(model, monkeypatch):
 def test_guided_generation_draws_from_ml4ms_guided_logits(model, monkeypatch, scale):
     """Two passes per step: the sample as given, and every condition dropped (ml-4m's empty_*_modality); the
     greedy draw is the argmax of uncond + scale * (cond - uncond)."""
-    inputs = {GLB: _image(SPECS[GLB]), SEQ: np.array([300, 301, 3])}
+    inputs = {GLB: random_ids(SPECS[GLB]), SEQ: np.array([300, 301, 3])}
     calls = _Calls(model, monkeypatch)
     out = generate(model, SPECS, inputs, [IMG], SampleConfig(steps=1, temperature=0.0, guidance_scale=scale),
                    **TEXT)[IMG]
@@ -291,7 +287,7 @@ def test_guidance_grow_drops_finished_targets(model, monkeypatch):
 
 def test_multi_condition_guidance(model, monkeypatch):
     """ml-4m's generate_multi_guided: one pass per weighted condition (only it kept), one with all dropped."""
-    inputs = {GLB: _image(SPECS[GLB]), SEQ: np.array([300, 301, 3])}
+    inputs = {GLB: random_ids(SPECS[GLB]), SEQ: np.array([300, 301, 3])}
     weights = {GLB: 2.0, SEQ: 0.5}
     calls = _Calls(model, monkeypatch)
     out = generate(model, SPECS, inputs, [IMG], SampleConfig(steps=1, temperature=0.0, guidance_weights=weights),
@@ -321,15 +317,15 @@ def test_temperature_schedule_per_round(model, monkeypatch):
 
     monkeypatch.setattr(sample, "_draw", spy)
     cfg = SampleConfig(steps=4, order="random", temperature=3.0, temperature_schedule="onex:0.5:0.5")
-    generate(model, SPECS, {GLB: _image(SPECS[GLB])}, [IMG], cfg, **TEXT)
+    generate(model, SPECS, {GLB: random_ids(SPECS[GLB])}, [IMG], cfg, **TEXT)
     assert seen == temperature_schedule(3.0, token_schedule(16, 4, "linear"), "onex:0.5:0.5")
     seen.clear()
-    generate(model, SPECS, {GLB: _image(SPECS[GLB])}, [SEQ], cfg, **TEXT)
+    generate(model, SPECS, {GLB: random_ids(SPECS[GLB])}, [SEQ], cfg, **TEXT)
     assert seen and set(seen) == {3.0}  # sequences: the constant starting temperature, as ml-4m
 
 
 def test_same_seed_same_output_with_every_setting(model):
-    inputs = {GLB: _image(SPECS[GLB])}
+    inputs = {GLB: random_ids(SPECS[GLB])}
     cfg = SampleConfig(steps=5, order="random", temperature=2.0, temperature_schedule="linear", top_k=0.5,
                        top_p=0.9, guidance_scale=1.5, seed=11)
     a = generate(model, SPECS, inputs, [IMG, SEQ], cfg, **TEXT)
@@ -344,7 +340,7 @@ def test_sequences_from_a_shifted_decoder(model, monkeypatch):
     token, so its row k is target token k + 1: the sampler reads one row earlier and draws the same tokens."""
     import omniforge.model.sample as sample
 
-    inputs = {IMG: _image(SPECS[IMG])}
+    inputs = {IMG: random_ids(SPECS[IMG])}
     for sampling in ("ml4m", "omniforge"):
         cfg = SampleConfig(temperature=0.0, sequence_sampling=sampling)
         plain = generate(model, SPECS, inputs, [SEQ], cfg, **TEXT)[SEQ]
@@ -358,7 +354,7 @@ def test_sequence_sampling_defaults_to_the_models_convention(model, monkeypatch)
     """No sequence_sampling: ml-4m's for a released model (shifted decoding), omniforge's for omniforge's own."""
     import omniforge.model.sample as sample
 
-    inputs = {IMG: _image(SPECS[IMG])}
+    inputs = {IMG: random_ids(SPECS[IMG])}
     default = SampleConfig(temperature=0.0)
     outputs = [generate(model, SPECS, inputs, [SEQ], replace(default, sequence_sampling=s), **TEXT)[SEQ].tolist()
                for s in ("omniforge", "ml4m")]

@@ -8,6 +8,8 @@ The labels are written by a real label job from photos large enough (and one too
 
 from __future__ import annotations
 
+import functools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 
 from images import photo_bytes
+from tiny_labels import digest
 from omniforge import codecs, shards
 from omniforge.errors import ConfigError
 from omniforge.modalities import parse_token_target
@@ -66,8 +69,42 @@ def _members(root: str, folder: str) -> dict[str, object]:
             for n, d in shards.iter_tar(shards.tar_uri(root, folder, 0))}
 
 
-def test_448_tokens_come_from_the_224_crop_windows(corpus, tokenizer_dir, ray_address):
-    root = _label(corpus, STORAGE, ray_address)
+@pytest.fixture(scope="module")
+def labels(corpus, ray_address) -> str:
+    """rgb and clip labeled at STORAGE, read-only (checked at the end of the module): a test that tokenizes in
+    place copies it."""
+    root = _label(corpus, STORAGE, ray_address, ("rgb", "clip"))
+    before = digest(root)
+    yield root
+    assert digest(root) == before, "a test wrote into the shared label root"
+
+
+def _own_copy(labels: str, tmp: Path) -> str:
+    shutil.copytree(labels, tmp / "labels")
+    return str(tmp / "labels")
+
+
+@pytest.fixture(scope="module")
+def clip_448_maps(labels):
+    """key -> the label job's teacher (tiny, the same seeded weights) run at 448 on the 448 window of each of the
+    key's CROPS crops of the stored rgb: what tok_clip@448 must encode, crop by crop (4M-21: the stored clip
+    label is crop 0's 224 map, so every crop, crop 0 included, is the teacher at 448). Computed once a key."""
+    from omniforge.labelers import Sample
+    from omniforge.labelers.clip import ClipLabeler
+
+    teacher, rgb = ClipLabeler(weights="tiny"), _members(labels, "rgb")
+
+    @functools.cache
+    def maps(key: str) -> list[np.ndarray]:
+        windows = [Sample(key=key, image=C.crop_image(rgb[key], c, 448))
+                   for c in C.crop_settings(key, *rgb[key].shape[:2], CROPS)]
+        return [r["clip"] for r in teacher.label_at(windows, 448)]
+
+    return maps
+
+
+def test_448_tokens_come_from_the_224_crop_windows(corpus, labels, tokenizer_dir, ray_address, tmp_path):
+    root = _own_copy(labels, tmp_path)
     cfg = TokenizeConfig(input=root, tokenizers=tokenizer_dir, modalities=("rgb", "rgb@448"), crops=CROPS,
                          progress=False)
     summary = tokenize(cfg, ray_address=ray_address)
@@ -123,13 +160,10 @@ def test_labels_stored_too_small_are_never_upsampled(corpus, tokenizer_dir, ray_
     assert alone.written == 3
 
 
-def test_clip_448_runs_the_teacher_at_448_on_every_crop(corpus, ray_address):
-    # tok_clip@448, as 4M-21: the stored clip label is crop 0's 224 map, so every crop (crop 0 included) is the
-    # teacher run at 448 on that crop's 448 window of the stored rgb, then the clip tokenizer at a 28 x 28 grid
-    from omniforge.labelers import Sample
-    from omniforge.labelers.clip import ClipLabeler
-
-    root = _label(corpus, STORAGE, ray_address, ("rgb", "clip"))
+def test_clip_448_runs_the_teacher_at_448_on_every_crop(corpus, labels, clip_448_maps, ray_address, tmp_path):
+    # tok_clip@448, as 4M-21: every crop (crop 0 included) is the teacher run at 448 on that crop's 448 window of
+    # the stored rgb (clip_448_maps), then the clip tokenizer at a 28 x 28 grid
+    root = _own_copy(labels, tmp_path)
     torch.manual_seed(0)
     kind224, kind448 = kind_for("clip"), kind_for(parse_token_target("clip@448"))
     tokenizers = corpus / "clip_tokenizers"
@@ -143,54 +177,47 @@ def test_clip_448_runs_the_teacher_at_448_on_every_crop(corpus, ray_address):
     t224, t448 = _members(root, "tok_clip@224"), _members(root, "tok_clip@448")
     assert list(t224) == list(t448) == list(crops) == ["astronaut", "coffee"]
     tok = models.load_tokenizer(str(tokenizers / "clip"))
-    teacher = ClipLabeler(weights="tiny")  # the label job's teacher (tiny, the same seeded weights)
     for key, cs in crops.items():
         assert t448[key].dtype == np.int16 and t448[key].shape == (2, 784) and t224[key].shape == (2, 196)
-        windows = [Sample(key=key, image=C.crop_image(rgb[key], c, 448)) for c in cs]
-        feats = [r["clip"] for r in teacher.label_at(windows, 448)]
+        np.testing.assert_array_equal(cs, C.crop_settings(key, *rgb[key].shape[:2], CROPS))  # clip_448_maps' crops
+        feats = clip_448_maps(key)
         assert all(f.shape == (28, 28, 512) for f in feats)
         np.testing.assert_array_equal(t448[key], tok.encode(kind448.prepare(feats)).numpy())
         # the 224 folder is as before: crop 0 is the stored label, never the 448 map
         np.testing.assert_array_equal(t224[key][0], tok.encode(kind224.prepare([stored[key]]))[0].numpy())
     assert not np.array_equal(t448["astronaut"][0], t448["coffee"][0])
     # one crop: the teacher still runs for the 448 folder (crop 0 cannot reuse the stored 224 map)
-    one = tokenize(TokenizeConfig(input=root, output=str(corpus / "clip448_one"), tokenizers=str(tokenizers),
+    one = tokenize(TokenizeConfig(input=root, output=str(tmp_path / "clip448_one"), tokenizers=str(tokenizers),
                                   modalities=("clip@448",), crops=C.CropConfig(n_crops=1, seed=3), progress=False),
                    ray_address=ray_address)
     assert one.written == 2
-    ones = _members(str(corpus / "clip448_one"), "tok_clip@448")
+    ones = _members(str(tmp_path / "clip448_one"), "tok_clip@448")
     for key in ones:
         np.testing.assert_array_equal(ones[key][0], t448[key][0])  # crop 0 is the same centred square
 
 
-def test_clip_448_through_the_released_224_448_tokenizer(corpus, ray_address):
+def test_clip_448_through_the_released_224_448_tokenizer(corpus, labels, clip_448_maps, ray_address, tmp_path):
     # Apple's CLIP-B16_8k_224-448 (the fixture snapshot, ml-4m's own classes at a tiny width) encodes the 28 x 28
     # map of the teacher run at 448, its position embedding interpolated
     import json
-    import shutil
 
-    from omniforge.labelers import Sample
-    from omniforge.labelers.clip import ClipLabeler
     from omniforge.tokenize import ml4m
 
     fixtures = Path(__file__).parents[1] / "fixtures" / "ml4m_tokenizers"
     for name, p in json.loads((fixtures / "tiny_presets.json").read_text()).items():
         ml4m.register_vit_preset(name, **p)
-    tokenizers = corpus / "clip_snapshot"
+    tokenizers = tmp_path / "clip_snapshot"
     shutil.copytree(fixtures / "snapshots" / "4M_tokenizers_CLIP-B16_8k_224-448", tokenizers / "clip")
-    root = _label(corpus, STORAGE, ray_address, ("rgb", "clip"))
-    out = str(corpus / "clip448_snapshot")
-    summary = tokenize(TokenizeConfig(input=root, output=out, tokenizers=str(tokenizers), modalities=("clip@448",),
+    out = str(tmp_path / "clip448_snapshot")
+    summary = tokenize(TokenizeConfig(input=labels, output=out, tokenizers=str(tokenizers), modalities=("clip@448",),
                                       crops=CROPS, progress=False), ray_address=ray_address)
     assert summary.written == 2 and summary.left_out == {"too_small": 1}
-    rgb, crops, t448 = _members(root, "rgb"), _members(out, "crop_settings"), _members(out, "tok_clip@448")
+    rgb, crops, t448 = _members(labels, "rgb"), _members(out, "crop_settings"), _members(out, "tok_clip@448")
     model = ml4m.load_snapshot(str(tokenizers / "clip"))
     info = parse_token_target("clip@448")
-    teacher = ClipLabeler(weights="tiny")
     for key, cs in crops.items():
-        feats = [r["clip"] for r in teacher.label_at([Sample(key=key, image=C.crop_image(rgb[key], c, 448))
-                                                      for c in cs], 448)]
-        expected = model.encode(ml4m.prepare(info, np.stack(feats))).numpy()
+        np.testing.assert_array_equal(cs, C.crop_settings(key, *rgb[key].shape[:2], CROPS))  # clip_448_maps' crops
+        expected = model.encode(ml4m.prepare(info, np.stack(clip_448_maps(key)))).numpy()
         assert t448[key].shape == (2, 784) and expected.shape == (2, 784)
         np.testing.assert_array_equal(t448[key], expected)
 

@@ -17,33 +17,27 @@ import torch
 from omniforge import codecs
 from omniforge.errors import ConfigError
 from omniforge.jobs.cli import main as cli_main
-from omniforge.jobs.demo_corpus import build_demo_corpus
 from omniforge.labelers import Sample, create_labeler
 from omniforge import shards
-from omniforge.pipeline import LabelConfig, label, parse_weights, verify
+from omniforge.pipeline import verify
 from omniforge.tokenize import crops as C
 from omniforge.tokenize import models, text
 from omniforge.tokenize.kinds import kind_for
 from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenize
+from tiny_labels import OPTIONS, copy_labels
 
-LABELED = ("rgb", "caption", "depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global",
-           "color_palette", "metadata")
 TOKENIZED = ("depth", "semseg_coco", "det", "sam_instance", "clip", "dinov2_global", "caption", "color_palette",
              "metadata", "human_poses")
-OPTIONS = {"det": {"threshold": 0.0, "max_detections": 8},
-           "sam_instance": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
 CROPS = C.CropConfig(n_crops=3, seed=7)
 
 
 @pytest.fixture(scope="module")
-def labels(tmp_path_factory, ray_address) -> str:
-    tmp = tmp_path_factory.mktemp("tokjob")
-    corpus = build_demo_corpus(tmp / "corpus", n_images=6)  # 6 photos and the truncated JPEG
-    root = str(tmp / "labels")
-    summary = label(LabelConfig(input=str(corpus), output=root, modalities=LABELED, weights=parse_weights("tiny"),
-                                options=OPTIONS, shard_size=3, batch_size=4, progress=False),
-                    ray_address=ray_address)
-    assert summary.labeled["det"] >= 5
+def labels(tmp_path_factory, tiny_labels) -> str:
+    """A copy of the session's labels (tests/tiny_labels.py: 6 photos and the truncated JPEG, every modality of
+    TOKENIZED but human_poses labeled with tiny teachers; human_poses written by _write_people), tokenized in
+    place by this module."""
+    root = copy_labels(tiny_labels, tmp_path_factory.mktemp("tokjob") / "labels")
+    assert verify(root).modalities["det"].labeled >= 5
     _spread_det_scores(root)
     _write_people(root)
     return root

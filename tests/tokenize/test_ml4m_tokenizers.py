@@ -390,45 +390,42 @@ def test_import_4m_fails_whole_and_in_one_line(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------ tokenize job
 
 
-def test_the_tokenize_job_writes_ml4m_tokens_with_imported_snapshots(tmp_path, ray_address):
-    """Label a small corpus, import the snapshots and ml-4m's vocabulary as --tokenizers, run the tokenize job: the
-    sequence folders (caption, sam_instance: ml-4m's SAM-mask tokenizer inside ml-4m's vocabulary) read back through
-    that vocabulary. The dense and feature folders, 224 and 448, are checked crop by crop against the snapshots in
-    tests/test_starting_from_4m21.py, which runs the same job through the README's commands."""
+def test_the_tokenize_job_writes_ml4m_tokens_with_imported_snapshots(tmp_path, tiny_labels, ray_address):
+    """The session's labels (tests/tiny_labels.py), the snapshots and ml-4m's vocabulary imported as --tokenizers,
+    the tokenize job: the sequence folders (caption, sam_instance: ml-4m's SAM-mask tokenizer inside ml-4m's
+    vocabulary) read back through that vocabulary. The dense and feature folders, 224 and 448, are checked crop by
+    crop against the snapshots in tests/test_starting_from_4m21.py, which runs the same job through the README's
+    commands."""
     from omniforge import codecs, shards
-    from omniforge.jobs.demo_corpus import build_demo_corpus
-    from omniforge.pipeline import LabelConfig, label, parse_weights, verify
+    from omniforge.pipeline import verify
     from omniforge.pipeline.tokenize_job import TokenizeConfig, tokenize
     from omniforge.tokenize import crops as C
     from omniforge.tokenize.import4m import import_4m
+    from tiny_labels import OPTIONS
 
-    corpus = build_demo_corpus(tmp_path / "corpus", n_images=3)
-    root = str(tmp_path / "labels")
-    modalities = ("rgb", "caption", "sam_instance")
-    options = {"sam_instance": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
-    label(LabelConfig(input=str(corpus), output=root, modalities=modalities, weights=parse_weights("tiny"),
-                      options=options, shard_size=2, batch_size=4, progress=False), ray_address=ray_address)
     tok_dir = tmp_path / "tokenizers"
     import_4m([str(_imported(tmp_path))], str(tok_dir), link=True)
     crops = C.CropConfig(n_crops=2, seed=3)
     tokenized = ("sam_instance", "caption")
-    summary = tokenize(TokenizeConfig(input=root, tokenizers=str(tok_dir), modalities=tokenized, crops=crops,
-                                      options=options, progress=False), ray_address=ray_address)
-    assert summary.written == 3 and verify(root).ok
+    out = str(tmp_path / "tokens")
+    summary = tokenize(TokenizeConfig(input=tiny_labels, output=out, tokenizers=str(tok_dir), modalities=tokenized,
+                                      crops=crops, options={"sam_instance": OPTIONS["sam_instance"]}, progress=False),
+                       ray_address=ray_address)
+    assert summary.written == 6 and summary.left_out == {"label_failed": 1} and verify(out).ok
 
-    def members(folder: str, shard: int) -> dict:
+    def members(root: str, folder: str, shard: int) -> dict:
         return {shards.member_key(n): codecs.decode(n.split(".", 1)[1], d)
                 for n, d in shards.iter_tar(shards.tar_uri(root, folder, shard))}
 
     text = TokenizerStore(str(tok_dir)).text()
     checked = 0
-    for s in range(2):
-        captions = members("caption", s)
-        toks = {m: members(get_modality(m).token_modality, s) for m in tokenized}
+    for s in range(3):
+        captions = members(tiny_labels, "caption", s)
+        toks = {m: members(out, get_modality(m).token_modality, s) for m in tokenized}
         for key, caption_label in captions.items():
             caption = text.decode(toks["caption"][key][0].tolist())
             assert caption and caption.split()[0] in caption_label.lower()
             sam = text.decode(toks["sam_instance"][key][0].tolist())
             assert "v0=" in sam or "v1=" in sam
             checked += 1
-    assert checked == 3
+    assert checked == 6

@@ -13,43 +13,23 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from omniforge import codecs, shards
 from omniforge.errors import ConfigError
 from omniforge.tokenize import ml4m, ml4m_train
 from omniforge.tokenize.kinds import kind_for
 from omniforge.tokenize.store import TokenizerStore
 from omniforge.tokenize.train import TokenizerTrainConfig, train_tokenizer
+from _helpers import blob_depth, blob_depth_labels, tokenizer_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _depth(rng: np.random.Generator, h: int = 64, w: int = 80) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    d = np.zeros((h, w), np.float32)
-    for _ in range(3):
-        cy, cx, s = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 25)
-        d += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-    return ((d - d.min()) / (d.max() - d.min() + 1e-6) * 65535).astype(np.uint16)
-
-
 @pytest.fixture(scope="module")
 def depth_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("labels"))
-    rng = np.random.default_rng(0)
-    keys = [f"img{i:03d}" for i in range(12)]
-    for shard in range(2):
-        chunk = keys[shard * 6:(shard + 1) * 6]
-        shards.write_tar(shards.tar_uri(root, "depth", shard), [(f"{k}.png", codecs.encode("png", _depth(rng)))
-                                                                for k in chunk])
-        shards.write_status(shards.status_uri(root, "depth", shard), [
-            {"key": k, "ok": True, "error_type": None, "error_message": None, "fingerprint": "t", "seconds": 0.0}
-            for k in chunk])
-    return root
+    return blob_depth_labels(str(tmp_path_factory.mktemp("labels")))
 
 
 def _cfg(root: str, out: str, **kw) -> TokenizerTrainConfig:
-    return TokenizerTrainConfig(**{**dict(data=root, modality="depth", out=out, size="tiny", epochs=3, batch_size=4,
-                                          lr=1e-3, seed=0, architecture="ml4m"), **kw})
+    return tokenizer_train_config(root, out, **{"architecture": "ml4m", **kw})
 
 
 def test_a_depth_tokenizer_trains_in_ml4ms_architecture_and_serves_as_an_ml4m_snapshot(depth_root, tmp_path):
@@ -80,7 +60,7 @@ def test_a_depth_tokenizer_trains_in_ml4ms_architecture_and_serves_as_an_ml4m_sn
     served = store.model(kind)
     assert ml4m.is_ml4m_model(served) and not isinstance(served, ml4m_train.ML4MTrainable)
     rng = np.random.default_rng(3)
-    arrays = [_depth(rng, 224, 224) for _ in range(4)]
+    arrays = [blob_depth(rng, 224, 224) for _ in range(4)]
     trained = ml4m_train.load_trainable(directory, kind.config("tiny")).eval()
     x = ml4m.prepare(kind.info, np.stack(arrays))
     assert not torch.allclose(x, kind.prepare(arrays), atol=0.1)  # standardised per image (ml-4m), not [-1, 1]

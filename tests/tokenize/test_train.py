@@ -18,50 +18,13 @@ from omniforge.tokenize.crops import CropConfig
 from omniforge.tokenize.models import load_tokenizer
 from omniforge.tokenize._cli import add_cli
 from omniforge.tokenize.train import TokenizerTrainConfig as TrainConfig, lr_at, train_tokenizer
-
-N_SAMPLES = 12
-PER_SHARD = 6
-
-
-def _blob_depth(rng: np.random.Generator, h: int = 64, w: int = 80) -> np.ndarray:
-    """A smooth relative depth map: a few Gaussian blobs, scaled to 0..65535 like the label job's."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    d = np.zeros((h, w), np.float32)
-    for _ in range(3):
-        cy, cx, s = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 25)
-        d += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-    d = (d - d.min()) / (d.max() - d.min() + 1e-6)
-    return (d * 65535).astype(np.uint16)
-
-
-def _write_modality(root: str, modality: str, ext: str, values: dict[str, object], *,
-                    failed: tuple[str, ...] = ()) -> None:
-    """Label shards as the label job commits them: sorted members, then the _status table (failed rows
-    have no member)."""
-    keys = sorted(list(values) + list(failed))
-    for shard, start in enumerate(range(0, len(keys), PER_SHARD)):
-        chunk = keys[start:start + PER_SHARD]
-        shards.write_tar(shards.tar_uri(root, modality, shard),
-                         [(f"{k}.{ext}", codecs.encode(ext, values[k])) for k in chunk if k in values])
-        shards.write_status(shards.status_uri(root, modality, shard), [
-            {"key": k, "ok": k in values, "error_type": None if k in values else "teacher_error",
-             "error_message": None if k in values else "boom", "fingerprint": "test", "seconds": 0.0}
-            for k in chunk])
+from _helpers import blob_depth_labels, write_label_shards
+from _helpers import tokenizer_train_config as _cfg
 
 
 @pytest.fixture(scope="module")
 def depth_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("labels"))
-    rng = np.random.default_rng(0)
-    _write_modality(root, "depth", "png", {f"img{i:03d}": _blob_depth(rng) for i in range(N_SAMPLES)},
-                    failed=("img900",))
-    return root
-
-
-def _cfg(root: str, out: str, **kw) -> TrainConfig:
-    base = dict(data=root, modality="depth", out=out, size="tiny", epochs=3, batch_size=4, lr=1e-3, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return blob_depth_labels(str(tmp_path_factory.mktemp("labels")))
 
 
 def test_depth_tokenizer_learns_and_is_servable(depth_root, tmp_path):
@@ -157,7 +120,7 @@ def test_text_tokenizer_from_caption_shards(tmp_path):
         "c": "a man rides a bike in the city",
         "d": "the dog and the cat",
     }
-    _write_modality(root, "caption", "txt", captions, failed=("e",))
+    write_label_shards(root, "caption", "txt", captions, failed=("e",))
     out = str(tmp_path / "tok")
     result = train_tokenizer(TrainConfig(data=root, modality="caption", out=out), progress=False)
 
@@ -193,7 +156,7 @@ def test_sam_mask_tokenizer_trains_on_instances(tmp_path):
                                                             int(ys.max()) + 1],
                               "score": 0.9, "stability_score": 0.9, "area": int(m.sum())})
         labels[f"s{i}"] = {"instances": instances, "image_size": [h, w]}
-    _write_modality(root, "sam_instance", "json", labels)
+    write_label_shards(root, "sam_instance", "json", labels)
     out = str(tmp_path / "tok")
     result = train_tokenizer(TrainConfig(data=root, modality="sam_instance", out=out, epochs=1, batch_size=4),
                              progress=False)
