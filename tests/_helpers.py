@@ -1,6 +1,6 @@
 """Small builders several test modules share (imported by tests, not collected): shard members' bytes, label
-shards written as the label job commits them, depth maps to train tokenizers on, a tokenizer training config and
-a tiny FourM."""
+shards written as the label job commits them, depth maps to train tokenizers on, a tokenizer training config, a
+tiny FourM, and the token corpus and flags of the torchrun / Ray Train runs (tests/conftest.py's torchrun_ddp)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,56 @@ def tiny_fourm(specs: dict):
 def random_ids(spec, seed: int = 1) -> np.ndarray:
     """`spec.num_tokens` random ids below `spec.vocab_size` (a ModalitySpec), from seed `seed`."""
     return np.random.default_rng(seed).integers(0, spec.vocab_size, spec.num_tokens)
+
+
+# ------------------------------------------------------------------------------------------ torchrun runs
+
+DDP_DEPTH, DDP_CAPTION = "tok_depth@224", "tok_caption"
+DDP_CAPTIONS = ["a dog on a red sofa", "two cats under a table", "a man riding a bike", "a bowl of green apples"]
+
+
+def write_ddp_corpus(base) -> tuple[str, str]:
+    """(token root, tokenizers dir) under `base`: 4 shards x 6 keys, each key's tok_depth@224 tokens its own
+    ((position + k) % 32, 2 crops) and its tok_caption one of DDP_CAPTIONS, so that runs on another shard split
+    or other seeds log other losses."""
+    import os
+
+    from omniforge import codecs, shards
+    from omniforge.tokenize.text import train_wordpiece
+
+    root, toks = os.path.join(base, "tokens"), os.path.join(base, "tokenizers")
+    tok = train_wordpiece(DDP_CAPTIONS * 5, vocab_size=5000)
+    os.makedirs(os.path.join(toks, "text"))
+    tok.save(os.path.join(toks, "text", "tokenizer.json"))
+    for s in range(4):
+        keys = [f"s{s:02d}-k{k:02d}" for k in range(6)]
+        depth = [np.tile((np.arange(196) + k) % 32, (2, 1)).astype(np.int16) for k in range(6)]
+        caption = [np.stack([tok.encode_units([DDP_CAPTIONS[(s + k) % 4]], 256)] * 2) for k in range(6)]
+        for folder, arrays in ((DDP_DEPTH, depth), (DDP_CAPTION, caption)):
+            shards.write_tar(shards.tar_uri(root, folder, s),
+                             [(f"{key}.npy", codecs.encode("npy", a)) for key, a in zip(keys, arrays)])
+            shards.write_status(shards.status_uri(root, folder, s), [{"key": k, "ok": True} for k in keys])
+    return root, toks
+
+
+def ddp_train_args(corpus: tuple[str, str], steps: int = 3) -> list[str]:
+    """`omniforge train` flags of the torchrun / Ray Train runs on write_ddp_corpus's corpus (no --out): `steps`
+    steps of batch 2, checkpoints every 2, held-out loss every 2 steps on 2 batches."""
+    root, toks = corpus
+    return ["--data", root, "--modalities", f"{DDP_DEPTH},{DDP_CAPTION}", "--tokenizers", toks, "--steps", str(steps),
+            "--save-every", "2", "--batch-size", "2", "--input-tokens", "16", "--target-tokens", "16", "--lr", "1e-3",
+            "--warmup-steps", "1", "--device", "cpu", "--no-tensorboard", "--no-progress", "--eval-data", root,
+            "--eval-every", "2", "--eval-batches", "2"]
+
+
+def torchrun_train(corpus: tuple[str, str], out, strategy: str) -> None:
+    """ddp_train_args under `torchrun --standalone --nproc_per_node 2` (one OpenMP thread a process) into `out`."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "omniforge.model.train", *ddp_train_args(corpus), "--out", str(out), "--strategy", strategy]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]

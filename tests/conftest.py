@@ -30,6 +30,26 @@ def tiny_labels(tmp_path_factory, ray_address) -> str:
     assert not changed, f"a test wrote into the shared tiny_labels root: {sorted({p for p, _ in changed})[:5]}"
 
 
+@pytest.fixture(scope="session")
+def ddp_corpus(tmp_path_factory) -> tuple[str, str]:
+    """(token root, tokenizers dir) of tests/_helpers.py's write_ddp_corpus, read-only."""
+    from _helpers import write_ddp_corpus
+
+    return write_ddp_corpus(tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="session")
+def torchrun_ddp(ddp_corpus, tmp_path_factory):
+    """The output folder of one 2-process torchrun DDP run of tests/_helpers.py's ddp_train_args on ddp_corpus,
+    read-only: tests/model/test_fm_train.py checks the run, tests/pipeline/test_train_job.py trains the same under
+    Ray Train and compares the losses."""
+    from _helpers import torchrun_train
+
+    out = tmp_path_factory.mktemp("torchrun") / "ddp"
+    torchrun_train(ddp_corpus, out, "ddp")
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_torch_threads():
     """One torch thread in the test process unless a test asks for more; yields torch's default count. Two

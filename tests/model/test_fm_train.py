@@ -5,8 +5,6 @@ import importlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from omniforge.model.checkpoint import latest_checkpoint, load_model
 from omniforge.model.train import TrainConfig, config_from_args, main, train
 from omniforge import shards
 from omniforge.tokenize.text import train_wordpiece
-from _helpers import npy_bytes
+from _helpers import npy_bytes, torchrun_train
 
 DEPTH, CAP = "tok_depth@224", "tok_caption"
 N_SHARDS, N_KEYS, N_CROPS = 3, 8, 2
@@ -229,21 +227,19 @@ def test_compiled_blocks_train_like_eager(corpus, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_torchrun(corpus, tmp_path, strategy):
-    root, toks = corpus
-    out = tmp_path / strategy
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "omniforge.model.train", "--data", root, "--modalities", f"{DEPTH},{CAP}", "--out", str(out),
-           "--tokenizers", toks, "--steps", "3", "--save-every", "2", "--batch-size", "2",
-           "--input-tokens", "16", "--target-tokens", "16", "--device", "cpu", "--no-tensorboard",
-           "--no-progress", "--strategy", strategy, "--eval-data", root, "--eval-every", "2", "--eval-batches", "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_torchrun(ddp_corpus, tmp_path, strategy, request):
+    """Two processes under torchrun: checkpoints, the resumable state of both ranks, held-out loss over both.
+    DDP: the session's run (tests/conftest.py's torchrun_ddp, which test_train_job compares Ray Train with)."""
+    if strategy == "ddp":
+        out = request.getfixturevalue("torchrun_ddp")
+    else:
+        out = tmp_path / strategy
+        torchrun_train(ddp_corpus, out, strategy)
     assert latest_checkpoint(str(out)).endswith("checkpoint-3")
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert set(json.loads((out / "log.jsonl").read_text().splitlines()[0])["losses"]) == {DEPTH, CAP}
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 3]
     assert all(e["samples"] == 2 * 2 * 2 and np.isfinite(e["loss"]) for e in evals)  # ranks x batches x batch size

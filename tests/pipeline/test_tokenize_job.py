@@ -19,7 +19,7 @@ from omniforge.errors import ConfigError
 from omniforge.jobs.cli import main as cli_main
 from omniforge.labelers import Sample, create_labeler
 from omniforge import shards
-from omniforge.pipeline import verify
+from omniforge.pipeline import parse_weights, verify
 from omniforge.tokenize import crops as C
 from omniforge.tokenize import models, text
 from omniforge.tokenize.kinds import kind_for
@@ -87,11 +87,31 @@ def tokenizer_dir(tmp_path_factory, labels) -> str:
     return str(out)
 
 
+# The feature teachers' flags of the module's tokenize run, as a user passes them (the label job's teachers).
+TEACHER_FLAGS = {"weights": "tiny", "teachers": {"clip": "clip"}, "options": {"clip": {"pretrained_tag": "openai"}}}
+
+
 @pytest.fixture(scope="module")
 def tokenized(labels, tokenizer_dir, ray_address):
-    cfg = TokenizeConfig(input=labels, tokenizers=tokenizer_dir, modalities=TOKENIZED, crops=CROPS,
-                         options=OPTIONS, progress=False)
-    return cfg, tokenize(cfg, ray_address=ray_address)
+    """The module's tokenize run, through `omniforge tokenize` as a user runs it (a subprocess on the session's
+    cluster, progress bar on): (the same run as a TokenizeConfig, its stdout, its stderr, its run record)."""
+    import json
+    import subprocess
+    import sys
+
+    options = {**OPTIONS, **TEACHER_FLAGS["options"]}
+    flags = [f"--option={t}.{k}={v}" for t, kv in options.items() for k, v in kv.items()]
+    flags += [f"--teacher={m}={t}" for m, t in TEACHER_FLAGS["teachers"].items()]
+    proc = subprocess.run([sys.executable, "-m", "omniforge.jobs.cli", "tokenize", "--input", labels, "--tokenizers",
+                           tokenizer_dir, "--modalities", ",".join(TOKENIZED), "--crops", str(CROPS.n_crops),
+                           "--seed", str(CROPS.seed), "--weights", TEACHER_FLAGS["weights"], *flags,
+                           "--ray-address", ray_address], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (Path(labels) / shards.RUNS_DIR).glob("tokenize-*.json")]
+    cfg = TokenizeConfig(input=labels, tokenizers=tokenizer_dir, modalities=TOKENIZED, crops=CROPS, options=options,
+                         weights=parse_weights(TEACHER_FLAGS["weights"]), teachers=TEACHER_FLAGS["teachers"],
+                         progress=False)
+    return cfg, proc.stdout, proc.stderr, record
 
 
 def _members(root: str, folder: str, shard: int) -> dict[str, object]:
@@ -100,8 +120,9 @@ def _members(root: str, folder: str, shard: int) -> dict[str, object]:
 
 
 def test_token_shards_verify_and_hold_the_same_keys(labels, tokenized):
-    cfg, summary = tokenized
-    assert summary.written == 6 and summary.left_out == {"label_failed": 1}  # the truncated JPEG
+    _, stdout, _, record = tokenized
+    assert "6 tokenized with every modality, 1 left out" in stdout
+    assert record["counts"]["written"] == 6 and record["counts"]["left_out"] == {"label_failed": 1}  # truncated JPEG
     report = verify(labels)
     assert report.ok, report.lines()
     folders = ["crop_settings", "tok_depth@224", "tok_semseg@224", "tok_det", "tok_sam_instance", "tok_clip@224",
@@ -116,7 +137,6 @@ def test_token_shards_verify_and_hold_the_same_keys(labels, tokenized):
 
 
 def test_every_modality_gets_the_same_crop(labels, tokenizer_dir, tokenized):
-    cfg, _ = tokenized
     tok = text.TextTokenizer.from_file(str(Path(tokenizer_dir) / "text" / "tokenizer.json"))
     depth_tok = models.load_tokenizer(str(Path(tokenizer_dir) / "depth"))
     clip_tok = models.load_tokenizer(str(Path(tokenizer_dir) / "clip"))
@@ -172,7 +192,7 @@ def test_human_poses_tokens_are_each_crops_people(labels, tokenizer_dir, tokeniz
 
 
 def test_rerun_skips_and_a_new_tokenizer_redoes(labels, tokenizer_dir, tokenized, ray_address, tmp_path):
-    cfg, first = tokenized
+    cfg = tokenized[0]  # the CLI run's flags as a TokenizeConfig: what the CLI wrote counts as done
     again = tokenize(cfg, ray_address=ray_address)
     assert again.skipped == 7 and again.written == 0
     # a retrained (different) depth tokenizer makes every shard stale
@@ -195,30 +215,17 @@ def test_rerun_skips_and_a_new_tokenizer_redoes(labels, tokenizer_dir, tokenized
     assert hashlib.sha256((out / "tok_depth@224" / "shard-000000.tar").read_bytes()).hexdigest() == digest
 
 
-def test_the_cli_prints_only_its_progress_and_records_the_teacher_flags(labels, tokenizer_dir, ray_address, tmp_path):
-    """`omniforge tokenize` with a feature teacher on crops 1.. (an actor pool): stderr holds the progress bar
-    only, and the run record keeps the --weights, --option and --teacher the teacher was chosen by."""
-    import json
-    import subprocess
-    import sys
-
+def test_the_cli_prints_only_its_progress_and_records_the_teacher_flags(tokenized):
+    """`omniforge tokenize` with feature teachers on crops 1.. (actor pools): stderr holds the progress bar only,
+    and the run record keeps the --weights, --option and --teacher the teachers were chosen by."""
     from progress_lines import assert_only_progress_on_stderr
 
-    out = tmp_path / "tokens"
-    proc = subprocess.run([sys.executable, "-m", "omniforge.jobs.cli", "tokenize", "--input", labels, "--output",
-                           str(out), "--tokenizers", tokenizer_dir, "--modalities", "clip", "--crops", "2",
-                           "--option", "clip.pretrained_tag=openai", "--teacher", "clip=clip", "--weights", "tiny",
-                           "--ray-address", ray_address], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "6 tokenized with every modality" in proc.stdout
-    assert_only_progress_on_stderr(proc.stderr)
-    records = list((out / shards.RUNS_DIR).glob("tokenize-*.json"))
-    assert len(records) == 1
-    record = json.loads(records[0].read_text())
+    _, _, stderr, record = tokenized
+    assert_only_progress_on_stderr(stderr)
     assert record["job"] == "tokenize" and record["end"]
-    assert record["config"]["options"] == {"clip": {"pretrained_tag": "openai"}}
+    assert record["config"]["options"] == {**OPTIONS, "clip": {"pretrained_tag": "openai"}}
     assert record["config"]["teachers"] == {"clip": "clip"} and record["config"]["weights"] == {"*": "tiny"}
-    assert set(record["feature_teachers"]) == {"clip"}
+    assert set(record["feature_teachers"]) == {"clip", "dinov2"}
 
 
 def test_missing_tokenizer_or_labels_fail_with_one_line(labels, tmp_path, capsys):

@@ -1,82 +1,65 @@
 """omniforge train --ray-workers: the trainer under Ray Train equals the same run under torchrun."""
 
 import json
-import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 
-from omniforge import codecs, shards
+from _helpers import DDP_DEPTH, ddp_train_args
+from omniforge import shards
 from omniforge.errors import ConfigError
 from omniforge.model.train import TrainConfig
 
-DEPTH = "tok_depth@224"
+DEPTH = DDP_DEPTH
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """4 shards x 6 keys of depth tokens that vary by key."""
-    root = str(tmp_path_factory.mktemp("ray-train") / "tokens")
-    for s in range(4):
-        keys = [f"s{s:02d}-k{k:02d}" for k in range(6)]
-        members = [(f"{key}.npy", codecs.encode("npy", np.tile((np.arange(196) + k) % 32, (2, 1)).astype(np.int16)))
-                   for k, key in enumerate(keys)]
-        shards.write_tar(shards.tar_uri(root, DEPTH, s), members)
-        shards.write_status(shards.status_uri(root, DEPTH, s), [{"key": k, "ok": True} for k in keys])
-    return root
+def root(ddp_corpus) -> str:
+    """The session's token root of tests/_helpers.py's write_ddp_corpus: 4 shards x 6 keys whose tokens vary by
+    key."""
+    return ddp_corpus[0]
 
 
-ARGS = ["--modalities", DEPTH, "--steps", "4", "--save-every", "2", "--batch-size", "2", "--input-tokens", "16",
-        "--target-tokens", "16", "--lr", "1e-3", "--warmup-steps", "1", "--device", "cpu", "--no-tensorboard",
-        "--no-progress"]
-
-
-def _losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+def _losses(out, log: str = "log.jsonl") -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / log).read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_ray_workers_train_as_torchrun_does(ray_address, root, tmp_path, capsys):
+def test_ray_workers_train_as_torchrun_does(ray_address, ddp_corpus, torchrun_ddp, tmp_path, capsys):
+    """The flags of the session's torchrun DDP run (tests/conftest.py's torchrun_ddp) under 2 Ray Train workers."""
     from omniforge.jobs.cli import main
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "omniforge.model.train", "--data", root, "--out", str(tmp_path / "torchrun"), *ARGS]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    assert main(["train", "--ray-workers", "2", "--data", root, "--out", str(tmp_path / "ray"), *ARGS]) == 0
+    args = ddp_train_args(ddp_corpus)
+    assert main(["train", "--ray-workers", "2", *args, "--out", str(tmp_path / "ray")]) == 0
     printed = capsys.readouterr().out
-    assert "trained tiny steps 1..4" in printed and str(tmp_path / "ray" / "checkpoint-4") in printed
-    state = json.loads((tmp_path / "ray" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert "trained tiny steps 1..3" in printed and str(tmp_path / "ray" / "checkpoint-3") in printed
+    state = json.loads((tmp_path / "ray" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     # the same process group size, shard split and seeds: the same losses
-    assert _losses(tmp_path / "ray") == pytest.approx(_losses(tmp_path / "torchrun"), abs=1e-5)
+    assert _losses(tmp_path / "ray") == pytest.approx(_losses(torchrun_ddp), abs=1e-5)
+    assert _losses(tmp_path / "ray", "eval.jsonl") == pytest.approx(_losses(torchrun_ddp, "eval.jsonl"), abs=1e-5)
 
-    # run to a later step: the workers resume from checkpoint-4; this time with the progress bar
-    more = [a if a != "4" else "6" for a in ARGS if a != "--no-progress"]
-    assert main(["train", "--ray-workers", "2", "--data", root, "--out", str(tmp_path / "ray"), *more]) == 0
+    # run to a later step: the workers resume from checkpoint-3; this time with the progress bar
+    more = [a for a in ddp_train_args(ddp_corpus, steps=5) if a != "--no-progress"]
+    assert main(["train", "--ray-workers", "2", *more, "--out", str(tmp_path / "ray")]) == 0
     captured = capsys.readouterr()
-    assert "trained tiny steps 5..6" in captured.out
-    assert "train (2 Ray workers)" in captured.err and "6/6" in captured.err
+    assert "trained tiny steps 4..5" in captured.out
+    assert "train (2 Ray workers)" in captured.err and "5/5" in captured.err
     assert [json.loads(x)["step"] for x in (tmp_path / "ray" / "log.jsonl").read_text().splitlines()] == list(
-        range(1, 7))
+        range(1, 6))
 
 
-def test_ray_launch_errors_come_before_any_worker(root, tmp_path):
+def test_ray_launch_errors_come_before_any_worker(root, ddp_corpus, tmp_path):
     from omniforge.pipeline.train_job import train_on_ray
 
-    cfg = TrainConfig(data=root, modalities=(DEPTH, "tok_caption"), out=str(tmp_path / "a"), device="cpu")
-    with pytest.raises(ConfigError, match="no token shards for tok_caption"):
+    cfg = TrainConfig(data=root, modalities=(DEPTH, "tok_normal@224"), out=str(tmp_path / "a"), device="cpu")
+    with pytest.raises(ConfigError, match="no token shards for tok_normal@224"):
         train_on_ray(cfg, workers=2)
     with pytest.raises(ConfigError, match="--ray-workers 0"):
         train_on_ray(TrainConfig(data=root, modalities=(DEPTH,), out=str(tmp_path / "b")), workers=0)
     from omniforge.jobs.cli import main
 
-    assert main(["train", "--ray-address", "ray://nowhere:1", "--data", root, "--out", str(tmp_path / "c"),
-                 *ARGS]) == 2
+    assert main(["train", "--ray-address", "ray://nowhere:1", *ddp_train_args(ddp_corpus), "--out",
+                 str(tmp_path / "c")]) == 2
 
 
 def test_progress_follows_the_growing_log(tmp_path):
